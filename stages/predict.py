@@ -1,0 +1,10 @@
+"""Stage `predict`: not implemented yet."""
+
+from __future__ import annotations
+
+from stages.common import fail
+
+
+def main() -> None:
+    """Not implemented yet."""
+    fail("stage 'predict' is not implemented yet")
