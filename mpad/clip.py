@@ -1,0 +1,149 @@
+"""Build an open_clip model from a name: one factory for pretrained tags, local checkpoints and random weights.
+
+`pretrained` is read as
+- `none` (or empty): random initialisation. Every number computed with it says nothing about real
+  quality; `ClipBundle.random_weights` is True so that outputs can say so, and a warning is logged.
+- a path to an existing file: a checkpoint (a state dict, as saved by `torch.save(model.state_dict())`
+  or open_clip's training checkpoints), loaded through open_clip's file code path.
+- anything else: an open_clip pretrained tag (e.g. `laion400m_e32`), which open_clip downloads on
+  first use into its cache. With no network that fails; the error says how to use a local file.
+
+The tiny architecture `mpad-tiny` (64 px, patch 8, 4+3 layers of width 128) ships with the package for
+tests and the offline preset; it is registered with open_clip on first use, not at import time.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import open_clip
+import torch
+
+log = logging.getLogger(__name__)
+
+RANDOM_INIT_SEED = 0
+_CONFIG_DIR = Path(__file__).with_name("model_configs")
+RANDOM_WEIGHTS_NOTE = (
+    "RANDOM WEIGHTS (model.pretrained = none): these numbers exercise the pipeline and say nothing "
+    "about the method's real quality"
+)
+
+
+class ModelLoadError(RuntimeError):
+    """The model or its weights could not be built or loaded; the message says what to do."""
+
+
+@dataclass
+class ClipBundle:
+    """An open_clip model ready for inference, with what is needed around it.
+
+    model: the open_clip `CLIP` (eval mode, on `device`, in `precision`).
+    tokenizer: text -> (N, context_length) int64 token ids.
+    mean, std: the per-channel normalisation the weights expect (3-tuples).
+    image_size: (H, W) the vision tower takes.
+    name, pretrained: how it was built (recorded with learned prompts so they can be rebuilt).
+    random_weights: True when no weights were loaded.
+    """
+
+    model: torch.nn.Module
+    tokenizer: Any
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    image_size: tuple[int, int]
+    name: str
+    pretrained: str
+    device: torch.device
+    random_weights: bool
+
+
+def register_configs() -> None:
+    """Make the shipped configs (`mpad-tiny`) known to open_clip; idempotent."""
+    if "mpad-tiny" not in open_clip.list_models():
+        open_clip.add_model_config(_CONFIG_DIR)
+
+
+def resolve_device(device: str) -> torch.device:
+    """`auto` -> cuda when available else cpu; otherwise torch's own parsing (`cpu`, `cuda:1`)."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    resolved = torch.device(device)
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError(f"model.device = {device!r} but CUDA is not available here; use 'auto' or 'cpu'")
+    return resolved
+
+
+def is_random(pretrained: str | None) -> bool:
+    """True for the spellings of 'no weights'."""
+    return pretrained is None or str(pretrained).strip().lower() in ("", "none", "null", "random")
+
+
+def load_clip(name: str, pretrained: str | None, device: str = "cpu", precision: str = "fp32") -> ClipBundle:
+    """Build `name` with `pretrained` weights (tag, checkpoint path, or none), in eval mode, frozen."""
+    register_configs()
+    if name not in open_clip.list_models():
+        raise ModelLoadError(
+            f"unknown model.name {name!r}: not an open_clip architecture (see open_clip.list_models())"
+        )
+    torch_device = resolve_device(device)
+    random_weights = is_random(pretrained)
+    if random_weights:
+        log.warning("%s: %s", name, RANDOM_WEIGHTS_NOTE)
+    else:
+        _check_pretrained(name, str(pretrained))
+    try:
+        # Random weights come from a fixed seed, so every stage that builds the model gets the same one.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(RANDOM_INIT_SEED)
+            model = open_clip.create_model(
+                name,
+                pretrained=None if random_weights else str(pretrained),
+                precision=precision,
+                device=torch_device,
+            )
+    except RuntimeError as err:
+        raise ModelLoadError(
+            f"could not load weights {pretrained!r} for {name}: {err}. Without network access, download the "
+            f"checkpoint elsewhere and set model.pretrained to its local file path."
+        ) from err
+    model.eval().requires_grad_(False)
+    image_size = model.visual.image_size
+    image_size = tuple(image_size) if isinstance(image_size, (tuple, list)) else (image_size, image_size)
+    cfg = getattr(model.visual, "preprocess_cfg", {})
+    return ClipBundle(
+        model=model,
+        tokenizer=open_clip.get_tokenizer(name),
+        mean=tuple(cfg.get("mean", open_clip.OPENAI_DATASET_MEAN)),
+        std=tuple(cfg.get("std", open_clip.OPENAI_DATASET_STD)),
+        image_size=image_size,
+        name=name,
+        pretrained="none" if random_weights else str(pretrained),
+        device=torch_device,
+        random_weights=random_weights,
+    )
+
+
+def _check_pretrained(name: str, pretrained: str) -> None:
+    """Fail early, with the choices, when `pretrained` is neither a file nor a tag of `name`."""
+    if Path(pretrained).is_file():
+        return
+    tags = open_clip.list_pretrained_tags_by_model(name)
+    if pretrained not in tags:
+        looks_like_path = "/" in pretrained or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors"))
+        what = "checkpoint file not found" if looks_like_path else "not a pretrained tag of this model"
+        raise ModelLoadError(
+            f"model.pretrained = {pretrained!r}: {what}. Tags for {name}: {tags or 'none'}; "
+            f"or give a local checkpoint path, or 'none' for random weights."
+        )
+
+
+def model_fingerprint(bundle: ClipBundle) -> dict[str, Any]:
+    """What identifies the backbone a prompt was learned for (stored with prompts; compared by predict)."""
+    return {
+        "name": bundle.name,
+        "pretrained": bundle.pretrained,
+        "embed_dim": int(bundle.model.text_projection.shape[1]),
+        "image_size": list(bundle.image_size),
+    }

@@ -1,0 +1,150 @@
+"""Locality-aware dual-path image encoder (paper sec. 3.5, eq. 11-12).
+
+The original ViT path runs untouched, so the global image embedding is exactly open_clip's
+`encode_image`. Over the last `layers` blocks a second path is added, as in CLIP Surgery: at each of
+those blocks it reads `ln_1` of the *original* stream, applies a dense attention (V-V or Q-K, with the
+locality mask of eq. 12), and accumulates the attention outputs; it skips the MLP. Its patch tokens,
+through `ln_post` and `proj`, are the patch features that text prompts score.
+
+CLS treatment ("neighbor-cls-only", sec. 3.2): with `cls="neighbor-cls"` (default) each patch attends to
+its neighbours within distance k *and* to the CLS token, which carries the image's global context;
+with `cls="neighbor"` it attends to its neighbours only. The CLS row itself is unmasked: the second
+path's CLS output is never used (the next block reads the original stream).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ATTENTIONS = ("vv", "qk")
+CLS_MODES = ("neighbor-cls", "neighbor")
+
+
+def locality_mask(h: int, w: int, k: float) -> torch.Tensor:
+    """Eq. 12: (h*w, h*w) float mask, 0 where patches (i,j), (m,n) are within Euclidean distance k, else -inf.
+
+    Patches are numbered row-major: index i*w + j for grid position (i, j).
+    """
+    rows, cols = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    coords = torch.stack([rows.flatten(), cols.flatten()], dim=1).double()
+    distance = torch.cdist(coords, coords)
+    mask = torch.zeros(h * w, h * w)
+    mask[distance > k + 1e-9] = -math.inf
+    return mask
+
+
+def token_mask(h: int, w: int, k: float | None, cls: str = "neighbor-cls") -> torch.Tensor | None:
+    """The (1+h*w, 1+h*w) additive attention mask over [CLS, patches] for the second path, or None.
+
+    k None or <= 0 means no locality constraint (plain dense attention, the paper's "VV-att").
+    """
+    if cls not in CLS_MODES:
+        raise ValueError(f"laa.cls must be one of {CLS_MODES}, got {cls!r}")
+    if k is None or k <= 0:
+        return None
+    n = h * w
+    mask = torch.zeros(n + 1, n + 1)
+    mask[1:, 1:] = locality_mask(h, w, k)
+    if cls == "neighbor":
+        mask[1:, 0] = -math.inf
+    return mask
+
+
+@dataclass
+class EncoderOutput:
+    """What one forward pass gives.
+
+    image_embedding: (B, D) the original path's global embedding, exactly `encode_image` (not normalised).
+    patch_features: (B, H', W', D) the second path's patch features after ln_post and proj, L2-normalised.
+    intermediates: per requested block, (B, H', W', width) patch tokens of the original path after it.
+    """
+
+    image_embedding: torch.Tensor
+    patch_features: torch.Tensor
+    intermediates: list[torch.Tensor] = field(default_factory=list)
+
+
+class LocalityAwareEncoder(nn.Module):
+    """Dual-path wrapper around an open_clip `VisionTransformer` (frozen; the wrapped module is shared).
+
+    Args:
+        visual: `model.visual` of an open_clip CLIP with a ViT image tower (class-token pooling).
+        layers: how many of the last blocks get the second path (1..depth).
+        attention: "vv" (V-V self-attention, CLIP Surgery) or "qk" (the block's own Q-K attention).
+        k: neighbour distance of eq. 12 in patches; None or <= 0: no mask.
+        cls: "neighbor-cls" or "neighbor", see the module docstring.
+        intermediate_layers: 1-based block indices whose original-path patch tokens are also returned.
+    """
+
+    def __init__(
+        self,
+        visual: nn.Module,
+        layers: int,
+        attention: str = "vv",
+        k: float | None = None,
+        cls: str = "neighbor-cls",
+        intermediate_layers: Sequence[int] = (),
+    ) -> None:
+        super().__init__()
+        depth = len(visual.transformer.resblocks)
+        if not 1 <= layers <= depth:
+            raise ValueError(f"laa.layers must be in 1..{depth} for this model, got {layers}")
+        if attention not in ATTENTIONS:
+            raise ValueError(f"laa.attention must be one of {ATTENTIONS}, got {attention!r}")
+        bad = [i for i in intermediate_layers if not 1 <= i <= depth]
+        if bad:
+            raise ValueError(f"intermediate layers {bad} outside 1..{depth}")
+        if getattr(visual, "attn_pool", None) is not None or getattr(visual, "pool_type", "tok") != "tok":
+            raise ValueError("only ViT image towers with class-token pooling are supported")
+        self.visual = visual
+        self.start = depth - layers
+        self.attention = attention
+        self.intermediate_layers = tuple(intermediate_layers)
+        self.grid = tuple(int(g) for g in visual.grid_size)
+        mask = token_mask(*self.grid, k, cls)
+        self.register_buffer("mask", mask, persistent=False)
+
+    def forward(self, images: torch.Tensor) -> EncoderOutput:
+        """images: (B, 3, H, W) normalised as the model expects -> EncoderOutput."""
+        visual = self.visual
+        x = visual._embeds(images)  # (B, 1+N, width), batch first
+        blocks = visual.transformer.resblocks
+        batch_first = getattr(visual.transformer, "batch_first", True)
+        dense = None
+        intermediates = []
+        for index, block in enumerate(blocks):
+            if index >= self.start:
+                update = block.ls_1(self._dense_attention(block.attn, block.ln_1(x)))
+                dense = (x if dense is None else dense) + update
+            x = block(x) if batch_first else block(x.transpose(0, 1)).transpose(0, 1)
+            if index + 1 in self.intermediate_layers:
+                intermediates.append(self._grid(x[:, 1:]))
+        pooled, _ = visual._pool(x)
+        if visual.proj is not None:
+            pooled = pooled @ visual.proj
+        patches = visual.ln_post(dense[:, 1:])
+        if visual.proj is not None:
+            patches = patches @ visual.proj
+        return EncoderOutput(pooled, F.normalize(self._grid(patches), dim=-1), intermediates)
+
+    def _grid(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, N, C) -> (B, H', W', C)."""
+        return tokens.reshape(tokens.shape[0], *self.grid, tokens.shape[-1])
+
+    def _dense_attention(self, attn: nn.MultiheadAttention, y: torch.Tensor) -> torch.Tensor:
+        """Eq. 11 with the block's weights: softmax((QK^T + M) / sqrt(d)) V, Q = K = V for "vv"; y (B, L, width)."""
+        batch, length, width = y.shape
+        heads = attn.num_heads
+        q, k, v = F.linear(y, attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
+        if self.attention == "vv":
+            q = k = v
+        q, k, v = (t.reshape(batch, length, heads, width // heads).transpose(1, 2) for t in (q, k, v))
+        mask = None if self.mask is None else self.mask.to(q.dtype)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return attn.out_proj(out.transpose(1, 2).reshape(batch, length, width))

@@ -1,0 +1,187 @@
+"""Learnable prompts (paper eq. 1) and the hand-written meta prompts that start MPTS (sec. 3.3).
+
+CoOp-style split: `PromptLearner` holds the learnable vectors as parameters and the fixed token
+embeddings (start token, class-name tokens, end of sentence and padding) as buffers; `TextEncoder`
+takes token embeddings, not token ids, and runs open_clip's text tower on them exactly as
+`CLIP.encode_text` does (positional embedding, causal transformer, ln_final, end-token pooling,
+projection).
+
+    LNP = [SOT] G1..Gng  <class name>  N1..Nnr  . [EOT]
+    LAP = [SOT] G1..Gng  <class name>  A1..Ana  . [EOT]
+
+The prefix G is shared by both prompts; N and A are the normal / anomaly suffixes.
+"""
+
+from __future__ import annotations
+
+from itertools import product
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# WinCLIP's template ensemble and state words: the initial meta prompts (MNP / MAP).
+TEMPLATES = (
+    "a cropped photo of the {}.",
+    "a close-up photo of a {}.",
+    "a close-up photo of the {}.",
+    "a bright photo of a {}.",
+    "a bright photo of the {}.",
+    "a dark photo of the {}.",
+    "a dark photo of a {}.",
+    "a jpeg corrupted photo of a {}.",
+    "a jpeg corrupted photo of the {}.",
+    "a blurry photo of the {}.",
+    "a blurry photo of a {}.",
+    "a photo of a {}.",
+    "a photo of the {}.",
+    "a photo of a small {}.",
+    "a photo of the small {}.",
+    "a photo of a large {}.",
+    "a photo of the large {}.",
+    "a photo of the {} for visual inspection.",
+    "a photo of a {} for visual inspection.",
+    "a photo of the {} for anomaly detection.",
+    "a photo of a {} for anomaly detection.",
+)
+NORMAL_STATES = ("{}", "flawless {}", "perfect {}", "unblemished {}", "{} without flaw", "{} without defect",
+                 "{} without damage")
+ANOMALY_STATES = ("damaged {}", "broken {}", "{} with flaw", "{} with defect", "{} with damage")
+
+
+def class_words(category: str) -> str:
+    """Folder name -> words for the prompt: `metal_nut` -> `metal nut`."""
+    return category.replace("_", " ").strip()
+
+
+def _text_tower(model: nn.Module) -> nn.Module:
+    """open_clip's `CLIP` keeps the text tower's parts on the model; `CustomTextCLIP` in `model.text`."""
+    return model.text if hasattr(model, "text") else model
+
+
+def end_token_index(tokens: torch.Tensor, model: nn.Module) -> torch.Tensor:
+    """(N, L) token ids -> (N,) position whose output `encode_text` pools (open_clip's text_global_pool)."""
+    tower = _text_tower(model)
+    pool = getattr(tower, "text_pool_type", getattr(tower, "pool_type", "argmax"))
+    if pool == "argmax":
+        return tokens.argmax(dim=-1)
+    if pool == "eos":
+        return (tokens == tower.text_eos_id).int().argmax(dim=-1)
+    if pool == "last":
+        return torch.full((tokens.shape[0],), tokens.shape[1] - 1, dtype=torch.long)
+    if pool == "first":
+        return torch.zeros(tokens.shape[0], dtype=torch.long)
+    raise ValueError(f"unsupported text pooling {pool!r}")
+
+
+class TextEncoder(nn.Module):
+    """open_clip's text tower on token embeddings: (N, L, width) + end positions (N,) -> (N, D), not normalised."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        tower = _text_tower(model)
+        self.transformer = tower.transformer
+        self.positional_embedding = tower.positional_embedding
+        self.ln_final = tower.ln_final
+        self.text_projection = tower.text_projection
+        self.register_buffer("attn_mask", tower.attn_mask, persistent=False)
+
+    def forward(self, embeddings: torch.Tensor, end_index: torch.Tensor) -> torch.Tensor:
+        dtype = self.transformer.get_cast_dtype()
+        x = embeddings.to(dtype) + self.positional_embedding.to(dtype)
+        x = self.transformer(x, attn_mask=self.attn_mask)
+        x = self.ln_final(x)
+        x = x[torch.arange(x.shape[0], device=x.device), end_index]
+        if isinstance(self.text_projection, nn.Linear):
+            return self.text_projection(x)
+        return x if self.text_projection is None else x @ self.text_projection
+
+
+class PromptLearner(nn.Module):
+    """The learnable normal / anomaly prompts of eq. 1 for one class name.
+
+    Parameters: `general` (ng, width), `normal` (nr, width), `anomaly` (na, width), initialised
+    N(0, 0.02^2) from `generator` (CoOp). Buffers: the embeddings of the fixed tokens.
+    `forward()` -> (2, L, width) token embeddings [LNP, LAP] and (2,) end-token positions.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer,
+        category: str,
+        n_general: int,
+        n_normal: int,
+        n_anomaly: int,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        super().__init__()
+        if min(n_general, n_normal, n_anomaly) < 0 or max(n_normal, n_anomaly) < 1:
+            raise ValueError("prompt sizes: n_general >= 0 and n_normal, n_anomaly >= 1")
+        tower = _text_tower(model)
+        self.category = category
+        width = tower.token_embedding.weight.shape[1]
+        self.n_class = len(_word_tokens(tokenizer, class_words(category)))
+        self.sizes = (n_general, n_normal, n_anomaly)
+        rows = []
+        end_index = []
+        for n_state in (n_normal, n_anomaly):
+            # "X" placeholders mark where learned vectors go; the tokenizer adds SOT/EOT and padding.
+            text = " ".join(["X"] * n_general + [class_words(category)] + ["X"] * n_state) + "."
+            tokens = tokenizer([text])
+            rows.append(tower.token_embedding(tokens.to(tower.token_embedding.weight.device))[0])
+            end_index.append(end_token_index(tokens, model)[0])
+        embedded = torch.stack(rows).detach()  # (2, L, width)
+        ng, nc = n_general, self.n_class
+        self.register_buffer("sot", embedded[:, :1].clone())
+        self.register_buffer("class_tokens", embedded[0, 1 + ng : 1 + ng + nc].clone())
+        self.register_buffer("normal_tail", embedded[0, 1 + ng + nc + n_normal :].clone())
+        self.register_buffer("anomaly_tail", embedded[1, 1 + ng + nc + n_anomaly :].clone())
+        self.register_buffer("end_index", torch.stack(end_index).long())
+        init = {"generator": generator, "device": embedded.device}
+        self.general = nn.Parameter(torch.randn(n_general, width, **init) * 0.02)
+        self.normal = nn.Parameter(torch.randn(n_normal, width, **init) * 0.02)
+        self.anomaly = nn.Parameter(torch.randn(n_anomaly, width, **init) * 0.02)
+
+    def forward(self) -> tuple[torch.Tensor, torch.Tensor]:
+        sot = self.sot[0]
+        lnp = torch.cat([sot, self.general, self.class_tokens, self.normal, self.normal_tail])
+        lap = torch.cat([sot, self.general, self.class_tokens, self.anomaly, self.anomaly_tail])
+        return torch.stack([lnp, lap]), self.end_index
+
+    def set_words(self, model: nn.Module, tokenizer, general: str, normal: str, anomaly: str) -> None:
+        """Set the learnable vectors to the token embeddings of real words (token counts must match)."""
+        tower = _text_tower(model)
+        for param, words in ((self.general, general), (self.normal, normal), (self.anomaly, anomaly)):
+            ids = _word_tokens(tokenizer, words).to(param.device)
+            if len(ids) != param.shape[0]:
+                raise ValueError(f"{words!r} is {len(ids)} tokens, the prompt holds {param.shape[0]}")
+            with torch.no_grad():
+                param.copy_(tower.token_embedding(ids))
+
+
+def _word_tokens(tokenizer, words: str) -> torch.Tensor:
+    """Token ids of `words` without start/end/padding tokens."""
+    tokens = tokenizer([words])[0]
+    sot, eot = int(tokens[0]), int(tokens.max())
+    return tokens[(tokens != 0) & (tokens != sot) & (tokens != eot)]
+
+
+def learned_text_embeddings(learner: PromptLearner, encoder: TextEncoder) -> torch.Tensor:
+    """(2, D) L2-normalised text embeddings [normal, anomaly] of the learned prompts (differentiable)."""
+    embeddings, end_index = learner()
+    return F.normalize(encoder(embeddings, end_index), dim=-1)
+
+
+@torch.no_grad()
+def meta_text_embeddings(model: nn.Module, tokenizer, category: str) -> torch.Tensor:
+    """(2, D) the initial meta prompts MNP / MAP: mean of the normalised embeddings of every template
+    x state-word sentence, re-normalised (WinCLIP's prompt ensemble)."""
+    words = class_words(category)
+    out = []
+    device = next(model.parameters()).device
+    for states in (NORMAL_STATES, ANOMALY_STATES):
+        sentences = [t.format(s.format(words)) for t, s in product(TEMPLATES, states)]
+        features = model.encode_text(tokenizer(sentences).to(device), normalize=True)
+        out.append(F.normalize(features.mean(dim=0), dim=-1))
+    return torch.stack(out)

@@ -1,0 +1,30 @@
+"""Images to model input: resize the whole image (no crop, so masks stay aligned) and normalise."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+def to_tensor(image: np.ndarray) -> torch.Tensor:
+    """(H, W, 3) uint8 -> (3, H, W) float32 in [0, 1]."""
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"expected an (H, W, 3) uint8 image, got {image.shape} {image.dtype}")
+    return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float() / 255.0
+
+
+def model_input(
+    images: torch.Tensor, size: Sequence[int], mean: Sequence[float], std: Sequence[float]
+) -> torch.Tensor:
+    """(B, 3, H, W) in [0, 1] -> (B, 3, size) resized (bicubic, antialiased) and normalised with mean/std.
+
+    The full image is resized (aspect ratio not kept, no centre crop) so that every pixel of the
+    ground-truth mask has a place in the anomaly map.
+    """
+    resized = F.interpolate(images, size=tuple(size), mode="bicubic", align_corners=False, antialias=True)
+    mean_t = torch.tensor(mean, dtype=images.dtype, device=images.device).view(1, 3, 1, 1)
+    std_t = torch.tensor(std, dtype=images.dtype, device=images.device).view(1, 3, 1, 1)
+    return (resized.clamp(0, 1) - mean_t) / std_t

@@ -1,0 +1,121 @@
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mpad.encoder import LocalityAwareEncoder, locality_mask, token_mask
+
+
+@pytest.mark.parametrize(("h", "w", "k"), [(3, 3, 1), (4, 5, 1.5), (5, 4, 2), (6, 6, 0.5), (2, 7, 10)])
+def test_locality_mask_is_eq12(h, w, k):
+    mask = locality_mask(h, w, k)
+    assert mask.shape == (h * w, h * w)
+    for i in range(h):
+        for j in range(w):
+            for m in range(h):
+                for n in range(w):
+                    near = math.sqrt((i - m) ** 2 + (j - n) ** 2) <= k
+                    assert mask[i * w + j, m * w + n] == (0.0 if near else -math.inf)
+
+
+def test_locality_mask_counts_neighbours():
+    mask = locality_mask(5, 5, 1)
+    # the centre patch sees itself and its 4 direct neighbours; a corner patch 3
+    assert (mask[12] == 0).sum() == 5
+    assert (mask[0] == 0).sum() == 3
+    assert (locality_mask(5, 5, math.sqrt(2))[12] == 0).sum() == 9
+
+
+def test_token_mask_cls_modes():
+    with_cls = token_mask(3, 3, 1, "neighbor-cls")
+    only = token_mask(3, 3, 1, "neighbor")
+    assert with_cls.shape == (10, 10)
+    assert torch.all(with_cls[1:, 0] == 0) and torch.all(only[1:, 0] == -math.inf)
+    assert torch.all(with_cls[0] == 0)
+    assert torch.equal(with_cls[1:, 1:], locality_mask(3, 3, 1))
+    assert token_mask(3, 3, None) is None and token_mask(3, 3, 0) is None
+
+
+VARIANTS = [
+    ("vv", None, "neighbor-cls"),  # VV-att
+    ("qk", 1.5, "neighbor-cls"),  # QK-LAA
+    ("vv", 1.0, "neighbor-cls"),  # VV-LAA
+    ("vv", 2, "neighbor"),
+]
+
+
+@pytest.mark.parametrize(("attention", "k", "cls"), VARIANTS)
+@pytest.mark.parametrize("layers", [1, 3])
+def test_global_embedding_is_encode_image(tiny_clip, attention, k, cls, layers):
+    encoder = LocalityAwareEncoder(tiny_clip.model.visual, layers, attention, k, cls)
+    images = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        out = encoder(images)
+        expected = tiny_clip.model.encode_image(images)
+    torch.testing.assert_close(out.image_embedding, expected, rtol=1e-5, atol=1e-5)
+    assert out.patch_features.shape == (3, 8, 8, 64)
+    torch.testing.assert_close(out.patch_features.norm(dim=-1), torch.ones(3, 8, 8))
+
+
+def _reference_dense(tiny_clip, images, attention, mask):
+    """The second path over the last block only, written out from the formula (per head, explicit softmax)."""
+    visual = tiny_clip.model.visual
+    x = visual._embeds(images)
+    for block in visual.transformer.resblocks[:-1]:
+        x = block(x)
+    block = visual.transformer.resblocks[-1]
+    y = block.ln_1(x)
+    attn = block.attn
+    heads, width = attn.num_heads, y.shape[-1]
+    d = width // heads
+    q, k, v = F.linear(y, attn.in_proj_weight, attn.in_proj_bias).split(width, dim=-1)
+    outs = []
+    for head in range(heads):
+        sl = slice(head * d, (head + 1) * d)
+        qh, kh, vh = (v[..., sl], v[..., sl], v[..., sl]) if attention == "vv" else (q[..., sl], k[..., sl], v[..., sl])
+        logits = (qh @ kh.transpose(1, 2) + (0 if mask is None else mask)) / math.sqrt(d)
+        outs.append(torch.softmax(logits, dim=-1) @ vh)
+    dense = x + attn.out_proj(torch.cat(outs, dim=-1))
+    patches = visual.ln_post(dense[:, 1:]) @ visual.proj
+    return F.normalize(patches, dim=-1).reshape(images.shape[0], 8, 8, -1)
+
+
+@pytest.mark.parametrize(("attention", "k", "cls"), VARIANTS)
+def test_second_path_matches_its_formula(tiny_clip, attention, k, cls):
+    encoder = LocalityAwareEncoder(tiny_clip.model.visual, 1, attention, k, cls)
+    images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        got = encoder(images).patch_features
+        expected = _reference_dense(tiny_clip, images, attention, token_mask(8, 8, k, cls))
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_variants_differ_and_mask_matters(tiny_clip):
+    images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        vv = LocalityAwareEncoder(tiny_clip.model.visual, 2, "vv", None)(images).patch_features
+        vv_laa = LocalityAwareEncoder(tiny_clip.model.visual, 2, "vv", 1)(images).patch_features
+        qk_laa = LocalityAwareEncoder(tiny_clip.model.visual, 2, "qk", 1)(images).patch_features
+        far = LocalityAwareEncoder(tiny_clip.model.visual, 2, "vv", 100)(images).patch_features
+    assert (vv - vv_laa).abs().max() > 1e-3 and (vv_laa - qk_laa).abs().max() > 1e-3
+    torch.testing.assert_close(far, vv)  # a mask that covers the whole grid is no mask
+
+
+def test_intermediates_and_bad_arguments(tiny_clip):
+    visual = tiny_clip.model.visual
+    encoder = LocalityAwareEncoder(visual, 2, intermediate_layers=(2, 4))
+    images = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        out = encoder(images)
+        x = visual._embeds(images)
+        for block in visual.transformer.resblocks[:2]:
+            x = block(x)
+    assert [t.shape for t in out.intermediates] == [(1, 8, 8, 128)] * 2
+    torch.testing.assert_close(out.intermediates[0], x[:, 1:].reshape(1, 8, 8, 128))
+    with pytest.raises(ValueError, match="laa.layers"):
+        LocalityAwareEncoder(visual, 5)
+    with pytest.raises(ValueError, match="laa.attention"):
+        LocalityAwareEncoder(visual, 1, "kv")

@@ -1,0 +1,49 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mpad.prompts import PromptLearner, TextEncoder, learned_text_embeddings, meta_text_embeddings
+
+
+@pytest.mark.parametrize("category", ["screw", "metal_nut"])
+def test_prompt_with_real_words_equals_encode_text(tiny_clip, category):
+    model, tokenizer = tiny_clip.model, tiny_clip.tokenizer
+    learner = PromptLearner(model, tokenizer, category, n_general=4, n_normal=2, n_anomaly=3)
+    learner.set_words(model, tokenizer, "a photo of a", "without defect", "with a scratch")
+    words = category.replace("_", " ")
+    sentences = [f"a photo of a {words} without defect.", f"a photo of a {words} with a scratch."]
+    with torch.no_grad():
+        embeddings, end_index = learner()
+        got = TextEncoder(model)(embeddings, end_index)
+        expected = model.encode_text(tokenizer(sentences))
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_only_the_context_vectors_learn(tiny_clip):
+    model, tokenizer = tiny_clip.model, tiny_clip.tokenizer
+    learner = PromptLearner(model, tokenizer, "screw", 2, 1, 1, generator=torch.Generator().manual_seed(0))
+    assert {n for n, p in learner.named_parameters()} == {"general", "normal", "anomaly"}
+    text = learned_text_embeddings(learner, TextEncoder(model))
+    assert text.shape == (2, 64)
+    text[1].sum().backward()
+    assert learner.general.grad.abs().sum() > 0 and learner.anomaly.grad.abs().sum() > 0
+    assert learner.normal.grad is None or learner.normal.grad.abs().sum() == 0  # LNP not in the anomaly row
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_same_generator_same_init(tiny_clip):
+    make = lambda seed: PromptLearner(  # noqa: E731
+        tiny_clip.model, tiny_clip.tokenizer, "screw", 4, 2, 2, generator=torch.Generator().manual_seed(seed)
+    )
+    assert torch.equal(make(3).general, make(3).general)
+    assert not torch.equal(make(3).general, make(4).general)
+
+
+def test_meta_prompts_are_normalised_ensembles(tiny_clip):
+    meta = meta_text_embeddings(tiny_clip.model, tiny_clip.tokenizer, "metal_nut")
+    assert meta.shape == (2, 64)
+    torch.testing.assert_close(meta.norm(dim=-1), torch.ones(2))
+    single = tiny_clip.model.encode_text(tiny_clip.tokenizer(["a photo of a metal nut."]), normalize=True)[0]
+    assert not torch.allclose(meta[0], single)
+    assert (meta[0] - meta[1]).abs().max() > 1e-4

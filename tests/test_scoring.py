@@ -1,0 +1,51 @@
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mpad.scoring import anomaly_maps, gaussian_blur, image_scores, patch_probabilities
+
+
+def test_pair_softmax_values():
+    text = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    feats = F.normalize(torch.tensor([[[[1.0, 0.0], [0.0, 1.0]]]]), dim=-1)  # (1, 1, 2, 2)
+    probs = patch_probabilities(feats, text, 10.0)
+    assert probs.shape == (1, 2, 1, 2)
+    expected = torch.sigmoid(torch.tensor(10.0))
+    torch.testing.assert_close(probs[0, 0, 0, 0], expected)  # normal-like patch: normal prob
+    torch.testing.assert_close(probs[0, 1, 0, 1], expected)
+    torch.testing.assert_close(probs.sum(dim=1), torch.ones(1, 1, 2))
+
+
+def test_maps_upsample_and_smooth():
+    text = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    feats = torch.zeros(1, 4, 4, 2)
+    feats[..., 0] = 1
+    feats[0, 1, 2] = torch.tensor([0.0, 1.0])
+    raw = anomaly_maps(feats, text, 20.0, (32, 32), sigma=0)
+    smooth = anomaly_maps(feats, text, 20.0, (32, 32), sigma=2)
+    assert raw.shape == (1, 32, 32)
+    peak = divmod(int(raw[0].argmax()), 32)
+    assert 8 <= peak[0] < 16 and 16 <= peak[1] < 24  # patch (1, 2) of a 4x4 grid
+    assert smooth.max() < raw.max()
+    torch.testing.assert_close(smooth.mean(), raw.mean(), atol=2e-3, rtol=0)  # blur keeps the mass (reflect)
+
+
+def test_gaussian_blur_of_constant_is_constant():
+    maps = torch.full((2, 20, 30), 0.25)
+    torch.testing.assert_close(gaussian_blur(maps, 3.0), maps)
+
+
+def test_image_scores():
+    maps = torch.zeros(2, 10, 10)
+    maps[0, 0, 0] = 1.0
+    maps[1, :2, :] = 0.5
+    assert image_scores(maps, "max").tolist() == [1.0, 0.5]
+    torch.testing.assert_close(image_scores(maps, "topk_mean", topk=0.1), torch.tensor([0.1, 0.5]))
+    text = torch.eye(2)
+    glob = image_scores(maps, "global", image_embedding=torch.tensor([[0.0, 3.0], [3.0, 0.0]]), text=text,
+                        logit_scale=5.0)
+    assert glob[0] > 0.99 and glob[1] < 0.01
+    with pytest.raises(ValueError, match="image_score"):
+        image_scores(maps, "median")
