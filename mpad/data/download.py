@@ -1,0 +1,182 @@
+"""Resumable, checksummed downloads and tar extraction that cannot write outside its destination."""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import lzma
+import os
+import re
+import shutil
+import socket
+import tarfile
+import urllib.error
+import urllib.request
+import zlib
+from pathlib import Path, PurePosixPath
+
+from tqdm import tqdm
+
+from mpad.data.mvtec import DatasetError
+from mpad.io import atomic_path
+
+CHUNK = 1 << 20  # bytes per read
+# Network failures that mean "try again later / place the file by hand", not "bad data".
+_NET_ERRORS = (
+    urllib.error.URLError, socket.timeout, TimeoutError, ConnectionError, http.client.HTTPException
+)
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(CHUNK), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _offline_message(url: str, dest: Path, err: BaseException, part: Path) -> str:
+    kept = f" The partial download {part} is kept; rerun to resume." if part.exists() else ""
+    return (
+        f"cannot download {url}: {getattr(err, 'reason', err)}.{kept} Without network access, download "
+        f"the archive on another machine and place it at {dest.resolve()} (it is then checked and "
+        "extracted), or set dataset.root in params.yaml to an already extracted copy."
+    )
+
+
+def _transfer(url: str, part: Path, timeout: float, progress: bool) -> bool:
+    """One request: append to `part` from its current size. True when the server says it is complete."""
+    offset = part.stat().st_size if part.exists() else 0
+    request = urllib.request.Request(url, headers={"User-Agent": "mpad-fetch"})
+    if offset:
+        request.add_header("Range", f"bytes={offset}-")
+    try:
+        response = urllib.request.urlopen(request, timeout=timeout)
+    except urllib.error.HTTPError as err:
+        if err.code == 416 and offset:  # range past the end: we already have every byte
+            return True
+        raise DatasetError(f"cannot download {url}: HTTP {err.code} {err.reason}") from err
+    with response:
+        length = response.headers.get("Content-Length")
+        remaining = int(length) if length is not None else None
+        if offset and response.status == 206:
+            match = re.match(r"bytes (\d+)-", response.headers.get("Content-Range", ""))
+            if not match or int(match.group(1)) != offset:
+                offset = 0  # the server answered another range than asked: start over
+        elif offset:
+            offset = 0  # 200: the server ignores Range and sends the whole file
+        mode = "ab" if offset else "wb"
+        total = offset + remaining if remaining is not None else None
+        received = 0
+        with (
+            open(part, mode) as out,
+            tqdm(total=total, initial=offset, unit="B", unit_scale=True, unit_divisor=1024,
+                 desc=part.name.removesuffix(".part"), disable=not progress) as bar,
+        ):  # fmt: skip
+            while block := response.read(CHUNK):
+                out.write(block)
+                received += len(block)
+                bar.update(len(block))
+        # http.client returns b"" (no exception) when the peer closes early: check the length ourselves.
+        if remaining is not None and received < remaining:
+            raise ConnectionError(f"connection closed after {offset + received} of {total} bytes")
+    return True
+
+
+def download(
+    url: str,
+    dest: Path,
+    sha256: str | None,
+    progress: bool = True,
+    timeout: float = 60.0,
+    attempts: int = 4,
+) -> Path:
+    """Download `url` to `dest` and return `dest`.
+
+    Streams into `dest` + ".part", resuming an existing partial file with an HTTP Range request (and
+    up to `attempts` times within one call when the connection drops). A 200 answer to a Range request
+    restarts from zero; 416 means the partial file is already complete. The sha256 (hex, if given) is
+    checked before the file is renamed to `dest`; a mismatch removes the partial file and raises
+    DatasetError. An existing `dest` is only checked, not downloaded again. Without network,
+    DatasetError says where to place the archive by hand.
+    """
+    dest = Path(dest)
+    part = dest.with_suffix(dest.suffix + ".part")
+    expected = sha256.lower() if sha256 else None
+    if dest.exists():
+        if expected:
+            got = sha256_file(dest)
+            if got != expected:
+                raise DatasetError(
+                    f"{dest}: sha256 mismatch (expected {expected}, got {got}); the file was kept: "
+                    "remove it or replace it with the right archive"
+                )
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    for attempt in range(1, attempts + 1):
+        try:
+            _transfer(url, part, timeout, progress)
+            break
+        except _NET_ERRORS as err:
+            progressed = part.exists() and part.stat().st_size > 0
+            # Retry only cut transfers (bytes arrived); an unreachable host fails at once.
+            if attempt == attempts or not progressed:
+                raise DatasetError(_offline_message(url, dest, err, part)) from err
+    if expected:
+        got = sha256_file(part)
+        if got != expected:
+            part.unlink()
+            raise DatasetError(
+                f"{url}: sha256 mismatch (expected {expected}, got {got}); the downloaded file was "
+                "removed, rerun to download it again (or check dataset.url / dataset.sha256)"
+            )
+    os.replace(part, dest)
+    return dest
+
+
+def _check_member(member: tarfile.TarInfo, archive: Path) -> PurePosixPath:
+    """The member's safe relative path; DatasetError naming it if it could escape or is not plain."""
+    name = member.name
+    path = PurePosixPath(name)
+    if path.is_absolute() or name.startswith("\\") or re.match(r"^[A-Za-z]:", name):
+        raise DatasetError(f"{archive}: member {name!r} has an absolute path; refusing to extract")
+    if ".." in path.parts or "\\" in name:
+        raise DatasetError(f"{archive}: member {name!r} points outside the destination; refusing to extract")
+    if member.issym() or member.islnk():
+        raise DatasetError(f"{archive}: member {name!r} is a link; refusing to extract")
+    if not (member.isfile() or member.isdir()):
+        raise DatasetError(f"{archive}: member {name!r} is a device or special file; refusing to extract")
+    parts = [p for p in path.parts if p not in ("", ".")]
+    return PurePosixPath(*parts) if parts else PurePosixPath(".")
+
+
+def safe_extract(archive: Path, dest: Path) -> None:
+    """Extract a tar archive (.tar, .tar.gz, .tar.xz, ...) into the new folder `dest`.
+
+    Every member is checked first (no absolute paths, no `..`, no links, no devices); nothing is
+    written unless all pass. Files are extracted into a temporary folder beside `dest`, which is
+    renamed to `dest` only once complete. `dest` must not exist or be empty. Ownership and
+    permission bits from the archive are ignored (files 0644, folders 0755 modulo umask).
+    """
+    archive, dest = Path(archive), Path(dest)
+    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
+        raise DatasetError(f"cannot extract {archive}: {dest} already exists and is not empty")
+    try:
+        with tarfile.open(archive, "r:*") as tar:
+            members = tar.getmembers()
+            checked = [(m, _check_member(m, archive)) for m in members]
+            with atomic_path(dest) as tmp:
+                tmp.mkdir()
+                for member, rel in checked:
+                    target = tmp / rel
+                    if member.isdir():
+                        target.mkdir(parents=True, exist_ok=True)
+                        continue
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    source = tar.extractfile(member)
+                    assert source is not None  # regular files always have data
+                    with source, open(target, "wb") as out:
+                        shutil.copyfileobj(source, out, CHUNK)
+    except (tarfile.TarError, EOFError, OSError, lzma.LZMAError, zlib.error) as err:
+        raise DatasetError(f"cannot extract {archive}: {err} (corrupt or truncated archive?)") from err
