@@ -225,9 +225,7 @@ def test_aupro_matches_slow_reference(seed: int) -> None:
     n_regions = sum(cc_label(m, connectivity=2).max() for m in masks)
     assert n_regions >= 3
     for limit in (0.3, 0.05, 1.0):
-        assert aupro(maps, masks, fpr_limit=limit) == pytest.approx(
-            _reference_aupro(maps, masks, limit), abs=1e-9
-        )
+        assert aupro(maps, masks, fpr_limit=limit) == pytest.approx(_reference_aupro(maps, masks, limit), abs=1e-9)
 
 
 def test_pro_curve_monotone_and_thinned() -> None:

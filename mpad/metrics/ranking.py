@@ -145,9 +145,7 @@ def thin_curve(x: np.ndarray, y: np.ndarray, max_points: int | None) -> np.ndarr
     return np.unique(np.concatenate([idx.clip(0, n - 1), [0, n - 1]]))
 
 
-def roc_curve(
-    scores: Any, labels: Any, max_points: int | None = 1000
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def roc_curve(scores: Any, labels: Any, max_points: int | None = 1000) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """ROC curve: (fpr, tpr, thresholds), float64 arrays from (0, 0) to (1, 1).
 
     Point i uses "anomalous when score >= thresholds[i]"; the first point has threshold +inf.
