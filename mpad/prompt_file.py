@@ -1,0 +1,95 @@
+"""The learned-prompt file `data/prompts/<category>.pt`: self-describing, machine-independent.
+
+It holds the learned vectors, everything needed to rebuild the prompts (backbone name and weights tag,
+class name, prompt sizes), the encoder settings they were learned with, and the (2, D) text embeddings
+[normal, anomaly] ready for scoring. Tensors are saved on the CPU; no paths or devices inside.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mpad.io import write_bytes
+
+FORMAT = 1
+
+
+class PromptFileError(ValueError):
+    """A prompts file that is missing, unreadable, or made for another backbone."""
+
+
+def save_prompts(path: str | Path, record: dict[str, Any]) -> None:
+    """Write `record` (see `prompt_record`) atomically with torch.save."""
+    buffer = io.BytesIO()
+    torch.save(_to_cpu(record), buffer)
+    write_bytes(path, buffer.getvalue())
+
+
+def prompt_record(
+    *,
+    category: str,
+    model: dict[str, Any],
+    sizes: tuple[int, int, int],
+    vectors: dict[str, torch.Tensor],
+    text: torch.Tensor,
+    laa: dict[str, Any],
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Assemble a prompts record.
+
+    model: `mpad.clip.model_fingerprint` of the backbone; sizes: (n_general, n_normal, n_anomaly);
+    vectors: {"general", "normal", "anomaly"} learned tensors; text: (2, D) normalised embeddings;
+    laa: the encoder settings {attention, k, layers, cls}; extra: e.g. the memory bank, training info.
+    """
+    return {
+        "format": FORMAT,
+        "category": category,
+        "model": dict(model),
+        "sizes": list(sizes),
+        "vectors": {k: v.detach() for k, v in vectors.items()},
+        "text": text.detach(),
+        "laa": dict(laa),
+        **(extra or {}),
+    }
+
+
+def load_prompts(path: str | Path, expect_model: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Read a prompts file; with `expect_model`, refuse one made for another backbone."""
+    path = Path(path)
+    if not path.is_file():
+        raise PromptFileError(f"{path}: prompts file not found (run the train stage first: dvc repro)")
+    try:
+        record = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises several types for a corrupt file
+        raise PromptFileError(f"{path}: not a readable prompts file ({err})") from err
+    if not isinstance(record, dict) or record.get("format") != FORMAT:
+        raise PromptFileError(f"{path}: not an mpad prompts file of format {FORMAT}")
+    if expect_model is not None:
+        check_backbone(record, expect_model, path)
+    return record
+
+
+def check_backbone(record: dict[str, Any], model: dict[str, Any], path: str | Path) -> None:
+    """Raise PromptFileError when the prompts were learned with another backbone than `model`."""
+    made = record["model"]
+    differ = [key for key in ("name", "pretrained", "embed_dim") if made.get(key) != model.get(key)]
+    if differ:
+        raise PromptFileError(
+            f"{path}: prompts were learned for {made.get('name')} ({made.get('pretrained')}), "
+            f"not for {model.get('name')} ({model.get('pretrained')}); they differ in {', '.join(differ)}. "
+            f"Use the model they were made for, or train prompts for this one."
+        )
+
+
+def _to_cpu(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu().clone()
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_cpu(v) for v in obj)
+    return obj
