@@ -182,6 +182,10 @@ def _save_png(arr: np.ndarray, path: Path) -> None:
     Image.fromarray(arr).save(path, format="PNG", optimize=False, compress_level=6)
 
 
+def _marker(seed: int, n_train: int, n_test: int) -> dict[str, Any]:
+    return {"generator": "mpad.synthetic", "version": _VERSION, "seed": seed, "n_train": n_train, "n_test": n_test}
+
+
 def read_marker(root: Path) -> dict[str, Any] | None:
     """The marker of a generated dataset at `root` ({"generator", "version", "seed", ...}), or None."""
     path = Path(root) / MARKER
@@ -239,6 +243,15 @@ def generate(root: Path, seed: int, n_train: int = 8, n_test: int = 12) -> None:
         for index, category in enumerate(SYNTHETIC_CATEGORIES):
             rng = np.random.default_rng([seed, index])
             _write_category(tmp / category, category, rng, n_train, n_test)
-        marker = {"generator": "mpad.synthetic", "version": _VERSION, "seed": seed,
-                  "n_train": n_train, "n_test": n_test}  # fmt: skip
-        (tmp / MARKER).write_text(json.dumps(marker, indent=2, sort_keys=True) + "\n")
+        (tmp / MARKER).write_text(json.dumps(_marker(seed, n_train, n_test), indent=2, sort_keys=True) + "\n")
+
+
+def ensure(root: Path, seed: int) -> bool:
+    """Generate the default-size dataset at `root` unless one with this seed is already there.
+
+    Returns True when it (re)generated. Same overwrite rule as `generate`.
+    """
+    if read_marker(root) == _marker(seed, 8, 12) and all((Path(root) / c).is_dir() for c in SYNTHETIC_CATEGORIES):
+        return False
+    generate(root, seed)
+    return True

@@ -1,10 +1,49 @@
-"""Stage `sample`: not implemented yet."""
+"""Stage `sample`: choose the k normal training images (shots) of one category, seeded.
+
+Writes data/shots/<category>.json: {"category", "root", "k", "seed", "shots": [{"path", "sha256"}]},
+paths relative to dataset.root. Same params, same picks, on any machine.
+"""
 
 from __future__ import annotations
 
-from stages.common import fail
+from pathlib import Path
+
+import typer
+
+from mpad.data import DatasetError, list_split, pick_shots
+from mpad.data.download import sha256_file
+from mpad.io import write_json
+from stages.common import PARAMS_OPTION, fail, load_params
+
+SHOTS_DIR = Path("data/shots")
 
 
-def main() -> None:
-    """Not implemented yet."""
-    fail("stage 'sample' is not implemented yet")
+def main(
+    category: str = typer.Option(..., "--category", help="Category to draw the shots of."),
+    params: Path = PARAMS_OPTION,
+) -> None:
+    """Pick shots.k training images of CATEGORY with shots.seed and write data/shots/<category>.json."""
+    cfg = load_params(params)
+    dataset, shots = cfg.get("dataset"), cfg.get("shots")
+    if not isinstance(dataset, dict) or not dataset.get("root"):
+        fail(f"{params}: missing dataset.root")
+    if not isinstance(shots, dict):
+        fail(f"{params}: missing section 'shots'")
+    if not category or Path(category).name != category or category in (".", ".."):
+        fail(f"--category must be a plain category name, got {category!r}")
+    listed = dataset.get("categories")
+    if isinstance(listed, list) and category not in listed:
+        fail(f"category {category!r} is not in dataset.categories ({', '.join(map(str, listed))})")
+    root = Path(str(dataset["root"]))
+    k, seed = shots.get("k"), shots.get("seed", 0)
+    try:
+        picks = pick_shots(list_split(root, category, "train"), k, seed, category)
+        entries = [
+            {"path": s.image.relative_to(root).as_posix(), "sha256": sha256_file(s.image)} for s in picks
+        ]
+    except DatasetError as err:
+        fail(str(err))
+        return
+    out = SHOTS_DIR / f"{category}.json"
+    write_json(out, {"category": category, "root": str(dataset["root"]), "k": k, "seed": seed, "shots": entries})
+    typer.echo(f"wrote {out}: {', '.join(e['path'] for e in entries)}")

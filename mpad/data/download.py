@@ -48,7 +48,10 @@ def _offline_message(url: str, dest: Path, err: BaseException, part: Path) -> st
 def _transfer(url: str, part: Path, timeout: float, progress: bool) -> bool:
     """One request: append to `part` from its current size. True when the server says it is complete."""
     offset = part.stat().st_size if part.exists() else 0
-    request = urllib.request.Request(url, headers={"User-Agent": "mpad-fetch"})
+    try:
+        request = urllib.request.Request(url, headers={"User-Agent": "mpad-fetch"})
+    except ValueError as err:  # malformed or empty URL
+        raise DatasetError(f"cannot download {url!r}: {err} (check dataset.url)") from err
     if offset:
         request.add_header("Range", f"bytes={offset}-")
     try:
@@ -180,3 +183,51 @@ def safe_extract(archive: Path, dest: Path) -> None:
                         shutil.copyfileobj(source, out, CHUNK)
     except (tarfile.TarError, EOFError, OSError, lzma.LZMAError, zlib.error) as err:
         raise DatasetError(f"cannot extract {archive}: {err} (corrupt or truncated archive?)") from err
+
+
+def _layout_top(extracted: Path, archive: Path) -> Path:
+    """The folder of `extracted` holding the category folders: itself, or its single sub-folder."""
+    subdirs = [p for p in extracted.iterdir() if p.is_dir()]
+    if any((p / "train").is_dir() for p in subdirs):
+        return extracted
+    if len(subdirs) == 1 and any((p / "train").is_dir() for p in subdirs[0].iterdir() if p.is_dir()):
+        return subdirs[0]
+    raise DatasetError(f"{archive} does not contain category folders (<category>/train/good/...)")
+
+
+def ensure_extracted(
+    root: Path, categories: list[str], url: str, sha256: str | None, archive: Path, progress: bool = True
+) -> bool:
+    """Make `root/<category>` exist for every requested category, downloading `url` if needed.
+
+    Nothing is downloaded when `root` already holds every requested category (a complete MVTec AD,
+    or a partial copy with just the categories asked for). Otherwise `root` must be absent or empty:
+    the archive is downloaded to `archive` (resumed, checksummed), extracted beside `root`, and its
+    category folders (at the top of the archive or inside its single top folder) renamed to `root`.
+    Returns True when it downloaded/extracted. The archive is kept (delete it to save space).
+    """
+    root, archive = Path(root), Path(archive)
+    missing = [c for c in categories if not (root / c / "train").is_dir()]
+    if not missing:
+        return False
+    if root.exists() and (not root.is_dir() or any(root.iterdir())):
+        raise DatasetError(
+            f"{root} exists but lacks categories {missing}: complete it, remove it to download the "
+            "dataset again, or point dataset.root to a complete copy"
+        )
+    download(url, archive, sha256, progress=progress)
+    # Extract beside root (same filesystem, so the final rename is atomic); the name is ours alone.
+    staging = root.parent / f".{root.name}.extract"
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        safe_extract(archive, staging)
+        top = _layout_top(staging, archive)
+        if root.exists():
+            root.rmdir()  # empty, checked above
+        os.replace(top, root)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    still = [c for c in categories if not (root / c / "train").is_dir()]
+    if still:
+        raise DatasetError(f"{archive} was extracted to {root} but has no categories {still}")
+    return True
