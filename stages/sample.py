@@ -6,6 +6,7 @@ paths relative to dataset.root. Same params, same picks, on any machine.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import typer
@@ -16,6 +17,21 @@ from mpad.io import write_json
 from stages.common import PARAMS_OPTION, fail, load_params
 
 SHOTS_DIR = Path("data/shots")
+MANIFEST = Path("data/manifest.json")
+
+
+def _check_manifest(root: str, category: str) -> None:
+    """When fetch has run, its manifest must describe this root and category (else it is stale)."""
+    if not MANIFEST.is_file():
+        return
+    try:
+        manifest = json.loads(MANIFEST.read_text())
+    except ValueError:
+        fail(f"{MANIFEST} is not valid JSON: run `mpad fetch` again")
+    if manifest.get("root") != root:
+        fail(f"{MANIFEST} describes root {manifest.get('root')!r}, params say {root!r}: run `mpad fetch` first")
+    if category not in manifest.get("categories", {}):
+        fail(f"category {category!r} is not in {MANIFEST}: add it to dataset.categories and run `mpad fetch`")
 
 
 def main(
@@ -34,6 +50,7 @@ def main(
     listed = dataset.get("categories")
     if isinstance(listed, list) and category not in listed:
         fail(f"category {category!r} is not in dataset.categories ({', '.join(map(str, listed))})")
+    _check_manifest(str(dataset["root"]), category)
     root = Path(str(dataset["root"]))
     k, seed = shots.get("k"), shots.get("seed", 0)
     try:

@@ -80,3 +80,11 @@ def test_sample_stage(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     params = _params(tmp_path / "p.yaml", {**ds, "categories": None}, {"k": 1, "seed": 0})
     result = runner.invoke(app, ["sample", "--category", "carpet", "--params", str(params)])
     assert result.exit_code == 1 and "data/synthetic/carpet" in result.output
+
+    # Once fetch has written the manifest, sample refuses a root or category it does not describe.
+    params = _params(tmp_path / "p.yaml", ds, {"k": 1, "seed": 0})
+    assert runner.invoke(app, ["fetch", "--params", str(params)]).exit_code == 0
+    assert runner.invoke(app, ["sample", "--category", "disc", "--params", str(params)]).exit_code == 0
+    params = _params(tmp_path / "p.yaml", {**ds, "root": "elsewhere"}, {"k": 1, "seed": 0})
+    result = runner.invoke(app, ["sample", "--category", "disc", "--params", str(params)])
+    assert result.exit_code == 1 and "run `mpad fetch` first" in result.output
