@@ -1,0 +1,186 @@
+"""OAGM (paper sec. 3.4): noise only where the mask says, object masks, blobs, clean samples."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from mpad.oagm import (
+    add_noise,
+    border_object_probability,
+    clean_mask,
+    clip_object_probability,
+    object_masks,
+    random_blobs,
+    synthesize,
+)
+
+
+def _image(h: int = 48, w: int = 40, seed: int = 0) -> torch.Tensor:
+    return torch.rand(3, h, w, generator=torch.Generator().manual_seed(seed))
+
+
+def _disc_scene(h: int = 64, w: int = 64) -> tuple[torch.Tensor, np.ndarray]:
+    """A red disc on a plain light, slightly noisy background: (1, 3, H, W) image and the disc mask."""
+    yy, xx = np.mgrid[0:h, 0:w]
+    disc = (yy - 30) ** 2 + (xx - 36) ** 2 <= 16**2
+    rng = np.random.default_rng(0)
+    pixels = np.where(disc[..., None], [200.0, 60.0, 40.0], [205.0, 205.0, 198.0]) + rng.normal(0, 2, (h, w, 3))
+    image = torch.from_numpy(np.clip(pixels, 0, 255) / 255.0).permute(2, 0, 1).float()[None]
+    return image, disc
+
+
+def _gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def test_add_noise_outside_mask_bit_identical_inside_changed():
+    image = _image()
+    mask = torch.zeros(48, 40, dtype=torch.bool)
+    mask[10:30, 5:25] = True
+    out = add_noise(image, mask, 0.3, _gen())
+    assert out.shape == image.shape
+    assert torch.equal(out[:, ~mask], image[:, ~mask])
+    changed = (out != image).any(dim=0)
+    assert changed[mask].float().mean() > 0.95
+    assert out.min() >= 0 and out.max() <= 1
+    assert not torch.equal(image, out)  # input untouched, a new tensor returned
+    assert torch.equal(image, _image())
+
+
+def test_add_noise_sigma_zero_and_determinism():
+    image = _image()
+    mask = torch.ones(48, 40, dtype=torch.bool)
+    assert torch.equal(add_noise(image, mask, 0.0, _gen()), image)
+    a = add_noise(image, mask, 0.2, _gen(5))
+    b = add_noise(image, mask, 0.2, _gen(5))
+    c = add_noise(image, mask, 0.2, _gen(6))
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+
+
+def test_add_noise_noise_scale():
+    image = torch.full((3, 64, 64), 0.5)
+    mask = torch.ones(64, 64, dtype=torch.bool)
+    out = add_noise(image, mask, 0.1, _gen())
+    assert abs(float((out - image).std()) - 0.1) < 0.01
+
+
+def test_add_noise_rejects_bad_shapes():
+    with pytest.raises(ValueError):
+        add_noise(_image(), torch.ones(10, 10, dtype=torch.bool), 0.1, _gen())
+
+
+def test_blobs_inside_object_and_partial():
+    _, disc = _disc_scene()
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        blobs = random_blobs(disc, rng)
+        assert not (blobs & ~disc).any()
+        coverage = blobs.sum() / disc.sum()
+        assert 0 < coverage < 1
+
+
+def test_synthesize_blobs_stay_on_object_when_enabled():
+    image, disc = _disc_scene()
+    out = synthesize(image[0], disc, 12, 0.3, np.random.default_rng(1), _gen(1), region="blobs", enabled=True)
+    assert len(out) == 12
+    for sample in out:
+        assert sample.image.dtype == np.uint8 and sample.image.shape == (64, 64, 3)
+        assert sample.mask.any() and not (sample.mask & ~disc).any()
+        # outside M'_a the image is the (quantised) shot
+        clean = np.rint(image[0].permute(1, 2, 0).numpy() * 255).astype(np.uint8)
+        assert np.array_equal(sample.image[~sample.mask], clean[~sample.mask])
+
+
+def test_synthesize_disabled_puts_noise_outside_object():
+    image, disc = _disc_scene()
+    for region in ("blobs", "object"):
+        out = synthesize(image[0], disc, 16, 0.3, np.random.default_rng(2), _gen(2), region=region, enabled=False)
+        outside = sum(int((s.mask & ~disc).sum()) for s in out)
+        assert outside > 0, region
+    whole = synthesize(image[0], disc, 1, 0.3, np.random.default_rng(2), _gen(2), region="object", enabled=False)
+    assert whole[0].mask.all()
+
+
+def test_synthesize_object_region_is_the_object():
+    image, disc = _disc_scene()
+    out = synthesize(image[0], disc, 3, 0.3, np.random.default_rng(3), _gen(3), region="object")
+    for sample in out:
+        assert np.array_equal(sample.mask, disc)
+        assert sample.anomalous_fraction == pytest.approx(disc.mean())
+
+
+@pytest.mark.parametrize(("fraction", "samples", "expected"), [(0.0, 10, 0), (0.2, 10, 2), (0.25, 8, 2), (1.0, 5, 5)])
+def test_clean_fraction(fraction, samples, expected):
+    image, disc = _disc_scene()
+    out = synthesize(image[0], disc, samples, 0.3, np.random.default_rng(4), _gen(4), clean_fraction=fraction)
+    clean = [s for s in out if not s.mask.any()]
+    assert len(clean) == expected
+    original = np.rint(image[0].permute(1, 2, 0).numpy() * 255).astype(np.uint8)
+    for sample in clean:
+        assert np.array_equal(sample.image, original)
+
+
+def test_synthesize_deterministic():
+    image, disc = _disc_scene()
+
+    def run():
+        return synthesize(image[0], disc, 6, 0.3, np.random.default_rng(9), _gen(9), clean_fraction=0.3)
+
+    a, b = run(), run()
+    for x, y in zip(a, b, strict=True):
+        assert np.array_equal(x.image, y.image) and np.array_equal(x.mask, y.mask)
+
+
+def test_synthesize_rejects_bad_settings():
+    image, disc = _disc_scene()
+    with pytest.raises(ValueError):
+        synthesize(image[0], disc, 2, 0.3, np.random.default_rng(0), _gen(), region="everywhere")
+    with pytest.raises(ValueError):
+        synthesize(image[0], disc, 2, 0.3, np.random.default_rng(0), _gen(), clean_fraction=1.5)
+
+
+def test_border_method_finds_disc():
+    image, disc = _disc_scene()
+    prob = border_object_probability(image)
+    assert prob.shape == (1, 64, 64)
+    mask = object_masks(image, "disc", "border", 0.5)[0]
+    assert mask.fallback is None
+    iou = (mask.mask & disc).sum() / (mask.mask | disc).sum()
+    assert iou > 0.9
+
+
+def test_texture_gets_whole_image(tiny_clip):
+    image, _ = _disc_scene()
+    for method in ("border", "clip"):
+        masks = object_masks(image, "stripes", method, 0.5, texture=True, bundle=tiny_clip)
+        assert masks[0].mask.all() and masks[0].fallback is None
+
+
+def test_empty_mask_falls_back_with_warning():
+    flat = torch.full((1, 3, 32, 32), 0.5)  # nothing differs from the border: empty mask
+    with pytest.warns(UserWarning, match="whole image"):
+        masks = object_masks(flat, "disc", "border", 0.5)
+    assert masks[0].mask.all()
+    assert "empty" in masks[0].fallback
+
+
+def test_clip_method_shapes(tiny_clip):
+    image, _ = _disc_scene()
+    prob = clip_object_probability(tiny_clip, image, "disc", layers=6)  # capped at the tiny model's depth
+    assert prob.shape == (1, 64, 64)
+    assert float(prob.min()) >= 0 and float(prob.max()) <= 1
+    masks = object_masks(image, "disc", "clip", 0.5, bundle=tiny_clip)
+    assert masks[0].mask.shape == (64, 64) and masks[0].mask.dtype == bool
+
+
+def test_clean_mask_removes_specks_and_fills_holes():
+    mask = np.zeros((64, 64), dtype=bool)
+    mask[10:40, 10:40] = True
+    mask[20, 20] = False
+    mask[60, 60] = True
+    cleaned = clean_mask(mask)
+    assert cleaned[20, 20] and not cleaned[60, 60]
+    assert cleaned[10:40, 10:40].all()
