@@ -11,7 +11,8 @@ the model's input size, computes an object mask per shot, and writes `data/synth
                              "anomalous_fraction"}], "object_mask_method", "texture",
                              "object_masks", "random_weights", "note"}
 
-Params read: dataset.root, dataset.textures, model.{name, pretrained, device, precision},
+Params read: dataset.root, dataset.name, dataset.textures (null: the default of dataset.name),
+model.{name, pretrained, device, precision},
 oagm.{enabled, region, samples, sigma, clean_fraction, mask_method, mask_threshold, mask_layers, seed}.
 """
 
@@ -30,15 +31,27 @@ from PIL import Image
 from tqdm import tqdm
 
 from mpad.clip import RANDOM_WEIGHTS_NOTE, ModelLoadError, load_clip
-from mpad.data.mvtec import DatasetError, load_image
+from mpad.data.mvtec import MVTEC_TEXTURES, DatasetError, load_image
 from mpad.data.shots import stable_hash
 from mpad.features import stack_images
 from mpad.io import atomic_path
 from mpad.oagm import object_masks, synthesize
+from mpad.synthetic import SYNTHETIC_TEXTURES
 from stages.common import PARAMS_OPTION, fail, load_params
 
+DEFAULT_TEXTURES = {"mvtec": MVTEC_TEXTURES, "synthetic": SYNTHETIC_TEXTURES, "folder": ()}
 SHOTS_DIR = Path("data/shots")
 SYNTH_DIR = Path("data/synth")
+
+
+def _textures(dataset: dict[str, Any]) -> set[str]:
+    """dataset.textures; null means the dataset's default (MVTec AD's five, the generated two, none)."""
+    textures = dataset.get("textures")
+    if textures is None:
+        return set(DEFAULT_TEXTURES.get(str(dataset.get("name", "mvtec")), ()))
+    if not isinstance(textures, list):
+        raise ValueError(f"dataset.textures must be a list of names or null, got {textures!r}")
+    return {str(t) for t in textures}
 
 
 def _sha256(path: Path) -> str:
@@ -89,7 +102,7 @@ def main(
     try:
         dataset, model, oagm = p["dataset"], p["model"], p["oagm"]
         root = Path(dataset["root"])
-        textures = set(dataset.get("textures") or [])
+        textures = _textures(dataset)
         settings: dict[str, Any] = {
             "enabled": bool(oagm["enabled"]),
             "region": str(oagm["region"]),

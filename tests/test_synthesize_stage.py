@@ -120,6 +120,16 @@ def test_texture_category_gets_whole_image_object_mask(project):
         assert (np.asarray(Image.open(f"data/synth/stripes/object_masks/{i}.png")) == 255).all()
 
 
+def test_null_textures_means_dataset_default(project):
+    params = yaml.safe_load(Path("params.yaml").read_text())
+    params["dataset"]["textures"] = None
+    Path("params.yaml").write_text(yaml.safe_dump(params))
+    assert _run("stripes").exit_code == 0
+    assert json.loads(Path("data/synth/stripes/manifest.json").read_text())["texture"] is True
+    assert _run("disc").exit_code == 0
+    assert json.loads(Path("data/synth/disc/manifest.json").read_text())["texture"] is False
+
+
 def test_changed_shot_fails_naming_the_file(project):
     assert _run("disc").exit_code == 0
     before = _pngs(Path("data/synth/disc"))
