@@ -28,3 +28,8 @@ def fail(message: str) -> None:
     """Stop the stage with `message` on stderr and exit status 1 (no traceback: the message is the point)."""
     typer.secho(f"error: {message}", err=True, fg=typer.colors.RED)
     raise typer.Exit(code=1)
+
+
+def memory_from_record(record: dict):
+    """The visual memory stored with the prompts, if any (the memory branch; None when disabled)."""
+    return None
