@@ -8,6 +8,8 @@ from typing import Any
 import typer
 import yaml
 
+from mpad.memory import VisualMemory
+
 PARAMS_OPTION = typer.Option(Path("params.yaml"), "--params", help="Parameters file (DVC's params.yaml).")
 
 
@@ -30,6 +32,7 @@ def fail(message: str) -> None:
     raise typer.Exit(code=1)
 
 
-def memory_from_record(record: dict):
-    """The visual memory stored with the prompts, if any (the memory branch; None when disabled)."""
-    return None
+def memory_from_record(record: dict[str, Any]) -> VisualMemory | None:
+    """The visual memory stored with the prompts (key "memory"), or None when it was built without one."""
+    stored = record.get("memory")
+    return VisualMemory.from_record(stored) if stored else None
