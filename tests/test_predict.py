@@ -1,0 +1,168 @@
+"""`mpad predict` end to end on the tiny random-weight model and the generated dataset."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from mpad.clip import model_fingerprint
+from mpad.memory import build_memory
+from mpad.prompt_file import prompt_record, save_prompts
+from mpad.prompts import PromptLearner, TextEncoder, learned_text_embeddings
+from mpad.synthetic import generate
+from stages.cli import app
+from stages.predict import expand_images, output_size
+
+LAA = {"attention": "vv", "k": 2, "layers": 2, "cls": "neighbor-cls"}
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("ds")
+    generate(root, seed=0, n_train=1, n_test=4)
+    return root
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory, tiny_clip, dataset) -> dict[str, Path]:
+    """A prompts file (learned prompts at init, with a memory), a thresholds file, three test images."""
+    tmp = tmp_path_factory.mktemp("predict")
+    model = tiny_clip.model
+    learner = PromptLearner(model, tiny_clip.tokenizer, "disc", 2, 1, 1, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        text = learned_text_embeddings(learner, TextEncoder(model))
+    shot = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    memory = build_memory(tiny_clip, LAA, shot, [2, 4], "harmonic")
+    record = prompt_record(
+        category="disc", model=model_fingerprint(tiny_clip), sizes=(2, 1, 1),
+        vectors={"general": learner.general, "normal": learner.normal, "anomaly": learner.anomaly},
+        text=text, laa=LAA, extra={"memory": memory.to_record()},
+    )  # fmt: skip
+    save_prompts(tmp / "disc.pt", record)
+    thresholds = {"image_score": "max", "smoothing_sigma": 1.0, "image_threshold": 0.5, "map_low": 0.1,
+                  "map_high": 0.9}
+    (tmp / "disc.json").write_text(json.dumps(thresholds))
+    good = sorted((dataset / "disc/test/good").glob("*.png"))[0]
+    bad = sorted(p for p in (dataset / "disc/test").glob("*/*.png") if p.parent.name != "good")[0]
+    corrupt = tmp / "images" / "corrupt.png"
+    corrupt.parent.mkdir()
+    corrupt.write_bytes(good.read_bytes()[:200])
+    return {"prompts": tmp / "disc.pt", "thresholds": tmp / "disc.json", "good": good, "bad": bad,
+            "corrupt": corrupt, "record": record}  # fmt: skip
+
+
+def _invoke(args: list[str]):
+    return runner.invoke(app, ["predict", *[str(a) for a in args]], catch_exceptions=False)
+
+
+def _rows(out: Path) -> list[dict[str, str]]:
+    with open(out / "predictions.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(autouse=True)
+def _in_tmp(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no data/thresholds of the project picked up by default
+
+
+def test_good_defect_corrupt(files, tmp_path):
+    out = tmp_path / "out"
+    args = ["--prompts", files["prompts"], files["good"], files["bad"], files["corrupt"], "--out", out,
+            "--thresholds-file", files["thresholds"], "--device", "cpu", "--batch-size", 2]  # fmt: skip
+    result = _invoke(args)
+    assert result.exit_code == 1, result.output
+    assert "corrupt.png" in result.stderr
+    assert "image_threshold" in result.stdout and "threshold 0.5" in result.stdout
+    rows = _rows(out)
+    assert [r["path"] for r in rows] == [str(files[k]) for k in ("good", "bad", "corrupt")]
+    assert [r["status"] for r in rows[:2]] == ["ok", "ok"]
+    assert rows[2]["status"].startswith("error") and rows[2]["image_score"] == ""
+    for row, key in zip(rows[:2], ("good", "bad"), strict=True):
+        size = Image.open(files[key]).size
+        for name in (f"{files[key].stem}_overlay.png", f"{files[key].stem}_map.png"):
+            assert Image.open(out / name).size == size
+        assert Image.open(out / f"{files[key].stem}_map.png").mode == "L"
+        score = float(row["image_score"])
+        assert 0 <= score <= float(row["max_pixel_score"]) + 1e-6 <= 1 + 1e-6
+        assert row["decision"] == ("anomalous" if score >= 0.5 else "normal")
+    info = json.loads((out / "predictions.json").read_text())
+    assert info["threshold_source"].endswith("(image_threshold)") and info["threshold"] == 0.5
+    assert info["n_failed"] == 1 and info["memory"] is True and info["random_weights"] is True
+    assert info["map_range"] == [0.1, 0.9] and info["scoring"]["smoothing_sigma"] == 1.0
+    assert not list(out.glob("corrupt*.png"))
+
+
+def test_threshold_override(files, tmp_path):
+    for value, expected in (("0", "anomalous"), ("1.01", "normal")):
+        out = tmp_path / f"out{value}"
+        result = _invoke(["--prompts", files["prompts"], files["good"], files["bad"], "--out", out,
+                          "--thresholds-file", files["thresholds"], "--threshold", value])  # fmt: skip
+        assert result.exit_code == 0, result.output
+        assert "from --threshold" in result.stdout
+        assert [r["decision"] for r in _rows(out)] == [expected, expected]
+        assert json.loads((out / "predictions.json").read_text())["threshold_source"] == "--threshold"
+
+
+def test_no_threshold_is_na(files, tmp_path):
+    out = tmp_path / "out"
+    result = _invoke(["--prompts", files["prompts"], files["good"], "--out", out])
+    assert result.exit_code == 0, result.output
+    assert "no threshold" in result.stderr and "RANDOM WEIGHTS" in result.stderr
+    assert [r["decision"] for r in _rows(out)] == ["n/a"]
+    assert json.loads((out / "predictions.json").read_text())["threshold_source"] is None
+
+
+def test_default_thresholds_file(files, tmp_path):
+    (tmp_path / "data/thresholds").mkdir(parents=True)
+    (tmp_path / "data/thresholds/disc.json").write_text(files["thresholds"].read_text())
+    result = _invoke(["--prompts", files["prompts"], files["good"], "--out", tmp_path / "out"])
+    assert result.exit_code == 0, result.output
+    assert "data/thresholds/disc.json (image_threshold)" in result.stdout
+
+
+def test_folder_and_glob(files, dataset, tmp_path):
+    folder = dataset / "disc/test/good"
+    pattern = str(dataset / "disc/test/*/*.png")
+    expected_folder = sorted(folder.glob("*.png"))
+    paths, unmatched = expand_images([str(folder), pattern, str(tmp_path / "none*.png")])
+    assert paths[: len(expected_folder)] == expected_folder
+    assert set(paths) == set((dataset / "disc/test").glob("*/*.png"))  # glob adds the defects, no duplicates
+    assert unmatched == [str(tmp_path / "none*.png")]
+    out = tmp_path / "out"
+    result = _invoke(["--prompts", files["prompts"], folder, pattern, "--out", out, "--threshold", "0.5"])
+    assert result.exit_code == 0, result.output
+    assert len(_rows(out)) == len(paths)
+
+
+def test_no_image_exit_2(files, tmp_path):
+    (tmp_path / "empty").mkdir()
+    result = _invoke(["--prompts", files["prompts"], tmp_path / "empty", str(tmp_path / "*.png"), "--out", tmp_path])
+    assert result.exit_code == 2
+    assert "no image found" in result.stderr
+
+
+def test_other_backbone_refused(files, tmp_path, tiny_clip):
+    record = dict(files["record"], model=dict(files["record"]["model"], embed_dim=999))
+    save_prompts(tmp_path / "other.pt", record)
+    result = _invoke(["--prompts", tmp_path / "other.pt", files["good"], "--out", tmp_path / "out"])
+    assert result.exit_code == 1
+    assert "prompts were learned for" in result.stderr and "embed_dim" in result.stderr
+    # Other weights than the stored ones (record: random) are refused too.
+    checkpoint = tmp_path / "tiny.pt"
+    torch.save(tiny_clip.model.state_dict(), checkpoint)
+    result = _invoke(["--prompts", files["prompts"], files["good"], "--out", tmp_path / "out",
+                      "--model-pretrained", checkpoint])  # fmt: skip
+    assert result.exit_code == 1
+    assert "differ in pretrained" in result.stderr
+
+
+def test_output_size_cap():
+    assert output_size(900, 1200, 1024) == (768, 1024)
+    assert output_size(80, 112, 1024) == (80, 112)
