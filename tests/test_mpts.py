@@ -1,0 +1,236 @@
+"""MPTS (sec. 3.3): the gradient calibration of eq. 10, the meta-epoch loop, and that it learns.
+
+Learning assertions follow /work/shared/notes/random-weights-learnability.md: with random weights the
+trained prompts must beat untrained ones by >= 0.15 pixel AUROC on new images with the same kind of
+noise blobs, reach >= 0.65, and the training loss must at least halve.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import roc_auc_score
+
+from mpad.features import build_encoder, encode, stack_images
+from mpad.mpts import MptsConfig, anomaly_loss, calibrate, divergence_loss, score_maps, train_prompts
+from mpad.prompts import PromptLearner, TextEncoder, learned_text_embeddings, meta_text_embeddings
+
+LAA = {"attention": "vv", "k": 2, "layers": 2, "cls": "neighbor-cls"}
+
+
+# ---------------------------------------------------------------- generated data
+
+
+def striped_texture(h: int = 64, w: int = 64, seed: int = 0) -> np.ndarray:
+    """A structured (diagonal stripes) RGB texture in [0, 1], (h, w, 3)."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:h, 0:w].astype(float)
+    base = 0.5 + 0.35 * np.sin(2 * np.pi * (x * 0.9 + y * 0.4) / 9.0)
+    img = np.stack([base * 0.8, base * 0.6 + 0.1, 0.3 + 0.2 * base], -1)
+    return np.clip(img + rng.normal(0, 0.01, img.shape), 0, 1)
+
+
+def noise_blobs(base: np.ndarray, n: int, seed: int, clean: float = 0.2) -> tuple[np.ndarray, np.ndarray]:
+    """n copies of `base` with Gaussian noise (sigma 0.1-0.3) on 1-3 random ellipses; a share `clean` left
+    untouched. -> uint8 images (n, h, w, 3), bool masks (n, h, w)."""
+    rng = np.random.default_rng(seed)
+    h, w, _ = base.shape
+    y, x = np.mgrid[0:h, 0:w].astype(float)
+    images, masks = [], []
+    for _ in range(n):
+        mask = np.zeros((h, w), bool)
+        if rng.random() >= clean:
+            for _ in range(rng.integers(1, 4)):
+                cy, cx = rng.uniform(0, h), rng.uniform(0, w)
+                ry, rx = rng.uniform(4, 14, 2)
+                mask |= ((y - cy) / ry) ** 2 + ((x - cx) / rx) ** 2 <= 1
+        noisy = np.clip(base + rng.normal(0, rng.uniform(0.1, 0.3), base.shape) * mask[..., None], 0, 1)
+        images.append((noisy * 255).round().astype(np.uint8))
+        masks.append(mask)
+    return np.stack(images), np.stack(masks)
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_clip):
+    """Cached features of 256 training and 64 held-out synthesized images, the text tower, meta text."""
+    encoder = build_encoder(tiny_clip, LAA)
+    base = striped_texture()
+    train_images, train_masks = noise_blobs(base, 256, seed=1)
+    test_images, test_masks = noise_blobs(base, 64, seed=99)
+
+    def features(images):
+        return encode(encoder, tiny_clip, stack_images(images, tiny_clip.image_size)).patch_features
+
+    return {
+        "features": features(train_images),
+        "masks": torch.from_numpy(train_masks),
+        "test_features": features(test_images),
+        "test_masks": test_masks,
+        "text_encoder": TextEncoder(tiny_clip.model),
+        "meta": meta_text_embeddings(tiny_clip.model, tiny_clip.tokenizer, "carpet"),
+        "logit_scale": float(tiny_clip.model.logit_scale.exp()),
+    }
+
+
+def make_learner(clip, seed: int) -> PromptLearner:
+    return PromptLearner(clip.model, clip.tokenizer, "carpet", 4, 2, 2, generator=torch.Generator().manual_seed(seed))
+
+
+def run(clip, setup, config: MptsConfig, seed: int = 0, n: int | None = None, on_step=None):
+    learner = make_learner(clip, seed)
+    n = n or len(setup["features"])
+    result = train_prompts(
+        learner, setup["text_encoder"], setup["features"][:n], setup["masks"][:n], setup["meta"],
+        setup["logit_scale"], config, on_step,
+    )
+    return learner, result
+
+
+def vectors(learner: PromptLearner) -> torch.Tensor:
+    return torch.cat([learner.general.detach().flatten(), learner.normal.detach().flatten(),
+                      learner.anomaly.detach().flatten()])
+
+
+# ---------------------------------------------------------------- eq. 10
+
+
+def test_calibrate_conflicting_projection_lam1_is_orthogonal():
+    g_ano, g_div = torch.tensor([1.0, 2.0, 0.0]), torch.tensor([-1.0, 0.0, 1.0])  # dot = -1 < 0
+    out = calibrate(g_ano, g_div, lam=1.0)
+    # g_ano - (-1 / 2) * g_div = [0.5, 2, 0.5]
+    torch.testing.assert_close(out, torch.tensor([0.5, 2.0, 0.5]))
+    assert abs(float(out @ g_div)) < 1e-6
+
+
+def test_calibrate_conflicting_projection_half_way():
+    g_ano, g_div = torch.tensor([1.0, 2.0, 0.0]), torch.tensor([-1.0, 0.0, 1.0])
+    out = calibrate(g_ano, g_div, lam=0.5)
+    torch.testing.assert_close(out, torch.tensor([0.75, 2.0, 0.25]))
+    # half of the conflicting component is left: out . g_div = g_ano . g_div / 2
+    assert float(out @ g_div) == pytest.approx(-0.5, abs=1e-6)
+
+
+@pytest.mark.parametrize(
+    "g_div",
+    [torch.tensor([1.0, 1.0, 5.0]), torch.tensor([-2.0, 1.0, 7.0]), torch.zeros(3)],
+    ids=["agreeing", "orthogonal", "zero"],
+)
+@pytest.mark.parametrize("mode", ["projection", "literal"])
+def test_calibrate_leaves_non_conflicting_gradients(g_div, mode):
+    g_ano = torch.tensor([1.0, 2.0, 0.0])
+    out = calibrate(g_ano, g_div, lam=1.0, mode=mode)
+    assert torch.equal(out, g_ano)
+    assert not torch.isnan(out).any()
+
+
+def test_calibrate_literal_subtracts_lambda_times_cosine():
+    g_ano, g_div = torch.tensor([1.0, 0.0]), torch.tensor([-1.0, 1.0])  # cos = -1/sqrt(2)
+    out = calibrate(g_ano, g_div, lam=2.0, mode="literal")
+    shift = 2.0 / math.sqrt(2.0)
+    torch.testing.assert_close(out, torch.tensor([1.0 + shift, shift]))
+
+
+def test_calibrate_rejects_unknown_mode():
+    with pytest.raises(ValueError, match="calibration"):
+        calibrate(torch.ones(2), -torch.ones(2), 1.0, mode="pcgrad")
+
+
+# ---------------------------------------------------------------- losses
+
+
+def test_losses_on_hand_made_maps():
+    masks = torch.tensor([[[1.0, 0.0]]])  # (1, 1, 2)
+    s_a = torch.tensor([[[0.9, 0.2]]])
+    probs = torch.stack([1 - s_a, s_a], dim=1)  # (1, 2, 1, 2)
+    bce = -(math.log(0.9) + math.log(0.8)) / 2
+    assert float(anomaly_loss(probs, masks)) == pytest.approx(2 * bce, rel=1e-6)  # eq. 4 + eq. 5, equal terms
+    assert float(divergence_loss(probs, probs)) == pytest.approx(0.0, abs=1e-7)
+    meta = torch.full_like(probs, 0.5)
+    kl = sum(0.5 * math.log(0.5 / q) + 0.5 * math.log(0.5 / (1 - q)) for q in (0.9, 0.2)) / 2
+    assert float(divergence_loss(meta, probs)) == pytest.approx(2 * kl, rel=1e-5)
+
+
+# ---------------------------------------------------------------- the loop
+
+
+def test_lambda_zero_is_exactly_plain_bce(tiny_clip, setup):
+    cfg = dict(meta_epochs=2, steps=4, lr=1e-2, batch_size=8, seed=3)
+    plain, plain_result = run(tiny_clip, setup, MptsConfig(lam=0.0, divergence=False, **cfg), n=48)
+    zero, zero_result = run(tiny_clip, setup, MptsConfig(lam=0.0, **cfg), n=48)
+    guided, _ = run(tiny_clip, setup, MptsConfig(lam=1.0, **cfg), n=48)
+    assert torch.equal(vectors(plain), vectors(zero))
+    assert [h["loss_ano"] for h in plain_result.history] == [h["loss_ano"] for h in zero_result.history]
+    assert all(h["calibrated"] == 0 for h in zero_result.history)
+    assert any(h["loss_div"] > 0 for h in zero_result.history)  # the divergence was computed, not skipped
+    assert not torch.equal(vectors(plain), vectors(guided))  # and lambda > 0 does change the training
+
+
+def test_meta_prompt_is_replaced_after_each_round(tiny_clip, setup):
+    config = MptsConfig(lam=1.0, meta_epochs=3, steps=3, lr=1e-2, batch_size=8, seed=0)
+    _, result = run(tiny_clip, setup, config, n=48)
+    assert len(result.meta_texts) == 3 and len(result.round_texts) == 3
+    assert torch.equal(result.meta_texts[0], setup["meta"])
+    for r in range(2):
+        assert torch.equal(result.meta_texts[r + 1], result.round_texts[r])
+        assert not torch.equal(result.meta_texts[r + 1], result.meta_texts[r])
+    first = {r: next(h for h in result.history if h["meta_epoch"] == r) for r in range(3)}
+    # The learned prompt starts each later round exactly at the meta prompt: zero divergence there.
+    assert first[0]["loss_div"] > 1e-3
+    assert first[1]["loss_div"] < 1e-6 and first[2]["loss_div"] < 1e-6
+    assert [h["meta_epoch"] for h in result.history] == [0] * 3 + [1] * 3 + [2] * 3
+    assert torch.equal(result.text, result.round_texts[-1])
+
+
+def test_same_seed_same_prompts(tiny_clip, setup):
+    config = MptsConfig(meta_epochs=2, steps=3, batch_size=8, seed=5)
+    a, _ = run(tiny_clip, setup, config, seed=1, n=48)
+    b, _ = run(tiny_clip, setup, config, seed=1, n=48)
+    c, _ = run(tiny_clip, setup, MptsConfig(meta_epochs=2, steps=3, batch_size=8, seed=6), seed=1, n=48)
+    assert torch.equal(vectors(a), vectors(b))
+    assert not torch.equal(vectors(a), vectors(c))  # the minibatch seed matters
+
+
+def test_on_step_sees_every_step(tiny_clip, setup):
+    seen = []
+    _, result = run(tiny_clip, setup, MptsConfig(meta_epochs=2, steps=2, batch_size=4), n=16, on_step=seen.append)
+    assert seen == result.history and [h["step"] for h in seen] == [0, 1, 2, 3]
+    assert set(seen[0]) == {"step", "meta_epoch", "loss_ano", "loss_div", "cos", "calibrated"}
+    assert all(-1.0 <= h["cos"] <= 1.0 for h in seen)
+
+
+def pixel_auroc(setup, text: torch.Tensor) -> float:
+    with torch.no_grad():
+        maps = score_maps(setup["test_features"], text, setup["logit_scale"], (64, 64))[:, 1]
+    return float(roc_auc_score(setup["test_masks"].ravel(), maps.numpy().ravel()))
+
+
+def full_loss(setup, text: torch.Tensor) -> float:
+    """L_ano (eq. 3-5) over all training images: a noise-free measure of the training loss."""
+    with torch.no_grad():
+        return float(anomaly_loss(score_maps(setup["features"], text, setup["logit_scale"], (64, 64)),
+                                  setup["masks"].float()))
+
+
+def test_mpts_learns_on_generated_noise_blobs(tiny_clip, setup):
+    """Default MPTS (lambda = 1, projection, 2 meta-epochs), 3 prompt/minibatch seeds, means asserted."""
+    before_loss, after_loss, before_auc, after_auc, calibrated = [], [], [], [], []
+    for seed in range(3):
+        learner = make_learner(tiny_clip, seed)
+        with torch.no_grad():
+            untrained = learned_text_embeddings(learner, setup["text_encoder"])
+        config = MptsConfig(lam=1.0, meta_epochs=2, steps=100, lr=1e-2, batch_size=16, seed=seed)
+        result = train_prompts(learner, setup["text_encoder"], setup["features"], setup["masks"], setup["meta"],
+                               setup["logit_scale"], config)
+        before_loss.append(full_loss(setup, untrained))
+        after_loss.append(full_loss(setup, result.text))
+        before_auc.append(pixel_auroc(setup, untrained))
+        after_auc.append(pixel_auroc(setup, result.text))
+        calibrated.append(np.mean([h["calibrated"] for h in result.history]))
+    report = dict(loss=(before_loss, after_loss), auroc=(before_auc, after_auc), calibrated=calibrated)
+    assert np.mean(after_loss) <= 0.5 * np.mean(before_loss), report
+    assert np.mean(after_auc) >= 0.65, report
+    assert np.mean(after_auc) - np.mean(before_auc) >= 0.15, report
+    assert min(calibrated) > 0, report  # the meta-guiding really intervened
