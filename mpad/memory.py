@@ -144,8 +144,13 @@ def build_memory(
 
     `laa` is the encoder settings dict {attention, k, layers, cls}; the memory reads only the original
     path, so it does not depend on them, but the same encoder code path is used as at inference.
+    ValueError when a layer is outside the model's blocks (e.g. [6, 9, 12] on the 4-block mpad-tiny).
     """
     layers = sorted({int(i) for i in layers})
+    depth = len(bundle.model.visual.transformer.resblocks)
+    bad = [i for i in layers if not 1 <= i <= depth]
+    if not layers or bad:
+        raise ValueError(f"memory.layers {layers}: {bundle.name} has blocks 1..{depth} (1-based); got {bad or 'none'}")
     encoder = build_encoder(bundle, laa, intermediate_layers=layers)
     per_layer: list[list[torch.Tensor]] = [[] for _ in layers]
     for start in range(0, images.shape[0], batch_size):

@@ -118,3 +118,8 @@ def test_detector_with_memory_differs(memory, tiny_clip):
     assert fused.maps.shape == plain.maps.shape == (2, 48, 48)
     assert not torch.allclose(fused.maps, plain.maps)
     assert (fused.maps >= 0).all() and (fused.maps <= 1).all()
+
+
+def test_build_memory_checks_layers(tiny_clip):
+    with pytest.raises(ValueError, match=r"memory.layers .*1..4"):
+        build_memory(tiny_clip, LAA, _images(0, n=1), [6, 9, 12])
