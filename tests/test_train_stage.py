@@ -1,0 +1,120 @@
+"""Stage `train` end to end through the CLI, on a synthesized folder written here."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+from typer.testing import CliRunner
+
+from mpad.prompt_file import load_prompts
+from stages.cli import app
+
+PARAMS = {
+    "model": {"name": "mpad-tiny", "pretrained": "none", "device": "cpu", "precision": "fp32"},
+    "laa": {"attention": "vv", "k": 2, "layers": 2, "cls": "neighbor-cls"},
+    "prompts": {"n_general": 3, "n_normal": 2, "n_anomaly": 1},
+    "mpts": {"lambda": 1.0, "calibration": "projection", "meta_epochs": 2, "steps": 4, "lr": 0.01,
+             "batch_size": 8, "seed": 0},
+}
+
+
+def write_synth(root: Path, category: str = "carpet", n: int = 16, size: int = 64) -> Path:
+    """data/synth/<category>: striped texture with Gaussian-noise blobs, masks 0/255, manifest.json."""
+    rng = np.random.default_rng(0)
+    folder = root / "data" / "synth" / category
+    (folder / "images").mkdir(parents=True)
+    (folder / "masks").mkdir()
+    y, x = np.mgrid[0:size, 0:size].astype(float)
+    base = 0.5 + 0.35 * np.sin(2 * np.pi * (x * 0.9 + y * 0.4) / 9.0)
+    base = np.stack([base * 0.8, base * 0.6 + 0.1, 0.3 + 0.2 * base], -1)
+    samples = []
+    for i in range(n):
+        cy, cx, r = rng.uniform(10, size - 10, 2).tolist() + [rng.uniform(5, 12)]
+        mask = ((y - cy) ** 2 + (x - cx) ** 2 <= r**2) if i % 5 else np.zeros((size, size), bool)
+        img = np.clip(base + rng.normal(0, 0.2, base.shape) * mask[..., None], 0, 1)
+        Image.fromarray((img * 255).astype(np.uint8)).save(folder / "images" / f"{i:04d}.png")
+        Image.fromarray(mask.astype(np.uint8) * 255).save(folder / "masks" / f"{i:04d}.png")
+        samples.append({"image": f"images/{i:04d}.png", "mask": f"masks/{i:04d}.png", "shot": 0,
+                        "anomalous_fraction": float(mask.mean())})
+    manifest = {"category": category, "image_size": [size, size], "samples": samples, "random_weights": True}
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    return folder
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(PARAMS))
+    write_synth(tmp_path)
+    return tmp_path
+
+
+def test_train_stage_writes_prompts_and_curves(project):
+    result = CliRunner().invoke(app, ["train", "--category", "carpet"])
+    assert result.exit_code == 0, result.output
+    assert "RANDOM WEIGHTS" in result.output
+
+    record = load_prompts(project / "data" / "prompts" / "carpet.pt")
+    assert record["category"] == "carpet"
+    assert record["model"]["name"] == "mpad-tiny" and record["model"]["pretrained"] == "none"
+    assert record["sizes"] == [3, 2, 1]
+    assert record["vectors"]["general"].shape == (3, 128)
+    assert record["vectors"]["normal"].shape == (2, 128)
+    assert record["vectors"]["anomaly"].shape == (1, 128)
+    assert record["text"].shape == (2, 64)
+    torch.testing.assert_close(record["text"].norm(dim=-1), torch.ones(2))
+    assert record["laa"] == PARAMS["laa"]
+    train = record["train"]
+    assert train["steps"] == 8 and train["random_weights"] is True and np.isfinite(train["final_loss"])
+
+    live = project / "dvclive" / "train" / "carpet"
+    metrics = json.loads((live / "metrics.json").read_text())
+    assert {"loss_ano", "loss_div", "cos", "calibrated_fraction"} <= set(metrics)
+    assert metrics["step"] == 7
+    rows = (live / "plots" / "metrics" / "loss_ano.tsv").read_text().strip().splitlines()
+    assert rows[0].split("\t") == ["step", "loss_ano"] and len(rows) == 1 + 8
+    assert not (project / "dvc.yaml").exists()  # a DVC stage must not write its own dvc.yaml
+
+
+def test_same_params_same_prompts_file(project):
+    runner = CliRunner()
+    out = project / "data" / "prompts" / "carpet.pt"
+    assert runner.invoke(app, ["train", "--category", "carpet"]).exit_code == 0
+    first = load_prompts(out)
+    assert runner.invoke(app, ["train", "--category", "carpet"]).exit_code == 0
+    second = load_prompts(out)
+    for key in ("general", "normal", "anomaly"):
+        assert torch.equal(first["vectors"][key], second["vectors"][key])
+    assert first["train"] == second["train"]
+
+
+def test_missing_manifest_is_named(project):
+    result = CliRunner().invoke(app, ["train", "--category", "grid"])
+    assert result.exit_code == 1
+    assert "data/synth/grid/manifest.json" in result.output and "not found" in result.output
+
+
+def test_corrupt_manifest_is_named(project):
+    (project / "data/synth/carpet/manifest.json").write_text("{not json")
+    result = CliRunner().invoke(app, ["train", "--category", "carpet"])
+    assert result.exit_code == 1 and "manifest.json" in result.output
+
+
+def test_corrupt_image_is_named(project):
+    (project / "data/synth/carpet/images/0003.png").write_bytes(b"not a png")
+    result = CliRunner().invoke(app, ["train", "--category", "carpet"])
+    assert result.exit_code == 1
+    assert "images/0003.png" in result.output and "not a readable image" in result.output
+    assert not (project / "data" / "prompts" / "carpet.pt").exists()
+
+
+def test_missing_mask_is_named(project):
+    (project / "data/synth/carpet/masks/0002.png").unlink()
+    result = CliRunner().invoke(app, ["train", "--category", "carpet"])
+    assert result.exit_code == 1 and "masks/0002.png" in result.output and "missing" in result.output
