@@ -15,7 +15,15 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from mpad.features import build_encoder, encode, stack_images
-from mpad.mpts import MptsConfig, anomaly_loss, calibrate, divergence_loss, score_maps, train_prompts
+from mpad.mpts import (
+    MptsConfig,
+    anomaly_loss,
+    calibrate,
+    divergence_loss,
+    score_maps,
+    text_embeddings,
+    train_prompts,
+)
 from mpad.prompts import PromptLearner, TextEncoder, learned_text_embeddings, meta_text_embeddings
 
 LAA = {"attention": "vv", "k": 2, "layers": 2, "cls": "neighbor-cls"}
@@ -156,6 +164,21 @@ def test_losses_on_hand_made_maps():
 # ---------------------------------------------------------------- the loop
 
 
+@pytest.mark.parametrize("category", ["carpet", "metal_nut"])
+def test_truncated_text_path_equals_full_context(tiny_clip, category):
+    learner = PromptLearner(tiny_clip.model, tiny_clip.tokenizer, category, 4, 2, 3,
+                            generator=torch.Generator().manual_seed(0))
+    encoder = TextEncoder(tiny_clip.model)
+    full = learned_text_embeddings(learner, encoder)
+    (full * torch.tensor([[1.0], [-2.0]])).sum().backward()
+    full_grad = learner.general.grad.clone()
+    learner.zero_grad()
+    short = text_embeddings(learner, encoder)
+    (short * torch.tensor([[1.0], [-2.0]])).sum().backward()
+    torch.testing.assert_close(short, full, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(learner.general.grad, full_grad, rtol=1e-3, atol=2e-5)  # float32 noise
+
+
 def test_lambda_zero_is_exactly_plain_bce(tiny_clip, setup):
     cfg = dict(meta_epochs=2, steps=4, lr=1e-2, batch_size=8, seed=3)
     plain, plain_result = run(tiny_clip, setup, MptsConfig(lam=0.0, divergence=False, **cfg), n=48)
@@ -221,7 +244,7 @@ def test_mpts_learns_on_generated_noise_blobs(tiny_clip, setup):
         learner = make_learner(tiny_clip, seed)
         with torch.no_grad():
             untrained = learned_text_embeddings(learner, setup["text_encoder"])
-        config = MptsConfig(lam=1.0, meta_epochs=2, steps=100, lr=1e-2, batch_size=16, seed=seed)
+        config = MptsConfig(lam=1.0, meta_epochs=2, steps=50, lr=1e-2, batch_size=16, seed=seed)
         result = train_prompts(learner, setup["text_encoder"], setup["features"], setup["masks"], setup["meta"],
                                setup["logit_scale"], config)
         before_loss.append(full_loss(setup, untrained))
