@@ -150,6 +150,8 @@ def _read_synth(manifest_path: Path) -> tuple[list[np.ndarray], list[np.ndarray]
         fail(f"{manifest_path}: not a valid synthesis manifest ({err})")
     if not isinstance(samples, list) or not samples or len(size) != 2:
         fail(f"{manifest_path}: no samples or bad image_size")
+    if manifest.get("category") not in (None, manifest_path.parent.name):
+        fail(f"{manifest_path}: made for category {manifest.get('category')!r}, not {manifest_path.parent.name!r}")
     root = manifest_path.parent
     images, masks = [], []
     for sample in samples:
@@ -159,6 +161,8 @@ def _read_synth(manifest_path: Path) -> tuple[list[np.ndarray], list[np.ndarray]
             fail(f"{manifest_path}: a sample lacks 'image' or 'mask': {sample!r}")
         image = _read_png(image_path, "RGB")
         mask = _read_png(mask_path, "L")
+        if image.shape[:2] != size:
+            fail(f"{image_path}: image is {image.shape[1]}x{image.shape[0]}, the manifest says {size[1]}x{size[0]}")
         if mask.shape != size:
             fail(f"{mask_path}: mask is {mask.shape[1]}x{mask.shape[0]}, the manifest says {size[1]}x{size[0]}")
         images.append(image)

@@ -118,3 +118,16 @@ def test_missing_mask_is_named(project):
     (project / "data/synth/carpet/masks/0002.png").unlink()
     result = CliRunner().invoke(app, ["train", "--category", "carpet"])
     assert result.exit_code == 1 and "masks/0002.png" in result.output and "missing" in result.output
+
+
+def test_bad_parameters_are_reported(project):
+    bad = dict(PARAMS, mpts=dict(PARAMS["mpts"], calibration="pcgrad"))
+    (project / "params.yaml").write_text(yaml.safe_dump(bad))
+    result = CliRunner().invoke(app, ["train", "--category", "carpet"])
+    assert result.exit_code == 1 and "calibration" in result.output
+
+
+def test_mask_of_wrong_size_is_named(project):
+    Image.fromarray(np.zeros((32, 32), np.uint8)).save(project / "data/synth/carpet/masks/0001.png")
+    result = CliRunner().invoke(app, ["train", "--category", "carpet"])
+    assert result.exit_code == 1 and "masks/0001.png" in result.output and "32x32" in result.output
