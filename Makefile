@@ -2,6 +2,22 @@
 VENV  := .venv
 BIN   := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# DVC runs each stage's `mpad ...` command in a shell: put the project's venv first on its PATH.
+export PATH := $(abspath $(BIN)):$(PATH)
+
+# `make offline` / `make ablations PRESET=offline`: the overrides in presets/offline.txt, as -S arguments.
+PRESET_ARGS = $(if $(PRESET),$(foreach p,$(shell grep -v '^\#' presets/$(PRESET).txt),-S '$(p)'))
+# The paper's ablations (Tables 2-4) plus the memory branch; the last one is the full method, so params.yaml
+# ends where it started. Each run sets every ablated knob, since `dvc exp run` leaves params.yaml as it ran.
+LAA_K ?= 2
+ABLATIONS := \
+	lambda-0:mpts.lambda=0,oagm.enabled=true,laa.attention=vv,laa.k=$(LAA_K),memory.enabled=false \
+	lambda-0.5:mpts.lambda=0.5,oagm.enabled=true,laa.attention=vv,laa.k=$(LAA_K),memory.enabled=false \
+	no-oagm:mpts.lambda=1,oagm.enabled=false,laa.attention=vv,laa.k=$(LAA_K),memory.enabled=false \
+	vv-att:mpts.lambda=1,oagm.enabled=true,laa.attention=vv,laa.k=0,memory.enabled=false \
+	qk-laa:mpts.lambda=1,oagm.enabled=true,laa.attention=qk,laa.k=$(LAA_K),memory.enabled=false \
+	memory:mpts.lambda=1,oagm.enabled=true,laa.attention=vv,laa.k=$(LAA_K),memory.enabled=true \
+	full:mpts.lambda=1,oagm.enabled=true,laa.attention=vv,laa.k=$(LAA_K),memory.enabled=false
 
 .PHONY: setup run offline ablations test bench
 
@@ -16,6 +32,24 @@ setup: $(STAMP)
 run: $(STAMP)
 	$(BIN)/dvc repro
 
+# The offline preset as a DVC experiment (generated data, tiny random-weight model; no network).
+offline: $(STAMP)
+	$(BIN)/dvc exp run --force -n offline $(foreach p,$(shell grep -v '^\#' presets/offline.txt),-S '$(p)')
+	cat metrics.md
+
+# The ablations as named DVC experiments, one after another in the workspace (see README for why not --queue).
+ablations: $(STAMP)
+	set -e; for spec in $(ABLATIONS); do \
+	  name=$${spec%%:*}; sets=""; \
+	  for kv in $$(echo $${spec#*:} | tr ',' ' '); do sets="$$sets -S $$kv"; done; \
+	  echo "== experiment $$name"; \
+	  $(BIN)/dvc exp run --force -n $$name $(PRESET_ARGS) $$sets; \
+	done
+	$(BIN)/dvc exp show --only-changed --drop 'Created|State|Executor' --md
+
 test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
+
+bench: $(STAMP)
+	$(BIN)/python bench/encoder.py
