@@ -90,15 +90,15 @@ def main() -> None:
     parser.add_argument("--tiny-steps", type=int, default=300)
     parser.add_argument("--big-steps", type=int, default=4)
     parser.add_argument("--total-steps", type=int, default=300, help="mpts.meta_epochs x mpts.steps")
+    parser.add_argument("--models", nargs="+", default=["mpad-tiny", "ViT-B-16-plus-240"],
+                        choices=["mpad-tiny", "ViT-B-16-plus-240"])
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     images, masks = synth(args.images)
-    rows = [
-        bench("mpad-tiny", images, masks, args.tiny_steps, args.total_steps),
-        bench("ViT-B-16-plus-240", images, masks, args.big_steps, args.total_steps),
-    ]
+    steps = {"mpad-tiny": args.tiny_steps, "ViT-B-16-plus-240": args.big_steps}
+    rows = [bench(name, images, masks, steps[name], args.total_steps) for name in args.models]
     load = os.getloadavg()[0]
     print(f"\ntrain stage cost, CPU ({torch.get_num_threads()} threads), random weights, {args.images} images, "
           f"{args.total_steps} MPTS steps (batch 16, lambda = 1); load average at the end {load:.1f}\n")
