@@ -154,6 +154,11 @@ def test_other_backbone_refused(files, tmp_path, tiny_clip):
     result = _invoke(["--prompts", tmp_path / "other.pt", files["good"], "--out", tmp_path / "out"])
     assert result.exit_code == 1
     assert "prompts were learned for" in result.stderr and "embed_dim" in result.stderr
+    # Weights the record names that cannot be had here: a clear error, exit 1.
+    record = dict(files["record"], model=dict(files["record"]["model"], pretrained="laion400m_e32"))
+    save_prompts(tmp_path / "tagged.pt", record)
+    result = _invoke(["--prompts", tmp_path / "tagged.pt", files["good"], "--out", tmp_path / "out"])
+    assert result.exit_code == 1 and "laion400m_e32" in result.stderr
     # Other weights than the stored ones (record: random) are refused too.
     checkpoint = tmp_path / "tiny.pt"
     torch.save(tiny_clip.model.state_dict(), checkpoint)
@@ -166,3 +171,16 @@ def test_other_backbone_refused(files, tmp_path, tiny_clip):
 def test_output_size_cap():
     assert output_size(900, 1200, 1024) == (768, 1024)
     assert output_size(80, 112, 1024) == (80, 112)
+
+
+def test_moved_checkpoint_accepted(files, tmp_path, tiny_clip):
+    moved = tmp_path / "new_home" / "tiny.pt"
+    moved.parent.mkdir()
+    torch.save(tiny_clip.model.state_dict(), moved)
+    record = dict(files["record"], model=dict(files["record"]["model"], pretrained="/old/place/tiny.pt"))
+    save_prompts(tmp_path / "ckpt.pt", record)
+    args = ["--prompts", tmp_path / "ckpt.pt", files["good"], "--out", tmp_path / "out", "--threshold", "0.5"]
+    assert _invoke(args).exit_code == 1  # the stored path is gone
+    result = _invoke([*args, "--model-pretrained", moved])
+    assert result.exit_code == 0, result.output
+    assert "RANDOM WEIGHTS" not in result.stderr
