@@ -155,29 +155,6 @@ def divergence_loss(meta_probs: torch.Tensor, probs: torch.Tensor) -> torch.Tens
     return total
 
 
-def text_embeddings(learner: PromptLearner, encoder: TextEncoder) -> torch.Tensor:
-    """(2, D) normalised text embeddings [normal, anomaly] of the learned prompts, differentiable.
-
-    Same values as `mpad.prompts.learned_text_embeddings`, computed on the first `max(end_index) + 1`
-    tokens only: the text transformer is causal, so the pooled end-token output never sees the padding
-    after it, and the prompts are far shorter than the 77-token context (about 6x less work per step).
-    """
-    embeddings, end_index = learner()
-    length = int(end_index.max()) + 1
-    if length >= embeddings.shape[1]:
-        return learned_text_embeddings(learner, encoder)
-    dtype = encoder.transformer.get_cast_dtype()
-    x = embeddings[:, :length].to(dtype) + encoder.positional_embedding[:length].to(dtype)
-    x = encoder.transformer(x, attn_mask=encoder.attn_mask[:length, :length])
-    x = encoder.ln_final(x)
-    x = x[torch.arange(x.shape[0], device=x.device), end_index]
-    if isinstance(encoder.text_projection, torch.nn.Linear):
-        x = encoder.text_projection(x)
-    elif encoder.text_projection is not None:
-        x = x @ encoder.text_projection
-    return F.normalize(x, dim=-1)
-
-
 def score_maps(
     features: torch.Tensor, text: torch.Tensor, logit_scale: float | torch.Tensor, size: tuple[int, int]
 ) -> torch.Tensor:
@@ -241,7 +218,7 @@ def train_prompts(
                 meta_grid = patch_probabilities(features, meta, logit_scale)
         for _ in range(config.steps):
             index = next(batches).to(device)
-            text = text_embeddings(learner, text_encoder)
+            text = learned_text_embeddings(learner, text_encoder)
             probs = score_maps(features[index], text, logit_scale, size)
             loss_ano = anomaly_loss(probs, masks[index])
             g_ano = _flat_grad(loss_ano, params, retain=config.divergence)
@@ -269,7 +246,7 @@ def train_prompts(
                 on_step(record)
             step += 1
         with torch.no_grad():
-            end_text = text_embeddings(learner, text_encoder).detach().clone()
+            end_text = learned_text_embeddings(learner, text_encoder).detach().clone()
         result.round_texts.append(end_text.cpu().clone())
         meta = end_text  # LAP^{t+1} / LNP^{t+1} become the next round's meta prompts
     result.text = result.round_texts[-1].clone()

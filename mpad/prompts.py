@@ -87,9 +87,16 @@ class TextEncoder(nn.Module):
         self.register_buffer("attn_mask", tower.attn_mask, persistent=False)
 
     def forward(self, embeddings: torch.Tensor, end_index: torch.Tensor) -> torch.Tensor:
+        """Only the first max(end_index) + 1 tokens are run: with the causal mask the pooled end-token output
+        never sees the padding after it, and prompts are far shorter than the context (several x less work)."""
         dtype = self.transformer.get_cast_dtype()
-        x = embeddings.to(dtype) + self.positional_embedding.to(dtype)
-        x = self.transformer(x, attn_mask=self.attn_mask)
+        length = embeddings.shape[1]
+        mask = self.attn_mask
+        if mask is not None:
+            length = min(length, int(end_index.max()) + 1)
+            mask = mask[:length, :length]
+        x = embeddings[:, :length].to(dtype) + self.positional_embedding[:length].to(dtype)
+        x = self.transformer(x, attn_mask=mask)
         x = self.ln_final(x)
         x = x[torch.arange(x.shape[0], device=x.device), end_index]
         if isinstance(self.text_projection, nn.Linear):

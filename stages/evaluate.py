@@ -88,7 +88,12 @@ def _write_curves(category: str, result: CategoryResult) -> None:
 
 def _write_thresholds(category: str, result: CategoryResult, scoring: dict[str, Any]) -> None:
     """F1-max thresholds (what predict decides with) and the 1st-99.9th percentile map range (its colours)."""
-    info: dict[str, Any] = {"image_score": scoring["image_score"], "smoothing_sigma": scoring["smoothing_sigma"]}
+    info: dict[str, Any] = {
+        "image_score": scoring["image_score"],
+        "smoothing_sigma": scoring["smoothing_sigma"],
+        "topk": scoring["topk"],
+        "resolution": int(result.maps.shape[-1]),
+    }
     if 0 < int(result.labels.sum()) < len(result.labels):
         info["image_f1_max"], info["image_threshold"] = f1_max_threshold(result.scores, result.labels)
     if result.masks.any():

@@ -14,9 +14,8 @@ import typer
 from mpad.data import DatasetError, list_split, pick_shots
 from mpad.data.download import sha256_file
 from mpad.io import write_json
-from stages.common import PARAMS_OPTION, fail, load_params
+from stages.common import PARAMS_OPTION, SHOTS_DIR, fail, load_params
 
-SHOTS_DIR = Path("data/shots")
 MANIFEST = Path("data/manifest.json")
 
 

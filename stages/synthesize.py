@@ -18,7 +18,6 @@ oagm.{enabled, region, samples, sigma, clean_fraction, mask_method, mask_thresho
 
 from __future__ import annotations
 
-import hashlib
 import json
 import warnings
 from pathlib import Path
@@ -37,10 +36,9 @@ from mpad.features import stack_images
 from mpad.io import atomic_path
 from mpad.oagm import object_masks, synthesize
 from mpad.synthetic import SYNTHETIC_TEXTURES
-from stages.common import PARAMS_OPTION, fail, load_params
+from stages.common import PARAMS_OPTION, SHOTS_DIR, fail, load_params, read_shots
 
 DEFAULT_TEXTURES = {"mvtec": MVTEC_TEXTURES, "synthetic": SYNTHETIC_TEXTURES, "folder": ()}
-SHOTS_DIR = Path("data/shots")
 SYNTH_DIR = Path("data/synth")
 
 
@@ -54,43 +52,10 @@ def _textures(dataset: dict[str, Any]) -> set[str]:
     return {str(t) for t in textures}
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _save_png(arr: np.ndarray, path: Path) -> None:
     """Deterministic PNG bytes (no metadata, fixed settings)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(arr).save(path, format="PNG", optimize=False, compress_level=6)
-
-
-def read_shots(shots_file: Path, root: Path, category: str) -> list[tuple[str, Path]]:
-    """(path relative to root, path) of each shot listed in `shots_file`, checked against its sha256."""
-    if not shots_file.is_file():
-        fail(f"{shots_file}: shots file not found (run `mpad sample --category {category}` first)")
-    try:
-        record = json.loads(shots_file.read_text())
-        shots = record["shots"]
-        entries = [(str(s["path"]), str(s["sha256"])) for s in shots]
-    except (ValueError, KeyError, TypeError) as err:
-        fail(f"{shots_file}: not a valid shots file ({err!r})")
-    if record.get("category", category) != category:
-        fail(f"{shots_file}: holds the shots of category {record.get('category')!r}, not {category!r}")
-    if not entries:
-        fail(f"{shots_file}: lists no shots")
-    paths = []
-    for rel, sha in entries:
-        path = root / rel
-        if not path.is_file():
-            fail(f"{path}: shot image listed in {shots_file} not found")
-        if _sha256(path) != sha:
-            fail(f"{path}: shot image changed since {shots_file} was written (sha256 differs); re-run `sample`")
-        paths.append((rel, path))
-    return paths
 
 
 def main(

@@ -1,6 +1,8 @@
 """Stage `train`: learn the category's prompts with MPTS (paper sec. 3.3) on the synthesized images.
 
-Reads params sections `model`, `laa`, `prompts`, `mpts` and `data/synth/<category>/manifest.json`;
+Reads params sections `model`, `laa`, `prompts`, `mpts`, `memory` and `data/synth/<category>/manifest.json`
+(plus, with `memory.enabled`, the shots of `data/shots/<category>.json` under `dataset.root`, whose patch
+features become the visual memory saved with the prompts);
 writes `data/prompts/<category>.pt` and logs per-step training curves with dvclive to
 `dvclive/train/<category>` (no DVC experiment, no dvc.yaml of its own: DVC runs this stage).
 """
@@ -20,11 +22,13 @@ from PIL import Image
 from tqdm import tqdm
 
 from mpad.clip import RANDOM_WEIGHTS_NOTE, ModelLoadError, load_clip, model_fingerprint
+from mpad.data import DatasetError, load_image
 from mpad.features import build_encoder, encode, stack_images
+from mpad.memory import build_memory
 from mpad.mpts import MptsConfig, train_prompts
 from mpad.prompt_file import prompt_record, save_prompts
 from mpad.prompts import PromptLearner, TextEncoder, meta_text_embeddings
-from stages.common import PARAMS_OPTION, fail, load_params
+from stages.common import PARAMS_OPTION, SHOTS_DIR, fail, load_params, read_shots
 
 SYNTH_ROOT = Path("data/synth")
 PROMPTS_ROOT = Path("data/prompts")
@@ -100,6 +104,17 @@ def main(category: str = typer.Option(..., "--category", help="Category to train
 
         result = train_prompts(learner, text_encoder, features, masks_t, meta_text, logit_scale, config, on_step)
 
+    extra: dict[str, Any] = {}
+    memory_p = p.get("memory") or {}
+    if memory_p.get("enabled"):
+        root = Path(str(_section(p, "dataset", params)["root"]))
+        shots = read_shots(SHOTS_DIR / f"{category}.json", root, category)
+        try:
+            shot_images = stack_images([load_image(path) for _, path in shots], bundle.image_size)
+            memory = build_memory(bundle, laa_settings, shot_images, memory_p["layers"], memory_p["fusion"])
+        except (DatasetError, ValueError, KeyError) as err:
+            fail(f"memory branch: {err}")
+        extra["memory"] = memory.to_record()
     record = prompt_record(
         category=category,
         model=model_fingerprint(bundle),
@@ -108,6 +123,7 @@ def main(category: str = typer.Option(..., "--category", help="Category to train
         text=result.text,
         laa=laa_settings,
         extra={
+            **extra,
             "train": {
                 "final_loss": result.final_loss,
                 "steps": len(result.history),

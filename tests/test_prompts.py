@@ -47,3 +47,23 @@ def test_meta_prompts_are_normalised_ensembles(tiny_clip):
     single = tiny_clip.model.encode_text(tiny_clip.tokenizer(["a photo of a metal nut."]), normalize=True)[0]
     assert not torch.allclose(meta[0], single)
     assert (meta[0] - meta[1]).abs().max() > 1e-4
+
+
+def test_short_context_has_the_full_context_values_and_gradients(tiny_clip):
+    """TextEncoder runs only the tokens up to the end token; the causal mask makes that exact."""
+    model = tiny_clip.model
+    generator = torch.Generator().manual_seed(0)
+    learner = PromptLearner(model, tiny_clip.tokenizer, "metal_nut", 4, 2, 3, generator=generator)
+    encoder = TextEncoder(model)
+    weights = torch.tensor([[1.0], [-2.0]])
+    (encoder(*learner()) * weights).sum().backward()
+    short_grad = learner.general.grad.clone()
+    learner.zero_grad()
+    embeddings, end_index = learner()
+    x = model.transformer(embeddings + model.positional_embedding, attn_mask=model.attn_mask)
+    full = model.ln_final(x)[torch.arange(2), end_index] @ model.text_projection
+    (full * weights).sum().backward()
+    with torch.no_grad():
+        torch.testing.assert_close(encoder(*learner()), full, rtol=1e-5, atol=1e-6)
+    assert int(end_index.max()) + 1 < embeddings.shape[1]  # the shortcut was taken
+    torch.testing.assert_close(short_grad, learner.general.grad, rtol=1e-3, atol=2e-5)
