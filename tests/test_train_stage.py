@@ -131,3 +131,26 @@ def test_mask_of_wrong_size_is_named(project):
     Image.fromarray(np.zeros((32, 32), np.uint8)).save(project / "data/synth/carpet/masks/0001.png")
     result = CliRunner().invoke(app, ["train", "--category", "carpet"])
     assert result.exit_code == 1 and "masks/0001.png" in result.output and "32x32" in result.output
+
+
+def test_memory_branch_is_saved_with_the_prompts(project):
+    from mpad.data.download import sha256_file
+
+    shot = project / "ds" / "carpet" / "train" / "good" / "000.png"
+    shot.parent.mkdir(parents=True)
+    Image.open(project / "data" / "synth" / "carpet" / "images" / "0000.png").save(shot)
+    shots = {"category": "carpet", "shots": [{"path": "carpet/train/good/000.png", "sha256": sha256_file(shot)}]}
+    (project / "data" / "shots").mkdir(parents=True)
+    (project / "data" / "shots" / "carpet.json").write_text(json.dumps(shots))
+    params = {**PARAMS, "dataset": {"root": "ds"}, "memory": {"enabled": True, "layers": [2, 4], "fusion": "harmonic"}}
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    result = CliRunner().invoke(app, ["train", "--category", "carpet"])
+    assert result.exit_code == 0, result.output
+    memory = load_prompts(project / "data" / "prompts" / "carpet.pt")["memory"]
+    assert memory["layers"] == [2, 4] and memory["fusion"] == "harmonic"
+    assert [tuple(bank.shape) for bank in memory["banks"]] == [(64, 128), (64, 128)]  # one shot x 8x8 patches
+
+    params["memory"]["layers"] = [2, 9]
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    result = CliRunner().invoke(app, ["train", "--category", "carpet"])
+    assert result.exit_code == 1 and "memory" in result.output and "1..4" in result.output
