@@ -34,16 +34,19 @@ run: $(STAMP)
 
 # The offline preset as a DVC experiment (generated data, tiny random-weight model; no network).
 offline: $(STAMP)
-	$(BIN)/dvc exp run --force -n offline $(foreach p,$(shell grep -v '^\#' presets/offline.txt),-S '$(p)')
+	-$(BIN)/dvc exp remove -q offline 2>/dev/null
+	$(BIN)/dvc exp run -n offline $(foreach p,$(shell grep -v '^\#' presets/offline.txt),-S '$(p)')
 	cat metrics.md
 
 # The ablations as named DVC experiments, one after another in the workspace (see README for why not --queue).
+# An experiment of the same name is replaced (`exp run --force` would also re-run every stage).
 ablations: $(STAMP)
 	set -e; for spec in $(ABLATIONS); do \
 	  name=$${spec%%:*}; sets=""; \
 	  for kv in $$(echo $${spec#*:} | tr ',' ' '); do sets="$$sets -S $$kv"; done; \
 	  echo "== experiment $$name"; \
-	  $(BIN)/dvc exp run --force -n $$name $(PRESET_ARGS) $$sets; \
+	  $(BIN)/dvc exp remove -q $$name 2>/dev/null || true; \
+	  $(BIN)/dvc exp run -n $$name $(PRESET_ARGS) $$sets; \
 	done
 	$(BIN)/dvc exp show --only-changed --drop 'Created|State|Executor' --md
 
