@@ -1,0 +1,304 @@
+"""Throughput and memory of the evaluate stage's loop, and (optionally) the offline preset's wall time.
+
+1. Images/second of the evaluate loop (`run_detector`: DataLoader decoding, resize to the model input,
+   LAA encoder, maps at `--resolution`, Gaussian smoothing, image scores) against plain open_clip
+   `model.encode_image` on the same model, same batch size, same images already decoded and resized.
+   Ratio = evaluate img/s / plain img/s (goal >= 0.75x). Both timed in one process, interleaved, best of
+   `--repeats`, random weights, on a generated category (mpad.synthetic). ViT-B-16-plus-240 runs on fewer
+   images (`--big-images`) since it does ~1 img/s on 2 CPU cores; the table says how many.
+2. Peak memory of the evaluate loop + `category_metrics` on a 200-image category resized to 240x240, in a
+   fresh subprocess: ru_maxrss at the end minus ru_maxrss after imports, model load and detector build
+   (a high-water mark: a transient peak during model load above the loop's would hide part of it).
+   ViT-B-16-plus-240 unless `--quick` or it runs past `--mem-timeout`, then mpad-tiny; the output says which.
+3. `--e2e`: the offline preset end to end, `dvc repro` in a temporary git copy of the project (as
+   tests/test_pipeline.py builds it), with wall time and per-stage times from the "Running stage" lines.
+
+    .venv/bin/python bench/evaluate.py [--quick] [--e2e] [--workers 0,2] [--repeats 2]
+
+The text prompts are the meta prompt ensemble (no training needed; speed does not depend on them).
+Numbers depend on the machine and on what else runs on it (the load average is printed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from PIL import Image
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from mpad import evaluation
+from mpad.clip import load_clip
+from mpad.data import list_split, load_image
+from mpad.detector import Detector
+from mpad.features import stack_images
+from mpad.prompts import meta_text_embeddings
+from mpad.synthetic import generate
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY, BIG = "mpad-tiny", "ViT-B-16-plus-240"
+# laa.layers: the offline preset's 2 for mpad-tiny (4 blocks), params.yaml's 6 for the big model.
+LAYERS = {TINY: 2, BIG: 6}
+LAA = {"attention": "vv", "k": 2, "cls": "neighbor-cls"}
+evaluation.tqdm = partial(tqdm, disable=True)  # no progress bars in the bench output
+
+
+def load() -> str:
+    return "load average " + ", ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def make_detector(name: str, category: str, sigma: float) -> Detector:
+    bundle = load_clip(name, "none", "cpu")
+    depth = len(bundle.model.visual.transformer.resblocks)
+    text = meta_text_embeddings(bundle.model, bundle.tokenizer, category)
+    record = {"laa": {**LAA, "layers": min(LAYERS.get(name, 6), depth)}, "text": text}
+    return Detector(bundle, record, {"smoothing_sigma": sigma, "image_score": "max"})
+
+
+def spread(samples: list, n: int) -> list:
+    """n samples evenly spread over the split (good and defect ones alike)."""
+    if n >= len(samples):
+        return samples
+    return [samples[i] for i in np.linspace(0, len(samples) - 1, n).round().astype(int)]
+
+
+# ---------------------------------------------------------------- 1. throughput
+@torch.no_grad()
+def throughput(name: str, samples: list, category: str, args: argparse.Namespace, workers: list[int]) -> None:
+    detector = make_detector(name, category, args.sigma)
+    model = detector.bundle.model
+    pixels = stack_images([load_image(s.image) for s in samples], detector.bundle.image_size)  # pre-decoded
+    batches = list(torch.split(pixels, args.batch))
+
+    def plain() -> None:
+        for batch in batches:
+            model.encode_image(batch)
+
+    def decode_only() -> None:  # the DataLoader alone: decode, resize to the model input, masks
+        loader = DataLoader(evaluation.TestImages(samples, detector.bundle.image_size, args.resolution), args.batch)
+        for _ in loader:
+            pass
+
+    def detector_only() -> None:  # encoder + maps + smoothing + scores on the pre-decoded images
+        for batch in batches:
+            detector(batch, (args.resolution, args.resolution))
+
+    runs = {"plain": plain}
+    for w in workers:
+        runs[f"evaluate w{w}"] = partial(evaluation.run_detector, detector, samples, args.resolution, args.batch, w)
+    runs["decode only"] = decode_only
+    runs["detector only"] = detector_only
+    model.encode_image(batches[0])  # warm-up
+    detector(batches[0], (args.resolution, args.resolution))
+    best = dict.fromkeys(runs, float("inf"))
+    repeats = args.repeats * (5 if name == TINY else 1)  # mpad-tiny runs take ~0.1 s: more of them
+    for _ in range(repeats):  # interleaved: every variant sees the same machine state
+        for key, fn in runs.items():
+            start = time.perf_counter()
+            fn()
+            best[key] = min(best[key], time.perf_counter() - start)
+    n = len(samples)
+    for key in runs:
+        ratio = "" if key == "plain" else f"{best['plain'] / best[key]:>9.2f}x"
+        print(f"{name:<18} {n:>6} {key:<13} {n / best[key]:>8.2f} {ratio:>10}  best of {repeats}", flush=True)
+
+
+# ---------------------------------------------------------------- 2. memory
+def resized_category(src: Path, dest: Path, size: int) -> None:
+    """Copy a generated category to dest, every test image and mask resized to size x size."""
+    shutil.copytree(src, dest)
+    for path in list((dest / "test").rglob("*.png")) + list((dest / "ground_truth").rglob("*.png")):
+        im = Image.open(path)
+        mask = "ground_truth" in path.parts
+        im.resize((size, size), Image.NEAREST if mask else Image.BICUBIC).save(path)
+
+
+def proc_status(field: str) -> float:
+    """VmRSS / VmHWM of this process from /proc, in MiB (nan where /proc is not there)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
+def memory_child(name: str, root: str, category: str, args: argparse.Namespace) -> None:
+    """Runs in a fresh process: prints one JSON line with the peak RSS increases (MiB) and times."""
+    maxrss = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # noqa: E731  (KiB on Linux)
+    samples = list_split(Path(root), category, "test")
+    detector = make_detector(name, category, args.sigma)
+    base, base_rss = maxrss(), proc_status("VmRSS")
+    try:  # cross-check: reset the kernel's peak-RSS mark (Linux >= 4.0) so VmHWM is the peak from here on
+        Path("/proc/self/clear_refs").write_text("5")
+        reset = True
+    except OSError:
+        reset = False
+    t0 = time.perf_counter()
+    result = evaluation.run_detector(detector, samples, args.resolution, args.batch, args.mem_workers)
+    t1 = time.perf_counter()
+    after_loop = maxrss()
+    metrics = evaluation.category_metrics(result)
+    t2 = time.perf_counter()
+    out = {
+        "model": name, "n": len(samples), "baseline_mib": base, "baseline_rss_mib": base_rss,
+        "loop_mib": after_loop - base, "total_mib": maxrss() - base, "loop_s": t1 - t0, "metrics_s": t2 - t1,
+        "hwm_mib": proc_status("VmHWM") - base_rss if reset else None, "metrics": sorted(metrics),
+        "children_maxrss_mib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
+    }
+    print("MEMORY " + json.dumps(out), flush=True)
+
+
+def memory(root: Path, category: str, args: argparse.Namespace) -> list[str]:
+    """Run the memory child (big model first, mpad-tiny as the fallback); returns the lines to print.
+
+    Run before this process loads any model: a child's ru_maxrss starts at its parent's RSS at fork time."""
+    models = [TINY] if args.quick else [BIG, TINY]
+    lines: list[str] = []
+    for name in models:
+        cmd = [sys.executable, __file__, "--memory-child", name, str(root), category,
+               "--resolution", str(args.resolution), "--batch", str(args.batch), "--sigma", str(args.sigma),
+               "--mem-workers", str(args.mem_workers)]
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.mem_timeout, cwd=ROOT)
+        except subprocess.TimeoutExpired:
+            lines.append(f"{name}: did not finish within --mem-timeout {args.mem_timeout:.0f} s; falling back")
+            continue
+        line = next((x for x in proc.stdout.splitlines() if x.startswith("MEMORY ")), None)
+        if line is None:
+            lines.append(f"{name}: child failed (rc {proc.returncode}):\n{proc.stderr[-2000:]}")
+            continue
+        r = json.loads(line[len("MEMORY "):])
+        held = r["n"] * args.resolution**2 * 5 / 2**20  # float32 maps + bool masks kept by run_detector
+        hwm = "n/a" if r["hwm_mib"] is None else f"{r['hwm_mib']:.1f} MiB"
+        lines += [
+            f"model {r['model']}, {r['n']} test images at 240x240, maps at {args.resolution}, "
+            f"workers {args.mem_workers}, batch {args.batch}",
+            f"  baseline ru_maxrss after imports + model load  {r['baseline_mib']:8.1f} MiB "
+            f"(current RSS {r['baseline_rss_mib']:.1f} MiB)",
+            f"  ru_maxrss increase after run_detector          {r['loop_mib']:8.1f} MiB  ({r['loop_s']:.1f} s)",
+            f"  ru_maxrss increase after + category_metrics    {r['total_mib']:8.1f} MiB  ({r['metrics_s']:.1f} s)",
+            f"  cross-check, VmHWM (reset at baseline) - RSS at baseline: {hwm}",
+            f"  (maps + masks held by run_detector: {held:.1f} MiB; metrics: {', '.join(r['metrics'])}"
+            + (f"; DataLoader workers max RSS {r['children_maxrss_mib']:.1f} MiB)" if args.mem_workers else ")"),
+        ]
+        return lines
+    return lines
+
+
+# ---------------------------------------------------------------- 3. end to end
+def e2e() -> None:
+    sys.path.insert(0, str(ROOT))
+    from tests.test_pipeline import apply_overrides, preset_overrides
+
+    with tempfile.TemporaryDirectory(prefix="mpad-e2e-") as tmp:
+        dest = Path(tmp) / "project"
+        listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                                capture_output=True, text=True, check=True).stdout.splitlines()
+        for rel in listed:
+            if (ROOT / rel).is_file():
+                (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(ROOT / rel, dest / rel)
+        params = yaml.safe_load((dest / "params.yaml").read_text())
+        (dest / "params.yaml").write_text(yaml.safe_dump(apply_overrides(params, preset_overrides("offline"))))
+        git = ["git", "-c", "user.name=bench", "-c", "user.email=bench@localhost"]
+        for cmd in (["git", "init", "-q"], ["git", "add", "-A"], [*git, "commit", "-q", "-m", "project"]):
+            subprocess.run(cmd, cwd=dest, check=True)
+        env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+               "PYTHONUNBUFFERED": "1"}
+        env.pop("DVC_EXP_NAME", None)
+        print(f"dvc repro in {dest} ({load()})", flush=True)
+        starts: list[tuple[str, float]] = []
+        tail: list[str] = []
+        start = time.perf_counter()
+        proc = subprocess.Popen([str(Path(sys.executable).parent / "dvc"), "repro"], cwd=dest, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            tail = (tail + [line])[-40:]
+            found = re.search(r"Running stage '([^']+)'", line)
+            if found:
+                starts.append((found.group(1), time.perf_counter() - start))
+        rc = proc.wait()
+        wall = time.perf_counter() - start
+        if rc != 0:
+            print(f"dvc repro failed (rc {rc}) after {wall:.1f} s:\n{''.join(tail)}")
+            return
+        print(f"dvc repro, offline preset: {wall:.1f} s wall ({load()})")
+        ends = [t for _, t in starts[1:]] + [wall]
+        groups: dict[str, float] = {}
+        for (stage, t0), t1 in zip(starts, ends, strict=True):
+            print(f"  {stage:<32} {t1 - t0:7.1f} s")
+            groups[stage.split("@")[0]] = groups.get(stage.split("@")[0], 0.0) + t1 - t0
+        print("  per stage kind: " + ", ".join(f"{k} {v:.1f} s" for k, v in groups.items()))
+        print("  (a stage's time runs to the next 'Running stage' line; the last one's includes dvc's wrap-up)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer images and repeats; memory on mpad-tiny")
+    parser.add_argument("--e2e", action="store_true", help="also time `dvc repro` of the offline preset")
+    parser.add_argument("--category", default="disc", help="generated category (stripes, weave, disc)")
+    parser.add_argument("--images", type=int, default=96, help="test images for mpad-tiny")
+    parser.add_argument("--big-images", type=int, default=16, help="test images for ViT-B-16-plus-240")
+    parser.add_argument("--workers", default="0,2", help="DataLoader workers to time, comma-separated")
+    parser.add_argument("--repeats", type=int, default=2, help="x5 for mpad-tiny")
+    parser.add_argument("--batch", type=int, default=16, help="evaluate.batch_size")
+    parser.add_argument("--resolution", type=int, default=256, help="evaluate.resolution")
+    parser.add_argument("--sigma", type=float, default=4.0, help="scoring.smoothing_sigma")
+    parser.add_argument("--mem-workers", type=int, default=0, help="DataLoader workers in the memory run")
+    parser.add_argument("--mem-timeout", type=float, default=480.0, help="seconds before the memory run falls back")
+    parser.add_argument("--memory-child", nargs=3, metavar=("MODEL", "ROOT", "CATEGORY"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.memory_child:
+        memory_child(*args.memory_child, args)
+        return
+    if args.quick:
+        args.images, args.big_images, args.repeats, args.workers = 48, 4, 1, "0"
+    workers = [int(w) for w in args.workers.split(",")]
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cpus, {load()}")
+    print(f"batch {args.batch}, resolution {args.resolution}, smoothing sigma {args.sigma}, laa {LAA} "
+          f"layers {LAYERS}, random weights, category {args.category!r}", flush=True)
+    with tempfile.TemporaryDirectory(prefix="mpad-bench-") as tmp:
+        root = Path(tmp) / "synthetic"
+        generate(root, seed=0, n_train=1, n_test=200)
+        samples = list_split(root, args.category, "test")
+
+        mem_root = Path(tmp) / "resized"
+        resized_category(root / args.category, mem_root / args.category, 240)
+        print("(running the memory measurement first, before this process loads a model)", flush=True)
+        mem_lines = memory(mem_root, args.category, args)
+
+        print("\n== 1. evaluate loop vs plain encode_image (ratio = evaluate img/s / plain img/s; goal >= 0.75x)")
+        print("(decode only: the DataLoader alone, w0; detector only: Detector on the pre-decoded images)")
+        print(f"{'model':<18} {'images':>6} {'run':<13} {'img/s':>8} {'ratio':>10}", flush=True)
+        throughput(TINY, spread(samples, args.images), args.category, args, workers)
+        throughput(BIG, spread(samples, args.big_images), args.category, args, workers)
+        print(load())
+
+        print("\n== 2. peak memory, evaluate loop + category_metrics, fresh subprocess (ru_maxrss - baseline)")
+        print("\n".join(mem_lines))
+        print(load(), flush=True)
+
+    if args.e2e:
+        print("\n== 3. end to end: offline preset, dvc repro")
+        e2e()
+
+
+if __name__ == "__main__":
+    main()
