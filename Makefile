@@ -7,17 +7,20 @@ export PATH := $(abspath $(BIN)):$(PATH)
 
 # `make offline` / `make ablations PRESET=offline`: the overrides in presets/offline.txt, as -S arguments.
 PRESET_ARGS = $(if $(PRESET),$(foreach p,$(shell grep -v '^\#' presets/$(PRESET).txt),-S '$(p)'))
-# The paper's ablations (Tables 2-4) plus the memory branch; the last one is the full method, so params.yaml
+# The paper's comparisons (Table 1's hand-written prompts, Tables 2-4) plus the memory branch; the last one is
+# the full method, so params.yaml
 # ends where it started. Each run sets every ablated knob, since `dvc exp run` leaves params.yaml as it ran.
+META_EPOCHS ?= 3
 LAA_K ?= 2
 ABLATIONS := \
-	lambda-0:mpts.lambda=0,oagm.enabled=true,laa.attention=vv,laa.k=$(LAA_K),memory.enabled=false \
-	lambda-0.5:mpts.lambda=0.5,oagm.enabled=true,laa.attention=vv,laa.k=$(LAA_K),memory.enabled=false \
-	no-oagm:mpts.lambda=1,oagm.enabled=false,laa.attention=vv,laa.k=$(LAA_K),memory.enabled=false \
-	vv-att:mpts.lambda=1,oagm.enabled=true,laa.attention=vv,laa.k=0,memory.enabled=false \
-	qk-laa:mpts.lambda=1,oagm.enabled=true,laa.attention=qk,laa.k=$(LAA_K),memory.enabled=false \
-	memory:mpts.lambda=1,oagm.enabled=true,laa.attention=vv,laa.k=$(LAA_K),memory.enabled=true \
-	full:mpts.lambda=1,oagm.enabled=true,laa.attention=vv,laa.k=$(LAA_K),memory.enabled=false
+	human-prompts:mpts.meta_epochs=0,mpts.lambda=1,oagm.enabled=true,laa.attention=vv,laa.k=$(LAA_K),memory.enabled=false \
+	lambda-0:mpts.meta_epochs=$(META_EPOCHS),mpts.lambda=0,oagm.enabled=true,laa.attention=vv,laa.k=$(LAA_K),memory.enabled=false \
+	lambda-0.5:mpts.meta_epochs=$(META_EPOCHS),mpts.lambda=0.5,oagm.enabled=true,laa.attention=vv,laa.k=$(LAA_K),memory.enabled=false \
+	no-oagm:mpts.meta_epochs=$(META_EPOCHS),mpts.lambda=1,oagm.enabled=false,laa.attention=vv,laa.k=$(LAA_K),memory.enabled=false \
+	vv-att:mpts.meta_epochs=$(META_EPOCHS),mpts.lambda=1,oagm.enabled=true,laa.attention=vv,laa.k=0,memory.enabled=false \
+	qk-laa:mpts.meta_epochs=$(META_EPOCHS),mpts.lambda=1,oagm.enabled=true,laa.attention=qk,laa.k=$(LAA_K),memory.enabled=false \
+	memory:mpts.meta_epochs=$(META_EPOCHS),mpts.lambda=1,oagm.enabled=true,laa.attention=vv,laa.k=$(LAA_K),memory.enabled=true \
+	full:mpts.meta_epochs=$(META_EPOCHS),mpts.lambda=1,oagm.enabled=true,laa.attention=vv,laa.k=$(LAA_K),memory.enabled=false
 
 .PHONY: setup run offline ablations test bench
 

@@ -89,7 +89,9 @@ class MptsConfig:
 
     lam: guiding level lambda of eq. 10 (0: plain BCE training).
     calibration: "projection" or "literal", see `calibrate`.
-    meta_epochs: number of rounds; steps: Adam steps per round; lr: Adam learning rate.
+    meta_epochs: number of rounds (0: no learning at all; the result is the initial meta prompt, i.e.
+        the hand-written template ensemble: the paper's "human-semantic prompt" baseline of Table 1);
+        steps: Adam steps per round; lr: Adam learning rate.
     batch_size: images per minibatch, drawn without replacement (reshuffled when exhausted) from a
         torch.Generator seeded by `seed`.
     divergence: False skips the divergence loss and its gradient altogether (plain BCE training; the
@@ -108,8 +110,8 @@ class MptsConfig:
     def __post_init__(self) -> None:
         if self.calibration not in CALIBRATIONS:
             raise ValueError(f"mpts.calibration must be one of {CALIBRATIONS}, got {self.calibration!r}")
-        if self.meta_epochs < 1 or self.steps < 1 or self.batch_size < 1:
-            raise ValueError("mpts.meta_epochs, mpts.steps and mpts.batch_size must be >= 1")
+        if self.meta_epochs < 0 or self.steps < 1 or self.batch_size < 1:
+            raise ValueError("mpts.meta_epochs must be >= 0, mpts.steps and mpts.batch_size >= 1")
         if self.lam < 0:
             raise ValueError(f"mpts.lambda must be >= 0, got {self.lam}")
 
@@ -249,7 +251,7 @@ def train_prompts(
             end_text = learned_text_embeddings(learner, text_encoder).detach().clone()
         result.round_texts.append(end_text.cpu().clone())
         meta = end_text  # LAP^{t+1} / LNP^{t+1} become the next round's meta prompts
-    result.text = result.round_texts[-1].clone()
+    result.text = result.round_texts[-1].clone() if result.round_texts else meta.cpu().clone()
     return result
 
 

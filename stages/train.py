@@ -25,7 +25,7 @@ from mpad.clip import RANDOM_WEIGHTS_NOTE, ModelLoadError, load_clip, model_fing
 from mpad.data import DatasetError, load_image
 from mpad.features import build_encoder, encode, stack_images
 from mpad.memory import build_memory
-from mpad.mpts import MptsConfig, train_prompts
+from mpad.mpts import MptsConfig, anomaly_loss, score_maps, train_prompts
 from mpad.prompt_file import prompt_record, save_prompts
 from mpad.prompts import PromptLearner, TextEncoder, meta_text_embeddings
 from stages.common import PARAMS_OPTION, SHOTS_DIR, fail, load_params, read_shots
@@ -103,6 +103,13 @@ def main(category: str = typer.Option(..., "--category", help="Category to train
             bar.set_postfix(loss=f"{record['loss_ano']:.4f}", round=record["meta_epoch"])
 
         result = train_prompts(learner, text_encoder, features, masks_t, meta_text, logit_scale, config, on_step)
+        if not result.history:  # mpts.meta_epochs = 0: nothing learned; log the hand-written prompts' loss once
+            with torch.no_grad():
+                maps = score_maps(features, result.text.to(features.device), logit_scale, tuple(masks_t.shape[-2:]))
+                loss = float(anomaly_loss(maps, masks_t))
+            result.history.append({"step": 0, "meta_epoch": 0, "loss_ano": loss, "loss_div": 0.0, "cos": 0.0,
+                                   "calibrated": 0})
+            on_step(result.history[0])
 
     extra: dict[str, Any] = {}
     memory_p = p.get("memory") or {}
@@ -126,7 +133,7 @@ def main(category: str = typer.Option(..., "--category", help="Category to train
             **extra,
             "train": {
                 "final_loss": result.final_loss,
-                "steps": len(result.history),
+                "steps": config.meta_epochs * config.steps,
                 "meta_epochs": config.meta_epochs,
                 "lambda": config.lam,
                 "calibration": config.calibration,
@@ -138,7 +145,8 @@ def main(category: str = typer.Option(..., "--category", help="Category to train
     )
     out = PROMPTS_ROOT / f"{category}.pt"
     save_prompts(out, record)
-    typer.echo(f"{category}: {len(result.history)} steps, final loss {result.final_loss:.4f} -> {out}")
+    steps = config.meta_epochs * config.steps
+    typer.echo(f"{category}: {steps} optimiser steps, final loss {result.final_loss:.4f} -> {out}")
 
 
 def _section(params: dict[str, Any], name: str, path: Path) -> dict[str, Any]:

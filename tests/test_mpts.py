@@ -241,3 +241,11 @@ def test_mpts_learns_on_generated_noise_blobs(tiny_clip, setup):
     assert np.mean(after_auc) >= 0.65, report
     assert np.mean(after_auc) - np.mean(before_auc) >= 0.15, report
     assert min(calibrated) > 0, report  # the meta-guiding really intervened
+
+
+def test_zero_meta_epochs_is_the_hand_written_baseline(tiny_clip, setup):
+    learner, result = run(tiny_clip, setup, MptsConfig(meta_epochs=0), n=16)
+    assert result.history == [] and torch.equal(result.text, setup["meta"])
+    assert torch.equal(vectors(learner), vectors(make_learner(tiny_clip, 0)))  # nothing was learned
+    with pytest.raises(ValueError, match="meta_epochs must be >= 0"):
+        MptsConfig(meta_epochs=-1)
