@@ -7,8 +7,9 @@
    `--repeats`, random weights, on a generated category (mpad.synthetic). ViT-B-16-plus-240 runs on fewer
    images (`--big-images`) since it does ~1 img/s on 2 CPU cores; the table says how many.
 2. Peak memory of the evaluate loop + `category_metrics` on a 200-image category resized to 240x240, in a
-   fresh subprocess: ru_maxrss at the end minus ru_maxrss after imports, model load and detector build
-   (a high-water mark: a transient peak during model load above the loop's would hide part of it).
+   fresh subprocess: ru_maxrss at the end minus ru_maxrss after imports, model load and detector build,
+   with the kernel's peak mark reset there (/proc/self/clear_refs), since model load's transient peak
+   (~400 MiB above steady state for the big model) would otherwise hide the loop's.
    ViT-B-16-plus-240 unless `--quick` or it runs past `--mem-timeout`, then mpad-tiny; the output says which.
 3. `--e2e`: the offline preset end to end, `dvc repro` in a temporary git copy of the project (as
    tests/test_pipeline.py builds it), with wall time and per-stage times from the "Running stage" lines.
@@ -143,12 +144,13 @@ def memory_child(name: str, root: str, category: str, args: argparse.Namespace) 
     maxrss = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # noqa: E731  (KiB on Linux)
     samples = list_split(Path(root), category, "test")
     detector = make_detector(name, category, args.sigma)
-    base, base_rss = maxrss(), proc_status("VmRSS")
-    try:  # cross-check: reset the kernel's peak-RSS mark (Linux >= 4.0) so VmHWM is the peak from here on
+    loaded_peak = maxrss()
+    try:  # reset the kernel's peak-RSS mark (Linux >= 4.0): model load's transient peak would hide the loop's
         Path("/proc/self/clear_refs").write_text("5")
         reset = True
     except OSError:
         reset = False
+    base, base_rss = maxrss(), proc_status("VmRSS")
     t0 = time.perf_counter()
     result = evaluation.run_detector(detector, samples, args.resolution, args.batch, args.mem_workers)
     t1 = time.perf_counter()
@@ -156,7 +158,8 @@ def memory_child(name: str, root: str, category: str, args: argparse.Namespace) 
     metrics = evaluation.category_metrics(result)
     t2 = time.perf_counter()
     out = {
-        "model": name, "n": len(samples), "baseline_mib": base, "baseline_rss_mib": base_rss,
+        "model": name, "n": len(samples), "baseline_mib": base, "loaded_peak_mib": loaded_peak, "reset": reset,
+        "baseline_rss_mib": base_rss,
         "loop_mib": after_loop - base, "total_mib": maxrss() - base, "loop_s": t1 - t0, "metrics_s": t2 - t1,
         "hwm_mib": proc_status("VmHWM") - base_rss if reset else None, "metrics": sorted(metrics),
         "children_maxrss_mib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
@@ -190,7 +193,9 @@ def memory(root: Path, category: str, args: argparse.Namespace) -> list[str]:
             f"model {r['model']}, {r['n']} test images at 240x240, maps at {args.resolution}, "
             f"workers {args.mem_workers}, batch {args.batch}",
             f"  baseline ru_maxrss after imports + model load  {r['baseline_mib']:8.1f} MiB "
-            f"(current RSS {r['baseline_rss_mib']:.1f} MiB)",
+            f"(current RSS {r['baseline_rss_mib']:.1f} MiB; peak during load {r['loaded_peak_mib']:.1f} MiB, "
+            + ("peak mark reset via /proc/self/clear_refs)" if r["reset"] else "NOT reset: the load peak may hide "
+               "part of the loop's)"),
             f"  ru_maxrss increase after run_detector          {r['loop_mib']:8.1f} MiB  ({r['loop_s']:.1f} s)",
             f"  ru_maxrss increase after + category_metrics    {r['total_mib']:8.1f} MiB  ({r['metrics_s']:.1f} s)",
             f"  cross-check, VmHWM (reset at baseline) - RSS at baseline: {hwm}",
