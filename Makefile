@@ -22,6 +22,9 @@ ABLATIONS := \
 	memory:mpts.meta_epochs=$(META_EPOCHS),mpts.lambda=1,oagm.enabled=true,laa.attention=vv,laa.k=$(LAA_K),memory.enabled=true \
 	full:mpts.meta_epochs=$(META_EPOCHS),mpts.lambda=1,oagm.enabled=true,laa.attention=vv,laa.k=$(LAA_K),memory.enabled=false
 
+# What `make ablations` shows at the end: the knobs and the mean metrics of every experiment.
+EXP_COLUMNS := Experiment|mean.pixel_auroc|mean.aupro|mean.image_auroc|mpts.lambda$$|mpts.meta_epochs|oagm.enabled|laa.attention|laa.k|memory.enabled
+
 .PHONY: setup run offline ablations test bench
 
 $(STAMP): pyproject.toml
@@ -51,7 +54,7 @@ ablations: $(STAMP)
 	  $(BIN)/dvc exp remove -q $$name 2>/dev/null || true; \
 	  $(BIN)/dvc exp run -n $$name $(PRESET_ARGS) $$sets; \
 	done
-	$(BIN)/dvc exp show --only-changed --drop 'Created|State|Executor' --md
+	$(BIN)/dvc exp show --md --drop '.*' --keep '$(EXP_COLUMNS)'
 
 test: $(STAMP)
 	$(BIN)/ruff check .
