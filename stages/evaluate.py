@@ -2,7 +2,7 @@
 
 Writes (all atomically):
   metrics/<category>.json          pixel/image AUROC, AP, F1-max, AUPRO@0.3 in %, declared as DVC metrics
-  plots/roc/<category>.csv         pixel and image ROC curves (fpr, tpr, level)
+  plots/roc_pixel/<category>.csv   pixel-level ROC curve (fpr, tpr); plots/roc_image/: image-level
   plots/pro/<category>.csv         PRO curve up to FPR 1 (fpr, pro)
   plots/overlays/<category>/*.png  [image | ground truth | anomaly map] for a few test images
   data/thresholds/<category>.json  F1-max thresholds and the map colour range, read by `mpad predict`
@@ -73,12 +73,13 @@ def _csv(rows: list[tuple], header: tuple[str, ...]) -> str:
 
 
 def _write_curves(category: str, result: CategoryResult) -> None:
-    rows: list[tuple] = []
+    # One file per curve: DVC's line templates draw every row of a file as one line.
     for level, scores, labels in (("pixel", result.maps, result.masks), ("image", result.scores, result.labels)):
+        rows: list[tuple] = []
         if 0 < int(labels.sum()) < labels.numel():
             fpr, tpr, _ = roc_curve(scores, labels, max_points=500)
-            rows += [(f"{f:.6f}", f"{t:.6f}", level) for f, t in zip(fpr, tpr, strict=True)]
-    write_text(Path("plots/roc") / f"{category}.csv", _csv(rows, ("fpr", "tpr", "level")))
+            rows = [(f"{f:.6f}", f"{t:.6f}") for f, t in zip(fpr, tpr, strict=True)]
+        write_text(Path(f"plots/roc_{level}") / f"{category}.csv", _csv(rows, ("fpr", "tpr")))
     pro_rows: list[tuple] = []
     if result.masks.any():
         fpr, pro = pro_curve(result.maps, result.masks, max_points=500)

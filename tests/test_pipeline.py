@@ -99,8 +99,9 @@ def test_offline_pipeline_end_to_end(project):
     for category in CATEGORIES:
         per = json.loads((project / "metrics" / f"{category}.json").read_text())
         assert per["n_test"] == 12 and per["random_weights"] is True
-        roc = (project / "plots" / "roc" / f"{category}.csv").read_text().splitlines()
-        assert roc[0] == "fpr,tpr,level" and len(roc) > 3
+        for level in ("pixel", "image"):
+            roc = (project / "plots" / f"roc_{level}" / f"{category}.csv").read_text().splitlines()
+            assert roc[0] == "fpr,tpr" and roc[1] == "0.000000,0.000000" and roc[-1] == "1.000000,1.000000"
         assert len(list((project / "plots" / "overlays" / category).glob("*.png"))) >= 3
         assert (project / "data" / "prompts" / f"{category}.pt").is_file()
         assert list((project / "dvclive" / "train" / category / "plots" / "metrics").glob("*.tsv"))
