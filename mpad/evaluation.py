@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from mpad.data.mvtec import Sample, load_image, load_mask
+from mpad.data.mvtec import DatasetError, Sample, load_image, load_mask
 from mpad.detector import Detector
 from mpad.features import stack_images
 from mpad.metrics import aupro, auroc, average_precision, f1_max_threshold
@@ -73,21 +73,26 @@ def run_detector(
     labels = torch.empty(n, dtype=torch.long)
     scores = torch.empty(n, dtype=torch.float32)
     with tqdm(total=n, desc=desc, unit="img") as bar:
-        for images, batch_masks, batch_labels, index in loader:
-            found = detector(images, (resolution, resolution))
-            maps[index] = found.maps.float()
-            scores[index] = found.scores.float()
-            masks[index] = batch_masks
-            labels[index] = batch_labels
-            bar.update(len(index))
+        try:
+            for images, batch_masks, batch_labels, index in loader:
+                found = detector(images, (resolution, resolution))
+                maps[index] = found.maps.float()
+                scores[index] = found.scores.float()
+                masks[index] = batch_masks
+                labels[index] = batch_labels
+                bar.update(len(index))
+        except DatasetError as err:
+            # A worker process re-raises with its whole traceback in the message: keep the original line.
+            last = str(err).strip().splitlines()[-1]
+            raise DatasetError(last.split("DatasetError: ", 1)[-1]) from None
     return CategoryResult(maps, masks, labels, scores)
 
 
 def category_metrics(result: CategoryResult, fpr_limit: float = 0.3) -> dict[str, float]:
     """Pixel/image AUROC, AP, F1-max and AUPRO@fpr_limit (normalised), as percentages like the paper's tables.
 
-    A metric that is undefined on this split (e.g. no defect image) is reported as NaN-free absence:
-    it is left out, and the caller says so.
+    A metric that is undefined on this split (e.g. no defect image, so no AUROC) is left out rather
+    than reported as NaN.
     """
     out: dict[str, float] = {}
     pixels, truth = result.maps, result.masks

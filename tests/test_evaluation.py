@@ -1,0 +1,97 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from mpad.data import DatasetError, list_split
+from mpad.detector import Detector
+from mpad.evaluation import CategoryResult, category_metrics, resize_mask, run_detector
+from mpad.prompts import meta_text_embeddings
+from mpad.summary import markdown_table, summarize
+from mpad.synthetic import generate
+from mpad.visualize import heatmap, overlay_panel
+
+LAA = {"attention": "vv", "k": 2, "layers": 2, "cls": "neighbor-cls"}
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ds") / "synthetic"
+    generate(root, seed=0, n_train=2, n_test=6)
+    return root
+
+
+def detector(tiny_clip, sigma=1.0):
+    record = {"laa": LAA, "text": meta_text_embeddings(tiny_clip.model, tiny_clip.tokenizer, "disc")}
+    return Detector(tiny_clip, record, {"smoothing_sigma": sigma, "image_score": "max", "topk": 0.01})
+
+
+def test_run_detector_keeps_order_and_masks(tiny_clip, dataset):
+    samples = list_split(dataset, "disc", "test")
+    result = run_detector(detector(tiny_clip), samples, 32, batch_size=4, workers=0)
+    assert result.maps.shape == (len(samples), 32, 32) and result.masks.dtype == torch.bool
+    assert result.labels.tolist() == [s.label for s in samples]
+    assert torch.equal(result.scores, result.maps.flatten(1).amax(1))
+    assert not result.masks[result.labels == 0].any() and result.masks[result.labels == 1].any()
+    # the same images one at a time, in another process: the same maps
+    again = run_detector(detector(tiny_clip), samples, 32, batch_size=1, workers=1)
+    torch.testing.assert_close(again.maps, result.maps, rtol=1e-5, atol=1e-6)
+
+
+def test_corrupt_test_image_is_named_in_one_line(tiny_clip, dataset, tmp_path):
+    import shutil
+
+    root = tmp_path / "copy"
+    shutil.copytree(dataset, root)
+    bad = list_split(root, "disc", "test")[1].image
+    bad.write_bytes(bad.read_bytes()[:200])
+    with pytest.raises(DatasetError) as err:
+        run_detector(detector(tiny_clip), list_split(root, "disc", "test"), 32, batch_size=2, workers=2)
+    assert str(err.value).startswith(str(bad)) and "truncated" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_resize_mask_keeps_majority_pixels():
+    mask = np.zeros((8, 8), bool)
+    mask[:4, :4] = True
+    small = resize_mask(mask, 4)
+    assert small.tolist() == [[True, True, False, False]] * 2 + [[False] * 4] * 2
+
+
+def test_category_metrics_perfect_and_inverted():
+    masks = torch.zeros(4, 16, 16, dtype=torch.bool)
+    masks[2:, 4:8, 4:8] = True
+    labels = torch.tensor([0, 0, 1, 1])
+    perfect = CategoryResult(masks.float(), masks, labels, torch.tensor([0.1, 0.2, 0.8, 0.9]))
+    values = category_metrics(perfect)
+    assert values == {k: 100.0 for k in values} and len(values) == 7
+    inverted = CategoryResult(1 - masks.float(), masks, labels, torch.tensor([0.9, 0.8, 0.2, 0.1]))
+    assert category_metrics(inverted)["pixel_auroc"] == 0.0 and category_metrics(inverted)["image_auroc"] == 0.0
+    no_defect = torch.zeros(2, 8, 8, dtype=torch.bool)
+    only_good = CategoryResult(torch.rand(2, 8, 8), no_defect, torch.zeros(2), torch.rand(2))
+    assert category_metrics(only_good) == {}  # undefined metrics are left out, not NaN
+
+
+def test_summary_means_groups_and_table():
+    per = {"carpet": {"pixel_auroc": 90.0, "image_auroc": 80.0}, "screw": {"pixel_auroc": 70.0},
+           "bottle": {"pixel_auroc": 80.0, "image_auroc": 60.0}}
+    summary = summarize(per, {"carpet": "texture", "screw": "object", "bottle": "object"})
+    assert summary["mean"] == {"pixel_auroc": 80.0, "image_auroc": 70.0}
+    assert summary["texture"] == {"pixel_auroc": 90.0, "image_auroc": 80.0}
+    assert summary["object"] == {"pixel_auroc": 75.0, "image_auroc": 60.0}
+    table = markdown_table(per, summary, note="RANDOM")
+    assert "| Metric | carpet | screw | bottle | mean |" in table
+    assert "| Pixel AUROC | 90.00 | 70.00 | 80.00 | 80.00 |" in table
+    assert "| Image AUROC | 80.00 | - | 60.00 | 70.00 |" in table and table.startswith("> **RANDOM**")
+
+
+def test_heatmap_and_panel():
+    colours = heatmap(np.array([[0.0, 1.0, 2.0]]), 0.0, 1.0)
+    assert colours[0, 0].tolist() == [0, 0, 4] and colours[0, 1].tolist() == colours[0, 2].tolist() == [252, 255, 164]
+    image = np.full((10, 12, 3), 100, np.uint8)
+    mask = np.zeros((10, 12), bool)
+    mask[2:6, 2:6] = True
+    panel = overlay_panel(image, mask, np.zeros((10, 12)), 0.0, 1.0)
+    assert panel.shape == (10, 3 * 12 + 8, 3)
+    truth = panel[:, 16:28]
+    assert truth[2, 2].tolist() == [0, 255, 0] and truth[3, 3].tolist() == [100, 100, 100]  # outline only
