@@ -31,18 +31,17 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from skimage import morphology
 from skimage.transform import resize
 
 from mpad.clip import ClipBundle
 from mpad.features import build_encoder, encode
-from mpad.prompts import TEMPLATES, class_words
+from mpad.prompts import TEMPLATES, class_words, text_ensemble
 from mpad.scoring import patch_probabilities, upsample
 
 MASK_METHODS = ("clip", "border")
@@ -102,14 +101,6 @@ class ObjectMask:
 
 
 @torch.no_grad()
-def _ensemble(bundle: ClipBundle, sentences: Sequence[str]) -> torch.Tensor:
-    """(D,) the normalised mean of the normalised text embeddings of `sentences`."""
-    tokens = bundle.tokenizer(list(sentences)).to(bundle.device)
-    features = bundle.model.encode_text(tokens, normalize=True).float()
-    return F.normalize(features.mean(dim=0), dim=-1)
-
-
-@torch.no_grad()
 def clip_object_probability(bundle: ClipBundle, images: torch.Tensor, category: str, layers: int = 6) -> torch.Tensor:
     """(B, 3, H, W) float in [0, 1] -> (B, H, W) probability that each pixel shows the object.
 
@@ -122,7 +113,8 @@ def clip_object_probability(bundle: ClipBundle, images: torch.Tensor, category: 
     encoder = build_encoder(bundle, settings)
     patches = encode(encoder, bundle, images).patch_features  # (B, h, w, D)
     words = class_words(category)
-    text = torch.stack([_ensemble(bundle, BACKGROUND_PROMPTS), _ensemble(bundle, [t.format(words) for t in TEMPLATES])])
+    ensemble = partial(text_ensemble, bundle.model, bundle.tokenizer)
+    text = torch.stack([ensemble(BACKGROUND_PROMPTS), ensemble([t.format(words) for t in TEMPLATES])])
     scale = bundle.model.logit_scale.exp().float()
     probs = patch_probabilities(patches, text.to(patches.device), scale)  # (B, 2, h, w)
     return upsample(probs[:, 1:2], images.shape[-2:])[:, 0].cpu()

@@ -14,6 +14,7 @@ The prefix G is shared by both prompts; N and A are the normal / anomaly suffixe
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from itertools import product
 
 import torch
@@ -181,14 +182,18 @@ def learned_text_embeddings(learner: PromptLearner, encoder: TextEncoder) -> tor
 
 
 @torch.no_grad()
-def meta_text_embeddings(model: nn.Module, tokenizer, category: str) -> torch.Tensor:
-    """(2, D) the initial meta prompts MNP / MAP: mean of the normalised embeddings of every template
-    x state-word sentence, re-normalised (WinCLIP's prompt ensemble)."""
-    words = class_words(category)
-    out = []
+def text_ensemble(model: nn.Module, tokenizer, sentences: Sequence[str]) -> torch.Tensor:
+    """(D,) the re-normalised mean of the normalised text embeddings of `sentences` (a prompt ensemble)."""
     device = next(model.parameters()).device
-    for states in (NORMAL_STATES, ANOMALY_STATES):
-        sentences = [t.format(s.format(words)) for t, s in product(TEMPLATES, states)]
-        features = model.encode_text(tokenizer(sentences).to(device), normalize=True)
-        out.append(F.normalize(features.mean(dim=0), dim=-1))
-    return torch.stack(out)
+    features = model.encode_text(tokenizer(list(sentences)).to(device), normalize=True).float()
+    return F.normalize(features.mean(dim=0), dim=-1)
+
+
+def meta_text_embeddings(model: nn.Module, tokenizer, category: str) -> torch.Tensor:
+    """(2, D) the initial meta prompts MNP / MAP: the ensembles of every template x state-word sentence
+    (WinCLIP's prompt ensemble)."""
+    words = class_words(category)
+    return torch.stack([
+        text_ensemble(model, tokenizer, [t.format(s.format(words)) for t, s in product(TEMPLATES, states)])
+        for states in (NORMAL_STATES, ANOMALY_STATES)
+    ])
