@@ -205,3 +205,8 @@ def test_rgb_mask_is_binarised(tmp_path: Path) -> None:
     sample = Sample(root / "cat/test/crack/000.png", root / "cat/ground_truth/crack/000_mask.png", 1, "crack")
     mask = load_mask(sample, (16, 20))
     assert mask.sum() == 1 and mask[0, 0]
+
+
+def test_missing_root_says_how_to_get_it_back(tmp_path):
+    with pytest.raises(DatasetError, match=r"nowhere does not exist.*dvc repro -f fetch"):
+        list_split(tmp_path / "nowhere", "screw", "train")

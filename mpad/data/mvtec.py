@@ -81,7 +81,10 @@ def _find_mask(gt_dir: Path, image: Path) -> Path | None:
 def _category_dir(root: Path, category: str) -> Path:
     root = Path(root)
     if not root.is_dir():
-        raise DatasetError(f"dataset root {root} does not exist or is not a folder")
+        raise DatasetError(
+            f"dataset root {root} does not exist or is not a folder (a dataset that the fetch stage downloaded "
+            "or generated and that was deleted since comes back with `dvc repro -f fetch`)"
+        )
     cat_dir = root / category
     if not cat_dir.is_dir():
         raise DatasetError(f"category folder {cat_dir} not found (category {category!r} under {root})")
