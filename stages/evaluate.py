@@ -28,7 +28,7 @@ from mpad.io import atomic_path, write_json, write_text
 from mpad.metrics import f1_max_threshold, pro_curve, roc_curve
 from mpad.prompt_file import PromptFileError, load_prompts
 from mpad.visualize import overlay_panel
-from stages.common import PARAMS_OPTION, fail, load_params, memory_from_record
+from stages.common import PARAMS_OPTION, fail, load_params, memory_from_record, section
 
 
 def main(
@@ -37,8 +37,10 @@ def main(
 ) -> None:
     """Evaluate the learned prompts of CATEGORY on its test split."""
     cfg = load_params(params)
-    model_cfg, scoring, settings = cfg["model"], cfg["scoring"], cfg["evaluate"]
-    root = Path(str(cfg["dataset"]["root"]))
+    model_cfg = section(cfg, "model", params, ("name", "pretrained", "device", "precision"))
+    scoring = section(cfg, "scoring", params, ("smoothing_sigma", "image_score", "topk"))
+    settings = section(cfg, "evaluate", params, ("resolution", "batch_size", "workers", "overlays"))
+    root = Path(str(section(cfg, "dataset", params, ("root",))["root"]))
     resolution = int(settings["resolution"])
     torch.manual_seed(0)
     try:

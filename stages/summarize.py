@@ -10,7 +10,7 @@ import typer
 from mpad.clip import RANDOM_WEIGHTS_NOTE
 from mpad.io import write_json, write_text
 from mpad.summary import markdown_table, summarize
-from stages.common import PARAMS_OPTION, fail, load_params
+from stages.common import PARAMS_OPTION, fail, load_params, section
 
 
 def main(params: Path = PARAMS_OPTION) -> None:
@@ -22,7 +22,7 @@ def main(params: Path = PARAMS_OPTION) -> None:
     except (OSError, json.JSONDecodeError) as err:
         fail(f"{manifest_path}: cannot read the dataset manifest ({err}); run the fetch stage")
         return
-    categories = list(cfg["dataset"].get("categories") or manifest["categories"])
+    categories = list(section(cfg, "dataset", params).get("categories") or manifest["categories"])
     per_category = {}
     for category in categories:
         path = Path("metrics") / f"{category}.json"

@@ -28,7 +28,7 @@ from mpad.memory import build_memory
 from mpad.mpts import MptsConfig, anomaly_loss, score_maps, train_prompts
 from mpad.prompt_file import prompt_record, save_prompts
 from mpad.prompts import PromptLearner, TextEncoder, meta_text_embeddings
-from stages.common import PARAMS_OPTION, SHOTS_DIR, fail, load_params, read_shots
+from stages.common import PARAMS_OPTION, SHOTS_DIR, fail, load_params, read_shots, section
 
 SYNTH_ROOT = Path("data/synth")
 PROMPTS_ROOT = Path("data/prompts")
@@ -40,7 +40,7 @@ def main(category: str = typer.Option(..., "--category", help="Category to train
          params: Path = PARAMS_OPTION) -> None:
     """Learn the normal / anomaly prompts of CATEGORY with MPTS on its synthesized images."""
     p = load_params(params)
-    model_p, laa, prompts_p, mpts_p = (_section(p, name, params) for name in ("model", "laa", "prompts", "mpts"))
+    model_p, laa, prompts_p, mpts_p = (section(p, name, params) for name in ("model", "laa", "prompts", "mpts"))
     try:
         config = MptsConfig(
             lam=float(mpts_p["lambda"]),
@@ -114,7 +114,7 @@ def main(category: str = typer.Option(..., "--category", help="Category to train
     extra: dict[str, Any] = {}
     memory_p = p.get("memory") or {}
     if memory_p.get("enabled"):
-        root = Path(str(_section(p, "dataset", params)["root"]))
+        root = Path(str(section(p, "dataset", params)["root"]))
         shots = read_shots(SHOTS_DIR / f"{category}.json", root, category)
         try:
             shot_images = stack_images([load_image(path) for _, path in shots], bundle.image_size)
@@ -147,13 +147,6 @@ def main(category: str = typer.Option(..., "--category", help="Category to train
     save_prompts(out, record)
     steps = config.meta_epochs * config.steps
     typer.echo(f"{category}: {steps} optimiser steps, final loss {result.final_loss:.4f} -> {out}")
-
-
-def _section(params: dict[str, Any], name: str, path: Path) -> dict[str, Any]:
-    section = params.get(name)
-    if not isinstance(section, dict):
-        fail(f"{path}: section '{name}' missing or not a mapping")
-    return section
 
 
 def _seed_everything(seed: int) -> None:

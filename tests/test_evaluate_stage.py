@@ -1,0 +1,71 @@
+"""Stage `evaluate` through the CLI: outputs from a prompts file, and the errors a user meets."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from mpad.clip import model_fingerprint
+from mpad.prompt_file import prompt_record, save_prompts
+from mpad.prompts import meta_text_embeddings
+from mpad.synthetic import generate
+from stages.cli import app
+
+LAA = {"attention": "vv", "k": 2, "layers": 2, "cls": "neighbor-cls"}
+PARAMS = {
+    "dataset": {"root": "ds"},
+    "model": {"name": "mpad-tiny", "pretrained": "none", "device": "cpu", "precision": "fp32"},
+    "scoring": {"smoothing_sigma": 1.0, "image_score": "max", "topk": 0.01},
+    "evaluate": {"resolution": 48, "batch_size": 4, "workers": 0, "overlays": 3},
+}
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch, tiny_clip):
+    monkeypatch.chdir(tmp_path)
+    generate(tmp_path / "ds", seed=0, n_train=2, n_test=6)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(PARAMS))
+    text = meta_text_embeddings(tiny_clip.model, tiny_clip.tokenizer, "disc")
+    record = prompt_record(category="disc", model=model_fingerprint(tiny_clip), sizes=(0, 1, 1), vectors={},
+                           text=text, laa=LAA)
+    save_prompts(tmp_path / "data" / "prompts" / "disc.pt", record)
+    return tmp_path
+
+
+def test_evaluate_writes_metrics_curves_thresholds_overlays(project):
+    result = CliRunner().invoke(app, ["evaluate", "--category", "disc"])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((project / "metrics" / "disc.json").read_text())
+    assert metrics["n_test"] == 6 and metrics["n_defect"] == 3 and metrics["random_weights"] is True
+    assert {"pixel_auroc", "aupro", "image_auroc", "pixel_f1_max", "image_ap"} <= set(metrics)
+    assert all(0 <= metrics[k] <= 100 for k in ("pixel_auroc", "aupro", "image_auroc"))
+    thresholds = json.loads((project / "data" / "thresholds" / "disc.json").read_text())
+    assert thresholds["resolution"] == 48 and thresholds["map_low"] < thresholds["map_high"]
+    assert 0 <= thresholds["image_threshold"] <= 1
+    overlays = sorted(p.name for p in (project / "plots" / "overlays" / "disc").glob("*.png"))
+    assert len(overlays) == 3 and overlays[-1].startswith("02_")
+    assert (project / "plots" / "pro" / "disc.csv").read_text().startswith("fpr,pro\n")
+
+
+def test_missing_prompts_file_is_named(project):
+    (project / "data" / "prompts" / "disc.pt").unlink()
+    result = CliRunner().invoke(app, ["evaluate", "--category", "disc"])
+    assert result.exit_code == 1 and "data/prompts/disc.pt: prompts file not found" in result.output
+
+
+def test_prompts_of_another_backbone_are_refused(project, tiny_clip):
+    record = prompt_record(category="disc", model={**model_fingerprint(tiny_clip), "name": "ViT-B-16"},
+                           sizes=(0, 1, 1), vectors={}, text=meta_text_embeddings(tiny_clip.model,
+                           tiny_clip.tokenizer, "disc"), laa=LAA)
+    save_prompts(project / "data" / "prompts" / "disc.pt", record)
+    result = CliRunner().invoke(app, ["evaluate", "--category", "disc"])
+    assert result.exit_code == 1 and "learned for ViT-B-16" in result.output
+
+
+def test_missing_params_are_named(project):
+    (project / "params.yaml").write_text(yaml.safe_dump({k: v for k, v in PARAMS.items() if k != "scoring"}))
+    result = CliRunner().invoke(app, ["evaluate", "--category", "disc"])
+    assert result.exit_code == 1 and "section 'scoring' missing" in result.output
