@@ -119,3 +119,17 @@ def test_intermediates_and_bad_arguments(tiny_clip):
         LocalityAwareEncoder(visual, 5)
     with pytest.raises(ValueError, match="laa.attention"):
         LocalityAwareEncoder(visual, 1, "kv")
+
+
+def test_paper_backbone_global_embedding_and_grid():
+    """The default architecture (random weights): 15x15 grid at 240 px, original path still exact."""
+    from mpad.clip import load_clip
+
+    bundle = load_clip("ViT-B-16-plus-240", "none")
+    encoder = LocalityAwareEncoder(bundle.model.visual, 6, "vv", 2)
+    images = torch.randn(1, 3, 240, 240, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        out = encoder(images)
+        expected = bundle.model.encode_image(images)
+    assert out.patch_features.shape == (1, 15, 15, 640)
+    torch.testing.assert_close(out.image_embedding, expected, rtol=1e-4, atol=1e-4)
