@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
 
 # Anchor colours of a perceptually ordered map (close to matplotlib's "inferno"), from low to high.
 _ANCHORS = np.array(
@@ -48,3 +51,24 @@ def overlay_panel(image: np.ndarray, mask: np.ndarray | None, amap: np.ndarray, 
     gap = np.full((image.shape[0], 4, 3), 255, dtype=np.uint8)
     truth = outline(image, mask) if mask is not None else image
     return np.concatenate([image, gap, truth, gap, blend(image, heatmap(amap, low, high))], axis=1)
+
+
+def output_size(height: int, width: int, max_size: int) -> tuple[int, int]:
+    """(H, W) of a written map: the image's own size, its longer side scaled down to `max_size` if larger."""
+    scale = min(1.0, max_size / max(height, width))
+    return max(1, round(height * scale)), max(1, round(width * scale))
+
+
+def render_map(
+    image: np.ndarray, amap: np.ndarray, max_size: int, low: float, high: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """An image (H, W, 3) uint8 and its anomaly map (R, R) -> (overlay (h, w, 3), grayscale map (h, w)) uint8.
+
+    Both at `output_size` of the image; the map is resized bilinearly and coloured / scaled over low..high.
+    """
+    h, w = output_size(image.shape[0], image.shape[1], max_size)
+    big = F.interpolate(torch.as_tensor(amap, dtype=torch.float32)[None, None], size=(h, w), mode="bilinear",
+                        align_corners=False)[0, 0].numpy()
+    picture = image if (h, w) == image.shape[:2] else np.asarray(Image.fromarray(image).resize((w, h), Image.BICUBIC))
+    gray = np.rint(np.clip((big - low) / max(high - low, 1e-12), 0.0, 1.0) * 255).astype(np.uint8)
+    return blend(picture, heatmap(big, low, high)), gray

@@ -44,7 +44,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 import typer
 from PIL import Image
 from tqdm import tqdm
@@ -55,7 +54,7 @@ from mpad.detector import Detector
 from mpad.features import stack_images
 from mpad.io import atomic_path, write_json, write_text
 from mpad.prompt_file import PromptFileError, check_backbone, load_prompts
-from mpad.visualize import blend, heatmap
+from mpad.visualize import render_map
 from stages.common import fail, memory_from_record
 
 # What evaluate uses with the default params.yaml, for when no thresholds file says otherwise.
@@ -282,23 +281,12 @@ def _unique_stem(stem: str, seen: dict[str, int]) -> str:
     return stem if seen[stem] == 1 else f"{stem}_{seen[stem]}"
 
 
-def output_size(height: int, width: int, max_size: int) -> tuple[int, int]:
-    """(H, W) of the written maps: the image's own size, longer side scaled down to `max_size` if larger."""
-    scale = min(1.0, max_size / max(height, width))
-    return max(1, round(height * scale)), max(1, round(width * scale))
-
-
 def _write_maps(
     out: Path, stem: str, image: np.ndarray, amap: torch.Tensor, max_size: int, colour_range: tuple[float, float]
 ) -> tuple[str, str]:
     """Write `<stem>_overlay.png` and `<stem>_map.png` for image (H, W, 3) uint8 and its map (R, R)."""
-    h, w = output_size(image.shape[0], image.shape[1], max_size)
-    big = F.interpolate(amap[None, None].float(), size=(h, w), mode="bilinear", align_corners=False)[0, 0].numpy()
-    picture = image if (h, w) == image.shape[:2] else np.asarray(Image.fromarray(image).resize((w, h), Image.BICUBIC))
-    low, high = colour_range
-    gray = np.rint(np.clip((big - low) / (high - low), 0.0, 1.0) * 255).astype(np.uint8)
     names = (f"{stem}_overlay.png", f"{stem}_map.png")
-    for name, pixels in zip(names, (blend(picture, heatmap(big, low, high)), gray), strict=True):
+    for name, pixels in zip(names, render_map(image, amap.float().numpy(), max_size, *colour_range), strict=True):
         with atomic_path(out / name) as tmp:
             Image.fromarray(pixels).save(tmp, format="PNG")
     return names

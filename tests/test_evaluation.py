@@ -95,3 +95,16 @@ def test_heatmap_and_panel():
     assert panel.shape == (10, 3 * 12 + 8, 3)
     truth = panel[:, 16:28]
     assert truth[2, 2].tolist() == [0, 255, 0] and truth[3, 3].tolist() == [100, 100, 100]  # outline only
+
+
+def test_render_map_sizes_and_scaling():
+    from mpad.visualize import render_map
+
+    image = np.zeros((90, 120, 3), np.uint8)
+    amap = np.zeros((4, 4), np.float32)
+    amap[:, 2:] = 1.0
+    overlay, gray = render_map(image, amap, max_size=60, low=0.0, high=1.0)
+    assert overlay.shape == (45, 60, 3) and gray.shape == (45, 60) and gray.dtype == np.uint8
+    assert gray[:, 0].max() == 0 and gray[:, -1].min() == 255  # left half normal, right half anomalous
+    _, half = render_map(image, amap, max_size=120, low=0.0, high=2.0)
+    assert half[:, -1].min() == 128  # 1.0 on a 0..2 range

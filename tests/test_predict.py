@@ -16,8 +16,9 @@ from mpad.memory import build_memory
 from mpad.prompt_file import prompt_record, save_prompts
 from mpad.prompts import PromptLearner, TextEncoder, learned_text_embeddings
 from mpad.synthetic import generate
+from mpad.visualize import output_size
 from stages.cli import app
-from stages.predict import expand_images, output_size
+from stages.predict import expand_images
 
 LAA = {"attention": "vv", "k": 2, "layers": 2, "cls": "neighbor-cls"}
 runner = CliRunner()
