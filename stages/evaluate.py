@@ -10,8 +10,6 @@ Writes (all atomically):
 
 from __future__ import annotations
 
-import csv
-import io
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +22,7 @@ from mpad.clip import RANDOM_WEIGHTS_NOTE, ModelLoadError, load_clip, model_fing
 from mpad.data import DatasetError, list_split, load_image, load_mask
 from mpad.detector import Detector
 from mpad.evaluation import CategoryResult, category_metrics, resize_mask, run_detector
-from mpad.io import atomic_path, write_json, write_text
+from mpad.io import atomic_path, write_csv, write_json
 from mpad.metrics import f1_max_threshold, pro_curve, roc_curve
 from mpad.prompt_file import PromptFileError, load_prompts
 from mpad.visualize import overlay_panel
@@ -66,14 +64,6 @@ def main(
     typer.echo(f"{category}: {shown}" + (f"\n  {RANDOM_WEIGHTS_NOTE}" if bundle.random_weights else ""))
 
 
-def _csv(rows: list[tuple], header: tuple[str, ...]) -> str:
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(header)
-    writer.writerows(rows)
-    return buffer.getvalue()
-
-
 def _write_curves(category: str, result: CategoryResult) -> None:
     # One file per curve: DVC's line templates draw every row of a file as one line.
     for level, scores, labels in (("pixel", result.maps, result.masks), ("image", result.scores, result.labels)):
@@ -81,12 +71,12 @@ def _write_curves(category: str, result: CategoryResult) -> None:
         if 0 < int(labels.sum()) < labels.numel():
             fpr, tpr, _ = roc_curve(scores, labels, max_points=500)
             rows = [(f"{f:.6f}", f"{t:.6f}") for f, t in zip(fpr, tpr, strict=True)]
-        write_text(Path(f"plots/roc_{level}") / f"{category}.csv", _csv(rows, ("fpr", "tpr")))
+        write_csv(Path(f"plots/roc_{level}") / f"{category}.csv", ("fpr", "tpr"), rows)
     pro_rows: list[tuple] = []
     if result.masks.any():
         fpr, pro = pro_curve(result.maps, result.masks, max_points=500)
         pro_rows = [(f"{f:.6f}", f"{p:.6f}") for f, p in zip(fpr, pro, strict=True)]
-    write_text(Path("plots/pro") / f"{category}.csv", _csv(pro_rows, ("fpr", "pro")))
+    write_csv(Path("plots/pro") / f"{category}.csv", ("fpr", "pro"), pro_rows)
 
 
 def _write_thresholds(category: str, result: CategoryResult, scoring: dict[str, Any]) -> None:

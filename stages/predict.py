@@ -34,9 +34,7 @@ could not be used, or the prompts were made for another backbone); 2 no image fo
 
 from __future__ import annotations
 
-import csv
 import glob
-import io
 import json
 import sys
 from pathlib import Path
@@ -52,7 +50,7 @@ from mpad.clip import RANDOM_WEIGHTS_NOTE, ClipBundle, ModelLoadError, is_random
 from mpad.data.mvtec import IMAGE_SUFFIXES, DatasetError, load_image
 from mpad.detector import Detector
 from mpad.features import stack_images
-from mpad.io import atomic_path, write_json, write_text
+from mpad.io import atomic_path, write_csv, write_json
 from mpad.prompt_file import PromptFileError, check_backbone, load_prompts
 from mpad.visualize import render_map
 from stages.common import fail, memory_from_record
@@ -294,12 +292,8 @@ def _write_maps(
 
 def _write_tables(out: Path, rows: list[dict[str, Any]], header: dict[str, Any]) -> None:
     """predictions.csv (COLUMNS) and predictions.json ({...header, "predictions": rows})."""
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(COLUMNS)
-    for row in rows:
-        writer.writerow(["" if row[c] is None else f"{row[c]:.6f}" if isinstance(row[c], float) else row[c]
-                         for c in COLUMNS])
-    write_text(out / "predictions.csv", buffer.getvalue())
+    cells = [["" if row[c] is None else f"{row[c]:.6f}" if isinstance(row[c], float) else row[c] for c in COLUMNS]
+             for row in rows]
+    write_csv(out / "predictions.csv", COLUMNS, cells)
     write_json(out / "predictions.json", {**header, "n_images": len(rows),
                                           "n_failed": sum(r["status"] != "ok" for r in rows), "predictions": rows})
