@@ -47,7 +47,7 @@ class Detector:
     def __call__(self, images: torch.Tensor, size: Sequence[int]) -> Detection:
         """images (B, 3, H, W) in [0, 1] -> Detection with maps of `size` (H, W), on the CPU."""
         out = encode(self.encoder, self.bundle, images)
-        maps = anomaly_maps(out.patch_features, self.text, self.logit_scale, size, sigma=0.0)
+        maps = anomaly_maps(out.patch_features, self.text, self.logit_scale, size)
         if self.memory is not None:
             maps = self.memory.fuse(maps, out.intermediates, size)
         maps = gaussian_blur(maps, self.sigma)  # after fusion, so both maps are smoothed alike

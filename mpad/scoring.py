@@ -54,11 +54,11 @@ def anomaly_maps(
     text: torch.Tensor,
     logit_scale: float | torch.Tensor,
     size: Sequence[int],
-    sigma: float = 0.0,
 ) -> torch.Tensor:
-    """(B, H', W', D) patch features -> (B, *size) anomaly probability maps S'_a, upsampled and smoothed."""
+    """(B, H', W', D) patch features -> (B, *size) anomaly probability maps S'_a, upsampled (smooth them with
+    `gaussian_blur`, after any fusion with other maps)."""
     probs = patch_probabilities(patch_features, text, logit_scale)[:, 1:2]
-    return gaussian_blur(upsample(probs, size)[:, 0], sigma)
+    return upsample(probs, size)[:, 0]
 
 
 def image_scores(
