@@ -40,7 +40,6 @@ import torch
 import yaml
 from PIL import Image
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from mpad import evaluation
 from mpad.clip import load_clip
@@ -55,7 +54,6 @@ TINY, BIG = "mpad-tiny", "ViT-B-16-plus-240"
 # laa.layers: the offline preset's 2 for mpad-tiny (4 blocks), params.yaml's 6 for the big model.
 LAYERS = {TINY: 2, BIG: 6}
 LAA = {"attention": "vv", "k": 2, "cls": "neighbor-cls"}
-evaluation.tqdm = partial(tqdm, disable=True)  # no progress bars in the bench output
 
 
 def load() -> str:

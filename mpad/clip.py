@@ -22,14 +22,12 @@ from typing import Any
 import open_clip
 import torch
 
+from mpad.notes import RANDOM_WEIGHTS_NOTE
+
 log = logging.getLogger(__name__)
 
 RANDOM_INIT_SEED = 0
 _CONFIG_DIR = Path(__file__).with_name("model_configs")
-RANDOM_WEIGHTS_NOTE = (
-    "RANDOM WEIGHTS (model.pretrained = none): these numbers exercise the pipeline and say nothing "
-    "about the method's real quality"
-)
 
 
 class ModelLoadError(RuntimeError):

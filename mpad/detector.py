@@ -14,6 +14,7 @@ import torch
 
 from mpad.clip import ClipBundle
 from mpad.features import build_encoder, encode
+from mpad.memory import memory_from_record
 from mpad.scoring import anomaly_maps, gaussian_blur, image_scores
 
 
@@ -42,6 +43,11 @@ class Detector:
         self.sigma = float(scoring.get("smoothing_sigma", 0.0))
         self.image_score = str(scoring.get("image_score", "max"))
         self.topk = float(scoring.get("topk", 0.01))
+
+    @classmethod
+    def from_record(cls, bundle: ClipBundle, record: dict[str, Any], scoring: dict[str, Any]) -> Detector:
+        """The detector a prompts record describes, with the visual memory stored in it (if any)."""
+        return cls(bundle, record, scoring, memory=memory_from_record(record))
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor, size: Sequence[int]) -> Detection:

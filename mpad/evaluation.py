@@ -7,14 +7,14 @@ bool: a 500-image category at 256 px is about 130 MB of maps.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
 
 from mpad.data.mvtec import DatasetError, Sample, load_image, load_mask
 from mpad.detector import Detector
@@ -62,9 +62,10 @@ def run_detector(
     resolution: int,
     batch_size: int = 16,
     workers: int = 0,
-    desc: str = "evaluate",
+    on_batch: Callable[[int], Any] | None = None,
 ) -> CategoryResult:
-    """Score every sample, batched, decoding in `workers` DataLoader processes, with a progress bar."""
+    """Score every sample, batched, decoding in `workers` DataLoader processes; `on_batch(n)` after each batch
+    of n images (for a progress bar)."""
     dataset = TestImages(samples, detector.bundle.image_size, resolution)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers)
     n = len(dataset)
@@ -72,19 +73,19 @@ def run_detector(
     masks = torch.empty(n, resolution, resolution, dtype=torch.bool)
     labels = torch.empty(n, dtype=torch.long)
     scores = torch.empty(n, dtype=torch.float32)
-    with tqdm(total=n, desc=desc, unit="img") as bar:
-        try:
-            for images, batch_masks, batch_labels, index in loader:
-                found = detector(images, (resolution, resolution))
-                maps[index] = found.maps.float()
-                scores[index] = found.scores.float()
-                masks[index] = batch_masks
-                labels[index] = batch_labels
-                bar.update(len(index))
-        except DatasetError as err:
-            # A worker process re-raises with its whole traceback in the message: keep the original line.
-            last = str(err).strip().splitlines()[-1]
-            raise DatasetError(last.split("DatasetError: ", 1)[-1]) from None
+    try:
+        for images, batch_masks, batch_labels, index in loader:
+            found = detector(images, (resolution, resolution))
+            maps[index] = found.maps.float()
+            scores[index] = found.scores.float()
+            masks[index] = batch_masks
+            labels[index] = batch_labels
+            if on_batch is not None:
+                on_batch(len(index))
+    except DatasetError as err:
+        # A worker process re-raises with its whole traceback in the message: keep the original line.
+        last = str(err).strip().splitlines()[-1]
+        raise DatasetError(last.split("DatasetError: ", 1)[-1]) from None
     return CategoryResult(maps, masks, labels, scores)
 
 

@@ -158,3 +158,9 @@ def build_memory(
         for i, tokens in enumerate(out.intermediates):
             per_layer[i].append(tokens.cpu())
     return VisualMemory.build([torch.cat(t) for t in per_layer], layers, fusion)
+
+
+def memory_from_record(record: dict[str, Any]) -> VisualMemory | None:
+    """The visual memory stored with the prompts (key "memory"), or None when it was built without one."""
+    stored = record.get("memory")
+    return VisualMemory.from_record(stored) if stored else None

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import typer
 import yaml
+from tqdm import tqdm
 
 from mpad.data.download import sha256_file
-from mpad.memory import VisualMemory
 
 PARAMS_OPTION = typer.Option(Path("params.yaml"), "--params", help="Parameters file (DVC's params.yaml).")
 
@@ -39,16 +41,10 @@ def section(params: dict[str, Any], name: str, path: Path, keys: tuple[str, ...]
     return found
 
 
-def fail(message: str) -> None:
+def fail(message: str) -> NoReturn:
     """Stop the stage with `message` on stderr and exit status 1 (no traceback: the message is the point)."""
     typer.secho(f"error: {message}", err=True, fg=typer.colors.RED)
     raise typer.Exit(code=1)
-
-
-def memory_from_record(record: dict[str, Any]) -> VisualMemory | None:
-    """The visual memory stored with the prompts (key "memory"), or None when it was built without one."""
-    stored = record.get("memory")
-    return VisualMemory.from_record(stored) if stored else None
 
 
 SHOTS_DIR = Path("data/shots")
@@ -77,3 +73,32 @@ def read_shots(shots_file: Path, root: Path, category: str) -> list[tuple[str, P
             fail(f"{path}: shot image changed since {shots_file} was written (sha256 differs); re-run `sample`")
         paths.append((rel, path))
     return paths
+
+
+TIMINGS_ENV = "MPAD_TIMINGS"
+
+
+class StageProgress(tqdm):
+    """The progress bar of a stage's main loop (tqdm). When the environment variable MPAD_TIMINGS names a
+    file, closing the bar appends one JSON line there: {"desc", "unit", "n", "first", "end", "pid"}, where
+    `first` is the wall-clock time of the first update (the first item done) and `end` of the close.
+    `bench/fullscale.py` splits each stage's time into a fixed cost and a per-item cost with it."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.first_update: float | None = None
+        self._timings = os.environ.get(TIMINGS_ENV)
+        super().__init__(*args, **kwargs)
+
+    def update(self, n: float | None = 1) -> bool | None:
+        if self.first_update is None and n:
+            self.first_update = time.time()
+        return super().update(n)
+
+    def close(self) -> None:
+        if self._timings and self.first_update is not None:
+            line = {"desc": self.desc.rstrip(": "), "unit": self.unit, "n": self.n, "first": self.first_update,
+                    "end": time.time(), "pid": os.getpid()}
+            with open(self._timings, "a") as out:
+                out.write(json.dumps(line) + "\n")
+            self._timings = None  # once, though tqdm may close twice
+        super().close()

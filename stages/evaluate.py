@@ -18,15 +18,16 @@ import torch
 import typer
 from PIL import Image
 
-from mpad.clip import RANDOM_WEIGHTS_NOTE, ModelLoadError, load_clip, model_fingerprint
+from mpad.clip import ModelLoadError, load_clip, model_fingerprint
 from mpad.data import DatasetError, list_split, load_image, load_mask
 from mpad.detector import Detector
 from mpad.evaluation import CategoryResult, category_metrics, resize_mask, run_detector
 from mpad.io import atomic_path, write_csv, write_json
 from mpad.metrics import f1_max_threshold, pro_curve, roc_curve
+from mpad.notes import RANDOM_WEIGHTS_NOTE
 from mpad.prompt_file import PromptFileError, load_prompts
 from mpad.visualize import overlay_panel
-from stages.common import PARAMS_OPTION, fail, load_params, memory_from_record, section
+from stages.common import PARAMS_OPTION, StageProgress, fail, load_params, section
 
 
 def main(
@@ -45,10 +46,11 @@ def main(
         bundle = load_clip(model_cfg["name"], model_cfg["pretrained"], model_cfg["device"], model_cfg["precision"])
         record = load_prompts(Path("data/prompts") / f"{category}.pt", expect_model=model_fingerprint(bundle))
         samples = list_split(root, category, "test")
-        detector = Detector(bundle, record, scoring, memory=memory_from_record(record))
-        result = run_detector(
-            detector, samples, resolution, int(settings["batch_size"]), int(settings["workers"]), f"evaluate {category}"
-        )
+        detector = Detector.from_record(bundle, record, scoring)
+        with StageProgress(total=len(samples), desc=f"evaluate {category}", unit="img") as bar:
+            result = run_detector(
+                detector, samples, resolution, int(settings["batch_size"]), int(settings["workers"]), bar.update
+            )
         _write_overlays(category, samples, result, resolution, int(settings["overlays"]), map_range(result.maps))
     except (DatasetError, ModelLoadError, PromptFileError) as err:
         fail(str(err))

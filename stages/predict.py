@@ -46,14 +46,15 @@ import typer
 from PIL import Image
 from tqdm import tqdm
 
-from mpad.clip import RANDOM_WEIGHTS_NOTE, ClipBundle, ModelLoadError, is_random, load_clip, model_fingerprint
+from mpad.clip import ClipBundle, ModelLoadError, is_random, load_clip, model_fingerprint
 from mpad.data.mvtec import IMAGE_SUFFIXES, DatasetError, load_image
 from mpad.detector import Detector
 from mpad.features import stack_images
 from mpad.io import atomic_path, write_csv, write_json
+from mpad.notes import RANDOM_WEIGHTS_NOTE
 from mpad.prompt_file import PromptFileError, check_backbone, load_prompts
 from mpad.visualize import render_map
-from stages.common import fail, memory_from_record
+from stages.common import fail
 
 # What evaluate uses with the default params.yaml, for when no thresholds file says otherwise.
 DEFAULT_SCORING: dict[str, Any] = {"smoothing_sigma": 4.0, "image_score": "max", "topk": 0.01}
@@ -111,7 +112,7 @@ def main(
     used, source = _pick_threshold(threshold, info, thresholds_file)
 
     try:
-        detector = Detector(bundle, record, scoring, memory=memory_from_record(record))
+        detector = Detector.from_record(bundle, record, scoring)
     except (ValueError, KeyError) as err:
         fail(f"{prompts}: cannot build the detector from it: {err}")
     out.mkdir(parents=True, exist_ok=True)

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import typer
 
-from mpad.clip import RANDOM_WEIGHTS_NOTE
 from mpad.io import write_json, write_text
+from mpad.notes import RANDOM_WEIGHTS_NOTE
 from mpad.summary import markdown_table, summarize
 from stages.common import PARAMS_OPTION, fail, load_params, section
 

@@ -27,16 +27,16 @@ import numpy as np
 import torch
 import typer
 from PIL import Image
-from tqdm import tqdm
 
-from mpad.clip import RANDOM_WEIGHTS_NOTE, ModelLoadError, load_clip
+from mpad.clip import ModelLoadError, load_clip
 from mpad.data.mvtec import MVTEC_TEXTURES, DatasetError, load_image
 from mpad.data.shots import stable_hash
 from mpad.features import stack_images
 from mpad.io import atomic_path
+from mpad.notes import RANDOM_WEIGHTS_NOTE
 from mpad.oagm import object_masks, synthesize
 from mpad.synthetic import SYNTHETIC_TEXTURES
-from stages.common import PARAMS_OPTION, SHOTS_DIR, fail, load_params, read_shots
+from stages.common import PARAMS_OPTION, SHOTS_DIR, StageProgress, fail, load_params, read_shots
 
 DEFAULT_TEXTURES = {"mvtec": MVTEC_TEXTURES, "synthetic": SYNTHETIC_TEXTURES, "folder": ()}
 SYNTH_DIR = Path("data/synth")
@@ -109,7 +109,7 @@ def main(
     with atomic_path(out_dir) as tmp:
         tmp.mkdir()
         for shot_index, ((shot_name, _), image, obj) in enumerate(
-            tqdm(list(zip(shots, images, masks, strict=True)), desc=f"synthesize {category}", unit="shot")
+            StageProgress(list(zip(shots, images, masks, strict=True)), desc=f"synthesize {category}", unit="shot")
         ):
             mask_name = f"object_masks/{shot_index}.png"
             _save_png(obj.mask.astype(np.uint8) * 255, tmp / mask_name)

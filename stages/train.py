@@ -19,16 +19,16 @@ import torch
 import typer
 from dvclive import Live
 from PIL import Image
-from tqdm import tqdm
 
-from mpad.clip import RANDOM_WEIGHTS_NOTE, ModelLoadError, load_clip, model_fingerprint
+from mpad.clip import ModelLoadError, load_clip, model_fingerprint
 from mpad.data import DatasetError, load_image
 from mpad.features import build_encoder, encode, stack_images
 from mpad.memory import build_memory
 from mpad.mpts import MptsConfig, anomaly_loss, score_maps, train_prompts
+from mpad.notes import RANDOM_WEIGHTS_NOTE
 from mpad.prompt_file import prompt_record, save_prompts
 from mpad.prompts import PromptLearner, TextEncoder, meta_text_embeddings
-from stages.common import PARAMS_OPTION, SHOTS_DIR, fail, load_params, read_shots, section
+from stages.common import PARAMS_OPTION, SHOTS_DIR, StageProgress, fail, load_params, read_shots, section
 
 SYNTH_ROOT = Path("data/synth")
 PROMPTS_ROOT = Path("data/prompts")
@@ -87,7 +87,7 @@ def main(category: str = typer.Option(..., "--category", help="Category to train
     total = config.meta_epochs * config.steps
     calibrated_count = 0
     with Live(dir=str(live_dir), save_dvc_exp=False, dvcyaml=None) as live, \
-            tqdm(total=total, desc=f"train {category}", unit="step") as bar:
+            StageProgress(total=total, desc=f"train {category}", unit="step") as bar:
         live.log_params({"category": category, **{f"mpts.{k}": v for k, v in mpts_p.items()}})
 
         def on_step(record: dict[str, float]) -> None:

@@ -9,9 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from mpad.detector import Detector
-from mpad.memory import VisualMemory, build_memory, fuse_maps, nearest_distance
+from mpad.memory import VisualMemory, build_memory, fuse_maps, memory_from_record, nearest_distance
 from mpad.prompts import meta_text_embeddings
-from stages.common import memory_from_record
 
 LAA = {"attention": "vv", "k": 2, "layers": 2, "cls": "neighbor-cls"}
 LAYERS = [2, 4]
