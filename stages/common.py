@@ -86,6 +86,7 @@ class StageProgress(tqdm):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self.first_update: float | None = None
+        self.done: float = 0  # items done (a disabled tqdm does not count)
         self._timings = os.environ.get(TIMINGS_ENV)
         self._label = (str(kwargs.get("desc") or ""), str(kwargs.get("unit", "it")))
         super().__init__(*args, **kwargs)
@@ -93,11 +94,12 @@ class StageProgress(tqdm):
     def update(self, n: float | None = 1) -> bool | None:
         if self.first_update is None and n:
             self.first_update = time.time()
+        self.done += n or 0
         return super().update(n)
 
     def close(self) -> None:
         if self._timings and self.first_update is not None:
-            line = {"desc": self._label[0], "unit": self._label[1], "n": self.n, "first": self.first_update,
+            line = {"desc": self._label[0], "unit": self._label[1], "n": self.done, "first": self.first_update,
                     "end": time.time(), "pid": os.getpid()}
             with open(self._timings, "a") as out:
                 out.write(json.dumps(line) + "\n")
