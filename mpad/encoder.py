@@ -63,6 +63,7 @@ class EncoderOutput:
     image_embedding: (B, D) the original path's global embedding, exactly `encode_image` (not normalised).
     patch_features: (B, H', W', D) the second path's patch features after ln_post and proj, L2-normalised.
     intermediates: per requested block, (B, H', W', width) patch tokens of the original path after it.
+    All three are fp32 whatever precision the model computes in.
     """
 
     image_embedding: torch.Tensor
@@ -131,7 +132,9 @@ class LocalityAwareEncoder(nn.Module):
         patches = visual.ln_post(dense[:, 1:])
         if visual.proj is not None:
             patches = patches @ visual.proj
-        return EncoderOutput(pooled, F.normalize(self._grid(patches), dim=-1), intermediates)
+        # Outputs in fp32 whatever the model's precision: everything downstream (scores, losses) is fp32.
+        return EncoderOutput(pooled.float(), F.normalize(self._grid(patches).float(), dim=-1),
+                             [t.float() for t in intermediates])
 
     def _grid(self, tokens: torch.Tensor) -> torch.Tensor:
         """(B, N, C) -> (B, H', W', C)."""

@@ -30,14 +30,10 @@ def build_encoder(
 
 @torch.no_grad()
 def encode(encoder: LocalityAwareEncoder, bundle: ClipBundle, images: torch.Tensor) -> EncoderOutput:
-    """images (B, 3, H, W) float in [0, 1], any size -> EncoderOutput (on the bundle's device)."""
-    dtype = next(bundle.model.parameters()).dtype
-    batch = model_input(images.to(bundle.device), bundle.image_size, bundle.mean, bundle.std).to(dtype)
-    out = encoder(batch)
-    out.image_embedding = out.image_embedding.float()
-    out.patch_features = out.patch_features.float()
-    out.intermediates = [t.float() for t in out.intermediates]
-    return out
+    """images (B, 3, H, W) float in [0, 1], any size -> EncoderOutput in fp32 (on the bundle's device)."""
+    batch = model_input(images.to(bundle.device), bundle.image_size, bundle.mean, bundle.std)
+    batch = batch.to(bundle.compute_dtype)  # the resize and normalisation run in fp32
+    return encoder(batch)
 
 
 def stack_images(images: Iterable[np.ndarray], size: Sequence[int]) -> torch.Tensor:

@@ -43,6 +43,7 @@ from mpad.clip import ClipBundle
 from mpad.features import build_encoder, encode
 from mpad.prompts import TEMPLATES, class_words, text_ensemble
 from mpad.scoring import patch_probabilities, upsample
+from mpad.text_cache import TextCache
 
 MASK_METHODS = ("clip", "border")
 REGIONS = ("object", "blobs")
@@ -101,7 +102,9 @@ class ObjectMask:
 
 
 @torch.no_grad()
-def clip_object_probability(bundle: ClipBundle, images: torch.Tensor, category: str, layers: int = 6) -> torch.Tensor:
+def clip_object_probability(
+    bundle: ClipBundle, images: torch.Tensor, category: str, layers: int = 6, cache: TextCache | None = None
+) -> torch.Tensor:
     """(B, 3, H, W) float in [0, 1] -> (B, H, W) probability that each pixel shows the object.
 
     Patch features from the dual-path encoder with V-V attention over the last min(layers, depth)
@@ -113,7 +116,7 @@ def clip_object_probability(bundle: ClipBundle, images: torch.Tensor, category: 
     encoder = build_encoder(bundle, settings)
     patches = encode(encoder, bundle, images).patch_features  # (B, h, w, D)
     words = class_words(category)
-    ensemble = partial(text_ensemble, bundle.model, bundle.tokenizer)
+    ensemble = partial(text_ensemble, bundle.model, bundle.tokenizer, cache=cache)
     text = torch.stack([ensemble(BACKGROUND_PROMPTS), ensemble([t.format(words) for t in TEMPLATES])])
     scale = bundle.model.logit_scale.exp().float()
     probs = patch_probabilities(patches, text.to(patches.device), scale)  # (B, 2, h, w)
@@ -163,10 +166,12 @@ def object_masks(
     texture: bool = False,
     bundle: ClipBundle | None = None,
     layers: int = 6,
+    cache: TextCache | None = None,
 ) -> list[ObjectMask]:
     """M_obj for each of `images` (B, 3, H, W) float in [0, 1]; masks are (H, W) bool.
 
-    texture: the whole image is the object (no model run). method `clip` needs `bundle`. A mask whose
+    texture: the whole image is the object (no model run). method `clip` needs `bundle` (and reads its
+    prompt ensembles from `cache` when given). A mask whose
     cleaned area is outside [MIN_OBJECT_FRACTION, MAX_OBJECT_FRACTION] of the image falls back to the
     whole image; a warning says so and `ObjectMask.fallback` records why.
     """
@@ -178,7 +183,7 @@ def object_masks(
     if method == "clip":
         if bundle is None:
             raise ValueError("object mask method 'clip' needs the model bundle")
-        probs = clip_object_probability(bundle, images, category, layers)
+        probs = clip_object_probability(bundle, images, category, layers, cache)
     else:
         probs = border_object_probability(images)
     out = []

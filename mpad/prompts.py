@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mpad.text_cache import TextCache
+
 # WinCLIP's template ensemble and state words: the initial meta prompts (MNP / MAP).
 TEMPLATES = (
     "a cropped photo of the {}.",
@@ -108,8 +110,8 @@ class TextEncoder(nn.Module):
 class PromptLearner(nn.Module):
     """The learnable normal / anomaly prompts of eq. 1 for one class name.
 
-    Parameters: `general` (ng, width), `normal` (nr, width), `anomaly` (na, width), initialised
-    N(0, 0.02^2) from `generator` (CoOp). Buffers: the embeddings of the fixed tokens.
+    Parameters: `general` (ng, width), `normal` (nr, width), `anomaly` (na, width), fp32, initialised
+    N(0, 0.02^2) from the CPU `generator` (CoOp). Buffers: the embeddings of the fixed tokens.
     `forward()` -> (2, L, width) token embeddings [LNP, LAP] and (2,) end-token positions.
     """
 
@@ -146,10 +148,12 @@ class PromptLearner(nn.Module):
         self.register_buffer("normal_tail", embedded[0, 1 + ng + nc + n_normal :].clone())
         self.register_buffer("anomaly_tail", embedded[1, 1 + ng + nc + n_anomaly :].clone())
         self.register_buffer("end_index", torch.stack(end_index).long())
-        init = {"generator": generator, "device": embedded.device}
-        self.general = nn.Parameter(torch.randn(n_general, width, **init) * 0.02)
-        self.normal = nn.Parameter(torch.randn(n_normal, width, **init) * 0.02)
-        self.anomaly = nn.Parameter(torch.randn(n_anomaly, width, **init) * 0.02)
+        # Drawn on the CPU (`generator` is a CPU generator) and moved: the same seed gives the same initial
+        # prompts on any device. The vectors are fp32 whatever the tower's precision (Adam's state too).
+        def draw(n: int) -> nn.Parameter:
+            return nn.Parameter((torch.randn(n, width, generator=generator) * 0.02).to(embedded.device))
+
+        self.general, self.normal, self.anomaly = draw(n_general), draw(n_normal), draw(n_anomaly)
 
     def forward(self) -> tuple[torch.Tensor, torch.Tensor]:
         sot = self.sot[0]
@@ -178,22 +182,29 @@ def _word_tokens(tokenizer, words: str) -> torch.Tensor:
 def learned_text_embeddings(learner: PromptLearner, encoder: TextEncoder) -> torch.Tensor:
     """(2, D) L2-normalised text embeddings [normal, anomaly] of the learned prompts (differentiable)."""
     embeddings, end_index = learner()
-    return F.normalize(encoder(embeddings, end_index), dim=-1)
+    return F.normalize(encoder(embeddings, end_index).float(), dim=-1)  # fp32 whatever the tower's precision
 
 
 @torch.no_grad()
-def text_ensemble(model: nn.Module, tokenizer, sentences: Sequence[str]) -> torch.Tensor:
-    """(D,) the re-normalised mean of the normalised text embeddings of `sentences` (a prompt ensemble)."""
+def text_ensemble(
+    model: nn.Module, tokenizer, sentences: Sequence[str], cache: TextCache | None = None
+) -> torch.Tensor:
+    """(D,) the re-normalised mean of the normalised text embeddings of `sentences` (a prompt ensemble), fp32;
+    read from / stored in `cache` when one is given."""
     device = next(model.parameters()).device
-    features = model.encode_text(tokenizer(list(sentences)).to(device), normalize=True).float()
-    return F.normalize(features.mean(dim=0), dim=-1)
+
+    def compute(batch: list[str]) -> torch.Tensor:
+        features = F.normalize(model.encode_text(tokenizer(batch).to(device)).float(), dim=-1)
+        return F.normalize(features.mean(dim=0), dim=-1)
+
+    return compute(list(sentences)) if cache is None else cache.ensemble(sentences, compute).to(device)
 
 
-def meta_text_embeddings(model: nn.Module, tokenizer, category: str) -> torch.Tensor:
+def meta_text_embeddings(model: nn.Module, tokenizer, category: str, cache: TextCache | None = None) -> torch.Tensor:
     """(2, D) the initial meta prompts MNP / MAP: the ensembles of every template x state-word sentence
     (WinCLIP's prompt ensemble)."""
     words = class_words(category)
     return torch.stack([
-        text_ensemble(model, tokenizer, [t.format(s.format(words)) for t, s in product(TEMPLATES, states)])
+        text_ensemble(model, tokenizer, [t.format(s.format(words)) for t, s in product(TEMPLATES, states)], cache)
         for states in (NORMAL_STATES, ANOMALY_STATES)
     ])

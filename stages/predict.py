@@ -2,7 +2,8 @@
 
     mpad predict --prompts data/prompts/<category>.pt IMAGES... --out DIR
                  [--threshold T] [--thresholds-file data/thresholds/<category>.json]
-                 [--batch-size 8] [--device auto] [--model-pretrained PATH] [--resolution R] [--max-size 1024]
+                 [--batch-size 8] [--device auto] [--precision fp32] [--model-pretrained PATH]
+                 [--resolution R] [--max-size 1024]
 
 Independent of params.yaml: the backbone (name, weights), encoder settings, text embeddings and
 visual memory all come from the self-describing prompts file; scoring settings (smoothing_sigma,
@@ -76,6 +77,7 @@ def main(
     ),
     batch_size: int = typer.Option(8, "--batch-size", min=1, help="Images per forward pass."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N"),
+    precision: str = typer.Option("fp32", "--precision", help="fp32 | fp16 | bf16 (half precision: GPU)."),
     model_pretrained: str | None = typer.Option(
         None, "--model-pretrained", help="Weights to load instead of the stored ones (e.g. a moved checkpoint file)."
     ),
@@ -94,7 +96,7 @@ def main(
 
     try:
         record = load_prompts(prompts)
-        bundle = _load_backbone(record, prompts, model_pretrained, device)
+        bundle = _load_backbone(record, prompts, model_pretrained, device, precision)
     except (PromptFileError, ModelLoadError) as err:
         fail(str(err))
     if bundle.random_weights or is_random(record["model"].get("pretrained")):
@@ -168,12 +170,15 @@ def _is_image(path: Path) -> bool:
     return path.is_file() and not path.name.startswith(".") and path.suffix.lower() in IMAGE_SUFFIXES
 
 
-def _load_backbone(record: dict[str, Any], prompts: Path, override: str | None, device: str) -> ClipBundle:
+def _load_backbone(
+    record: dict[str, Any], prompts: Path, override: str | None, device: str, precision: str
+) -> ClipBundle:
     """Build the backbone the record names (or with `override` weights); refuse one it was not made for."""
     made = record.get("model")
     if not isinstance(made, dict) or "name" not in made:
         raise PromptFileError(f"{prompts}: the prompts file does not say which model it was made for")
-    bundle = load_clip(str(made["name"]), override if override is not None else made.get("pretrained"), device)
+    weights = override if override is not None else made.get("pretrained")
+    bundle = load_clip(str(made["name"]), weights, device, precision)
     fingerprint = model_fingerprint(bundle)
     stored = str(made.get("pretrained"))
     if override is not None and Path(override).is_file() and Path(override).name == Path(stored).name:

@@ -28,7 +28,7 @@ from mpad.mpts import MptsConfig, anomaly_loss, score_maps, train_prompts
 from mpad.notes import RANDOM_WEIGHTS_NOTE
 from mpad.prompt_file import prompt_record, save_prompts
 from mpad.prompts import PromptLearner, TextEncoder, meta_text_embeddings
-from stages.common import PARAMS_OPTION, SHOTS_DIR, StageProgress, fail, load_params, read_shots, section
+from stages.common import PARAMS_OPTION, SHOTS_DIR, StageProgress, fail, load_params, read_shots, section, text_cache
 
 SYNTH_ROOT = Path("data/synth")
 PROMPTS_ROOT = Path("data/prompts")
@@ -78,9 +78,9 @@ def main(category: str = typer.Option(..., "--category", help="Category to train
     masks_t = torch.from_numpy(np.stack(masks)).to(bundle.device)
 
     learner = PromptLearner(bundle.model, bundle.tokenizer, category, *sizes,
-                            generator=torch.Generator(device=bundle.device).manual_seed(config.seed))
+                            generator=torch.Generator().manual_seed(config.seed))
     text_encoder = TextEncoder(bundle.model)
-    meta_text = meta_text_embeddings(bundle.model, bundle.tokenizer, category)
+    meta_text = meta_text_embeddings(bundle.model, bundle.tokenizer, category, text_cache(bundle))
     logit_scale = float(bundle.model.logit_scale.exp())
 
     live_dir = LIVE_ROOT / category

@@ -58,3 +58,41 @@ def test_known_tag_without_network_says_how_to_use_a_file(monkeypatch):
     monkeypatch.setattr("open_clip.create_model", offline)
     with pytest.raises(ModelLoadError, match="local file path"):
         load_clip("ViT-B-16-plus-240", "laion400m_e32")
+
+
+def test_loaded_weights_are_not_initialised_first(tmp_path, tiny_clip, monkeypatch):
+    calls = []
+    original = torch.nn.init.normal_
+
+    def counting(tensor, *args, **kwargs):
+        calls.append(tuple(tensor.shape))
+        return original(tensor, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.init, "normal_", counting)
+    load_clip("mpad-tiny", "none")
+    assert calls, "random weights come from nn.init"
+    calls.clear()
+    path = tmp_path / "tiny.pt"
+    torch.save(tiny_clip.model.state_dict(), path)
+    loaded = load_clip("mpad-tiny", str(path))
+    assert calls == []
+    assert torch.nn.init.normal_ is counting and torch.nn.Linear.reset_parameters is not None
+    for (name, a), (_, b) in zip(loaded.model.state_dict().items(), tiny_clip.model.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+    # Layers built afterwards are initialised again.
+    assert torch.nn.Linear(4, 4).weight.abs().sum() > 0
+
+
+@pytest.mark.parametrize("precision", ["fp8", "half", "FP16", ""])
+def test_unknown_precision_is_refused(precision):
+    with pytest.raises(ModelLoadError, match=r"model.precision = .*must be one of fp32, fp16, bf16"):
+        load_clip("mpad-tiny", "none", precision=precision)
+
+
+@pytest.mark.parametrize(("precision", "dtype"), [("bf16", torch.bfloat16), ("fp16", torch.float16)])
+def test_half_precision_casts_like_open_clip(precision, dtype):
+    bundle = load_clip("mpad-tiny", "none", precision=precision)
+    visual = bundle.model.visual
+    assert bundle.compute_dtype == dtype and visual.conv1.weight.dtype == dtype
+    assert visual.transformer.resblocks[0].ln_1.weight.dtype == torch.float32  # LayerNorm stays fp32
+    assert visual.positional_embedding.dtype == torch.float32
