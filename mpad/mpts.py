@@ -41,10 +41,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from mpad.config import CALIBRATIONS, MptsConfig
 from mpad.prompts import PromptLearner, TextEncoder, learned_text_embeddings
 from mpad.scoring import patch_probabilities, upsample
 
-CALIBRATIONS = ("projection", "literal")
 _EPS = 1e-6
 
 
@@ -81,39 +81,6 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     if norms == 0:
         return 0.0
     return float((a @ b) / norms)
-
-
-@dataclass
-class MptsConfig:
-    """Settings of the MPTS loop (params.yaml `mpts`).
-
-    lam: guiding level lambda of eq. 10 (0: plain BCE training).
-    calibration: "projection" or "literal", see `calibrate`.
-    meta_epochs: number of rounds (0: no learning at all; the result is the initial meta prompt, i.e.
-        the hand-written template ensemble: the paper's "human-semantic prompt" baseline of Table 1);
-        steps: Adam steps per round; lr: Adam learning rate.
-    batch_size: images per minibatch, drawn without replacement (reshuffled when exhausted) from a
-        torch.Generator seeded by `seed`.
-    divergence: False skips the divergence loss and its gradient altogether (plain BCE training; the
-        prompts are then bit-identical to a run with lam = 0).
-    """
-
-    lam: float = 1.0
-    calibration: str = "projection"
-    meta_epochs: int = 3
-    steps: int = 100
-    lr: float = 0.002
-    batch_size: int = 16
-    seed: int = 0
-    divergence: bool = True
-
-    def __post_init__(self) -> None:
-        if self.calibration not in CALIBRATIONS:
-            raise ValueError(f"mpts.calibration must be one of {CALIBRATIONS}, got {self.calibration!r}")
-        if self.meta_epochs < 0 or self.steps < 1 or self.batch_size < 1:
-            raise ValueError("mpts.meta_epochs must be >= 0, mpts.steps and mpts.batch_size >= 1")
-        if self.lam < 0:
-            raise ValueError(f"mpts.lambda must be >= 0, got {self.lam}")
 
 
 @dataclass

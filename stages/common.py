@@ -31,6 +31,23 @@ def load_params(path: Path) -> dict[str, Any]:
     return params
 
 
+def load_config(path: Path, *names: str) -> list[Any]:
+    """The `mpad.config` objects of sections `names` of the params file, in that order; every bad value of
+    them is reported (one line each) before the stage stops."""
+    from mpad import config  # light: no torch
+
+    params = load_params(path)
+    found, errors = [], []
+    for name in names:
+        try:
+            found.append(config.SECTIONS[name].from_params(params.get(name)))
+        except config.ConfigError as err:
+            errors += str(err).splitlines()
+    if errors:
+        fail(f"{path}: {errors[0]}" if len(errors) == 1 else f"{path}:\n  " + "\n  ".join(errors))
+    return found
+
+
 def section(params: dict[str, Any], name: str, path: Path, keys: tuple[str, ...] = ()) -> dict[str, Any]:
     """params[name], which must be a mapping holding `keys`; otherwise a clear error naming the file."""
     found = params.get(name)

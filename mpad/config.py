@@ -1,0 +1,360 @@
+"""Typed, validated settings: one frozen dataclass per section of params.yaml, checked once, in one place.
+
+`Section.from_params(values)` reads a section's mapping: a missing key takes the field's default (the
+defaults are params.yaml's values; a test keeps the two equal), an unknown key or a bad value is a
+`ConfigError` whose message has one line per problem, naming the key, the value and what is allowed.
+Library functions take these objects, not dicts. Light module: no torch import (the stages that need no
+model use it too).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any, TypeVar
+
+DATASETS = ("mvtec", "folder", "synthetic")
+PRECISIONS = ("fp32", "fp16", "bf16")
+ATTENTIONS = ("vv", "qk")
+CLS_MODES = ("neighbor-cls", "neighbor")
+MASK_METHODS = ("clip", "border")
+REGIONS = ("object", "blobs")
+IMAGE_SCORES = ("max", "topk_mean", "global")
+FUSIONS = ("harmonic", "arithmetic")
+CALIBRATIONS = ("projection", "literal")
+
+MVTEC_URL = (
+    "https://www.mydrive.ch/shares/38536/3830184030e49fe74747669442f0f282/download/420938113-1629952094/"
+    "mvtec_anomaly_detection.tar.xz"
+)
+MVTEC_SHA256 = "cf4313b13603bec67abb49ca959488f7eedce2a9f7795ec54446c649ac98cd3d"
+MVTEC_CATEGORIES = ("carpet", "grid", "leather", "tile", "wood", "bottle", "cable", "capsule", "hazelnut",
+                    "metal_nut", "pill", "screw", "toothbrush", "transistor", "zipper")
+MVTEC_TEXTURES = ("carpet", "grid", "leather", "tile", "wood")
+
+
+class ConfigError(ValueError):
+    """Bad settings; the message has one line per problem."""
+
+
+_MISSING = object()
+
+
+class _Reader:
+    """Reads one section's keys, collecting one error line per bad value."""
+
+    def __init__(self, section: str, values: Any) -> None:
+        if not isinstance(values, Mapping):
+            raise ConfigError(f"section '{section}' missing or not a mapping of keys (got {values!r})")
+        self.section, self.values, self.errors = section, values, []
+
+    def get(self, key: str, default: Any, check: Callable[[Any], bool], allowed: str) -> Any:
+        value = self.values.get(key, _MISSING)
+        if value is _MISSING:
+            return default
+        if not check(value):
+            self.errors.append(f"{self.section}.{key} = {value!r}: {allowed}")
+            return default
+        return value
+
+    def done(self, known: tuple[str, ...]) -> None:
+        unknown = sorted(set(self.values) - set(known))
+        if unknown:
+            self.errors.append(f"{self.section}: unknown key(s) {', '.join(map(str, unknown))} "
+                               f"(known: {', '.join(known)})")
+        if self.errors:
+            raise ConfigError("\n".join(self.errors))
+
+
+def _is_int(low: int | None = None) -> Callable[[Any], bool]:
+    return lambda v: isinstance(v, int) and not isinstance(v, bool) and (low is None or v >= low)
+
+
+def _is_number(low: float, high: float = math.inf, open_low: bool = False) -> Callable[[Any], bool]:
+    def check(v: Any) -> bool:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            return False
+        return (v > low if open_low else v >= low) and v <= high
+
+    return check
+
+
+def _is_choice(choices: tuple[str, ...]) -> Callable[[Any], bool]:
+    return lambda v: isinstance(v, str) and v in choices
+
+
+def _is_names(v: Any) -> bool:
+    return isinstance(v, list) and all(isinstance(x, str) and x.strip() for x in v) and len(set(v)) == len(v)
+
+
+def _is_text(v: Any) -> bool:
+    return isinstance(v, str) and bool(v.strip())
+
+
+def _is_bool(v: Any) -> bool:
+    return isinstance(v, bool)
+
+
+def _is_device(v: Any) -> bool:
+    if not isinstance(v, str):
+        return False
+    kind, _, index = v.partition(":")
+    return v in ("auto", "cpu", "cuda") or (kind == "cuda" and index.isdigit())
+
+
+INT = "must be an integer"
+NAMES = "must be a list of distinct non-empty names"
+
+S = TypeVar("S")
+
+
+def _read(cls: type[S], section: str, values: Any, rules: dict[str, tuple[Callable[[Any], bool], str]]) -> S:
+    """Build `cls` from `values` with one (check, allowed) rule per field; defaults from the dataclass."""
+    reader = _Reader(section, values)
+    defaults = cls()  # type: ignore[call-arg]
+    params = [f for f in fields(cls) if f.name in rules]  # type: ignore[arg-type]
+    kwargs = {f.name: reader.get(f.metadata.get("key", f.name), getattr(defaults, f.name), *rules[f.name])
+              for f in params}
+    reader.done(tuple(f.metadata.get("key", f.name) for f in params))
+    return cls(**kwargs)
+
+
+@dataclass(frozen=True)
+class DatasetConfig:
+    """`dataset`: which data, where. categories None = every category of the dataset; textures None = the
+    dataset's default texture categories."""
+
+    name: str = "mvtec"
+    root: str = "data/mvtec"
+    url: str = MVTEC_URL
+    sha256: str | None = MVTEC_SHA256
+    categories: list[str] | None = field(default_factory=lambda: list(MVTEC_CATEGORIES))
+    textures: list[str] | None = field(default_factory=lambda: list(MVTEC_TEXTURES))
+    seed: int = 0
+
+    @classmethod
+    def from_params(cls, values: Any) -> DatasetConfig:
+        return _read(cls, "dataset", values, {
+            "name": (_is_choice(DATASETS), f"must be one of {', '.join(DATASETS)}"),
+            "root": (_is_text, "must be a folder path"),
+            "url": (lambda v: isinstance(v, str), "must be a URL"),
+            "sha256": (lambda v: v is None or (isinstance(v, str) and len(v) == 64), "must be 64 hex digits or null"),
+            "categories": (lambda v: v is None or (_is_names(v) and bool(v)), NAMES + " (or null: all)"),
+            "textures": (lambda v: v is None or _is_names(v), NAMES + " (or null: the dataset's default)"),
+            "seed": (_is_int(0), INT + " >= 0"),
+        })
+
+
+@dataclass(frozen=True)
+class ShotsConfig:
+    """`shots`: k normal training images per category, drawn with seed."""
+
+    k: int = 1
+    seed: int = 0
+
+    @classmethod
+    def from_params(cls, values: Any) -> ShotsConfig:
+        return _read(cls, "shots", values, {"k": (_is_int(1), INT + " >= 1"), "seed": (_is_int(0), INT + " >= 0")})
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """`model`: the open_clip backbone, its weights (tag | checkpoint path | none), device and precision."""
+
+    name: str = "ViT-B-16-plus-240"
+    pretrained: str = "laion400m_e32"
+    device: str = "auto"
+    precision: str = "fp32"
+
+    @classmethod
+    def from_params(cls, values: Any) -> ModelConfig:
+        if isinstance(values, Mapping) and values.get("pretrained", "") is None:
+            values = {**values, "pretrained": "none"}  # YAML null: random weights, like 'none'
+        return _read(cls, "model", values, {
+            "name": (_is_text, "must be an open_clip architecture name or mpad-tiny"),
+            "pretrained": (_is_text, "must be an open_clip tag, a checkpoint file path, or none"),
+            "device": (_is_device, "must be auto, cpu, cuda or cuda:N"),
+            "precision": (_is_choice(PRECISIONS), f"must be one of {', '.join(PRECISIONS)}"),
+        })
+
+
+@dataclass(frozen=True)
+class LaaConfig:
+    """`laa` (eq. 11-12): attention of the second path, neighbour distance k (None: no mask), the number of
+    last blocks with the second path, and the CLS treatment."""
+
+    attention: str = "vv"
+    k: float | None = 2
+    layers: int = 6
+    cls: str = "neighbor-cls"
+
+    @classmethod
+    def from_params(cls, values: Any) -> LaaConfig:
+        config = _read(cls, "laa", values, {
+            "attention": (_is_choice(ATTENTIONS), f"must be one of {', '.join(ATTENTIONS)}"),
+            "k": (lambda v: v is None or _is_number(-math.inf)(v), "must be a number (<= 0 or null: no mask)"),
+            "layers": (_is_int(1), INT + " >= 1"),
+            "cls": (_is_choice(CLS_MODES), f"must be one of {', '.join(CLS_MODES)}"),
+        })
+        return config
+
+    def as_dict(self) -> dict[str, Any]:
+        """What is stored with learned prompts."""
+        return {"attention": self.attention, "k": self.k, "layers": self.layers, "cls": self.cls}
+
+
+@dataclass(frozen=True)
+class PromptsConfig:
+    """`prompts` (eq. 1): learnable token counts of the shared prefix and the normal / anomaly suffixes."""
+
+    n_general: int = 4
+    n_normal: int = 2
+    n_anomaly: int = 2
+
+    @classmethod
+    def from_params(cls, values: Any) -> PromptsConfig:
+        return _read(cls, "prompts", values, {
+            "n_general": (_is_int(0), INT + " >= 0"),
+            "n_normal": (_is_int(1), INT + " >= 1"),
+            "n_anomaly": (_is_int(1), INT + " >= 1"),
+        })
+
+    @property
+    def sizes(self) -> tuple[int, int, int]:
+        return (self.n_general, self.n_normal, self.n_anomaly)
+
+
+@dataclass(frozen=True)
+class OagmConfig:
+    """`oagm` (sec. 3.4): synthesized anomalies."""
+
+    enabled: bool = True
+    region: str = "blobs"
+    samples: int = 32
+    sigma: float = 0.25
+    clean_fraction: float = 0.2
+    mask_method: str = "clip"
+    mask_threshold: float = 0.5
+    mask_layers: int = 6
+    seed: int = 0
+
+    @classmethod
+    def from_params(cls, values: Any) -> OagmConfig:
+        return _read(cls, "oagm", values, {
+            "enabled": (_is_bool, "must be true or false"),
+            "region": (_is_choice(REGIONS), f"must be one of {', '.join(REGIONS)}"),
+            "samples": (_is_int(1), INT + " >= 1"),
+            "sigma": (_is_number(0), "must be a number >= 0"),
+            "clean_fraction": (_is_number(0, 1), "must be a number in [0, 1]"),
+            "mask_method": (_is_choice(MASK_METHODS), f"must be one of {', '.join(MASK_METHODS)}"),
+            "mask_threshold": (_is_number(0, 1), "must be a number in [0, 1]"),
+            "mask_layers": (_is_int(1), INT + " >= 1"),
+            "seed": (_is_int(0), INT + " >= 0"),
+        })
+
+
+@dataclass(frozen=True)
+class ScoringConfig:
+    """`scoring`: map smoothing (pixels at evaluate.resolution; 0 = off) and the image score."""
+
+    smoothing_sigma: float = 4.0
+    image_score: str = "max"
+    topk: float = 0.01
+
+    @classmethod
+    def from_params(cls, values: Any) -> ScoringConfig:
+        return _read(cls, "scoring", values, {
+            "smoothing_sigma": (_is_number(0), "must be a number >= 0"),
+            "image_score": (_is_choice(IMAGE_SCORES), f"must be one of {', '.join(IMAGE_SCORES)}"),
+            "topk": (_is_number(0, 1, open_low=True), "must be a fraction in (0, 1]"),
+        })
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    """`evaluate`: map resolution, batch size, DataLoader workers, overlay count."""
+
+    resolution: int = 256
+    batch_size: int = 16
+    workers: int = 2
+    overlays: int = 6
+
+    @classmethod
+    def from_params(cls, values: Any) -> EvaluateConfig:
+        return _read(cls, "evaluate", values, {
+            "resolution": (_is_int(8), INT + " >= 8"),
+            "batch_size": (_is_int(1), INT + " >= 1"),
+            "workers": (_is_int(0), INT + " >= 0"),
+            "overlays": (_is_int(0), INT + " >= 0"),
+        })
+
+
+@dataclass(frozen=True)
+class MemoryConfig:
+    """`memory`: the few-shot visual memory branch (beyond the paper)."""
+
+    enabled: bool = False
+    layers: list[int] = field(default_factory=lambda: [6, 9, 12])
+    fusion: str = "harmonic"
+
+    @classmethod
+    def from_params(cls, values: Any) -> MemoryConfig:
+        return _read(cls, "memory", values, {
+            "enabled": (_is_bool, "must be true or false"),
+            "layers": (lambda v: isinstance(v, list) and bool(v) and all(_is_int(1)(x) for x in v),
+                       "must be a non-empty list of block numbers >= 1"),
+            "fusion": (_is_choice(FUSIONS), f"must be one of {', '.join(FUSIONS)}"),
+        })
+
+
+@dataclass(frozen=True)
+class MptsConfig:
+    """`mpts` (sec. 3.3): the MPTS loop.
+
+    lam: guiding level lambda of eq. 10 (params key `lambda`; 0: plain BCE training).
+    calibration: "projection" or "literal", see `mpad.mpts.calibrate`.
+    meta_epochs: number of rounds (0: no learning at all; the result is the initial meta prompt, i.e.
+        the hand-written template ensemble: the paper's "human-semantic prompt" baseline of Table 1);
+        steps: Adam steps per round; lr: Adam learning rate.
+    batch_size: images per minibatch, drawn without replacement (reshuffled when exhausted) from a
+        torch.Generator seeded by `seed`.
+    divergence: not a params key. False skips the divergence loss and its gradient altogether (plain BCE
+        training; the prompts are then bit-identical to a run with lam = 0).
+    """
+
+    lam: float = field(default=1.0, metadata={"key": "lambda"})
+    calibration: str = "projection"
+    meta_epochs: int = 3
+    steps: int = 100
+    lr: float = 0.002
+    batch_size: int = 16
+    seed: int = 0
+    divergence: bool = True
+
+    def __post_init__(self) -> None:  # guards for library callers; params are checked by from_params
+        if self.calibration not in CALIBRATIONS:
+            raise ValueError(f"mpts.calibration must be one of {CALIBRATIONS}, got {self.calibration!r}")
+        if self.meta_epochs < 0 or self.steps < 1 or self.batch_size < 1:
+            raise ValueError("mpts.meta_epochs must be >= 0, mpts.steps and mpts.batch_size >= 1")
+        if not self.lam >= 0:
+            raise ValueError(f"mpts.lambda must be >= 0, got {self.lam}")
+
+    @classmethod
+    def from_params(cls, values: Any) -> MptsConfig:
+        return _read(cls, "mpts", values, {
+            "lam": (_is_number(0), "must be a number >= 0"),
+            "calibration": (_is_choice(CALIBRATIONS), f"must be one of {', '.join(CALIBRATIONS)}"),
+            "meta_epochs": (_is_int(0), INT + " >= 0"),
+            "steps": (_is_int(1), INT + " >= 1"),
+            "lr": (_is_number(0, open_low=True), "must be a number > 0"),
+            "batch_size": (_is_int(1), INT + " >= 1"),
+            "seed": (_is_int(0), INT + " >= 0"),
+        })
+
+
+SECTIONS: dict[str, Any] = {
+    "dataset": DatasetConfig, "shots": ShotsConfig, "model": ModelConfig, "laa": LaaConfig, "prompts": PromptsConfig,
+    "oagm": OagmConfig, "mpts": MptsConfig, "scoring": ScoringConfig, "evaluate": EvaluateConfig,
+    "memory": MemoryConfig,
+}
