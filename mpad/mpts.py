@@ -37,6 +37,10 @@ the prefix G, so the per-prompt gradients are not separable. We read them as one
 learnable vectors (G, N and A flattened and concatenated in that order): G_ano = dL_ano/dtheta and
 G_div = dL_div/dtheta. When cos(G_ano, G_div) < 0, G_ano is calibrated (`calibrate`), and the optimiser
 steps with the calibrated G_ano only (eq. 10): the divergence loss never enters the step directly.
+Eq. 10 as printed ("literal") subtracts a scalar from every coordinate, so its effect depends on the
+loss normalisation; "literal-rms" is a pixel-count-free version of it (see `calibrate`).
+Adam rescales each coordinate by its own running RMS, so what eq. 10 guarantees (e.g. orthogonality to
+G_div for "projection" with lambda = 1) holds for the gradient handed to Adam, not for the update.
 
 Meta-epochs: round 0's meta prompt is the hand-written template ensemble (`meta_text_embeddings`);
 after each round of `steps` optimiser steps the meta prompt becomes a detached copy of the learned
@@ -55,7 +59,7 @@ import torch
 
 from mpad.prompts import PromptLearner, TextEncoder, learned_text_embeddings
 
-CALIBRATIONS = ("projection", "literal")
+CALIBRATIONS = ("projection", "literal", "literal-rms")
 
 
 def calibrate(g_ano: torch.Tensor, g_div: torch.Tensor, lam: float, mode: str = "projection") -> torch.Tensor:
@@ -68,7 +72,17 @@ def calibrate(g_ano: torch.Tensor, g_div: torch.Tensor, lam: float, mode: str = 
     mode "projection" (default): g_ano - lam * (g_ano . g_div / |g_div|^2) * g_div, i.e. remove a share
     lam of g_ano's component along g_div (lam = 1: the result is orthogonal to g_div, PCGrad-style).
     mode "literal": eq. 10 as printed, g_ano - lam * cos(g_ano, g_div), the scalar cosine subtracted
-    from every component.
+    from every component. cos is scale-free but g_ano is not: its size follows the loss normalisation
+    (the mean over pixels here; eq. 4-5's sums would make it pixel-count times larger), so the same lam
+    shifts the gradient a lot or next to nothing depending on that choice. Not a neutral ablation.
+    mode "literal-rms": g_ano - lam * cos(g_ano, g_div) * rms(g_ano), rms = |g_ano| / sqrt(n): the literal
+    shift measured in units of g_ano's RMS coordinate (its norm is lam * |cos| * |g_ano|, the norm the
+    projection removes at the same lam). Scaling the loss by c scales the result by c, so with Adam
+    (scale-free up to its eps) the training does not depend on the pixel normalisation.
+
+    "projection" and "literal-rms" are scale-equivariant in g_ano and invariant to the scale of g_div.
+    Adam divides each coordinate by its own running RMS: the properties above (e.g. orthogonality at
+    lam = 1) hold for the gradient handed to Adam, not for the parameter update.
     """
     if mode not in CALIBRATIONS:
         raise ValueError(f"mpts.calibration must be one of {CALIBRATIONS}, got {mode!r}")
@@ -80,6 +94,8 @@ def calibrate(g_ano: torch.Tensor, g_div: torch.Tensor, lam: float, mode: str = 
     if mode == "literal":
         return g_ano - lam * cos
     a, d = g_ano.double(), g_div.double()
+    if mode == "literal-rms":
+        return (a - lam * cos * a.norm() / a.numel() ** 0.5).to(g_ano.dtype)
     coef = (a * d).sum() / (d * d).sum()
     return (a - lam * coef * d).to(g_ano.dtype)
 
@@ -98,7 +114,7 @@ class MptsConfig:
     """Settings of the MPTS loop (params.yaml `mpts`).
 
     lam: guiding level lambda of eq. 10 (0: plain BCE training).
-    calibration: "projection" or "literal", see `calibrate`.
+    calibration: "projection", "literal" or "literal-rms", see `calibrate`.
     meta_epochs: number of rounds (0: no learning at all; the result is the initial meta prompt, i.e.
         the hand-written template ensemble: the paper's "human-semantic prompt" baseline of Table 1);
         steps: Adam steps per round; lr: Adam learning rate.

@@ -136,7 +136,7 @@ def test_calibrate_conflicting_projection_half_way():
     [torch.tensor([1.0, 1.0, 5.0]), torch.tensor([-2.0, 1.0, 7.0]), torch.zeros(3)],
     ids=["agreeing", "orthogonal", "zero"],
 )
-@pytest.mark.parametrize("mode", ["projection", "literal"])
+@pytest.mark.parametrize("mode", ["projection", "literal", "literal-rms"])
 def test_calibrate_leaves_non_conflicting_gradients(g_div, mode):
     g_ano = torch.tensor([1.0, 2.0, 0.0])
     out = calibrate(g_ano, g_div, lam=1.0, mode=mode)
@@ -149,6 +149,35 @@ def test_calibrate_literal_subtracts_lambda_times_cosine():
     out = calibrate(g_ano, g_div, lam=2.0, mode="literal")
     shift = 2.0 / math.sqrt(2.0)
     torch.testing.assert_close(out, torch.tensor([1.0 + shift, shift]))
+
+
+def test_calibrate_literal_rms_shifts_by_cosine_times_rms():
+    g_ano, g_div = torch.tensor([1.0, 0.0]), torch.tensor([-1.0, 1.0])  # cos = -1/sqrt(2), rms(g_ano) = 1/sqrt(2)
+    out = calibrate(g_ano, g_div, lam=2.0, mode="literal-rms")
+    torch.testing.assert_close(out, torch.tensor([2.0, 1.0]))  # shift 2 * (1/sqrt(2)) * (1/sqrt(2)) = 1
+
+
+def test_calibration_and_pixel_normalisation():
+    """Eq. 4-5 print sums over pixels, we average: the same loss with another pixel normalisation. Projection
+    and literal-rms give the same calibrated gradient up to that factor (Adam steps alike); literal does not."""
+    gen = torch.Generator().manual_seed(0)
+    base = F.normalize(torch.randn(8, generator=gen), dim=0)
+    features = F.normalize(base + 0.3 * torch.randn(2, 3, 3, 8, generator=gen), dim=-1)
+    noise = 0.3 * torch.randn(2, 2, 8, generator=gen)
+    text = F.normalize(torch.stack([-base, base]) + noise[0], dim=-1).requires_grad_()  # leans anomalous
+    meta = F.normalize(torch.stack([base, -base]) + noise[1], dim=-1)  # leans normal: L_div pulls S'_a down
+    masks = torch.ones(2, 12, 12)  # all anomalous: L_ano pushes S'_a up
+    log_maps = score_maps(features, text, 10.0, (12, 12))
+    loss_mean = anomaly_loss(log_maps, masks)
+    loss_div = divergence_loss(score_maps(features, meta, 10.0, (12, 12)), log_maps)
+    g_mean, g_div = (torch.autograd.grad(loss, text, retain_graph=True)[0].flatten() for loss in (loss_mean, loss_div))
+    n = masks.numel()  # 288 pixels: the sum-normalised loss is n * loss_mean
+    g_sum = torch.autograd.grad(n * loss_mean, text)[0].flatten()
+    assert float(F.cosine_similarity(g_mean, g_div, dim=0)) < -0.1  # a conflict: eq. 10 applies
+    for mode in ("projection", "literal-rms"):
+        torch.testing.assert_close(calibrate(g_sum, g_div, 1.0, mode) / n, calibrate(g_mean, g_div, 1.0, mode))
+    lit_mean, lit_sum = calibrate(g_mean, g_div, 1.0, "literal"), calibrate(g_sum, g_div, 1.0, "literal")
+    assert float(F.cosine_similarity(lit_mean, lit_sum, dim=0)) < 0.9  # the printed form depends on it
 
 
 def test_calibrate_rejects_unknown_mode():
