@@ -22,7 +22,7 @@ MASK_METHODS = ("clip", "border")
 REGIONS = ("object", "blobs")
 IMAGE_SCORES = ("max", "topk_mean", "global")
 FUSIONS = ("harmonic", "arithmetic")
-CALIBRATIONS = ("projection", "literal")
+CALIBRATIONS = ("projection", "literal", "literal-rms")
 
 MVTEC_URL = (
     "https://www.mydrive.ch/shares/38536/3830184030e49fe74747669442f0f282/download/420938113-1629952094/"
@@ -313,7 +313,7 @@ class MptsConfig:
     """`mpts` (sec. 3.3): the MPTS loop.
 
     lam: guiding level lambda of eq. 10 (params key `lambda`; 0: plain BCE training).
-    calibration: "projection" or "literal", see `mpad.mpts.calibrate`.
+    calibration: "projection", "literal" or "literal-rms", see `mpad.mpts.calibrate`.
     meta_epochs: number of rounds (0: no learning at all; the result is the initial meta prompt, i.e.
         the hand-written template ensemble: the paper's "human-semantic prompt" baseline of Table 1);
         steps: Adam steps per round; lr: Adam learning rate.

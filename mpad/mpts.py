@@ -6,24 +6,41 @@ suffix A) are optimised.
 
 Losses, per minibatch of patch features (B, H', W', D) and masks M'_a (B, H, W):
 
-- Score maps: S' = softmax over [normal, anomaly] of the scaled cosine similarities
-  (`mpad.scoring.patch_probabilities`), (B, 2, H', W'), upsampled bilinearly to (B, 2, H, W).
+- Score maps, in log space (`score_maps`): log S' = log_softmax over [normal, anomaly] of the scaled
+  cosine similarities on the patch grid (B, 2, H', W'), then upsampled to (B, 2, H, W) by
+  `log_upsample`: the log of the *probabilities* upsampled bilinearly, computed without leaving log
+  space (bilinear weights are a convex combination, so each pixel is a log-sum-exp of log weight + log
+  probability). exp(log S') is therefore the evaluation map (`mpad.scoring.anomaly_maps`, its anomaly
+  channel) to float rounding: training fits the map that is evaluated. The alternative, upsampling the
+  logit difference and taking its log-sigmoid, would make the trained map differ from the evaluated one
+  between patch centres, or change the evaluation maps. Nothing is clamped: a probability below float
+  precision still has a finite log and a gradient.
 - Anomaly loss (eq. 3-5): L_ano = BCE(S'_n, M'_n) + BCE(S'_a, M'_a) with M'_n = 1 - M'_a (eq. 3), each
-  term the *mean* over all pixels of the batch. Eq. 4-5 write a sum over "j | m_j = 1"; taken
-  literally for both prompts (LNP over the pixels of M'_n, LAP over those of M'_a) and because the pair
-  softmax gives S'_n = 1 - S'_a, the two restricted sums add up to exactly one full-image BCE, and the
-  two unrestricted terms are equal. Averaging instead of summing only rescales the gradient.
+  term the *mean* over all pixels of the batch, written with log S'_n and log S'_a only (log(1 - S'_a) =
+  log S'_n: the pair sums to one). Eq. 4-5 write a sum over "j | m_j = 1"; taken literally for both
+  prompts (LNP over the pixels of M'_n, LAP over those of M'_a) and because S'_n = 1 - S'_a, the two
+  restricted sums add up to exactly one full-image BCE, and the two unrestricted terms are equal.
+  Averaging instead of summing only rescales the gradient.
 - Divergence loss (eq. 6-7): L_div = KL(S^M_a || S'_a) + KL(S^M_n || S'_n), each the per-pixel KL of the
   Bernoulli distributions (equal to the KL of the two-class distributions, so both terms are equal),
-  averaged over the pixels. S^M are the maps of the current meta prompt; they are constant within a
-  meta-epoch and computed once per meta-epoch on the cached features (at patch resolution, upsampled
-  per batch exactly like S').
+  averaged over the pixels, from log S^M and log S'. S^M are the maps of the current meta prompt, fixed
+  within a meta-epoch and computed per minibatch exactly like S' (same shapes, same operations), so that
+  at the start of a later meta-epoch, where the learned prompt equals the meta prompt, S' and S^M are
+  bitwise equal and G_div is exactly 0 (see `divergence_loss`). For one patch (no interpolation), the
+  derivative of its KL with respect to the logit difference logit_a - logit_n is S'_a - S^M_a however
+  far the learned map saturates; clamping the probabilities to [1e-6, 1 - 1e-6] would zero it beyond a
+  logit gap of 13.8 (a cosine gap of 0.138 at CLIP's logit scale 100), switching the calibration off
+  exactly where the learned prompt has drifted furthest from the meta prompt.
 
 Gradient calibration (eq. 8-10): eq. 8-9 are written per prompt (LAP / LNP), but both prompts share
 the prefix G, so the per-prompt gradients are not separable. We read them as one gradient over *all*
 learnable vectors (G, N and A flattened and concatenated in that order): G_ano = dL_ano/dtheta and
 G_div = dL_div/dtheta. When cos(G_ano, G_div) < 0, G_ano is calibrated (`calibrate`), and the optimiser
 steps with the calibrated G_ano only (eq. 10): the divergence loss never enters the step directly.
+Eq. 10 as printed ("literal") subtracts a scalar from every coordinate, so its effect depends on the
+loss normalisation; "literal-rms" is a pixel-count-free version of it (see `calibrate`).
+Adam rescales each coordinate by its own running RMS, so what eq. 10 guarantees (e.g. orthogonality to
+G_div for "projection" with lambda = 1) holds for the gradient handed to Adam, not for the update.
 
 Meta-epochs: round 0's meta prompt is the hand-written template ensemble (`meta_text_embeddings`);
 after each round of `steps` optimiser steps the meta prompt becomes a detached copy of the learned
@@ -39,13 +56,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from mpad.config import CALIBRATIONS, MptsConfig
 from mpad.prompts import PromptLearner, TextEncoder, learned_text_embeddings
-from mpad.scoring import patch_probabilities, upsample
-
-_EPS = 1e-6
 
 
 def calibrate(g_ano: torch.Tensor, g_div: torch.Tensor, lam: float, mode: str = "projection") -> torch.Tensor:
@@ -58,7 +71,17 @@ def calibrate(g_ano: torch.Tensor, g_div: torch.Tensor, lam: float, mode: str = 
     mode "projection" (default): g_ano - lam * (g_ano . g_div / |g_div|^2) * g_div, i.e. remove a share
     lam of g_ano's component along g_div (lam = 1: the result is orthogonal to g_div, PCGrad-style).
     mode "literal": eq. 10 as printed, g_ano - lam * cos(g_ano, g_div), the scalar cosine subtracted
-    from every component.
+    from every component. cos is scale-free but g_ano is not: its size follows the loss normalisation
+    (the mean over pixels here; eq. 4-5's sums would make it pixel-count times larger), so the same lam
+    shifts the gradient a lot or next to nothing depending on that choice. Not a neutral ablation.
+    mode "literal-rms": g_ano - lam * cos(g_ano, g_div) * rms(g_ano), rms = |g_ano| / sqrt(n): the literal
+    shift measured in units of g_ano's RMS coordinate (its norm is lam * |cos| * |g_ano|, the norm the
+    projection removes at the same lam). Scaling the loss by c scales the result by c, so with Adam
+    (scale-free up to its eps) the training does not depend on the pixel normalisation.
+
+    "projection" and "literal-rms" are scale-equivariant in g_ano and invariant to the scale of g_div.
+    Adam divides each coordinate by its own running RMS: the properties above (e.g. orthogonality at
+    lam = 1) hold for the gradient handed to Adam, not for the parameter update.
     """
     if mode not in CALIBRATIONS:
         raise ValueError(f"mpts.calibration must be one of {CALIBRATIONS}, got {mode!r}")
@@ -70,6 +93,8 @@ def calibrate(g_ano: torch.Tensor, g_div: torch.Tensor, lam: float, mode: str = 
     if mode == "literal":
         return g_ano - lam * cos
     a, d = g_ano.double(), g_div.double()
+    if mode == "literal-rms":
+        return (a - lam * cos * a.norm() / a.numel() ** 0.5).to(g_ano.dtype)
     coef = (a * d).sum() / (d * d).sum()
     return (a - lam * coef * d).to(g_ano.dtype)
 
@@ -105,30 +130,60 @@ class TrainResult:
         return self.history[-1]["loss_ano"] if self.history else float("nan")
 
 
-def anomaly_loss(probs: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-    """Eq. 3-5: probs (B, 2, H, W) [S'_n, S'_a], masks (B, H, W) M'_a in {0, 1} -> scalar
-    BCE(S'_n, 1 - M'_a) + BCE(S'_a, M'_a), each the mean over pixels."""
-    s_n, s_a = probs[:, 0], probs[:, 1]
-    return F.binary_cross_entropy(s_n, 1 - masks) + F.binary_cross_entropy(s_a, masks)
+def anomaly_loss(log_maps: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """Eq. 3-5: log_maps (B, 2, H, W) [log S'_n, log S'_a] (`score_maps`), masks (B, H, W) M'_a in {0, 1}
+    -> scalar BCE(S'_n, M'_n) + BCE(S'_a, M'_a), each the mean over pixels (log(1 - S'_a) = log S'_n)."""
+    log_n, log_a = log_maps[:, 0], log_maps[:, 1]
+    m_n = 1 - masks  # eq. 3
+    bce_n = -(m_n * log_n + masks * log_a).mean()  # eq. 4
+    bce_a = -(masks * log_a + m_n * log_n).mean()  # eq. 5
+    return bce_n + bce_a
 
 
-def divergence_loss(meta_probs: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
-    """Eq. 6-7: meta_probs S^M, probs S' (B, 2, H, W) -> scalar KL(S^M_a || S'_a) + KL(S^M_n || S'_n),
-    each the per-pixel Bernoulli KL averaged over pixels."""
-    total = probs.new_zeros(())
-    for c in (1, 0):
-        p = meta_probs[:, c].clamp(_EPS, 1 - _EPS)
-        q = probs[:, c].clamp(_EPS, 1 - _EPS)
-        kl = p * (p.log() - q.log()) + (1 - p) * ((1 - p).log() - (1 - q).log())
-        total = total + kl.mean()
-    return total
+def divergence_loss(meta_log_maps: torch.Tensor, log_maps: torch.Tensor) -> torch.Tensor:
+    """Eq. 6-7: log S^M, log S' (B, 2, H, W) -> scalar KL(S^M_a || S'_a) + KL(S^M_n || S'_n), each the
+    per-pixel Bernoulli KL averaged over pixels; both equal the KL of the pair [n, a].
+
+    Written as sum_c p_c (log p_c - log q_c) + q_c - p_c (p = S^M, q = S'), the KL since both pairs sum
+    to one: its gradient in log q_c is q_c - p_c, bounded, non-zero however small q_c is, and exactly 0
+    where the two maps are equal (the first step of every later meta-epoch), where rounding noise would
+    otherwise hand `calibrate` a random G_div."""
+    p, q = meta_log_maps.exp(), log_maps.exp()
+    kl = (p * (meta_log_maps - log_maps) + q - p).sum(dim=1).mean()
+    return kl + kl  # eq. 6 + eq. 7
+
+
+def patch_log_probabilities(
+    patch_features: torch.Tensor, text: torch.Tensor, logit_scale: float | torch.Tensor
+) -> torch.Tensor:
+    """(B, H', W', D) normalised, text (2, D) -> (B, 2, H', W') log S' on the patch grid: log_softmax of the
+    scaled cosine similarities (the log of `mpad.scoring.patch_probabilities`)."""
+    return (logit_scale * patch_features @ text.t()).log_softmax(dim=-1).permute(0, 3, 1, 2)
+
+
+def log_upsample(log_maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(B, C, h, w) -> (B, C, *size): log of `mpad.scoring.upsample(log_maps.exp(), size)` (bilinear,
+    align_corners=False), computed in log space: one log-sum-exp of two neighbours per axis."""
+    out = log_maps
+    for dim, n_out in ((2, size[0]), (3, size[1])):
+        n_in = out.shape[dim]
+        src = ((torch.arange(n_out, dtype=torch.float64) + 0.5) * (n_in / n_out) - 0.5).clamp(min=0)
+        low = src.floor().long()
+        high = (low + 1).clamp(max=n_in - 1)
+        frac = (src - low).to(device=out.device, dtype=out.dtype)
+        shape = (-1, 1) if dim == 2 else (-1,)
+        below = out.index_select(dim, low.to(out.device)) + torch.log1p(-frac).view(shape)
+        above = out.index_select(dim, high.to(out.device)) + frac.log().view(shape)  # frac 0: -inf, weight 0
+        out = torch.logaddexp(below, above)
+    return out
 
 
 def score_maps(
     features: torch.Tensor, text: torch.Tensor, logit_scale: float | torch.Tensor, size: tuple[int, int]
 ) -> torch.Tensor:
-    """features (B, H', W', D) normalised, text (2, D) -> (B, 2, *size) S' upsampled bilinearly."""
-    return upsample(patch_probabilities(features, text, logit_scale), size)
+    """features (B, H', W', D) normalised, text (2, D) -> (B, 2, *size) log S' = [log S'_n, log S'_a]: the
+    log of the bilinearly upsampled probability maps (exp of channel 1 = `mpad.scoring.anomaly_maps`)."""
+    return log_upsample(patch_log_probabilities(features, text, logit_scale), size)
 
 
 def _batches(n: int, batch_size: int, generator: torch.Generator):
@@ -181,20 +236,17 @@ def train_prompts(
     step = 0
     for round_index in range(config.meta_epochs):
         result.meta_texts.append(meta.cpu().clone())
-        meta_grid = None
-        if config.divergence:
-            with torch.no_grad():  # S^M on the patch grid, fixed for the whole round
-                meta_grid = patch_probabilities(features, meta, logit_scale)
         for _ in range(config.steps):
             index = next(batches).to(device)
             text = learned_text_embeddings(learner, text_encoder)
-            probs = score_maps(features[index], text, logit_scale, size)
-            loss_ano = anomaly_loss(probs, masks[index])
+            log_maps = score_maps(features[index], text, logit_scale, size)
+            loss_ano = anomaly_loss(log_maps, masks[index])
             g_ano = _flat_grad(loss_ano, params, retain=config.divergence)
             cos, calibrated, loss_div_value = 0.0, 0, 0.0
             if config.divergence:
-                meta_probs = upsample(meta_grid[index], size)
-                loss_div = divergence_loss(meta_probs, probs)
+                with torch.no_grad():  # log S^M: the round's fixed meta prompt, computed exactly like log S'
+                    meta_log_maps = score_maps(features[index], meta, logit_scale, size)
+                loss_div = divergence_loss(meta_log_maps, log_maps)
                 g_div = _flat_grad(loss_div, params, retain=False)
                 cos = cosine(g_ano, g_div)
                 calibrated = int(cos < 0 and config.lam > 0)

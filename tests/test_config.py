@@ -1,4 +1,4 @@
-"""Settings: params.yaml's values are the defaults; every bad value is one line naming key, value and what is allowed."""
+"""Settings: params.yaml holds the defaults; each bad value is one line naming key, value and what is allowed."""
 
 from __future__ import annotations
 

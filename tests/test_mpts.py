@@ -1,4 +1,5 @@
-"""MPTS (sec. 3.3): the gradient calibration of eq. 10, the meta-epoch loop, and that it learns.
+"""MPTS (sec. 3.3): log-space score maps and losses (eq. 3-7), the gradient calibration of eq. 10, the
+meta-epoch loop, and that it learns.
 
 Learning assertions follow /work/shared/notes/random-weights-learnability.md: with random weights the
 trained prompts must beat untrained ones by >= 0.15 pixel AUROC on new images with the same kind of
@@ -12,6 +13,7 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from sklearn.metrics import roc_auc_score
 
 from mpad.features import build_encoder, encode, stack_images
@@ -20,10 +22,12 @@ from mpad.mpts import (
     anomaly_loss,
     calibrate,
     divergence_loss,
+    log_upsample,
     score_maps,
     train_prompts,
 )
 from mpad.prompts import PromptLearner, TextEncoder, learned_text_embeddings, meta_text_embeddings
+from mpad.scoring import anomaly_maps, upsample
 
 LAA = {"attention": "vv", "k": 2, "layers": 2, "cls": "neighbor-cls"}
 
@@ -90,15 +94,22 @@ def run(clip, setup, config: MptsConfig, seed: int = 0, n: int | None = None, on
     learner = make_learner(clip, seed)
     n = n or len(setup["features"])
     result = train_prompts(
-        learner, setup["text_encoder"], setup["features"][:n], setup["masks"][:n], setup["meta"],
-        setup["logit_scale"], config, on_step,
+        learner,
+        setup["text_encoder"],
+        setup["features"][:n],
+        setup["masks"][:n],
+        setup["meta"],
+        setup["logit_scale"],
+        config,
+        on_step,
     )
     return learner, result
 
 
 def vectors(learner: PromptLearner) -> torch.Tensor:
-    return torch.cat([learner.general.detach().flatten(), learner.normal.detach().flatten(),
-                      learner.anomaly.detach().flatten()])
+    return torch.cat(
+        [learner.general.detach().flatten(), learner.normal.detach().flatten(), learner.anomaly.detach().flatten()]
+    )
 
 
 # ---------------------------------------------------------------- eq. 10
@@ -125,7 +136,7 @@ def test_calibrate_conflicting_projection_half_way():
     [torch.tensor([1.0, 1.0, 5.0]), torch.tensor([-2.0, 1.0, 7.0]), torch.zeros(3)],
     ids=["agreeing", "orthogonal", "zero"],
 )
-@pytest.mark.parametrize("mode", ["projection", "literal"])
+@pytest.mark.parametrize("mode", ["projection", "literal", "literal-rms"])
 def test_calibrate_leaves_non_conflicting_gradients(g_div, mode):
     g_ano = torch.tensor([1.0, 2.0, 0.0])
     out = calibrate(g_ano, g_div, lam=1.0, mode=mode)
@@ -140,6 +151,35 @@ def test_calibrate_literal_subtracts_lambda_times_cosine():
     torch.testing.assert_close(out, torch.tensor([1.0 + shift, shift]))
 
 
+def test_calibrate_literal_rms_shifts_by_cosine_times_rms():
+    g_ano, g_div = torch.tensor([1.0, 0.0]), torch.tensor([-1.0, 1.0])  # cos = -1/sqrt(2), rms(g_ano) = 1/sqrt(2)
+    out = calibrate(g_ano, g_div, lam=2.0, mode="literal-rms")
+    torch.testing.assert_close(out, torch.tensor([2.0, 1.0]))  # shift 2 * (1/sqrt(2)) * (1/sqrt(2)) = 1
+
+
+def test_calibration_and_pixel_normalisation():
+    """Eq. 4-5 print sums over pixels, we average: the same loss with another pixel normalisation. Projection
+    and literal-rms give the same calibrated gradient up to that factor (Adam steps alike); literal does not."""
+    gen = torch.Generator().manual_seed(0)
+    base = F.normalize(torch.randn(8, generator=gen), dim=0)
+    features = F.normalize(base + 0.3 * torch.randn(2, 3, 3, 8, generator=gen), dim=-1)
+    noise = 0.3 * torch.randn(2, 2, 8, generator=gen)
+    text = F.normalize(torch.stack([-base, base]) + noise[0], dim=-1).requires_grad_()  # leans anomalous
+    meta = F.normalize(torch.stack([base, -base]) + noise[1], dim=-1)  # leans normal: L_div pulls S'_a down
+    masks = torch.ones(2, 12, 12)  # all anomalous: L_ano pushes S'_a up
+    log_maps = score_maps(features, text, 10.0, (12, 12))
+    loss_mean = anomaly_loss(log_maps, masks)
+    loss_div = divergence_loss(score_maps(features, meta, 10.0, (12, 12)), log_maps)
+    g_mean, g_div = (torch.autograd.grad(loss, text, retain_graph=True)[0].flatten() for loss in (loss_mean, loss_div))
+    n = masks.numel()  # 288 pixels: the sum-normalised loss is n * loss_mean
+    g_sum = torch.autograd.grad(n * loss_mean, text)[0].flatten()
+    assert float(F.cosine_similarity(g_mean, g_div, dim=0)) < -0.1  # a conflict: eq. 10 applies
+    for mode in ("projection", "literal-rms"):
+        torch.testing.assert_close(calibrate(g_sum, g_div, 1.0, mode) / n, calibrate(g_mean, g_div, 1.0, mode))
+    lit_mean, lit_sum = calibrate(g_mean, g_div, 1.0, "literal"), calibrate(g_sum, g_div, 1.0, "literal")
+    assert float(F.cosine_similarity(lit_mean, lit_sum, dim=0)) < 0.9  # the printed form depends on it
+
+
 def test_calibrate_rejects_unknown_mode():
     with pytest.raises(ValueError, match="calibration"):
         calibrate(torch.ones(2), -torch.ones(2), 1.0, mode="pcgrad")
@@ -151,13 +191,79 @@ def test_calibrate_rejects_unknown_mode():
 def test_losses_on_hand_made_maps():
     masks = torch.tensor([[[1.0, 0.0]]])  # (1, 1, 2)
     s_a = torch.tensor([[[0.9, 0.2]]])
-    probs = torch.stack([1 - s_a, s_a], dim=1)  # (1, 2, 1, 2)
+    log_maps = torch.stack([1 - s_a, s_a], dim=1).log()  # (1, 2, 1, 2)
     bce = -(math.log(0.9) + math.log(0.8)) / 2
-    assert float(anomaly_loss(probs, masks)) == pytest.approx(2 * bce, rel=1e-6)  # eq. 4 + eq. 5, equal terms
-    assert float(divergence_loss(probs, probs)) == pytest.approx(0.0, abs=1e-7)
-    meta = torch.full_like(probs, 0.5)
+    assert float(anomaly_loss(log_maps, masks)) == pytest.approx(2 * bce, rel=1e-6)  # eq. 4 + eq. 5, equal terms
+    assert float(divergence_loss(log_maps, log_maps)) == pytest.approx(0.0, abs=1e-7)
+    meta = torch.full_like(log_maps, math.log(0.5))
     kl = sum(0.5 * math.log(0.5 / q) + 0.5 * math.log(0.5 / (1 - q)) for q in (0.9, 0.2)) / 2
-    assert float(divergence_loss(meta, probs)) == pytest.approx(2 * kl, rel=1e-5)
+    assert float(divergence_loss(meta, log_maps)) == pytest.approx(2 * kl, rel=1e-5)
+
+
+def test_log_losses_equal_the_probability_forms():
+    """Where probabilities are accurate, the log-space losses equal BCE and Bernoulli KL on probabilities."""
+    gen = torch.Generator().manual_seed(1)
+    logits, meta_logits = torch.randn(3, 2, 5, 5, generator=gen) * 3, torch.randn(3, 2, 5, 5, generator=gen) * 3
+    masks = (torch.rand(3, 5, 5, generator=gen) < 0.4).float()
+    q, p = logits.softmax(1), meta_logits.softmax(1)
+    bce = F.binary_cross_entropy(q[:, 0], 1 - masks) + F.binary_cross_entropy(q[:, 1], masks)
+    assert float(anomaly_loss(logits.log_softmax(1), masks)) == pytest.approx(float(bce), rel=1e-5)
+
+    def bernoulli_kl(pc, qc):
+        return (pc * (pc / qc).log() + (1 - pc) * ((1 - pc) / (1 - qc)).log()).mean()
+
+    kl = bernoulli_kl(p[:, 1], q[:, 1]) + bernoulli_kl(p[:, 0], q[:, 0])  # eq. 6 + eq. 7
+    div = divergence_loss(meta_logits.log_softmax(1), logits.log_softmax(1))
+    assert float(div) == pytest.approx(float(kl), rel=1e-5)
+
+
+@pytest.mark.parametrize("size", [(64, 64), (60, 37), (5, 5), (3, 2)])
+def test_log_upsample_is_the_log_of_bilinear_probability_upsampling(size):
+    gen = torch.Generator().manual_seed(2)
+    probs = (torch.randn(2, 2, 5, 4, generator=gen) * 4).softmax(1)
+    torch.testing.assert_close(log_upsample(probs.log(), size).exp(), upsample(probs, size), rtol=0, atol=1e-6)
+
+
+def test_training_maps_are_the_evaluation_maps(tiny_clip, setup):
+    text = setup["meta"]
+    log_maps = score_maps(setup["test_features"][:4], text, setup["logit_scale"], (64, 64))
+    evaluated = anomaly_maps(setup["test_features"][:4], text, setup["logit_scale"], (64, 64))
+    torch.testing.assert_close(log_maps[:, 1].exp(), evaluated, rtol=0, atol=1e-6)
+    torch.testing.assert_close(log_maps.exp().sum(1), torch.ones(4, 64, 64), rtol=0, atol=1e-6)
+
+
+def one_pixel(logit_gap: torch.Tensor) -> torch.Tensor:
+    """(1, 2, 1, 1) log maps of one pixel with logit_a - logit_n = logit_gap."""
+    return torch.stack([torch.zeros_like(logit_gap), logit_gap]).log_softmax(0).view(1, 2, 1, 1)
+
+
+@pytest.mark.parametrize("gap", [-10.0, -15.0, -30.0, -100.0, 30.0])
+def test_saturated_logits_keep_their_gradient(gap):
+    """d L / d (logit_a - logit_n) = 2 (S'_a - target) for both losses (two equal terms, one pixel), also far
+    beyond a logit gap of 13.8, where probabilities clamped at 1e-6 gave exactly 0."""
+    d = torch.tensor(gap, requires_grad=True)
+    meta = one_pixel(torch.tensor(-math.log(2.0)))  # S^M_a = 1/3
+    (grad_div,) = torch.autograd.grad(divergence_loss(meta, one_pixel(d)), d)
+    target = 1.0 if gap < 0 else 0.0  # the mask disagrees with the saturated map
+    (grad_ano,) = torch.autograd.grad(anomaly_loss(one_pixel(d), torch.full((1, 1, 1), target)), d)
+    s_a = 1 / (1 + math.exp(-gap))
+    assert float(grad_div) == pytest.approx(2 * (s_a - 1 / 3), rel=1e-5)
+    assert float(grad_ano) == pytest.approx(2 * (s_a - target), rel=1e-5)
+
+
+def test_saturated_map_keeps_the_divergence_gradient_through_score_maps():
+    """CLIP's logit scale 100, a cosine gap of 0.3 between the learned prompts (S'_a = e^-30) and the
+    meta prompts at S^M_a = 1/3: dL_div / d text is finite and equals the closed form."""
+    features = torch.zeros(1, 2, 2, 2)
+    features[..., 0] = 1.0  # every patch the unit vector e_0
+    angle = math.acos(0.7)
+    text = torch.tensor([[1.0, 0.0], [0.7, math.sin(angle)]], requires_grad=True)  # cos 1 and 0.7
+    meta_angle = math.acos(1 - math.log(2.0) / 100)
+    meta = torch.tensor([[1.0, 0.0], [math.cos(meta_angle), math.sin(meta_angle)]])
+    loss = divergence_loss(score_maps(features, meta, 100.0, (8, 8)), score_maps(features, text, 100.0, (8, 8)))
+    (grad,) = torch.autograd.grad(loss, text)
+    per_gap = 2 * (math.exp(-30) - 1 / 3) * 100  # d L / d gap * d gap / d (text_a . e_0)
+    torch.testing.assert_close(grad, torch.tensor([[-per_gap, 0.0], [per_gap, 0.0]]), rtol=1e-4, atol=1e-6)
 
 
 # ---------------------------------------------------------------- the loop
@@ -187,6 +293,8 @@ def test_meta_prompt_is_replaced_after_each_round(tiny_clip, setup):
     # The learned prompt starts each later round exactly at the meta prompt: zero divergence there.
     assert first[0]["loss_div"] > 1e-3
     assert first[1]["loss_div"] < 1e-6 and first[2]["loss_div"] < 1e-6
+    # ... and a zero G_div, not rounding noise whose cosine would trigger a calibration in a random direction
+    assert first[1]["cos"] == 0.0 and first[2]["cos"] == 0.0 and first[1]["calibrated"] == 0
     assert [h["meta_epoch"] for h in result.history] == [0] * 3 + [1] * 3 + [2] * 3
     assert torch.equal(result.text, result.round_texts[-1])
 
@@ -210,15 +318,16 @@ def test_on_step_sees_every_step(tiny_clip, setup):
 
 def pixel_auroc(setup, text: torch.Tensor) -> float:
     with torch.no_grad():
-        maps = score_maps(setup["test_features"], text, setup["logit_scale"], (64, 64))[:, 1]
+        maps = score_maps(setup["test_features"], text, setup["logit_scale"], (64, 64))[:, 1].exp()
     return float(roc_auc_score(setup["test_masks"].ravel(), maps.numpy().ravel()))
 
 
 def full_loss(setup, text: torch.Tensor) -> float:
     """L_ano (eq. 3-5) over all training images: a noise-free measure of the training loss."""
     with torch.no_grad():
-        return float(anomaly_loss(score_maps(setup["features"], text, setup["logit_scale"], (64, 64)),
-                                  setup["masks"].float()))
+        return float(
+            anomaly_loss(score_maps(setup["features"], text, setup["logit_scale"], (64, 64)), setup["masks"].float())
+        )
 
 
 def test_mpts_learns_on_generated_noise_blobs(tiny_clip, setup):
@@ -229,8 +338,15 @@ def test_mpts_learns_on_generated_noise_blobs(tiny_clip, setup):
         with torch.no_grad():
             untrained = learned_text_embeddings(learner, setup["text_encoder"])
         config = MptsConfig(lam=1.0, meta_epochs=2, steps=50, lr=1e-2, batch_size=16, seed=seed)
-        result = train_prompts(learner, setup["text_encoder"], setup["features"], setup["masks"], setup["meta"],
-                               setup["logit_scale"], config)
+        result = train_prompts(
+            learner,
+            setup["text_encoder"],
+            setup["features"],
+            setup["masks"],
+            setup["meta"],
+            setup["logit_scale"],
+            config,
+        )
         before_loss.append(full_loss(setup, untrained))
         after_loss.append(full_loss(setup, result.text))
         before_auc.append(pixel_auroc(setup, untrained))
