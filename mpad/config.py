@@ -3,7 +3,7 @@
 `Section.from_params(values)` reads a section's mapping: a missing key takes the field's default (the
 defaults are params.yaml's values; a test keeps the two equal), an unknown key or a bad value is a
 `ConfigError` whose message has one line per problem, naming the key, the value and what is allowed.
-Library functions take these objects, not dicts. Light module: no torch import (the stages that need no
+Library functions take these objects, not dicts. Light module (numpy at most): no torch import (the stages that need no
 model use it too).
 """
 
@@ -13,6 +13,8 @@ import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, TypeVar
+
+from mpad.data.mvtec import MVTEC_CATEGORIES, MVTEC_TEXTURES
 
 DATASETS = ("mvtec", "folder", "synthetic")
 PRECISIONS = ("fp32", "fp16", "bf16")
@@ -29,9 +31,6 @@ MVTEC_URL = (
     "mvtec_anomaly_detection.tar.xz"
 )
 MVTEC_SHA256 = "cf4313b13603bec67abb49ca959488f7eedce2a9f7795ec54446c649ac98cd3d"
-MVTEC_CATEGORIES = ("carpet", "grid", "leather", "tile", "wood", "bottle", "cable", "capsule", "hazelnut",
-                    "metal_nut", "pill", "screw", "toothbrush", "transistor", "zipper")
-MVTEC_TEXTURES = ("carpet", "grid", "leather", "tile", "wood")
 
 
 class ConfigError(ValueError):

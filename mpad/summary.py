@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
 
 METRIC_ORDER = ("pixel_auroc", "aupro", "pixel_f1_max", "pixel_ap", "image_auroc", "image_f1_max", "image_ap")
 LABELS = {
@@ -14,6 +17,17 @@ LABELS = {
     "image_f1_max": "Image F1-max",
     "image_ap": "Image AP",
 }
+
+
+def load_category_metrics(path: str | Path) -> dict[str, Any]:
+    """A category's metrics file (written by evaluate); ValueError naming the file when missing or unreadable."""
+    try:
+        metrics = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{path}: missing or unreadable ({err})") from None
+    if not isinstance(metrics, dict):
+        raise ValueError(f"{path}: not a metrics file (a JSON object)")
+    return metrics
 
 
 def mean_metrics(per_category: Mapping[str, Mapping[str, float]], categories: list[str]) -> dict[str, float]:

@@ -6,31 +6,16 @@ paths relative to dataset.root. Same params, same picks, on any machine.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import typer
 
+from mpad import layout
 from mpad.data import DatasetError, list_split, pick_shots
 from mpad.data.download import sha256_file
+from mpad.data.manifest import check_category, load_manifest
 from mpad.io import write_json
-from stages.common import PARAMS_OPTION, SHOTS_DIR, fail, load_params
-
-MANIFEST = Path("data/manifest.json")
-
-
-def _check_manifest(root: str, category: str) -> None:
-    """When fetch has run, its manifest must describe this root and category (else it is stale)."""
-    if not MANIFEST.is_file():
-        return
-    try:
-        manifest = json.loads(MANIFEST.read_text())
-    except ValueError:
-        fail(f"{MANIFEST} is not valid JSON: run `mpad fetch` again")
-    if manifest.get("root") != root:
-        fail(f"{MANIFEST} describes root {manifest.get('root')!r}, params say {root!r}: run `mpad fetch` first")
-    if category not in manifest.get("categories", {}):
-        fail(f"category {category!r} is not in {MANIFEST}: add it to dataset.categories and run `mpad fetch`")
+from stages.common import PARAMS_OPTION, fail, load_config
 
 
 def main(
@@ -38,28 +23,22 @@ def main(
     params: Path = PARAMS_OPTION,
 ) -> None:
     """Pick shots.k training images of CATEGORY with shots.seed and write data/shots/<category>.json."""
-    cfg = load_params(params)
-    dataset, shots = cfg.get("dataset"), cfg.get("shots")
-    if not isinstance(dataset, dict) or not dataset.get("root"):
-        fail(f"{params}: missing dataset.root")
-    if not isinstance(shots, dict):
-        fail(f"{params}: missing section 'shots'")
+    dataset, shots = load_config(params, "dataset", "shots")
     if not category or Path(category).name != category or category in (".", ".."):
         fail(f"--category must be a plain category name, got {category!r}")
-    listed = dataset.get("categories")
-    if isinstance(listed, list) and category not in listed:
-        fail(f"category {category!r} is not in dataset.categories ({', '.join(map(str, listed))})")
-    _check_manifest(str(dataset["root"]), category)
-    root = Path(str(dataset["root"]))
-    k, seed = shots.get("k"), shots.get("seed", 0)
+    if dataset.categories is not None and category not in dataset.categories:
+        fail(f"category {category!r} is not in dataset.categories ({', '.join(dataset.categories)})")
+    root = Path(dataset.root)
+    try:  # when fetch has run, its manifest must describe this root and category
+        if layout.MANIFEST.is_file():
+            check_category(load_manifest(layout.MANIFEST), layout.MANIFEST, dataset.root, category)
+    except DatasetError as err:
+        fail(f"{err}: run `mpad fetch` first (with the category in dataset.categories)")
     try:
-        picks = pick_shots(list_split(root, category, "train"), k, seed, category)
-        entries = [
-            {"path": s.image.relative_to(root).as_posix(), "sha256": sha256_file(s.image)} for s in picks
-        ]
+        picks = pick_shots(list_split(root, category, "train"), shots.k, shots.seed, category)
+        entries = [{"path": s.image.relative_to(root).as_posix(), "sha256": sha256_file(s.image)} for s in picks]
     except DatasetError as err:
         fail(str(err))
-        return
-    out = SHOTS_DIR / f"{category}.json"
-    write_json(out, {"category": category, "root": str(dataset["root"]), "k": k, "seed": seed, "shots": entries})
+    out = layout.shots_file(category)
+    write_json(out, {"category": category, "root": dataset.root, "k": shots.k, "seed": shots.seed, "shots": entries})
     typer.echo(f"wrote {out}: {', '.join(e['path'] for e in entries)}")

@@ -2,41 +2,37 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import typer
 
+from mpad import layout
+from mpad.data.manifest import group_of, load_manifest
+from mpad.data.mvtec import DatasetError
 from mpad.io import write_json, write_text
 from mpad.notes import RANDOM_WEIGHTS_NOTE
-from mpad.summary import markdown_table, summarize
-from stages.common import PARAMS_OPTION, fail, load_params, section
+from mpad.summary import load_category_metrics, markdown_table, summarize
+from stages.common import PARAMS_OPTION, fail, load_config
 
 
 def main(params: Path = PARAMS_OPTION) -> None:
     """Gather metrics/<category>.json of every dataset category into metrics.json and metrics.md."""
-    cfg = load_params(params)
-    manifest_path = Path("data/manifest.json")
+    (dataset,) = load_config(params, "dataset")
     try:
-        manifest = json.loads(manifest_path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        fail(f"{manifest_path}: cannot read the dataset manifest ({err}); run the fetch stage")
-        return
-    categories = list(section(cfg, "dataset", params).get("categories") or manifest["categories"])
-    per_category = {}
-    for category in categories:
-        path = Path("metrics") / f"{category}.json"
-        try:
-            per_category[category] = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as err:
-            fail(f"{path}: missing or unreadable ({err}); run the evaluate stage for {category}")
-    groups = {c: manifest["categories"].get(c, {}).get("group", "object") for c in categories}
-    summary = summarize(per_category, groups)
+        manifest = load_manifest(layout.MANIFEST)
+    except DatasetError as err:
+        fail(f"{err}; run the fetch stage")
+    categories = list(dataset.categories or manifest["categories"])
+    try:
+        per_category = {c: load_category_metrics(layout.metrics_file(c)) for c in categories}
+    except ValueError as err:
+        fail(f"{err}; run the evaluate stage")
+    summary = summarize(per_category, {c: group_of(manifest, c) for c in categories})
     random_weights = any(m.get("random_weights") for m in per_category.values())
     summary["random_weights"] = random_weights
     note = RANDOM_WEIGHTS_NOTE if random_weights else ""
     if note:
         summary["note"] = note
-    write_json("metrics.json", summary)
-    write_text("metrics.md", markdown_table(per_category, summary, note))
+    write_json(layout.METRICS_JSON, summary)
+    write_text(layout.METRICS_MD, markdown_table(per_category, summary, note))
     typer.echo(markdown_table(per_category, summary, note))

@@ -1,0 +1,32 @@
+"""Stage `summarize`: means over categories and groups from the metrics files; errors name the file."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import yaml
+from typer.testing import CliRunner
+
+from mpad.data.manifest import save_manifest
+from stages.cli import app
+
+
+def test_summarize_means_and_missing_metrics(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    Path("params.yaml").write_text(yaml.safe_dump({"dataset": {"categories": ["a", "b", "c"]}}))
+    save_manifest("data/manifest.json", {"name": "folder", "root": "x", "categories": {
+        "a": {"group": "texture"}, "b": {"group": "object"}, "c": {"group": "object"}}})
+    Path("metrics").mkdir()
+    for name, value in (("a", 90.0), ("b", 70.0), ("c", 60.0)):
+        Path(f"metrics/{name}.json").write_text(json.dumps({"pixel_auroc": value, "random_weights": True}))
+    result = CliRunner().invoke(app, ["summarize"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(Path("metrics.json").read_text())
+    assert summary["mean"]["pixel_auroc"] == 73.3333 and summary["texture"]["pixel_auroc"] == 90.0
+    assert summary["object"]["pixel_auroc"] == 65.0 and summary["random_weights"] is True
+    assert "| Pixel AUROC | 90.00 | 70.00 | 60.00 | 73.33 |" in Path("metrics.md").read_text()
+    Path("metrics/c.json").unlink()
+    result = CliRunner().invoke(app, ["summarize"])
+    assert result.exit_code == 1 and "metrics/c.json: missing or unreadable" in result.output
+    assert "run the evaluate stage" in result.output
