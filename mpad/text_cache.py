@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,8 @@ import torch
 
 from mpad.clip import RANDOM_INIT_SEED, ClipBundle
 from mpad.io import write_bytes
+
+CACHE_ENV = "MPAD_CACHE_DIR"
 
 
 def model_identity(bundle: ClipBundle) -> dict[str, Any]:
@@ -58,7 +61,11 @@ class TextCache:
         self._entries: dict[str, torch.Tensor] | None = None
 
     @classmethod
-    def for_bundle(cls, bundle: ClipBundle, root: str | Path) -> TextCache:
+    def for_bundle(cls, bundle: ClipBundle, root: str | Path | None = None) -> TextCache:
+        """The cache file of `bundle`'s model under `root`, by default $MPAD_CACHE_DIR or ~/.cache/mpad: outside
+        the project, so that every stage, category and experiment (queued DVC experiments run in temporary
+        copies) shares it."""
+        root = root or os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "mpad"
         key = hashlib.sha256(json.dumps(model_identity(bundle), sort_keys=True, default=str).encode()).hexdigest()
         return cls(Path(root) / f"text-{bundle.name}-{key[:16]}.pt")
 

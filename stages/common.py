@@ -14,7 +14,6 @@ from tqdm import tqdm
 
 from mpad.data.download import sha256_file
 
-CACHE_ENV = "MPAD_CACHE_DIR"
 PARAMS_OPTION = typer.Option(Path("params.yaml"), "--params", help="Parameters file (DVC's params.yaml).")
 
 
@@ -124,12 +123,3 @@ class StageProgress(tqdm):
             self._timings = None  # once, though tqdm may close twice
         super().close()
 
-
-def text_cache(bundle: Any) -> Any:
-    """The prompt-ensemble cache (`mpad.text_cache.TextCache`) of `bundle`'s model, under $MPAD_CACHE_DIR, by
-    default ~/.cache/mpad: outside the project, so that every stage, category and experiment (queued DVC
-    experiments run in temporary copies) shares it. Its keys make stale entries impossible; deleting it is safe."""
-    from mpad.text_cache import TextCache  # here, not at the top: the light stages import this module
-
-    root = os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "mpad"
-    return TextCache.for_bundle(bundle, root)

@@ -36,7 +36,8 @@ from mpad.io import atomic_path
 from mpad.notes import RANDOM_WEIGHTS_NOTE
 from mpad.oagm import object_masks, synthesize
 from mpad.synthetic import SYNTHETIC_TEXTURES
-from stages.common import PARAMS_OPTION, SHOTS_DIR, StageProgress, fail, load_params, read_shots, text_cache
+from mpad.text_cache import TextCache
+from stages.common import PARAMS_OPTION, SHOTS_DIR, StageProgress, fail, load_params, read_shots
 
 DEFAULT_TEXTURES = {"mvtec": MVTEC_TEXTURES, "synthetic": SYNTHETIC_TEXTURES, "folder": ()}
 SYNTH_DIR = Path("data/synth")
@@ -95,7 +96,7 @@ def main(
         try:
             masks = object_masks(
                 images, category, method, threshold, texture=category in textures, bundle=bundle, layers=layers,
-                cache=text_cache(bundle),
+                cache=TextCache.for_bundle(bundle),
             )
         except ValueError as err:
             fail(f"{params}: {err}")

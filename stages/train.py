@@ -28,7 +28,8 @@ from mpad.mpts import MptsConfig, anomaly_loss, score_maps, train_prompts
 from mpad.notes import RANDOM_WEIGHTS_NOTE
 from mpad.prompt_file import prompt_record, save_prompts
 from mpad.prompts import PromptLearner, TextEncoder, meta_text_embeddings
-from stages.common import PARAMS_OPTION, SHOTS_DIR, StageProgress, fail, load_params, read_shots, section, text_cache
+from mpad.text_cache import TextCache
+from stages.common import PARAMS_OPTION, SHOTS_DIR, StageProgress, fail, load_params, read_shots, section
 
 SYNTH_ROOT = Path("data/synth")
 PROMPTS_ROOT = Path("data/prompts")
@@ -80,7 +81,7 @@ def main(category: str = typer.Option(..., "--category", help="Category to train
     learner = PromptLearner(bundle.model, bundle.tokenizer, category, *sizes,
                             generator=torch.Generator().manual_seed(config.seed))
     text_encoder = TextEncoder(bundle.model)
-    meta_text = meta_text_embeddings(bundle.model, bundle.tokenizer, category, text_cache(bundle))
+    meta_text = meta_text_embeddings(bundle.model, bundle.tokenizer, category, TextCache.for_bundle(bundle))
     logit_scale = float(bundle.model.logit_scale.exp())
 
     live_dir = LIVE_ROOT / category
