@@ -43,6 +43,7 @@ from torch.utils.data import DataLoader
 
 from mpad import evaluation
 from mpad.clip import load_clip
+from mpad.config import ScoringConfig
 from mpad.data import list_split, load_image
 from mpad.detector import Detector
 from mpad.features import stack_images
@@ -65,7 +66,7 @@ def make_detector(name: str, category: str, sigma: float) -> Detector:
     depth = len(bundle.model.visual.transformer.resblocks)
     text = meta_text_embeddings(bundle.model, bundle.tokenizer, category)
     record = {"laa": {**LAA, "layers": min(LAYERS.get(name, 6), depth)}, "text": text}
-    return Detector(bundle, record, {"smoothing_sigma": sigma, "image_score": "max"})
+    return Detector(bundle, record, ScoringConfig(smoothing_sigma=sigma, image_score="max"))
 
 
 def spread(samples: list, n: int) -> list:

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from mpad.clip import ClipBundle
+from mpad.config import ScoringConfig
 from mpad.features import build_encoder, encode
 from mpad.memory import memory_from_record
 from mpad.scoring import anomaly_maps, gaussian_blur, image_scores
@@ -29,23 +30,21 @@ class Detection:
 class Detector:
     """Scores images with a prompts record (see mpad.prompt_file) on `bundle`'s backbone.
 
-    scoring: {"smoothing_sigma": pixels at the output size, "image_score": max|topk_mean|global, "topk": fraction}.
+    scoring: map smoothing (sigma in pixels at the output size) and the image score (see ScoringConfig).
     memory: an optional visual memory (mpad.memory.VisualMemory) fused with the text map.
     """
 
-    def __init__(self, bundle: ClipBundle, record: dict[str, Any], scoring: dict[str, Any], memory: Any = None) -> None:
+    def __init__(self, bundle: ClipBundle, record: dict[str, Any], scoring: ScoringConfig, memory: Any = None) -> None:
         self.bundle = bundle
         self.memory = memory
         layers = memory.layers if memory is not None else ()
         self.encoder = build_encoder(bundle, record["laa"], intermediate_layers=layers)
         self.text = record["text"].to(bundle.device).float()
         self.logit_scale = float(bundle.model.logit_scale.exp())
-        self.sigma = float(scoring.get("smoothing_sigma", 0.0))
-        self.image_score = str(scoring.get("image_score", "max"))
-        self.topk = float(scoring.get("topk", 0.01))
+        self.scoring = scoring
 
     @classmethod
-    def from_record(cls, bundle: ClipBundle, record: dict[str, Any], scoring: dict[str, Any]) -> Detector:
+    def from_record(cls, bundle: ClipBundle, record: dict[str, Any], scoring: ScoringConfig) -> Detector:
         """The detector a prompts record describes, with the visual memory stored in it (if any)."""
         return cls(bundle, record, scoring, memory=memory_from_record(record))
 
@@ -56,6 +55,7 @@ class Detector:
         maps = anomaly_maps(out.patch_features, self.text, self.logit_scale, size)
         if self.memory is not None:
             maps = self.memory.fuse(maps, out.intermediates, size)
-        maps = gaussian_blur(maps, self.sigma)  # after fusion, so both maps are smoothed alike
-        scores = image_scores(maps, self.image_score, self.topk, out.image_embedding, self.text, self.logit_scale)
+        maps = gaussian_blur(maps, float(self.scoring.smoothing_sigma))  # after fusion: both maps smoothed alike
+        scores = image_scores(maps, self.scoring.image_score, float(self.scoring.topk), out.image_embedding, self.text,
+                              self.logit_scale)
         return Detection(maps.cpu(), scores.cpu())

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 from mpad.data.mvtec import DatasetError, Sample, load_image, load_mask
 from mpad.detector import Detector
 from mpad.features import stack_images
-from mpad.metrics import aupro, auroc, average_precision, f1_max_threshold
+from mpad.metrics import aupro, auroc, average_precision, f1_max_threshold, pro_curve, roc_curve
 
 
 class TestImages(Dataset):
@@ -108,3 +108,22 @@ def category_metrics(result: CategoryResult, fpr_limit: float = 0.3) -> dict[str
         out["image_ap"] = average_precision(result.scores, labels)
         out["image_f1_max"] = f1_max_threshold(result.scores, labels)[0]
     return {k: round(100.0 * float(v), 4) for k, v in out.items()}
+
+
+CURVES = {"roc_pixel": ("fpr", "tpr"), "roc_image": ("fpr", "tpr"), "pro": ("fpr", "pro")}
+
+
+def curve_rows(result: CategoryResult, max_points: int = 500) -> dict[str, list[tuple[str, str]]]:
+    """{kind: rows} for each kind of CURVES: at most `max_points` (x, y) points as 6-decimal strings; no rows
+    when the split cannot define the curve (a ROC needs both classes, a PRO curve a defect pixel)."""
+    rows: dict[str, list[tuple[str, str]]] = {}
+    for kind, scores, labels in (("roc_pixel", result.maps, result.masks), ("roc_image", result.scores, result.labels)):
+        rows[kind] = []
+        if 0 < int(labels.sum()) < labels.numel():
+            fpr, tpr, _ = roc_curve(scores, labels, max_points=max_points)
+            rows[kind] = [(f"{f:.6f}", f"{t:.6f}") for f, t in zip(fpr, tpr, strict=True)]
+    rows["pro"] = []
+    if result.masks.any():
+        fpr, pro = pro_curve(result.maps, result.masks, max_points=max_points)
+        rows["pro"] = [(f"{f:.6f}", f"{p:.6f}") for f, p in zip(fpr, pro, strict=True)]
+    return rows

@@ -35,33 +35,25 @@ could not be used, or the prompts were made for another backbone); 2 no image fo
 
 from __future__ import annotations
 
+import dataclasses
 import glob
-import json
 import sys
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
 import typer
-from PIL import Image
 from tqdm import tqdm
 
-from mpad.clip import ClipBundle, ModelLoadError, is_random, load_clip, model_fingerprint
-from mpad.data.mvtec import IMAGE_SUFFIXES, DatasetError, load_image
+from mpad import layout
+from mpad.clip import ModelLoadError, is_random
+from mpad.data import is_image_file
 from mpad.detector import Detector
-from mpad.features import stack_images
-from mpad.io import atomic_path, write_csv, write_json
 from mpad.notes import RANDOM_WEIGHTS_NOTE
-from mpad.prompt_file import PromptFileError, check_backbone, load_prompts
-from mpad.visualize import render_map
+from mpad.prediction import load_backbone, predict_images, save_predictions
+from mpad.prompt_file import PromptFileError, load_prompts
+from mpad.thresholds import ThresholdsFileError, colour_range, load_thresholds, resolution_of, scoring_of
 from stages.common import fail
 
-# What evaluate uses with the default params.yaml, for when no thresholds file says otherwise.
-DEFAULT_SCORING: dict[str, Any] = {"smoothing_sigma": 4.0, "image_score": "max", "topk": 0.01}
-DEFAULT_RESOLUTION = 256
-THRESHOLDS_ROOT = Path("data/thresholds")
-COLUMNS = ("path", "image_score", "max_pixel_score", "threshold", "decision", "status", "overlay", "map")
 _GLOB_CHARS = set("*?[")
 
 
@@ -87,77 +79,56 @@ def main(
     max_size: int = typer.Option(1024, "--max-size", min=8, help="Longer side cap of the written maps."),
 ) -> None:
     """Score IMAGES with the learned prompts: maps, overlays, scores and decisions into --out."""
-    paths, missing_globs = expand_images(images)
-    for pattern in missing_globs:
-        typer.secho(f"warning: {pattern}: no image matches", err=True, fg=typer.colors.YELLOW)
-    if not paths:
-        typer.secho(f"error: no image found in {' '.join(images)}", err=True, fg=typer.colors.RED)
-        raise typer.Exit(code=2)
-
+    paths = _images_or_exit(images)
     try:
         record = load_prompts(prompts)
-        bundle = _load_backbone(record, prompts, model_pretrained, device, precision)
-    except (PromptFileError, ModelLoadError) as err:
+        bundle = load_backbone(record, prompts, device, precision, weights=model_pretrained)
+        if bundle.random_weights or is_random(record["model"].get("pretrained")):
+            typer.secho(f"note: {RANDOM_WEIGHTS_NOTE}", err=True, fg=typer.colors.YELLOW)
+        category = str(record.get("category", ""))
+        if thresholds_file is None:
+            thresholds_file = _default_thresholds(category)
+        info = load_thresholds(thresholds_file) if thresholds_file is not None else {}
+        scoring, low_high = scoring_of(info), colour_range(info)
+    except (PromptFileError, ModelLoadError, ThresholdsFileError) as err:
         fail(str(err))
-    if bundle.random_weights or is_random(record["model"].get("pretrained")):
-        typer.secho(f"note: {RANDOM_WEIGHTS_NOTE}", err=True, fg=typer.colors.YELLOW)
-
-    category = str(record.get("category", ""))
-    if thresholds_file is None and category and (THRESHOLDS_ROOT / f"{category}.json").is_file():
-        thresholds_file = THRESHOLDS_ROOT / f"{category}.json"
-    info = _read_thresholds(thresholds_file) if thresholds_file is not None else {}
-    scoring = {key: info.get(key, default) for key, default in DEFAULT_SCORING.items()}
-    size = int(resolution or info.get("resolution", DEFAULT_RESOLUTION))
-    low, high = float(info.get("map_low", 0.0)), float(info.get("map_high", 1.0))
-    if not high > low:
-        low, high = 0.0, 1.0
+    size = resolution or resolution_of(info)
     used, source = _pick_threshold(threshold, info, thresholds_file)
-
     try:
         detector = Detector.from_record(bundle, record, scoring)
     except (ValueError, KeyError) as err:
         fail(f"{prompts}: cannot build the detector from it: {err}")
     out.mkdir(parents=True, exist_ok=True)
-    rows = _predict_all(detector, bundle, paths, out, batch_size, size, max_size, (low, high), used)
-
-    _write_tables(out, rows, {
-        "prompts": str(prompts),
-        "category": category,
-        "model": record["model"],
-        "random_weights": bundle.random_weights,
-        **({"note": RANDOM_WEIGHTS_NOTE} if bundle.random_weights else {}),
+    with tqdm(total=len(paths), desc="predict", unit="img") as bar:
+        rows = predict_images(detector, paths, out, batch_size=batch_size, size=size, max_size=max_size,
+                              colour_range=low_high, threshold=used, on_image=bar.update,
+                              on_skip=lambda message: tqdm.write(f"error: skipped {message}", file=sys.stderr))
+    save_predictions(out, rows, {
+        "prompts": str(prompts), "category": category, "model": record["model"],
+        "random_weights": bundle.random_weights, **({"note": RANDOM_WEIGHTS_NOTE} if bundle.random_weights else {}),
         "memory": detector.memory is not None,
         "thresholds_file": None if thresholds_file is None else str(thresholds_file),
-        "threshold": used,
-        "threshold_source": source,
-        "scoring": scoring,
-        "resolution": size,
-        "map_range": [low, high],
-    })
-    failed = sum(r["status"] != "ok" for r in rows)
-    counts = {d: sum(r["decision"] == d for r in rows if r["status"] == "ok") for d in ("anomalous", "normal", "n/a")}
-    shown = ", ".join(f"{n} {d}" for d, n in counts.items() if n)
-    typer.echo(f"{len(rows)} images: {shown or 'none scored'}" + (f", {failed} failed" if failed else "")
-               + f"; see {out / 'predictions.csv'}")
-    if failed:
-        raise typer.Exit(code=1)
+        "threshold": used, "threshold_source": source, "scoring": dataclasses.asdict(scoring),
+        "resolution": size, "map_range": list(low_high),
+    })  # fmt: skip
+    _report(rows, out)
 
 
 def expand_images(args: list[str]) -> tuple[list[Path], list[str]]:
     """Arguments -> (image paths in order without duplicates, glob patterns that matched nothing).
 
-    A folder gives its image files (IMAGE_SUFFIXES, hidden skipped), sorted, not recursive; a glob its
-    matching image files, sorted (`**` recursive); anything else is taken as a file path as is, even
-    when it does not exist (it is then reported as failed when read).
+    A folder gives its image files (mpad.data.is_image_file: known suffix, not hidden), sorted, not
+    recursive; a glob its matching image files, sorted (`**` recursive); anything else is taken as a file path
+    as is, even when it does not exist (it is then reported as failed when read).
     """
     paths: list[Path] = []
     unmatched: list[str] = []
     for arg in args:
         path = Path(arg)
         if path.is_dir():
-            found = sorted(p for p in path.iterdir() if _is_image(p))
+            found = sorted(p for p in path.iterdir() if is_image_file(p))
         elif not path.exists() and _GLOB_CHARS & set(arg):
-            found = sorted(Path(p) for p in glob.glob(arg, recursive=True) if _is_image(Path(p)))
+            found = sorted(Path(p) for p in glob.glob(arg, recursive=True) if is_image_file(Path(p)))
             if not found:
                 unmatched.append(arg)
         else:
@@ -166,44 +137,21 @@ def expand_images(args: list[str]) -> tuple[list[Path], list[str]]:
     return list(dict.fromkeys(paths)), unmatched
 
 
-def _is_image(path: Path) -> bool:
-    return path.is_file() and not path.name.startswith(".") and path.suffix.lower() in IMAGE_SUFFIXES
+def _images_or_exit(args: list[str]) -> list[Path]:
+    """The image paths of `args`, a warning per glob that matched nothing; exit status 2 when there is none."""
+    paths, missing_globs = expand_images(args)
+    for pattern in missing_globs:
+        typer.secho(f"warning: {pattern}: no image matches", err=True, fg=typer.colors.YELLOW)
+    if not paths:
+        typer.secho(f"error: no image found in {' '.join(args)}", err=True, fg=typer.colors.RED)
+        raise typer.Exit(code=2)
+    return paths
 
 
-def _load_backbone(
-    record: dict[str, Any], prompts: Path, override: str | None, device: str, precision: str
-) -> ClipBundle:
-    """Build the backbone the record names (or with `override` weights); refuse one it was not made for."""
-    made = record.get("model")
-    if not isinstance(made, dict) or "name" not in made:
-        raise PromptFileError(f"{prompts}: the prompts file does not say which model it was made for")
-    weights = override if override is not None else made.get("pretrained")
-    bundle = load_clip(str(made["name"]), weights, device, precision)
-    fingerprint = model_fingerprint(bundle)
-    stored = str(made.get("pretrained"))
-    if override is not None and Path(override).is_file() and Path(override).name == Path(stored).name:
-        fingerprint["pretrained"] = stored  # the same checkpoint file, moved elsewhere
-    check_backbone(record, fingerprint, prompts)
-    text_dim = int(record["text"].shape[-1])
-    if text_dim != fingerprint["embed_dim"]:
-        raise PromptFileError(
-            f"{prompts}: its text embeddings have {text_dim} dimensions, {bundle.name} embeds in "
-            f"{fingerprint['embed_dim']}; the file is inconsistent or made for another model"
-        )
-    return bundle
-
-
-def _read_thresholds(path: Path) -> dict[str, Any]:
-    """The thresholds JSON of `mpad evaluate`; a missing or malformed file stops the command."""
-    if not path.is_file():
-        fail(f"{path}: thresholds file not found (run `mpad evaluate` or omit --thresholds-file)")
-    try:
-        info = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        fail(f"{path}: not a readable thresholds JSON file ({err})")
-    if not isinstance(info, dict):
-        fail(f"{path}: expected a JSON object of thresholds")
-    return info
+def _default_thresholds(category: str) -> Path | None:
+    """evaluate's thresholds file of `category` (relative to the working directory) when it exists."""
+    found = layout.thresholds_file(category)
+    return found if category and found.is_file() else None
 
 
 def _pick_threshold(
@@ -226,80 +174,12 @@ def _pick_threshold(
     return used, source
 
 
-def _predict_all(
-    detector: Detector,
-    bundle: ClipBundle,
-    paths: list[Path],
-    out: Path,
-    batch_size: int,
-    size: int,
-    max_size: int,
-    colour_range: tuple[float, float],
-    threshold: float | None,
-) -> list[dict[str, Any]]:
-    """Decode, score in batches and write each image's maps; one row per path, in order."""
-    rows: list[dict[str, Any] | None] = [None] * len(paths)
-    stems: dict[str, int] = {}
-    batch: list[tuple[int, np.ndarray]] = []
-
-    def flush() -> None:
-        if not batch:
-            return
-        tensor = stack_images([image for _, image in batch], bundle.image_size)
-        detection = detector(tensor, (size, size))
-        for (i, image), amap, score in zip(batch, detection.maps, detection.scores, strict=True):
-            names = _write_maps(out, _unique_stem(paths[i].stem, stems), image, amap, max_size, colour_range)
-            score_f, peak = float(score), float(amap.max())
-            decision = "n/a" if threshold is None else ("anomalous" if score_f >= threshold else "normal")
-            rows[i] = _row(paths[i], score_f, peak, threshold, decision, "ok", *names)
-        batch.clear()
-
-    with tqdm(total=len(paths), desc="predict", unit="img") as bar:
-        for i, path in enumerate(paths):
-            try:
-                batch.append((i, load_image(path)))
-            except (DatasetError, OSError) as err:
-                message = str(err) if str(path) in str(err) else f"{path}: {err}"
-                tqdm.write(f"error: skipped {message}", file=sys.stderr)
-                rows[i] = _row(path, None, None, threshold, "n/a", f"error: {err}", "", "")
-            if len(batch) == batch_size:
-                flush()
-            bar.update(1)
-        flush()
-    return [r for r in rows if r is not None]
-
-
-def _row(
-    path: Path, score: float | None, peak: float | None, threshold: float | None, decision: str, status: str,
-    overlay: str, map_name: str,
-) -> dict[str, Any]:
-    return {
-        "path": str(path), "image_score": score, "max_pixel_score": peak, "threshold": threshold,
-        "decision": decision, "status": status, "overlay": overlay, "map": map_name,
-    }  # fmt: skip
-
-
-def _unique_stem(stem: str, seen: dict[str, int]) -> str:
-    """`stem`, or `stem_2`, `stem_3`... when an earlier image of the run had the same stem."""
-    seen[stem] = seen.get(stem, 0) + 1
-    return stem if seen[stem] == 1 else f"{stem}_{seen[stem]}"
-
-
-def _write_maps(
-    out: Path, stem: str, image: np.ndarray, amap: torch.Tensor, max_size: int, colour_range: tuple[float, float]
-) -> tuple[str, str]:
-    """Write `<stem>_overlay.png` and `<stem>_map.png` for image (H, W, 3) uint8 and its map (R, R)."""
-    names = (f"{stem}_overlay.png", f"{stem}_map.png")
-    for name, pixels in zip(names, render_map(image, amap.float().numpy(), max_size, *colour_range), strict=True):
-        with atomic_path(out / name) as tmp:
-            Image.fromarray(pixels).save(tmp, format="PNG")
-    return names
-
-
-def _write_tables(out: Path, rows: list[dict[str, Any]], header: dict[str, Any]) -> None:
-    """predictions.csv (COLUMNS) and predictions.json ({...header, "predictions": rows})."""
-    cells = [["" if row[c] is None else f"{row[c]:.6f}" if isinstance(row[c], float) else row[c] for c in COLUMNS]
-             for row in rows]
-    write_csv(out / "predictions.csv", COLUMNS, cells)
-    write_json(out / "predictions.json", {**header, "n_images": len(rows),
-                                          "n_failed": sum(r["status"] != "ok" for r in rows), "predictions": rows})
+def _report(rows: list[dict[str, Any]], out: Path) -> None:
+    """One line of counts on stdout; exit status 1 when some image failed."""
+    failed = sum(r["status"] != "ok" for r in rows)
+    counts = {d: sum(r["decision"] == d for r in rows if r["status"] == "ok") for d in ("anomalous", "normal", "n/a")}
+    shown = ", ".join(f"{n} {d}" for d, n in counts.items() if n)
+    typer.echo(f"{len(rows)} images: {shown or 'none scored'}" + (f", {failed} failed" if failed else "")
+               + f"; see {out / 'predictions.csv'}")
+    if failed:
+        raise typer.Exit(code=1)

@@ -3,17 +3,23 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import yaml
 from typer.testing import CliRunner
 
 from mpad.clip import model_fingerprint
+from mpad.config import ScoringConfig
 from mpad.prompt_file import prompt_record, save_prompts
 from mpad.prompts import meta_text_embeddings
 from mpad.synthetic import generate
+from mpad.thresholds import load_thresholds, scoring_of
 from stages.cli import app
 
+ROOT = Path(__file__).resolve().parents[1]
 LAA = {"attention": "vv", "k": 2, "layers": 2, "cls": "neighbor-cls"}
 PARAMS = {
     "dataset": {"root": "ds"},
@@ -69,3 +75,26 @@ def test_missing_params_are_named(project):
     (project / "params.yaml").write_text(yaml.safe_dump({k: v for k, v in PARAMS.items() if k != "scoring"}))
     result = CliRunner().invoke(app, ["evaluate", "--category", "disc"])
     assert result.exit_code == 1 and "section 'scoring' missing" in result.output
+
+
+def test_outputs_match_the_library_records(project):
+    assert CliRunner().invoke(app, ["evaluate", "--category", "disc"]).exit_code == 0
+    thresholds = load_thresholds(project / "data" / "thresholds" / "disc.json")
+    assert scoring_of(thresholds) == ScoringConfig(smoothing_sigma=1.0, image_score="max", topk=0.01)
+    assert thresholds["pixel_threshold"] >= thresholds["map_low"]
+    names = sorted(p.name for p in (project / "plots" / "overlays" / "disc").glob("*.png"))
+    defects = [name.split("_", 1)[1].rsplit("_", 1)[0] for name in names]
+    assert defects == ["missing_piece", "scratch", "stain"]  # one per defect type, sorted, before any good one
+
+
+def test_dvc_deps_are_the_modules_evaluate_imports():
+    code = ("import sys, stages.evaluate\n"
+            "print('\\n'.join(m.__file__ for n, m in sys.modules.items() if n.split('.')[0] in ('mpad', 'stages')))")
+    files = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    imported = {"mpad/model_configs"}  # read by mpad.clip
+    for file in files.split():
+        rel = Path(file).resolve().relative_to(ROOT)
+        if rel.name != "__init__.py" or len(rel.parts) > 2:
+            imported.add(str(rel.parent) if rel.parent.name in ("data", "metrics") else str(rel))
+    deps = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["evaluate"]["deps"]
+    assert {d for d in deps if d.startswith(("mpad/", "stages/"))} == imported

@@ -4,9 +4,11 @@ import numpy as np
 import pytest
 import torch
 
+from mpad.config import ScoringConfig
 from mpad.data import DatasetError, list_split
 from mpad.detector import Detector
-from mpad.evaluation import CategoryResult, category_metrics, resize_mask, run_detector
+from mpad.evaluation import CategoryResult, category_metrics, curve_rows, resize_mask, run_detector
+from mpad.overlays import pick_overlays
 from mpad.prompts import meta_text_embeddings
 from mpad.summary import markdown_table, summarize
 from mpad.synthetic import generate
@@ -24,7 +26,7 @@ def dataset(tmp_path_factory):
 
 def detector(tiny_clip, sigma=1.0):
     record = {"laa": LAA, "text": meta_text_embeddings(tiny_clip.model, tiny_clip.tokenizer, "disc")}
-    return Detector(tiny_clip, record, {"smoothing_sigma": sigma, "image_score": "max", "topk": 0.01})
+    return Detector(tiny_clip, record, ScoringConfig(smoothing_sigma=sigma, image_score="max", topk=0.01))
 
 
 def test_run_detector_keeps_order_and_masks(tiny_clip, dataset):
@@ -108,3 +110,22 @@ def test_render_map_sizes_and_scaling():
     assert gray[:, 0].max() == 0 and gray[:, -1].min() == 255  # left half normal, right half anomalous
     _, half = render_map(image, amap, max_size=120, low=0.0, high=2.0)
     assert half[:, -1].min() == 128  # 1.0 on a 0..2 range
+
+
+def test_curve_rows_values():
+    maps = torch.tensor([[0.1] * 4, [0.2, 0.2, 0.2, 0.9]]).reshape(2, 2, 2)
+    masks = maps > 0.5
+    result = CategoryResult(maps, masks, torch.tensor([0, 1]), torch.tensor([0.1, 0.9]))
+    rows = curve_rows(result)
+    assert rows["roc_image"] == [("0.000000", "0.000000"), ("0.000000", "1.000000"), ("1.000000", "1.000000")]
+    assert rows["roc_pixel"][:2] == [("0.000000", "0.000000"), ("0.000000", "1.000000")]
+    assert rows["pro"][0] == ("0.000000", "0.000000") and rows["pro"][-1] == ("1.000000", "1.000000")
+    normal = CategoryResult(maps, torch.zeros_like(masks), torch.tensor([0, 0]), result.scores)
+    assert curve_rows(normal) == {"roc_pixel": [], "roc_image": [], "pro": []}
+
+
+def test_pick_overlays_one_per_defect_type_in_turn():
+    defects = ["good", "scratch", "good", "crack", "scratch", "crack"]
+    assert pick_overlays(defects, 4) == [3, 1, 0, 5]  # crack, scratch, good, then round two
+    assert pick_overlays(defects, 10) == [3, 1, 0, 5, 4, 2]
+    assert pick_overlays(defects, 0) == [] and pick_overlays(["good"], 3) == [0]

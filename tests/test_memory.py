@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from mpad.config import ScoringConfig
 from mpad.detector import Detector
 from mpad.memory import VisualMemory, build_memory, fuse_maps, memory_from_record, nearest_distance
 from mpad.prompts import meta_text_embeddings
@@ -110,7 +111,7 @@ def test_build_sorts_layers(tiny_clip):
 
 def test_detector_with_memory_differs(memory, tiny_clip):
     record = {"laa": LAA, "text": meta_text_embeddings(tiny_clip.model, tiny_clip.tokenizer, "stripes")}
-    scoring = {"smoothing_sigma": 1.0, "image_score": "max"}
+    scoring = ScoringConfig(smoothing_sigma=1.0, image_score="max")
     images = _images(9, n=2)
     plain = Detector(tiny_clip, record, scoring)(images, (48, 48))
     fused = Detector(tiny_clip, record, scoring, memory=memory)(images, (48, 48))

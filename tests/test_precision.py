@@ -22,6 +22,7 @@ import yaml
 from typer.testing import CliRunner
 
 from mpad.clip import load_clip
+from mpad.config import ScoringConfig
 from mpad.data import list_split, load_image
 from mpad.detector import Detector
 from mpad.features import stack_images
@@ -89,11 +90,11 @@ def test_bf16_maps_match_fp32_maps_for_the_same_prompts(runs):
     params = offline_params()
     record = load_prompts(base / "fp32" / "data" / "prompts" / "disc.pt")
     samples = list_split(base / "fp32" / "data" / "synthetic", "disc", "test")
-    maps = {}
+    maps, scoring = {}, ScoringConfig.from_params(params["scoring"])
     for precision in ("fp32", "bf16"):
         bundle = load_clip("mpad-tiny", "none", "cpu", precision)
         images = stack_images([load_image(s.image) for s in samples], bundle.image_size)
-        maps[precision] = Detector.from_record(bundle, record, params["scoring"])(images, (64, 64))
+        maps[precision] = Detector.from_record(bundle, record, scoring)(images, (64, 64))
     diff = (maps["bf16"].maps - maps["fp32"].maps).abs()
     assert maps["bf16"].maps.dtype == torch.float32
     assert diff.mean() < 0.02 and diff.max() < 0.2

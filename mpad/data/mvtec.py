@@ -53,13 +53,14 @@ class Sample:
     defect: str
 
 
+def is_image_file(path: Path) -> bool:
+    """A file read as an image: an IMAGE_SUFFIXES extension, not hidden."""
+    return path.is_file() and not path.name.startswith(".") and path.suffix.lower() in IMAGE_SUFFIXES
+
+
 def _images_in(folder: Path) -> list[Path]:
     """Sorted image files directly in `folder` (hidden files skipped)."""
-    return sorted(
-        p
-        for p in folder.iterdir()
-        if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES
-    )
+    return sorted(p for p in folder.iterdir() if is_image_file(p))
 
 
 def _subfolders(folder: Path) -> list[Path]:

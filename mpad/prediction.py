@@ -1,0 +1,138 @@
+"""Scoring new images with a prompts file: the backbone it names, batched scoring, and the files written.
+
+Into an output folder: `<stem>_overlay.png` (the heat map over the image) and `<stem>_map.png` (8-bit
+grayscale map), both at the image's size with the longer side capped at max_size; `predictions.csv` (one
+row per image, COLUMNS) and `predictions.json` (the same rows under a header saying how they were made).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from mpad.clip import ClipBundle, load_clip, model_fingerprint
+from mpad.data.mvtec import DatasetError, load_image
+from mpad.detector import Detector
+from mpad.features import stack_images
+from mpad.io import write_csv, write_json, write_png
+from mpad.prompt_file import PromptFileError, check_backbone
+from mpad.visualize import render_map
+
+COLUMNS = ("path", "image_score", "max_pixel_score", "threshold", "decision", "status", "overlay", "map")
+
+
+def load_backbone(
+    record: dict[str, Any], path: Path, device: str = "auto", precision: str = "fp32", weights: str | None = None
+) -> ClipBundle:
+    """The backbone prompts record `record` (read from `path`) names, with its stored weights or `weights`.
+
+    Raises PromptFileError when the record names no model or the backbone is not the one it was made for
+    (a checkpoint file named as the stored one counts as the same), mpad.clip.ModelLoadError when the
+    model cannot be built.
+    """
+    made = record.get("model")
+    if not isinstance(made, dict) or "name" not in made:
+        raise PromptFileError(f"{path}: the prompts file does not say which model it was made for")
+    bundle = load_clip(str(made["name"]), weights if weights is not None else made.get("pretrained"), device, precision)
+    fingerprint = model_fingerprint(bundle)
+    stored = str(made.get("pretrained"))
+    if weights is not None and Path(weights).is_file() and Path(weights).name == Path(stored).name:
+        fingerprint["pretrained"] = stored  # the same checkpoint file, moved elsewhere
+    check_backbone(record, fingerprint, path)
+    text_dim = int(record["text"].shape[-1])
+    if text_dim != fingerprint["embed_dim"]:
+        raise PromptFileError(
+            f"{path}: its text embeddings have {text_dim} dimensions, {bundle.name} embeds in "
+            f"{fingerprint['embed_dim']}; the file is inconsistent or made for another model"
+        )
+    return bundle
+
+
+def decide(score: float, threshold: float | None) -> str:
+    """"anomalous" when score >= threshold, else "normal"; "n/a" without a threshold."""
+    return "n/a" if threshold is None else ("anomalous" if score >= threshold else "normal")
+
+
+def predict_images(
+    detector: Detector,
+    paths: Sequence[Path],
+    out: Path,
+    *,
+    batch_size: int,
+    size: int,
+    max_size: int,
+    colour_range: tuple[float, float],
+    threshold: float | None,
+    on_image: Callable[[int], Any] | None = None,
+    on_skip: Callable[[str], Any] | None = None,
+) -> list[dict[str, Any]]:
+    """Decode, score in batches of `batch_size` at maps (size, size), write each image's two PNGs into `out`;
+    one row (COLUMNS) per path, in order. A path that cannot be decoded gets an error row and
+    `on_skip(message naming it)`; `on_image(1)` after each path is read (for a progress bar)."""
+    rows: list[dict[str, Any] | None] = [None] * len(paths)
+    stems: dict[str, int] = {}
+    batch: list[tuple[int, np.ndarray]] = []
+
+    def flush() -> None:
+        if not batch:
+            return
+        detection = detector(stack_images([image for _, image in batch], detector.bundle.image_size), (size, size))
+        for (i, image), amap, score in zip(batch, detection.maps, detection.scores, strict=True):
+            names = _write_maps(out, _unique_stem(paths[i].stem, stems), image, amap, max_size, colour_range)
+            score_f, peak = float(score), float(amap.max())
+            rows[i] = _row(paths[i], score_f, peak, threshold, decide(score_f, threshold), "ok", *names)
+        batch.clear()
+
+    for i, path in enumerate(paths):
+        try:
+            batch.append((i, load_image(path)))
+        except (DatasetError, OSError) as err:
+            if on_skip is not None:
+                on_skip(str(err) if str(path) in str(err) else f"{path}: {err}")
+            rows[i] = _row(path, None, None, threshold, "n/a", f"error: {err}", "", "")
+        if len(batch) == batch_size:
+            flush()
+        if on_image is not None:
+            on_image(1)
+    flush()
+    return [r for r in rows if r is not None]
+
+
+def save_predictions(out: Path, rows: list[dict[str, Any]], header: dict[str, Any]) -> None:
+    """predictions.csv (COLUMNS; floats with 6 decimals, None empty) and predictions.json
+    ({...header, "n_images", "n_failed", "predictions": rows}) in `out`."""
+    cells = [["" if row[c] is None else f"{row[c]:.6f}" if isinstance(row[c], float) else row[c] for c in COLUMNS]
+             for row in rows]
+    write_csv(out / "predictions.csv", COLUMNS, cells)
+    write_json(out / "predictions.json", {**header, "n_images": len(rows),
+                                          "n_failed": sum(r["status"] != "ok" for r in rows), "predictions": rows})
+
+
+def _row(
+    path: Path, score: float | None, peak: float | None, threshold: float | None, decision: str, status: str,
+    overlay: str, map_name: str,
+) -> dict[str, Any]:
+    return {
+        "path": str(path), "image_score": score, "max_pixel_score": peak, "threshold": threshold,
+        "decision": decision, "status": status, "overlay": overlay, "map": map_name,
+    }  # fmt: skip
+
+
+def _unique_stem(stem: str, seen: dict[str, int]) -> str:
+    """`stem`, or `stem_2`, `stem_3`... when an earlier image of the run had the same stem."""
+    seen[stem] = seen.get(stem, 0) + 1
+    return stem if seen[stem] == 1 else f"{stem}_{seen[stem]}"
+
+
+def _write_maps(
+    out: Path, stem: str, image: np.ndarray, amap: torch.Tensor, max_size: int, colour_range: tuple[float, float]
+) -> tuple[str, str]:
+    """Write `<stem>_overlay.png` and `<stem>_map.png` for image (H, W, 3) uint8 and its map (R, R)."""
+    names = (f"{stem}_overlay.png", f"{stem}_map.png")
+    for name, pixels in zip(names, render_map(image, amap.float().numpy(), max_size, *colour_range), strict=True):
+        write_png(out / name, pixels)
+    return names
