@@ -25,7 +25,7 @@ ABLATIONS := \
 # What `make ablations` shows at the end: the knobs and the mean metrics of every experiment.
 EXP_COLUMNS := Experiment|mean.pixel_auroc|mean.aupro|mean.image_auroc|mpts.lambda$$|mpts.meta_epochs|oagm.enabled|laa.attention|laa.k|memory.enabled
 
-.PHONY: setup run offline ablations test bench
+.PHONY: setup run offline ablations test test-fast bench
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || python3 -m venv $(VENV)
@@ -59,6 +59,11 @@ ablations: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
+
+# The quick loop while developing: everything but the end-to-end DVC runs (marker `slow`).
+test-fast: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -q -m "not slow"
 
 bench: $(STAMP)
 	$(BIN)/python bench/encoder.py

@@ -83,6 +83,7 @@ def commit(repo: Path, message: str) -> None:
     )
 
 
+@pytest.mark.slow
 def test_offline_pipeline_end_to_end(project):
     output = run(["dvc", "repro"], project)
     expected = {"fetch", "summarize"} | {f"{s}@{c}" for s in ("sample", "synthesize", "train", "evaluate")
