@@ -29,6 +29,8 @@ from mpad.features import stack_images
 from mpad.prompt_file import load_prompts
 from stages.cli import app
 
+pytestmark = pytest.mark.slow  # runs the offline preset's stages twice (about a minute)
+
 ROOT = Path(__file__).resolve().parents[1]
 CATEGORIES = ["stripes", "disc"]
 

@@ -1,0 +1,32 @@
+"""dvc.yaml declares the paths that mpad.layout names (DVC needs them literally; the stages write them)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from mpad import layout
+
+ROOT = Path(__file__).resolve().parents[1]
+STAGES = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+C = "${item.category}"
+
+
+def _paths(entries: list) -> set[str]:
+    return {next(iter(e)) if isinstance(e, dict) else e for e in entries}
+
+
+def test_dvc_yaml_declares_the_layout_paths():
+    outs = {name: _paths(spec.get("outs", [])) | _paths(spec.get("metrics", [])) | _paths(spec.get("plots", []))
+            for name, spec in STAGES.items()}
+    assert outs["fetch"] == {layout.MANIFEST.as_posix()}
+    assert outs["sample"] == {layout.shots_file(C).as_posix()}
+    assert outs["synthesize"] == {layout.synth_dir(C).as_posix()}
+    assert outs["train"] == {layout.prompts_file(C).as_posix(), f"{layout.train_curves_dir(C).as_posix()}/plots/metrics"}
+    assert outs["evaluate"] == {layout.thresholds_file(C).as_posix(), layout.metrics_file(C).as_posix(),
+                                layout.overlays_dir(C).as_posix()} | {
+        layout.curve_file(kind, C).as_posix() for kind in ("roc_pixel", "roc_image", "pro")}
+    assert outs["summarize"] == {layout.METRICS_JSON.as_posix(), layout.METRICS_MD.as_posix()}
+    assert layout.shots_file(C).as_posix() in STAGES["synthesize"]["deps"]
+    assert layout.prompts_file(C).as_posix() in STAGES["evaluate"]["deps"]
