@@ -23,7 +23,8 @@ def test_dvc_yaml_declares_the_layout_paths():
     assert outs["fetch"] == {layout.MANIFEST.as_posix()}
     assert outs["sample"] == {layout.shots_file(C).as_posix()}
     assert outs["synthesize"] == {layout.synth_dir(C).as_posix()}
-    assert outs["train"] == {layout.prompts_file(C).as_posix(), f"{layout.train_curves_dir(C).as_posix()}/plots/metrics"}
+    curves = f"{layout.train_curves_dir(C).as_posix()}/plots/metrics"
+    assert outs["train"] == {layout.prompts_file(C).as_posix(), curves}
     assert outs["evaluate"] == {layout.thresholds_file(C).as_posix(), layout.metrics_file(C).as_posix(),
                                 layout.overlays_dir(C).as_posix()} | {
         layout.curve_file(kind, C).as_posix() for kind in ("roc_pixel", "roc_image", "pro")}
