@@ -34,7 +34,7 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
-# The main job: the pipeline with params.yaml as it is (the paper's setting by default).
+# The main job: the pipeline with params.yaml as it is (by default the paper's setting where the paper gives one).
 run: $(STAMP)
 	$(BIN)/dvc repro
 
