@@ -12,9 +12,9 @@ from pathlib import Path
 import typer
 
 from mpad.data import DatasetError, list_split, pick_shots
-from mpad.data.download import sha256_file
-from mpad.io import write_json
-from stages.common import PARAMS_OPTION, SHOTS_DIR, fail, load_params
+from mpad.data.shots import save_shots
+from mpad.layout import shots_file
+from stages.common import PARAMS_OPTION, fail, load_params
 
 MANIFEST = Path("data/manifest.json")
 
@@ -54,12 +54,9 @@ def main(
     k, seed = shots.get("k"), shots.get("seed", 0)
     try:
         picks = pick_shots(list_split(root, category, "train"), k, seed, category)
-        entries = [
-            {"path": s.image.relative_to(root).as_posix(), "sha256": sha256_file(s.image)} for s in picks
-        ]
     except DatasetError as err:
         fail(str(err))
         return
-    out = SHOTS_DIR / f"{category}.json"
-    write_json(out, {"category": category, "root": str(dataset["root"]), "k": k, "seed": seed, "shots": entries})
-    typer.echo(f"wrote {out}: {', '.join(e['path'] for e in entries)}")
+    out = shots_file(category)
+    record = save_shots(out, category, str(dataset["root"]), k, seed, picks)
+    typer.echo(f"wrote {out}: {', '.join(e['path'] for e in record['shots'])}")
