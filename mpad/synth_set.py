@@ -18,17 +18,34 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
 from PIL import Image
 
 from mpad.io import atomic_path, save_png
 
-if TYPE_CHECKING:
-    from mpad.oagm import ObjectMask, SynthesizedSample
-
 MANIFEST = "manifest.json"
+
+
+class ObjectMaskLike(Protocol):
+    """What is stored of an M_obj (`mpad.oagm.ObjectMask`; not imported: reading a set needs no OAGM)."""
+
+    mask: np.ndarray  # (H, W) bool
+    fallback: str | None
+
+    @property
+    def fraction(self) -> float: ...
+
+
+class SampleLike(Protocol):
+    """What is stored of one (x', M'_a) (`mpad.oagm.SynthesizedSample`)."""
+
+    image: np.ndarray  # (H, W, 3) uint8
+    mask: np.ndarray  # (H, W) bool
+
+    @property
+    def anomalous_fraction(self) -> float: ...
 
 
 class SynthSetError(ValueError):
@@ -40,8 +57,8 @@ def write_synth_set(
     category: str,
     image_size: Sequence[int],
     shots: Sequence[str],
-    object_masks: Sequence[ObjectMask],
-    synthesized: Iterable[Sequence[SynthesizedSample]],
+    object_masks: Sequence[ObjectMaskLike],
+    synthesized: Iterable[Sequence[SampleLike]],
     info: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Write the set and return its manifest. shots: each shot's path (as listed in the shots file);
