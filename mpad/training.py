@@ -29,7 +29,7 @@ ENCODE_BATCH = 32
 
 
 def seed_everything(seed: int) -> None:
-    """Seed Python's, numpy's and torch's global generators (random model weights are drawn from torch's)."""
+    """Seed Python's, numpy's and torch's global generators (MPTS itself draws from its own seeded ones)."""
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)

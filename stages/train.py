@@ -36,7 +36,7 @@ def main(category: str = typer.Option(..., "--category", help="Category to train
         images, masks, _ = read_synth_set(layout.synth_dir(category))
     except SynthSetError as err:
         fail(f"{err} (run the synthesize stage first: dvc repro)")
-    seed_everything(mpts.seed)  # before loading: random weights are drawn from torch's global generator
+    seed_everything(mpts.seed)  # global generators too, for anything in torch / numpy that draws from them
     bundle = _load_model(model)
     with Live(dir=str(layout.train_curves_dir(category)), save_dvc_exp=False, dvcyaml=None) as live, \
             StageProgress(total=mpts.meta_epochs * mpts.steps, desc=f"train {category}", unit="step") as bar:
