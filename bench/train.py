@@ -20,9 +20,10 @@ import numpy as np
 import torch
 
 from mpad.clip import load_clip
-from mpad.features import build_encoder, encode, stack_images
+from mpad.features import build_encoder, encode_batched, stack_images
 from mpad.mpts import MptsConfig, train_prompts
 from mpad.prompts import PromptLearner, TextEncoder, meta_text_embeddings
+from mpad.training import ENCODE_BATCH
 
 LAA = {"attention": "vv", "k": 2, "layers": 6, "cls": "neighbor-cls"}
 
@@ -56,8 +57,7 @@ def bench(name: str, images: np.ndarray, masks: np.ndarray, steps: int, total_st
 
     t0 = time.perf_counter()
     pixels = stack_images(list(images), bundle.image_size)
-    batches = [pixels[i : i + 32] for i in range(0, len(pixels), 32)]
-    features = torch.cat([encode(encoder, bundle, batch).patch_features for batch in batches])
+    features = encode_batched(encoder, bundle, pixels, ENCODE_BATCH).patch_features
     t_features = time.perf_counter() - t0
 
     size = tuple(bundle.image_size)

@@ -26,6 +26,8 @@ IMAGE_SCORES = ("max", "topk_mean", "global")
 FUSIONS = ("harmonic", "arithmetic")
 CALIBRATIONS = ("projection", "literal", "literal-rms")
 
+# MVTec AD's categories in the paper's Table 1 order: the textures, then the objects.
+TABLE_ORDER = MVTEC_TEXTURES + tuple(c for c in MVTEC_CATEGORIES if c not in MVTEC_TEXTURES)
 MVTEC_URL = (
     "https://www.mydrive.ch/shares/38536/3830184030e49fe74747669442f0f282/download/420938113-1629952094/"
     "mvtec_anomaly_detection.tar.xz"
@@ -128,7 +130,7 @@ class DatasetConfig:
     root: str = "data/mvtec"
     url: str = MVTEC_URL
     sha256: str | None = MVTEC_SHA256
-    categories: list[str] | None = field(default_factory=lambda: list(MVTEC_CATEGORIES))
+    categories: list[str] | None = field(default_factory=lambda: list(TABLE_ORDER))
     textures: list[str] | None = field(default_factory=lambda: list(MVTEC_TEXTURES))
     seed: int = 0
 

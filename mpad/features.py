@@ -2,27 +2,33 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 
 from mpad.clip import ClipBundle
+from mpad.config import LaaConfig
 from mpad.encoder import EncoderOutput, LocalityAwareEncoder
 from mpad.transforms import model_input, to_tensor
 
 
 def build_encoder(
-    bundle: ClipBundle, laa: dict[str, Any], intermediate_layers: Sequence[int] = ()
+    bundle: ClipBundle, laa: LaaConfig | Mapping[str, Any], intermediate_layers: Sequence[int] = ()
 ) -> LocalityAwareEncoder:
-    """The LAA encoder for `bundle` from the `laa` settings {attention, k, layers, cls}."""
+    """The LAA encoder (eq. 11-12) for `bundle`: `laa` is the `LaaConfig`, or the settings mapping
+    {attention, k, layers, cls} a prompts file stores (`LaaConfig.as_dict`)."""
+    if isinstance(laa, Mapping):
+        k = laa.get("k")
+        laa = LaaConfig(attention=str(laa["attention"]), k=None if k is None else float(k), layers=int(laa["layers"]),
+                        cls=str(laa.get("cls", "neighbor-cls")))
     encoder = LocalityAwareEncoder(
         bundle.model.visual,
-        layers=int(laa["layers"]),
-        attention=str(laa["attention"]),
-        k=None if laa.get("k") is None else float(laa["k"]),
-        cls=str(laa.get("cls", "neighbor-cls")),
+        layers=int(laa.layers),
+        attention=str(laa.attention),
+        k=None if laa.k is None else float(laa.k),
+        cls=str(laa.cls),
         intermediate_layers=intermediate_layers,
     )
     return encoder.to(bundle.device).eval()
@@ -34,6 +40,23 @@ def encode(encoder: LocalityAwareEncoder, bundle: ClipBundle, images: torch.Tens
     batch = model_input(images.to(bundle.device), bundle.image_size, bundle.mean, bundle.std)
     batch = batch.to(bundle.compute_dtype)  # the resize and normalisation run in fp32
     return encoder(batch)
+
+
+@torch.no_grad()
+def encode_batched(
+    encoder: LocalityAwareEncoder, bundle: ClipBundle, images: torch.Tensor, batch_size: int
+) -> EncoderOutput:
+    """`encode` over (N, 3, H, W) images in chunks of `batch_size` (bounded device memory), outputs
+    concatenated along the batch: image_embedding (N, D), patch_features (N, H', W', D), intermediates
+    per requested block (N, H', W', width); all fp32 on the bundle's device."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    outs = [encode(encoder, bundle, images[i : i + batch_size]) for i in range(0, len(images), batch_size)]
+    return EncoderOutput(
+        image_embedding=torch.cat([o.image_embedding for o in outs]),
+        patch_features=torch.cat([o.patch_features for o in outs]),
+        intermediates=[torch.cat(layer) for layer in zip(*(o.intermediates for o in outs), strict=True)],
+    )
 
 
 def stack_images(images: Iterable[np.ndarray], size: Sequence[int]) -> torch.Tensor:

@@ -70,3 +70,12 @@ def write_csv(path: str | os.PathLike[str], header: Sequence[str], rows: Iterabl
     writer.writerow(header)
     writer.writerows(rows)
     write_text(path, buffer.getvalue())
+
+
+def save_png(path: str | os.PathLike[str], pixels: np.ndarray) -> None:
+    """(H, W) or (H, W, 3) uint8 -> PNG at `path` (parents created). No metadata and fixed settings: the
+    bytes depend on the pixels only, so DVC sees a change only when the pixels change. Not atomic by itself:
+    callers write into an `atomic_path` folder."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels).save(path, format="PNG", optimize=False, compress_level=6)

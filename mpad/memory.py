@@ -12,14 +12,15 @@ evaluate and predict rebuild exactly what train built.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from mpad.clip import ClipBundle
-from mpad.features import build_encoder, encode
+from mpad.config import LaaConfig
+from mpad.features import build_encoder, encode_batched
 
 FUSIONS = ("harmonic", "arithmetic")
 # Query chunk x bank size bound for one similarity matmul (float32 elements, ~64 MB).
@@ -134,7 +135,7 @@ class VisualMemory:
 
 def build_memory(
     bundle: ClipBundle,
-    laa: dict[str, Any],
+    laa: LaaConfig | Mapping[str, Any],
     images: torch.Tensor,
     layers: Sequence[int],
     fusion: str = "harmonic",
@@ -142,7 +143,7 @@ def build_memory(
 ) -> VisualMemory:
     """The memory of the shot images (K, 3, H, W) in [0, 1] at `layers` (1-based blocks) of `bundle`.
 
-    `laa` is the encoder settings dict {attention, k, layers, cls}; the memory reads only the original
+    `laa`: the encoder settings (`LaaConfig` or its stored mapping); the memory reads only the original
     path, so it does not depend on them, but the same encoder code path is used as at inference.
     ValueError when a layer is outside the model's blocks (e.g. [6, 9, 12] on the 4-block mpad-tiny).
     """
@@ -152,12 +153,8 @@ def build_memory(
     if not layers or bad:
         raise ValueError(f"memory.layers {layers}: {bundle.name} has blocks 1..{depth} (1-based); got {bad or 'none'}")
     encoder = build_encoder(bundle, laa, intermediate_layers=layers)
-    per_layer: list[list[torch.Tensor]] = [[] for _ in layers]
-    for start in range(0, images.shape[0], batch_size):
-        out = encode(encoder, bundle, images[start : start + batch_size])
-        for i, tokens in enumerate(out.intermediates):
-            per_layer[i].append(tokens.cpu())
-    return VisualMemory.build([torch.cat(t) for t in per_layer], layers, fusion)
+    tokens = encode_batched(encoder, bundle, images, batch_size).intermediates
+    return VisualMemory.build([t.cpu() for t in tokens], layers, fusion)  # banks built on the CPU
 
 
 def memory_from_record(record: dict[str, Any]) -> VisualMemory | None:

@@ -19,18 +19,21 @@ Object masks (method):
   plain background.
 
 Both masks are cleaned with scikit-image morphology (`clean_mask`). Texture categories get the whole
-image. An object mask that is empty or covers almost the whole image falls back to the whole image,
-with a warning.
+image. An object mask that is empty or covers almost the whole image falls back to the whole image;
+`ObjectMask.fallback` says why (the caller decides whether and how to tell a user).
 
 Regions: `object` noises the whole object mask (the paper's literal reading); `blobs` noises a union of
 a few random irregular ellipses inside the object, so a sample holds both normal and anomalous pixels.
 With `enabled = False` the object mask is ignored (noise anywhere: paper Table 3, "without OAGM").
+
+`synthesize_set` runs the whole module for a category's shots from an `OagmConfig`, seeded by
+(oagm.seed, category).
 """
 
 from __future__ import annotations
 
 import math
-import warnings
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
 
@@ -40,9 +43,11 @@ from skimage import morphology
 from skimage.transform import resize
 
 from mpad.clip import ClipBundle
-from mpad.features import build_encoder, encode
+from mpad.config import LaaConfig, OagmConfig
+from mpad.data.shots import stable_hash
+from mpad.features import build_encoder, encode_batched
 from mpad.prompts import TEMPLATES, class_words, text_ensemble
-from mpad.scoring import patch_probabilities, upsample
+from mpad.scoring import anomaly_maps
 from mpad.text_cache import TextCache
 
 MASK_METHODS = ("clip", "border")
@@ -57,7 +62,7 @@ BACKGROUND_PROMPTS = (
     "a close-up photo of the background.",
 )
 # An object mask covering less than MIN_OBJECT_FRACTION or more than MAX_OBJECT_FRACTION of the image
-# is not trusted: the whole image is used instead (with a warning).
+# is not trusted: the whole image is used instead (`ObjectMask.fallback` says why).
 MIN_OBJECT_FRACTION = 0.01
 MAX_OBJECT_FRACTION = 0.97
 # Border method: width of the border strip (fraction of the shorter side, at least 2 px), the floor on
@@ -65,6 +70,8 @@ MAX_OBJECT_FRACTION = 0.97
 BORDER_FRACTION = 0.05
 BORDER_MIN_STD = 3.0 / 255.0
 BORDER_Z_HALF = 6.0
+# Images per encoder forward pass of the clip object mask (bounds device memory for large k).
+ENCODE_BATCH = 32
 
 
 def add_noise(image: torch.Tensor, region_mask: torch.Tensor, sigma: float, generator: torch.Generator) -> torch.Tensor:
@@ -109,18 +116,18 @@ def clip_object_probability(
 
     Patch features from the dual-path encoder with V-V attention over the last min(layers, depth)
     blocks and no locality mask (CLIP Surgery); softmax over [background, object] text ensembles of the
-    scaled cosine similarities (the S' maps of sec. 3.3 with other prompts), upsampled bilinearly.
+    scaled cosine similarities (the S' maps of sec. 3.3 with [background, object] in place of
+    [normal, anomaly], so the "anomaly" channel of `scoring.anomaly_maps` is the object), upsampled bilinearly.
     """
     depth = len(bundle.model.visual.transformer.resblocks)
-    settings = {"attention": "vv", "k": None, "layers": max(1, min(int(layers), depth)), "cls": "neighbor-cls"}
+    settings = LaaConfig(attention="vv", k=None, layers=max(1, min(int(layers), depth)), cls="neighbor-cls")
     encoder = build_encoder(bundle, settings)
-    patches = encode(encoder, bundle, images).patch_features  # (B, h, w, D)
+    patches = encode_batched(encoder, bundle, images, ENCODE_BATCH).patch_features  # (B, h, w, D)
     words = class_words(category)
     ensemble = partial(text_ensemble, bundle.model, bundle.tokenizer, cache=cache)
     text = torch.stack([ensemble(BACKGROUND_PROMPTS), ensemble([t.format(words) for t in TEMPLATES])])
     scale = bundle.model.logit_scale.exp().float()
-    probs = patch_probabilities(patches, text.to(patches.device), scale)  # (B, 2, h, w)
-    return upsample(probs[:, 1:2], images.shape[-2:])[:, 0].cpu()
+    return anomaly_maps(patches, text.to(patches.device), scale, images.shape[-2:]).cpu()
 
 
 def border_object_probability(images: torch.Tensor) -> torch.Tensor:
@@ -173,7 +180,7 @@ def object_masks(
     texture: the whole image is the object (no model run). method `clip` needs `bundle` (and reads its
     prompt ensembles from `cache` when given). A mask whose
     cleaned area is outside [MIN_OBJECT_FRACTION, MAX_OBJECT_FRACTION] of the image falls back to the
-    whole image; a warning says so and `ObjectMask.fallback` records why.
+    whole image; `ObjectMask.fallback` records why (returned, not printed: reporting is the caller's).
     """
     if method not in MASK_METHODS:
         raise ValueError(f"oagm.mask_method must be one of {MASK_METHODS}, got {method!r}")
@@ -198,7 +205,6 @@ def object_masks(
             f"{category} image {index}: the {method} object mask is {kind} ({fraction:.1%} of the pixels); "
             "using the whole image as the object instead"
         )
-        warnings.warn(reason, stacklevel=2)
         out.append(ObjectMask(np.ones((h, w), dtype=bool), fallback=reason))
     return out
 
@@ -314,3 +320,30 @@ def synthesize(
         noisy = add_noise(image, torch.from_numpy(mask), sigma, generator)
         out.append(SynthesizedSample(to_uint8(noisy), mask.copy()))
     return out
+
+
+def shot_object_masks(
+    images: torch.Tensor, category: str, oagm: OagmConfig, texture: bool, bundle: ClipBundle | None = None,
+    cache: TextCache | None = None,
+) -> list[ObjectMask]:
+    """`object_masks` of the shots (K, 3, H, W) with the method, threshold and layers of `oagm`."""
+    return object_masks(images, category, oagm.mask_method, oagm.mask_threshold, texture=texture, bundle=bundle,
+                        layers=oagm.mask_layers, cache=cache)
+
+
+def synthesize_set(
+    images: torch.Tensor, masks: Sequence[ObjectMask], category: str, oagm: OagmConfig
+) -> Iterator[list[SynthesizedSample]]:
+    """Per shot, in order, its `oagm.samples` synthesized anomalies (`synthesize`), lazily.
+
+    images: (K, 3, H, W) float in [0, 1] at the model's input size; masks: their K object masks. One
+    numpy Generator seeded by (oagm.seed, category) draws regions and clean picks for all shots, and one
+    torch Generator seeded from it the noise: the same config and shots give the same set on any machine.
+    """
+    if len(masks) != len(images):
+        raise ValueError(f"{len(images)} shot images but {len(masks)} object masks")
+    rng = np.random.default_rng([oagm.seed, stable_hash(category)])
+    generator = torch.Generator().manual_seed(int(rng.integers(2**62)))
+    for image, obj in zip(images, masks, strict=True):
+        yield synthesize(image, obj.mask, oagm.samples, oagm.sigma, rng=rng, generator=generator, region=oagm.region,
+                         enabled=oagm.enabled, clean_fraction=oagm.clean_fraction)

@@ -20,10 +20,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
 from mpad.data.mvtec import DatasetError
-from mpad.io import atomic_path
+from mpad.io import atomic_path, save_png
 
 SYNTHETIC_CATEGORIES: tuple[str, ...] = ("stripes", "weave", "disc")
 SYNTHETIC_TEXTURES: tuple[str, ...] = ("stripes", "weave")
@@ -176,12 +175,6 @@ def render(category: str, rng: np.random.Generator, defect: str | None = None) -
     return Rendered(image=out, mask=mask, object=obj)
 
 
-def _save_png(arr: np.ndarray, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # No metadata and fixed settings: the bytes depend on the pixels only.
-    Image.fromarray(arr).save(path, format="PNG", optimize=False, compress_level=6)
-
-
 def _marker(seed: int, n_train: int, n_test: int) -> dict[str, Any]:
     return {"generator": "mpad.synthetic", "version": _VERSION, "seed": seed, "n_train": n_train, "n_test": n_test}
 
@@ -202,10 +195,10 @@ def _write_category(
     cat_dir: Path, category: str, rng: np.random.Generator, n_train: int, n_test: int
 ) -> None:
     for i in range(n_train):
-        _save_png(render(category, rng).image, cat_dir / "train" / "good" / f"{i:03d}.png")
+        save_png(cat_dir / "train" / "good" / f"{i:03d}.png", render(category, rng).image)
     n_good = n_test // 2
     for i in range(n_good):
-        _save_png(render(category, rng).image, cat_dir / "test" / "good" / f"{i:03d}.png")
+        save_png(cat_dir / "test" / "good" / f"{i:03d}.png", render(category, rng).image)
     kinds = DEFECTS[category]
     counters = dict.fromkeys(kinds, 0)
     for j in range(n_test - n_good):
@@ -215,8 +208,8 @@ def _write_category(
             r = render(category, rng, kind)
         idx = counters[kind]
         counters[kind] += 1
-        _save_png(r.image, cat_dir / "test" / kind / f"{idx:03d}.png")
-        _save_png(r.mask.astype(np.uint8) * 255, cat_dir / "ground_truth" / kind / f"{idx:03d}_mask.png")
+        save_png(cat_dir / "test" / kind / f"{idx:03d}.png", r.image)
+        save_png(cat_dir / "ground_truth" / kind / f"{idx:03d}_mask.png", r.mask.astype(np.uint8) * 255)
 
 
 def generate(root: Path, seed: int, n_train: int = 8, n_test: int = 12) -> None:

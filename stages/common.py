@@ -12,7 +12,7 @@ import typer
 import yaml
 from tqdm import tqdm
 
-from mpad.data.download import sha256_file
+from mpad.data import DatasetError
 
 PARAMS_OPTION = typer.Option(Path("params.yaml"), "--params", help="Parameters file (DVC's params.yaml).")
 
@@ -64,32 +64,16 @@ def fail(message: str) -> NoReturn:
     raise typer.Exit(code=1)
 
 
-SHOTS_DIR = Path("data/shots")
+def read_shots(root: Path, category: str) -> list[tuple[str, Path]]:
+    """(path relative to root, path) of each shot of `category` (`mpad.data.shots.load_shots`, checked
+    against the sha256 recorded by `sample`); any problem stops the stage, naming the file."""
+    from mpad import layout
+    from mpad.data.shots import load_shots
 
-
-def read_shots(shots_file: Path, root: Path, category: str) -> list[tuple[str, Path]]:
-    """(path relative to root, path) of each shot listed in `shots_file`, checked against its sha256."""
-    if not shots_file.is_file():
-        fail(f"{shots_file}: shots file not found (run `mpad sample --category {category}` first)")
     try:
-        record = json.loads(shots_file.read_text())
-        shots = record["shots"]
-        entries = [(str(s["path"]), str(s["sha256"])) for s in shots]
-    except (ValueError, KeyError, TypeError) as err:
-        fail(f"{shots_file}: not a valid shots file ({err!r})")
-    if record.get("category", category) != category:
-        fail(f"{shots_file}: holds the shots of category {record.get('category')!r}, not {category!r}")
-    if not entries:
-        fail(f"{shots_file}: lists no shots")
-    paths = []
-    for rel, sha in entries:
-        path = root / rel
-        if not path.is_file():
-            fail(f"{path}: shot image listed in {shots_file} not found")
-        if sha256_file(path) != sha:
-            fail(f"{path}: shot image changed since {shots_file} was written (sha256 differs); re-run `sample`")
-        paths.append((rel, path))
-    return paths
+        return load_shots(layout.shots_file(category), root, category)
+    except DatasetError as err:
+        fail(f"{err} (run `mpad sample --category {category}`)")
 
 
 TIMINGS_ENV = "MPAD_TIMINGS"

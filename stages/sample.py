@@ -12,9 +12,8 @@ import typer
 
 from mpad import layout
 from mpad.data import DatasetError, list_split, pick_shots
-from mpad.data.download import sha256_file
 from mpad.data.manifest import check_category, load_manifest
-from mpad.io import write_json
+from mpad.data.shots import save_shots
 from stages.common import PARAMS_OPTION, fail, load_config
 
 
@@ -36,9 +35,8 @@ def main(
         fail(f"{err}: run `mpad fetch` first (with the category in dataset.categories)")
     try:
         picks = pick_shots(list_split(root, category, "train"), shots.k, shots.seed, category)
-        entries = [{"path": s.image.relative_to(root).as_posix(), "sha256": sha256_file(s.image)} for s in picks]
     except DatasetError as err:
         fail(str(err))
     out = layout.shots_file(category)
-    write_json(out, {"category": category, "root": dataset.root, "k": shots.k, "seed": shots.seed, "shots": entries})
-    typer.echo(f"wrote {out}: {', '.join(e['path'] for e in entries)}")
+    record = save_shots(out, category, dataset.root, shots.k, shots.seed, picks)
+    typer.echo(f"wrote {out}: {', '.join(e['path'] for e in record['shots'])}")

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
 
+from mpad.config import OagmConfig
+from mpad.data.shots import stable_hash
 from mpad.oagm import (
+    ObjectMask,
     add_noise,
     border_object_probability,
     clean_mask,
@@ -14,6 +19,7 @@ from mpad.oagm import (
     object_masks,
     random_blobs,
     synthesize,
+    synthesize_set,
 )
 
 
@@ -159,12 +165,14 @@ def test_texture_gets_whole_image(tiny_clip):
         assert masks[0].mask.all() and masks[0].fallback is None
 
 
-def test_empty_mask_falls_back_with_warning():
+def test_empty_mask_falls_back_and_says_why_without_warning():
     flat = torch.full((1, 3, 32, 32), 0.5)  # nothing differs from the border: empty mask
-    with pytest.warns(UserWarning, match="whole image"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the reason is returned, not printed: reporting is the stage's
         masks = object_masks(flat, "disc", "border", 0.5)
     assert masks[0].mask.all()
-    assert "empty" in masks[0].fallback
+    assert masks[0].fallback == ("disc image 0: the border object mask is empty (0.0% of the pixels); "
+                                 "using the whole image as the object instead")
 
 
 def test_clip_method_shapes(tiny_clip):
@@ -184,3 +192,23 @@ def test_clean_mask_removes_specks_and_fills_holes():
     cleaned = clean_mask(mask)
     assert cleaned[20, 20] and not cleaned[60, 60]
     assert cleaned[10:40, 10:40].all()
+
+
+def test_synthesize_set_is_seeded_by_config_and_category():
+    image, disc = _disc_scene()
+    images = torch.cat([image, image.flip(-1)])
+    masks = [ObjectMask(disc), ObjectMask(np.fliplr(disc).copy())]
+    oagm = OagmConfig(samples=3, sigma=0.3, clean_fraction=1 / 3, seed=5)
+    got = list(synthesize_set(images, masks, "disc", oagm))
+    # the draws: one numpy rng from (seed, category) for every shot, the noise generator seeded from it
+    rng = np.random.default_rng([5, stable_hash("disc")])
+    gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
+    want = [synthesize(im, m.mask, 3, 0.3, rng, gen, clean_fraction=1 / 3) for im, m in zip(images, masks, strict=True)]
+    assert [len(shot) for shot in got] == [3, 3]
+    for got_shot, want_shot, obj in zip(got, want, masks, strict=True):
+        assert sum(not s.mask.any() for s in got_shot) == 1  # round(1/3 * 3) clean sample per shot
+        for a, b in zip(got_shot, want_shot, strict=True):
+            assert np.array_equal(a.image, b.image) and np.array_equal(a.mask, b.mask)
+            assert not (a.mask & ~obj.mask).any()
+    other = list(synthesize_set(images, masks, "ring", oagm))
+    assert any(not np.array_equal(a.image, b.image) for a, b in zip(other[0], got[0], strict=True))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -13,7 +12,9 @@ import yaml
 from PIL import Image
 from typer.testing import CliRunner
 
-from mpad import synthetic
+from mpad import layout, synthetic
+from mpad.data import Sample
+from mpad.data.shots import save_shots
 from stages import synthesize
 
 PARAMS = {
@@ -41,14 +42,8 @@ def _app() -> typer.Typer:
 
 
 def _write_shots(root: Path, category: str, names: list[str]) -> None:
-    shots = []
-    for name in names:
-        rel = f"{category}/train/good/{name}"
-        shots.append({"path": rel, "sha256": hashlib.sha256((root / rel).read_bytes()).hexdigest()})
-    record = {"category": category, "root": str(root), "k": len(names), "seed": 0, "shots": shots}
-    path = Path("data/shots") / f"{category}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(record))
+    picks = [Sample(root / category / "train" / "good" / name, None, 0, "good") for name in names]
+    save_shots(layout.shots_file(category), category, root, len(names), 0, picks)
 
 
 @pytest.fixture

@@ -12,7 +12,12 @@ import yaml
 from PIL import Image
 from typer.testing import CliRunner
 
+from mpad import layout
+from mpad.data import Sample
+from mpad.data.shots import save_shots
+from mpad.oagm import ObjectMask, SynthesizedSample
 from mpad.prompt_file import load_prompts
+from mpad.synth_set import write_synth_set
 from stages.cli import app
 
 PARAMS = {
@@ -21,15 +26,13 @@ PARAMS = {
     "prompts": {"n_general": 3, "n_normal": 2, "n_anomaly": 1},
     "mpts": {"lambda": 1.0, "calibration": "projection", "meta_epochs": 2, "steps": 4, "lr": 0.01,
              "batch_size": 8, "seed": 0},
+    "memory": {"enabled": False, "layers": [2, 4], "fusion": "harmonic"},
 }
 
 
 def write_synth(root: Path, category: str = "carpet", n: int = 16, size: int = 64) -> Path:
-    """data/synth/<category>: striped texture with Gaussian-noise blobs, masks 0/255, manifest.json."""
+    """data/synth/<category> (via its owner, `write_synth_set`): striped texture with Gaussian-noise blobs."""
     rng = np.random.default_rng(0)
-    folder = root / "data" / "synth" / category
-    (folder / "images").mkdir(parents=True)
-    (folder / "masks").mkdir()
     y, x = np.mgrid[0:size, 0:size].astype(float)
     base = 0.5 + 0.35 * np.sin(2 * np.pi * (x * 0.9 + y * 0.4) / 9.0)
     base = np.stack([base * 0.8, base * 0.6 + 0.1, 0.3 + 0.2 * base], -1)
@@ -38,12 +41,10 @@ def write_synth(root: Path, category: str = "carpet", n: int = 16, size: int = 6
         cy, cx, r = rng.uniform(10, size - 10, 2).tolist() + [rng.uniform(5, 12)]
         mask = ((y - cy) ** 2 + (x - cx) ** 2 <= r**2) if i % 5 else np.zeros((size, size), bool)
         img = np.clip(base + rng.normal(0, 0.2, base.shape) * mask[..., None], 0, 1)
-        Image.fromarray((img * 255).astype(np.uint8)).save(folder / "images" / f"{i:04d}.png")
-        Image.fromarray(mask.astype(np.uint8) * 255).save(folder / "masks" / f"{i:04d}.png")
-        samples.append({"image": f"images/{i:04d}.png", "mask": f"masks/{i:04d}.png", "shot": 0,
-                        "anomalous_fraction": float(mask.mean())})
-    manifest = {"category": category, "image_size": [size, size], "samples": samples, "random_weights": True}
-    (folder / "manifest.json").write_text(json.dumps(manifest))
+        samples.append(SynthesizedSample((img * 255).astype(np.uint8), mask))
+    folder = root / layout.synth_dir(category)
+    whole = ObjectMask(np.ones((size, size), bool))
+    write_synth_set(folder, category, (size, size), ["shot.png"], [whole], [samples], {"random_weights": True})
     return folder
 
 
@@ -134,14 +135,10 @@ def test_mask_of_wrong_size_is_named(project):
 
 
 def test_memory_branch_is_saved_with_the_prompts(project):
-    from mpad.data.download import sha256_file
-
-    shot = project / "ds" / "carpet" / "train" / "good" / "000.png"
+    shot = Path("ds") / "carpet" / "train" / "good" / "000.png"
     shot.parent.mkdir(parents=True)
     Image.open(project / "data" / "synth" / "carpet" / "images" / "0000.png").save(shot)
-    shots = {"category": "carpet", "shots": [{"path": "carpet/train/good/000.png", "sha256": sha256_file(shot)}]}
-    (project / "data" / "shots").mkdir(parents=True)
-    (project / "data" / "shots" / "carpet.json").write_text(json.dumps(shots))
+    save_shots(layout.shots_file("carpet"), "carpet", "ds", 1, 0, [Sample(shot, None, 0, "good")])
     params = {**PARAMS, "dataset": {"root": "ds"}, "memory": {"enabled": True, "layers": [2, 4], "fusion": "harmonic"}}
     (project / "params.yaml").write_text(yaml.safe_dump(params))
     result = CliRunner().invoke(app, ["train", "--category", "carpet"])
