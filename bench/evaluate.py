@@ -4,7 +4,7 @@
    LAA encoder, maps at `--resolution`, Gaussian smoothing, image scores) against plain open_clip
    `model.encode_image` on the same model, same batch size, same images already decoded and resized.
    Ratio = evaluate img/s / plain img/s (goal >= 0.75x). Both timed in one process, interleaved, best of
-   `--repeats`, random weights, on a generated category (mpad.synthetic). ViT-B-16-plus-240 runs on fewer
+   `--repeats`, random weights, on a generated category (mpad.data.synthetic). ViT-B-16-plus-240 runs on fewer
    images (`--big-images`) since it does ~1 img/s on 2 CPU cores; the table says how many.
 2. Peak memory of the evaluate loop + `category_metrics` on a 200-image category resized to 240x240, in a
    fresh subprocess: ru_maxrss at the end minus ru_maxrss after imports, model load and detector build,
@@ -45,10 +45,10 @@ from mpad import evaluation
 from mpad.clip import load_clip
 from mpad.config import ScoringConfig
 from mpad.data import list_split, load_image
+from mpad.data.synthetic import generate
 from mpad.detector import Detector
 from mpad.features import stack_images
 from mpad.prompts import meta_text_embeddings
-from mpad.synthetic import generate
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY, BIG = "mpad-tiny", "ViT-B-16-plus-240"

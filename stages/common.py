@@ -47,17 +47,6 @@ def load_config(path: Path, *names: str) -> list[Any]:
     return found
 
 
-def section(params: dict[str, Any], name: str, path: Path, keys: tuple[str, ...] = ()) -> dict[str, Any]:
-    """params[name], which must be a mapping holding `keys`; otherwise a clear error naming the file."""
-    found = params.get(name)
-    if not isinstance(found, dict):
-        fail(f"{path}: section '{name}' missing or not a mapping")
-    missing = [key for key in keys if key not in found]
-    if missing:
-        fail(f"{path}: section '{name}' lacks {', '.join(missing)}")
-    return found
-
-
 def fail(message: str) -> NoReturn:
     """Stop the stage with `message` on stderr and exit status 1 (no traceback: the message is the point)."""
     typer.secho(f"error: {message}", err=True, fg=typer.colors.RED)

@@ -20,11 +20,11 @@ from mpad import layout
 from mpad.clip import ModelLoadError, load_clip
 from mpad.config import DatasetConfig
 from mpad.data.mvtec import MVTEC_TEXTURES, DatasetError, load_image
+from mpad.data.synthetic import SYNTHETIC_TEXTURES
 from mpad.features import stack_images
 from mpad.notes import RANDOM_WEIGHTS_NOTE
 from mpad.oagm import shot_object_masks, synthesize_set
 from mpad.synth_set import write_synth_set
-from mpad.synthetic import SYNTHETIC_TEXTURES
 from mpad.text_cache import TextCache
 from stages.common import PARAMS_OPTION, StageProgress, fail, load_config, read_shots
 

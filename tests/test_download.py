@@ -15,7 +15,7 @@ import pytest
 
 from mpad.data import DatasetError, summarize_category
 from mpad.data.download import download, safe_extract
-from mpad.synthetic import generate
+from mpad.data.synthetic import generate
 
 
 class Server:

@@ -11,9 +11,9 @@ from typer.testing import CliRunner
 
 from mpad.clip import model_fingerprint
 from mpad.config import ScoringConfig
+from mpad.data.synthetic import generate
 from mpad.prompt_file import prompt_record, save_prompts
 from mpad.prompts import meta_text_embeddings
-from mpad.synthetic import generate
 from mpad.thresholds import load_thresholds, scoring_of
 from stages.cli import app
 

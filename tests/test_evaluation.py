@@ -6,12 +6,12 @@ import torch
 
 from mpad.config import ScoringConfig
 from mpad.data import DatasetError, list_split
+from mpad.data.synthetic import generate
 from mpad.detector import Detector
 from mpad.evaluation import CategoryResult, category_metrics, curve_rows, resize_mask, run_detector
 from mpad.overlays import pick_overlays
 from mpad.prompts import meta_text_embeddings
 from mpad.summary import markdown_table, summarize
-from mpad.synthetic import generate
 from mpad.visualize import heatmap, overlay_panel
 
 LAA = {"attention": "vv", "k": 2, "layers": 2, "cls": "neighbor-cls"}

@@ -17,7 +17,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from mpad.synthetic import MARKER, generate
+from mpad.data.synthetic import MARKER, generate
 from stages.cli import app
 
 SAMPLE_ROOT = Path(__file__).resolve().parents[1].parent / "shared/data/mvtec-sample"

@@ -12,10 +12,10 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from mpad.clip import model_fingerprint
+from mpad.data.synthetic import generate
 from mpad.memory import build_memory
 from mpad.prompt_file import prompt_record, save_prompts
 from mpad.prompts import PromptLearner, TextEncoder, learned_text_embeddings
-from mpad.synthetic import generate
 from mpad.visualize import output_size
 from stages.cli import app
 from stages.predict import expand_images

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from mpad.data import DatasetError, Sample, pick_shots
 from mpad.data.shots import stable_hash
-from mpad.synthetic import generate
+from mpad.data.synthetic import generate
 from stages.cli import app
 
 

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from mpad.data import DatasetError, list_split, load_image, load_mask, summarize_category
-from mpad.synthetic import (
+from mpad.data.synthetic import (
     DEFECTS,
     MARKER,
     SYNTHETIC_CATEGORIES,
@@ -111,7 +111,7 @@ def test_marker_and_overwrite_rules(tmp_path: Path) -> None:
     generate(root, seed=1, n_train=2, n_test=4)
     marker = read_marker(root)
     assert marker is not None and marker["seed"] == 1 and marker["n_train"] == 2
-    assert json.loads((root / MARKER).read_text())["generator"] == "mpad.synthetic"
+    assert json.loads((root / MARKER).read_text())["generator"] == "mpad.data.synthetic"
     (root / "stale.txt").write_text("left over")
     generate(root, seed=2, n_train=2, n_test=4)  # marked: may be replaced
     assert read_marker(root)["seed"] == 2 and not (root / "stale.txt").exists()

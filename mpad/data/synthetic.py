@@ -176,7 +176,7 @@ def render(category: str, rng: np.random.Generator, defect: str | None = None) -
 
 
 def _marker(seed: int, n_train: int, n_test: int) -> dict[str, Any]:
-    return {"generator": "mpad.synthetic", "version": _VERSION, "seed": seed, "n_train": n_train, "n_test": n_test}
+    return {"generator": "mpad.data.synthetic", "version": _VERSION, "seed": seed, "n_train": n_train, "n_test": n_test}
 
 
 def read_marker(root: Path) -> dict[str, Any] | None:
