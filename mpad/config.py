@@ -106,11 +106,28 @@ def _is_device(v: Any) -> bool:
 
 INT = "must be an integer"
 NAMES = "must be a list of distinct non-empty names"
+Rule = tuple[Callable[[Any], bool], str]
+
+
+def _int(low: int) -> Rule:
+    return _is_int(low), f"{INT} >= {low}"
+
+
+def _choice(choices: tuple[str, ...]) -> Rule:
+    return _is_choice(choices), f"must be one of {', '.join(choices)}"
+
+
+def _fraction() -> Rule:
+    return _is_number(0, 1), "must be a number in [0, 1]"
+
+
+def _non_negative() -> Rule:
+    return _is_number(0), "must be a number >= 0"
 
 S = TypeVar("S")
 
 
-def _read(cls: type[S], section: str, values: Any, rules: dict[str, tuple[Callable[[Any], bool], str]]) -> S:
+def _read(cls: type[S], section: str, values: Any, rules: dict[str, Rule]) -> S:
     """Build `cls` from `values` with one (check, allowed) rule per field; defaults from the dataclass."""
     reader = _Reader(section, values)
     defaults = cls()  # type: ignore[call-arg]
@@ -137,13 +154,13 @@ class DatasetConfig:
     @classmethod
     def from_params(cls, values: Any) -> DatasetConfig:
         return _read(cls, "dataset", values, {
-            "name": (_is_choice(DATASETS), f"must be one of {', '.join(DATASETS)}"),
+            "name": _choice(DATASETS),
             "root": (_is_text, "must be a folder path"),
             "url": (lambda v: isinstance(v, str), "must be a URL"),
             "sha256": (lambda v: v is None or (isinstance(v, str) and len(v) == 64), "must be 64 hex digits or null"),
             "categories": (lambda v: v is None or (_is_names(v) and bool(v)), NAMES + " (or null: all)"),
             "textures": (lambda v: v is None or _is_names(v), NAMES + " (or null: the dataset's default)"),
-            "seed": (_is_int(0), INT + " >= 0"),
+            "seed": _int(0),
         })
 
 
@@ -156,7 +173,7 @@ class ShotsConfig:
 
     @classmethod
     def from_params(cls, values: Any) -> ShotsConfig:
-        return _read(cls, "shots", values, {"k": (_is_int(1), INT + " >= 1"), "seed": (_is_int(0), INT + " >= 0")})
+        return _read(cls, "shots", values, {"k": _int(1), "seed": _int(0)})
 
 
 @dataclass(frozen=True)
@@ -176,7 +193,7 @@ class ModelConfig:
             "name": (_is_text, "must be an open_clip architecture name or mpad-tiny"),
             "pretrained": (_is_text, "must be an open_clip tag, a checkpoint file path, or none"),
             "device": (_is_device, "must be auto, cpu, cuda or cuda:N"),
-            "precision": (_is_choice(PRECISIONS), f"must be one of {', '.join(PRECISIONS)}"),
+            "precision": _choice(PRECISIONS),
         })
 
 
@@ -193,10 +210,10 @@ class LaaConfig:
     @classmethod
     def from_params(cls, values: Any) -> LaaConfig:
         config = _read(cls, "laa", values, {
-            "attention": (_is_choice(ATTENTIONS), f"must be one of {', '.join(ATTENTIONS)}"),
+            "attention": _choice(ATTENTIONS),
             "k": (lambda v: v is None or _is_number(-math.inf)(v), "must be a number (<= 0 or null: no mask)"),
-            "layers": (_is_int(1), INT + " >= 1"),
-            "cls": (_is_choice(CLS_MODES), f"must be one of {', '.join(CLS_MODES)}"),
+            "layers": _int(1),
+            "cls": _choice(CLS_MODES),
         })
         return config
 
@@ -215,11 +232,7 @@ class PromptsConfig:
 
     @classmethod
     def from_params(cls, values: Any) -> PromptsConfig:
-        return _read(cls, "prompts", values, {
-            "n_general": (_is_int(0), INT + " >= 0"),
-            "n_normal": (_is_int(1), INT + " >= 1"),
-            "n_anomaly": (_is_int(1), INT + " >= 1"),
-        })
+        return _read(cls, "prompts", values, {"n_general": _int(0), "n_normal": _int(1), "n_anomaly": _int(1)})
 
     @property
     def sizes(self) -> tuple[int, int, int]:
@@ -244,14 +257,14 @@ class OagmConfig:
     def from_params(cls, values: Any) -> OagmConfig:
         return _read(cls, "oagm", values, {
             "enabled": (_is_bool, "must be true or false"),
-            "region": (_is_choice(REGIONS), f"must be one of {', '.join(REGIONS)}"),
-            "samples": (_is_int(1), INT + " >= 1"),
-            "sigma": (_is_number(0), "must be a number >= 0"),
-            "clean_fraction": (_is_number(0, 1), "must be a number in [0, 1]"),
-            "mask_method": (_is_choice(MASK_METHODS), f"must be one of {', '.join(MASK_METHODS)}"),
-            "mask_threshold": (_is_number(0, 1), "must be a number in [0, 1]"),
-            "mask_layers": (_is_int(1), INT + " >= 1"),
-            "seed": (_is_int(0), INT + " >= 0"),
+            "region": _choice(REGIONS),
+            "samples": _int(1),
+            "sigma": _non_negative(),
+            "clean_fraction": _fraction(),
+            "mask_method": _choice(MASK_METHODS),
+            "mask_threshold": _fraction(),
+            "mask_layers": _int(1),
+            "seed": _int(0),
         })
 
 
@@ -266,8 +279,8 @@ class ScoringConfig:
     @classmethod
     def from_params(cls, values: Any) -> ScoringConfig:
         return _read(cls, "scoring", values, {
-            "smoothing_sigma": (_is_number(0), "must be a number >= 0"),
-            "image_score": (_is_choice(IMAGE_SCORES), f"must be one of {', '.join(IMAGE_SCORES)}"),
+            "smoothing_sigma": _non_negative(),
+            "image_score": _choice(IMAGE_SCORES),
             "topk": (_is_number(0, 1, open_low=True), "must be a fraction in (0, 1]"),
         })
 
@@ -283,12 +296,8 @@ class EvaluateConfig:
 
     @classmethod
     def from_params(cls, values: Any) -> EvaluateConfig:
-        return _read(cls, "evaluate", values, {
-            "resolution": (_is_int(8), INT + " >= 8"),
-            "batch_size": (_is_int(1), INT + " >= 1"),
-            "workers": (_is_int(0), INT + " >= 0"),
-            "overlays": (_is_int(0), INT + " >= 0"),
-        })
+        rules = {"resolution": _int(8), "batch_size": _int(1), "workers": _int(0), "overlays": _int(0)}
+        return _read(cls, "evaluate", values, rules)
 
 
 @dataclass(frozen=True)
@@ -305,7 +314,7 @@ class MemoryConfig:
             "enabled": (_is_bool, "must be true or false"),
             "layers": (lambda v: isinstance(v, list) and bool(v) and all(_is_int(1)(x) for x in v),
                        "must be a non-empty list of block numbers >= 1"),
-            "fusion": (_is_choice(FUSIONS), f"must be one of {', '.join(FUSIONS)}"),
+            "fusion": _choice(FUSIONS),
         })
 
 
@@ -344,13 +353,13 @@ class MptsConfig:
     @classmethod
     def from_params(cls, values: Any) -> MptsConfig:
         return _read(cls, "mpts", values, {
-            "lam": (_is_number(0), "must be a number >= 0"),
-            "calibration": (_is_choice(CALIBRATIONS), f"must be one of {', '.join(CALIBRATIONS)}"),
-            "meta_epochs": (_is_int(0), INT + " >= 0"),
-            "steps": (_is_int(1), INT + " >= 1"),
+            "lam": _non_negative(),
+            "calibration": _choice(CALIBRATIONS),
+            "meta_epochs": _int(0),
+            "steps": _int(1),
             "lr": (_is_number(0, open_low=True), "must be a number > 0"),
-            "batch_size": (_is_int(1), INT + " >= 1"),
-            "seed": (_is_int(0), INT + " >= 0"),
+            "batch_size": _int(1),
+            "seed": _int(0),
         })
 
 
