@@ -125,7 +125,12 @@ def load_clip(name: str, pretrained: str | None, device: str = "cpu", precision:
                 precision=precision,
                 device=torch_device,
             )
-    except RuntimeError as err:
+    except Exception as err:  # torch / open_clip raise many types for an unreadable or foreign file
+        if Path(str(pretrained)).is_file():
+            raise ModelLoadError(
+                f"model.pretrained = {pretrained!r}: not a checkpoint of {name} ({type(err).__name__}: "
+                f"{str(err).splitlines()[0] if str(err) else ''}). Give a state dict saved from this architecture."
+            ) from err
         raise ModelLoadError(
             f"could not load weights {pretrained!r} for {name}: {err}. Without network access, download the "
             f"checkpoint elsewhere and set model.pretrained to its local file path."

@@ -139,6 +139,13 @@ class PromptLearner(nn.Module):
             # "X" placeholders mark where learned vectors go; the tokenizer adds SOT/EOT and padding.
             text = " ".join(["X"] * n_general + [class_words(category)] + ["X"] * n_state) + "."
             tokens = tokenizer([text])
+            needed = 1 + n_general + self.n_class + n_state + 2  # [SOT] G.. class .. N/A.. "." [EOT]
+            if needed > tokens.shape[1]:  # the tokenizer would cut it: both prompts would end alike
+                raise ValueError(
+                    f"prompts too long: {n_general} general + {self.n_class} class-name tokens ({category!r}) + "
+                    f"{n_state} state + 3 fixed = {needed} tokens, the text encoder's context holds "
+                    f"{tokens.shape[1]}; lower prompts.n_general / n_normal / n_anomaly"
+                )
             rows.append(tower.token_embedding(tokens.to(tower.token_embedding.weight.device))[0])
             end_index.append(end_token_index(tokens, model)[0])
         embedded = torch.stack(rows).detach()  # (2, L, width)

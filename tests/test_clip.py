@@ -96,3 +96,14 @@ def test_half_precision_casts_like_open_clip(precision, dtype):
     assert bundle.compute_dtype == dtype and visual.conv1.weight.dtype == dtype
     assert visual.transformer.resblocks[0].ln_1.weight.dtype == torch.float32  # LayerNorm stays fp32
     assert visual.positional_embedding.dtype == torch.float32
+
+
+def test_a_file_that_is_not_a_checkpoint_is_one_clear_error(tmp_path, tiny_clip):
+    text = tmp_path / "weights.pt"
+    text.write_text("<html>not a checkpoint</html>")
+    with pytest.raises(ModelLoadError, match=r"model.pretrained = .*weights.pt': not a checkpoint of mpad-tiny"):
+        load_clip("mpad-tiny", str(text))
+    other = tmp_path / "other.pt"
+    torch.save({"something": torch.zeros(2)}, other)  # a state dict of another model
+    with pytest.raises(ModelLoadError, match="not a checkpoint of mpad-tiny"):
+        load_clip("mpad-tiny", str(other))

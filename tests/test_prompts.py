@@ -67,3 +67,13 @@ def test_short_context_has_the_full_context_values_and_gradients(tiny_clip):
         torch.testing.assert_close(encoder(*learner()), full, rtol=1e-5, atol=1e-6)
     assert int(end_index.max()) + 1 < embeddings.shape[1]  # the shortcut was taken
     torch.testing.assert_close(short_grad, learner.general.grad, rtol=1e-3, atol=2e-5)
+
+
+def test_prompts_longer_than_the_context_are_refused(tiny_clip):
+    import pytest
+
+    with pytest.raises(ValueError, match=r"prompts too long: 100 general \+ 2 class-name tokens .* = 107 tokens, "
+                                         r"the text encoder's context holds 77"):
+        PromptLearner(tiny_clip.model, tiny_clip.tokenizer, "metal_nut", 100, 2, 2)
+    # The longest prompt that fits: 77 tokens exactly.
+    PromptLearner(tiny_clip.model, tiny_clip.tokenizer, "metal_nut", 70, 2, 2)

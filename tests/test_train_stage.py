@@ -128,6 +128,15 @@ def test_bad_parameters_are_reported(project):
     assert result.exit_code == 1 and "calibration" in result.output
 
 
+def test_prompts_longer_than_the_text_context_stop_train(project):
+    long = dict(PARAMS, prompts=dict(PARAMS["prompts"], n_general=100))
+    (project / "params.yaml").write_text(yaml.safe_dump(long))
+    result = CliRunner().invoke(app, ["train", "--category", "carpet"])
+    assert result.exit_code == 1 and "prompts too long" in result.output and "context holds 77" in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    assert not (project / "data" / "prompts" / "carpet.pt").exists()
+
+
 def test_mask_of_wrong_size_is_named(project):
     Image.fromarray(np.zeros((32, 32), np.uint8)).save(project / "data/synth/carpet/masks/0001.png")
     result = CliRunner().invoke(app, ["train", "--category", "carpet"])
