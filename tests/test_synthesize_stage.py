@@ -12,8 +12,8 @@ import yaml
 from PIL import Image
 from typer.testing import CliRunner
 
-from mpad import layout, synthetic
-from mpad.data import Sample
+from mpad import layout
+from mpad.data import Sample, synthetic
 from mpad.data.shots import save_shots
 from stages import synthesize
 
