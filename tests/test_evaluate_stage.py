@@ -84,3 +84,17 @@ def test_outputs_match_the_library_records(project):
     defects = [name.split("_", 1)[1].rsplit("_", 1)[0] for name in names]
     assert defects == ["missing_piece", "scratch", "stain"]  # one per defect type, sorted, before any good one
 
+
+
+def test_split_without_defects_gives_nulls_and_a_warning(project):
+    for folder in (project / "ds" / "disc" / "test").iterdir():
+        if folder.name != "good":
+            for image in folder.iterdir():
+                image.unlink()
+    result = CliRunner().invoke(app, ["evaluate", "--category", "disc"])
+    assert result.exit_code == 0, result.output
+    assert "warning: disc cannot be fully measured: pixel metrics" in result.stderr
+    metrics = json.loads((project / "metrics" / "disc.json").read_text())
+    assert metrics["n_defect"] == 0 and metrics["pixel_auroc"] is None and metrics["image_auroc"] is None
+    assert metrics["null_reason"].endswith("image metrics: the test split holds no defect image")
+    assert (project / "plots" / "roc_image" / "disc.csv").read_text() == "fpr,tpr\n"
