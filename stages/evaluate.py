@@ -47,7 +47,7 @@ def main(
             result = run_detector(
                 detector, samples, settings.resolution, settings.batch_size, settings.workers, bar.update
             )
-        thresholds = thresholds_record(result, scoring)
+        thresholds = thresholds_record(result, scoring, category)
         picks = pick_overlays([s.defect for s in samples], settings.overlays)
         shown_range = (thresholds["map_low"], thresholds["map_high"])
         save_overlays(layout.overlays_dir(category), samples, result.maps, picks, shown_range)

@@ -48,6 +48,7 @@ def test_evaluate_writes_metrics_curves_thresholds_overlays(project):
     assert all(0 <= metrics[k] <= 100 for k in ("pixel_auroc", "aupro", "image_auroc"))
     thresholds = json.loads((project / "data" / "thresholds" / "disc.json").read_text())
     assert thresholds["resolution"] == 48 and thresholds["map_low"] < thresholds["map_high"]
+    assert thresholds["category"] == "disc" and thresholds["smoothing_sigma"] == 1.0  # predict checks / reuses them
     assert 0 <= thresholds["image_threshold"] <= 1
     overlays = sorted(p.name for p in (project / "plots" / "overlays" / "disc").glob("*.png"))
     assert len(overlays) == 3 and overlays[-1].startswith("02_")
