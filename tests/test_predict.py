@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from mpad.clip import model_fingerprint
 from mpad.data.synthetic import generate
 from mpad.memory import build_memory
-from mpad.prompt_file import prompt_record, save_prompts
+from mpad.prompt_file import PromptFileError, load_prompts, prompt_record, save_prompts
 from mpad.prompts import PromptLearner, TextEncoder, learned_text_embeddings
 from mpad.visualize import output_size
 from stages.cli import app
@@ -248,3 +248,12 @@ def test_scoring_settings_are_found_beside_the_prompts(files, tmp_path):
     info = json.loads((out / "predictions.json").read_text())
     assert info["thresholds_file"] == str(project / "data/thresholds/disc.json")
     assert info["scoring"]["smoothing_sigma"] == 2.5 and info["resolution"] == 32 and info["threshold"] == 0.5
+
+
+def test_prompts_record_without_text_is_named(files, tmp_path):
+    save_prompts(tmp_path / "notext.pt", {k: v for k, v in files["record"].items() if k != "text"})
+    with pytest.raises(PromptFileError, match="incomplete prompts file, it lacks text"):
+        load_prompts(tmp_path / "notext.pt")
+    save_prompts(tmp_path / "flat.pt", dict(files["record"], text=files["record"]["text"][0]))
+    result = _invoke(["--prompts", tmp_path / "flat.pt", files["good"], "--out", tmp_path / "out"])
+    assert result.exit_code == 1 and "text must be the (2, D) [normal, anomaly] embeddings, not (64,)" in result.stderr
