@@ -89,25 +89,46 @@ def run_detector(
     return CategoryResult(maps, masks, labels, scores)
 
 
-def category_metrics(result: CategoryResult, fpr_limit: float = 0.3) -> dict[str, float]:
+PIXEL_METRICS = ("pixel_auroc", "pixel_ap", "pixel_f1_max", "aupro")
+IMAGE_METRICS = ("image_auroc", "image_ap", "image_f1_max")
+
+
+def category_metrics(result: CategoryResult, fpr_limit: float = 0.3) -> dict[str, float | None]:
     """Pixel/image AUROC, AP, F1-max and AUPRO@fpr_limit (normalised), as percentages like the paper's tables.
 
-    A metric that is undefined on this split (e.g. no defect image, so no AUROC) is left out rather
-    than reported as NaN.
+    Every key of PIXEL_METRICS and IMAGE_METRICS is present; a metric the split cannot define (one class
+    only: no defect image, only empty masks, no good image) is None, never a number from one class
+    (`unmeasured` says why).
     """
-    out: dict[str, float] = {}
+    out: dict[str, float | None] = dict.fromkeys(PIXEL_METRICS + IMAGE_METRICS)
     pixels, truth = result.maps, result.masks
-    if truth.any() and not truth.all():
+    if _both_classes(truth):
         out["pixel_auroc"] = auroc(pixels, truth)
         out["pixel_ap"] = average_precision(pixels, truth)
         out["pixel_f1_max"] = f1_max_threshold(pixels, truth)[0]
         out["aupro"] = aupro(pixels, truth, fpr_limit=fpr_limit)
-    labels = result.labels
-    if 0 < int(labels.sum()) < len(labels):
-        out["image_auroc"] = auroc(result.scores, labels)
-        out["image_ap"] = average_precision(result.scores, labels)
-        out["image_f1_max"] = f1_max_threshold(result.scores, labels)[0]
-    return {k: round(100.0 * float(v), 4) for k, v in out.items()}
+    if _both_classes(result.labels):
+        out["image_auroc"] = auroc(result.scores, result.labels)
+        out["image_ap"] = average_precision(result.scores, result.labels)
+        out["image_f1_max"] = f1_max_threshold(result.scores, result.labels)[0]
+    return {k: None if v is None else round(100.0 * float(v), 4) for k, v in out.items()}
+
+
+def unmeasured(result: CategoryResult) -> list[str]:
+    """Why the pixel / image metrics of `result` are undefined: one sentence each, [] when both are defined."""
+    reasons = []
+    if not _both_classes(result.masks):
+        has = "no defect pixel (no defect image, or only empty masks)" if not result.masks.any() else "no normal pixel"
+        reasons.append(f"pixel metrics: the test masks hold {has}")
+    if not _both_classes(result.labels):
+        has = "no defect image" if not result.labels.any() else "no good image"
+        reasons.append(f"image metrics: the test split holds {has}")
+    return reasons
+
+
+def _both_classes(labels: torch.Tensor) -> bool:
+    """True when `labels` (any shape, bool / 0-1) holds both classes."""
+    return 0 < int(labels.sum()) < labels.numel()
 
 
 CURVES = {"roc_pixel": ("fpr", "tpr"), "roc_image": ("fpr", "tpr"), "pro": ("fpr", "pro")}
@@ -115,15 +136,15 @@ CURVES = {"roc_pixel": ("fpr", "tpr"), "roc_image": ("fpr", "tpr"), "pro": ("fpr
 
 def curve_rows(result: CategoryResult, max_points: int = 500) -> dict[str, list[tuple[str, str]]]:
     """{kind: rows} for each kind of CURVES: at most `max_points` (x, y) points as 6-decimal strings; no rows
-    when the split cannot define the curve (a ROC needs both classes, a PRO curve a defect pixel)."""
+    when the split cannot define the curve (both classes needed: a defect and a normal pixel / image)."""
     rows: dict[str, list[tuple[str, str]]] = {}
     for kind, scores, labels in (("roc_pixel", result.maps, result.masks), ("roc_image", result.scores, result.labels)):
         rows[kind] = []
-        if 0 < int(labels.sum()) < labels.numel():
+        if _both_classes(labels):
             fpr, tpr, _ = roc_curve(scores, labels, max_points=max_points)
             rows[kind] = [(f"{f:.6f}", f"{t:.6f}") for f, t in zip(fpr, tpr, strict=True)]
     rows["pro"] = []
-    if result.masks.any():
+    if _both_classes(result.masks):
         fpr, pro = pro_curve(result.maps, result.masks, max_points=max_points)
         rows["pro"] = [(f"{f:.6f}", f"{p:.6f}") for f, p in zip(fpr, pro, strict=True)]
     return rows

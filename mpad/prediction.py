@@ -1,8 +1,9 @@
 """Scoring new images with a prompts file: the backbone it names, batched scoring, and the files written.
 
 Into an output folder: `<stem>_overlay.png` (the heat map over the image) and `<stem>_map.png` (8-bit
-grayscale map), both at the image's size with the longer side capped at max_size; `predictions.csv` (one
-row per image, COLUMNS) and `predictions.json` (the same rows under a header saying how they were made).
+grayscale map; a stem already used in the run gets `_2`, `_3`..., skipping names already taken), both at
+the image's size with the longer side capped at max_size; `predictions.csv` (one row per image, COLUMNS)
+and `predictions.json` (the same rows under a header saying how they were made).
 """
 
 from __future__ import annotations
@@ -74,7 +75,7 @@ def predict_images(
     one row (COLUMNS) per path, in order. A path that cannot be decoded gets an error row and
     `on_skip(message naming it)`; `on_image(1)` after each path is read (for a progress bar)."""
     rows: list[dict[str, Any] | None] = [None] * len(paths)
-    stems: dict[str, int] = {}
+    used: set[str] = set()
     batch: list[tuple[int, np.ndarray]] = []
 
     def flush() -> None:
@@ -82,7 +83,7 @@ def predict_images(
             return
         detection = detector(stack_images([image for _, image in batch], detector.bundle.image_size), (size, size))
         for (i, image), amap, score in zip(batch, detection.maps, detection.scores, strict=True):
-            names = _write_maps(out, _unique_stem(paths[i].stem, stems), image, amap, max_size, colour_range)
+            names = _write_maps(out, _unique_stem(paths[i].stem, used), image, amap, max_size, colour_range)
             score_f, peak = float(score), float(amap.max())
             rows[i] = _row(paths[i], score_f, peak, threshold, decide(score_f, threshold), "ok", *names)
         batch.clear()
@@ -122,10 +123,15 @@ def _row(
     }  # fmt: skip
 
 
-def _unique_stem(stem: str, seen: dict[str, int]) -> str:
-    """`stem`, or `stem_2`, `stem_3`... when an earlier image of the run had the same stem."""
-    seen[stem] = seen.get(stem, 0) + 1
-    return stem if seen[stem] == 1 else f"{stem}_{seen[stem]}"
+def _unique_stem(stem: str, used: set[str]) -> str:
+    """`stem`, else the first of `stem_2`, `stem_3`... not in `used` (casefolded, added): unique among the
+    run's names even for x.png, x.jpg, x_2.png (-> x, x_2, x_2_2), and on case-insensitive file systems."""
+    name, n = stem, 1
+    while name.casefold() in used:
+        n += 1
+        name = f"{stem}_{n}"
+    used.add(name.casefold())
+    return name
 
 
 def _write_maps(

@@ -16,6 +16,7 @@ import torch
 from mpad.io import write_bytes
 
 FORMAT = 1
+REQUIRED = ("category", "model", "text", "laa")  # what load_prompts checks for: evaluate and predict read them
 
 
 class PromptFileError(ValueError):
@@ -58,7 +59,8 @@ def prompt_record(
 
 
 def load_prompts(path: str | Path, expect_model: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Read a prompts file; with `expect_model`, refuse one made for another backbone."""
+    """Read a prompts file: format, REQUIRED keys, text (2, D); with `expect_model`, refuse one made for
+    another backbone. Any problem is a PromptFileError naming `path`."""
     path = Path(path)
     if not path.is_file():
         raise PromptFileError(f"{path}: prompts file not found (run the train stage first: dvc repro)")
@@ -68,6 +70,13 @@ def load_prompts(path: str | Path, expect_model: dict[str, Any] | None = None) -
         raise PromptFileError(f"{path}: not a readable prompts file ({err})") from err
     if not isinstance(record, dict) or record.get("format") != FORMAT:
         raise PromptFileError(f"{path}: not an mpad prompts file of format {FORMAT}")
+    lacking = [key for key in REQUIRED if key not in record]
+    if lacking:
+        raise PromptFileError(f"{path}: incomplete prompts file, it lacks {', '.join(lacking)} (train again)")
+    text = record["text"]
+    if not (isinstance(text, torch.Tensor) and text.ndim == 2 and text.shape[0] == 2):
+        shape = tuple(text.shape) if isinstance(text, torch.Tensor) else type(text).__name__
+        raise PromptFileError(f"{path}: text must be the (2, D) [normal, anomaly] embeddings, not {shape}")
     if expect_model is not None:
         check_backbone(record, expect_model, path)
     return record

@@ -30,18 +30,26 @@ def load_category_metrics(path: str | Path) -> dict[str, Any]:
     return metrics
 
 
-def mean_metrics(per_category: Mapping[str, Mapping[str, float]], categories: list[str]) -> dict[str, float]:
-    """Mean of each metric over `categories` that report it (a metric missing in one is averaged over the rest)."""
+def mean_metrics(per_category: Mapping[str, Mapping[str, Any]], categories: list[str]) -> dict[str, float]:
+    """Mean of each metric over `categories` that report it (a metric missing or null in one, i.e. not
+    measurable there, is averaged over the rest)."""
     out: dict[str, float] = {}
     for name in METRIC_ORDER:
-        values = [float(per_category[c][name]) for c in categories if name in per_category.get(c, {})]
+        values = [float(per_category[c][name]) for c in categories if per_category.get(c, {}).get(name) is not None]
         if values:
             out[name] = round(sum(values) / len(values), 4)
     return out
 
 
-def summarize(per_category: Mapping[str, Mapping[str, float]], groups: Mapping[str, str]) -> dict[str, object]:
-    """{"mean": {...}, "texture": {...}, "object": {...}, "categories": {cat: {...}}} from per-category metrics.
+def unmeasured(per_category: Mapping[str, Mapping[str, Any]]) -> dict[str, str]:
+    """{category: why} for each category with a null metric (evaluate's `null_reason`)."""
+    return {c: str(m.get("null_reason") or "some metrics are null") for c, m in per_category.items()
+            if any(k in m and m[k] is None for k in METRIC_ORDER)}
+
+
+def summarize(per_category: Mapping[str, Mapping[str, Any]], groups: Mapping[str, str]) -> dict[str, object]:
+    """{"mean": {...}, "texture": {...}, "object": {...}, "categories": {cat: {...}}} from per-category metrics,
+    plus {"unmeasured": {cat: why}} when a category has null metrics (left out of the means).
 
     groups: category -> "texture" | "object". A group with no category is left out.
     """
@@ -54,23 +62,37 @@ def summarize(per_category: Mapping[str, Mapping[str, float]], groups: Mapping[s
     summary["categories"] = {
         c: {k: per_category[c][k] for k in METRIC_ORDER if k in per_category[c]} for c in categories
     }
+    if missing := unmeasured(per_category):
+        summary["unmeasured"] = missing
     return summary
 
 
 def markdown_table(
-    per_category: Mapping[str, Mapping[str, float]], summary: Mapping[str, object], note: str = ""
+    per_category: Mapping[str, Mapping[str, Any]], summary: Mapping[str, Any], note: str = ""
 ) -> str:
-    """Rows = metrics, columns = categories then mean (as the paper's Table 1), values in % with 2 decimals."""
+    """Rows = metrics, columns = categories then mean (as the paper's Table 1), values in % with 2 decimals.
+
+    A null metric shows as "n/a"; its category's column is marked "(!)" and a line under the table says why.
+    """
     categories = list(per_category)
-    mean = summary["mean"]
+    mean, missing = summary["mean"], summary.get("unmeasured", {})
     lines = []
     if note:
         lines += [f"> **{note}**", ""]
-    lines.append("| Metric | " + " | ".join(categories) + " | mean |")
+    lines.append("| Metric | " + " | ".join(f"{c} (!)" if c in missing else c for c in categories) + " | mean |")
     lines.append("|---" * (len(categories) + 2) + "|")
     for name in METRIC_ORDER:
         if name not in mean:
             continue
-        cells = [f"{per_category[c][name]:.2f}" if name in per_category[c] else "-" for c in categories]
+        cells = [_cell(per_category[c], name) for c in categories]
         lines.append(f"| {LABELS[name]} | " + " | ".join(cells) + f" | {mean[name]:.2f} |")
+    lines += [f"\n(!) {c} cannot be fully measured: {why}; its n/a values are left out of the means."
+              for c, why in missing.items()]
     return "\n".join(lines) + "\n"
+
+
+def _cell(metrics: Mapping[str, Any], name: str) -> str:
+    """A value with 2 decimals; "n/a" when null (not measurable), "-" when absent."""
+    if name not in metrics:
+        return "-"
+    return "n/a" if metrics[name] is None else f"{metrics[name]:.2f}"

@@ -1,10 +1,10 @@
 """The thresholds file `data/thresholds/<category>.json` (mpad.layout.thresholds_file): what `evaluate` learned
 about a category that `predict` decides and draws with.
 
-A record is a JSON object: the scoring settings the maps were made with (smoothing_sigma, image_score, topk),
-their resolution R, the F1-max thresholds image_threshold / pixel_threshold (with image_f1_max /
-pixel_f1_max; each absent when the test split cannot define it) and the map colour range map_low..map_high
-(the 1st..99.9th percentile of the test maps).
+A record is a JSON object: the category it was measured on, the scoring settings the maps were made with
+(smoothing_sigma, image_score, topk), their resolution R, the F1-max thresholds image_threshold /
+pixel_threshold (with image_f1_max / pixel_f1_max; each absent when the test split cannot define it) and
+the map colour range map_low..map_high (the 1st..99.9th percentile of the test maps).
 """
 
 from __future__ import annotations
@@ -40,9 +40,11 @@ def map_range(maps: torch.Tensor) -> tuple[float, float]:
     return float(low), float(high)
 
 
-def thresholds_record(result: CategoryResult, scoring: ScoringConfig) -> dict[str, Any]:
-    """The record of `result` (maps (N, R, R) made with `scoring`): F1-max thresholds, range, settings."""
+def thresholds_record(result: CategoryResult, scoring: ScoringConfig, category: str) -> dict[str, Any]:
+    """The record of `category`'s `result` (maps (N, R, R) made with `scoring`): F1-max thresholds, range,
+    settings."""
     record: dict[str, Any] = {
+        "category": category,
         "image_score": scoring.image_score,
         "smoothing_sigma": scoring.smoothing_sigma,
         "topk": scoring.topk,
@@ -74,6 +76,8 @@ def load_thresholds(path: str | Path) -> dict[str, Any]:
         raise ThresholdsFileError(f"{path}: expected a JSON object of thresholds")
     problems = [f"{key} = {record[key]!r}: must be a finite number" for key in _OPTIONAL + _RANGE
                 if key in record and not (_is_finite(record[key]) or (key in _OPTIONAL and record[key] is None))]
+    if "category" in record and not isinstance(record["category"], str):
+        problems.append(f"category = {record['category']!r}: must be a string")
     if "resolution" in record and not (isinstance(record["resolution"], int) and record["resolution"] >= 8):
         problems.append(f"resolution = {record['resolution']!r}: must be an integer >= 8")
     try:

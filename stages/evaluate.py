@@ -1,7 +1,9 @@
 """Stage `evaluate`: anomaly maps for every test image of one category, metrics, curves and overlays.
 
 Writes (all atomically; paths: mpad.layout):
-  metrics/<category>.json          pixel/image AUROC, AP, F1-max, AUPRO@0.3 in %, declared as DVC metrics
+  metrics/<category>.json          pixel/image AUROC, AP, F1-max, AUPRO@0.3 in %, declared as DVC metrics;
+                                   null, with `null_reason` and a warning on stderr, where the test split
+                                   has one class only (no defect image, only empty masks, no good image)
   plots/roc_pixel/<category>.csv   pixel-level ROC curve (fpr, tpr); plots/roc_image/: image-level
   plots/pro/<category>.csv         PRO curve up to FPR 1 (fpr, pro)
   plots/overlays/<category>/*.png  [image | ground truth | anomaly map] for a few test images
@@ -20,7 +22,7 @@ from mpad import layout
 from mpad.clip import ModelLoadError, load_clip, model_fingerprint
 from mpad.data import DatasetError, list_split
 from mpad.detector import Detector
-from mpad.evaluation import CURVES, category_metrics, curve_rows, run_detector
+from mpad.evaluation import CURVES, category_metrics, curve_rows, run_detector, unmeasured
 from mpad.io import write_csv, write_json
 from mpad.notes import RANDOM_WEIGHTS_NOTE
 from mpad.overlays import pick_overlays, save_overlays
@@ -45,13 +47,18 @@ def main(
             result = run_detector(
                 detector, samples, settings.resolution, settings.batch_size, settings.workers, bar.update
             )
-        thresholds = thresholds_record(result, scoring)
+        thresholds = thresholds_record(result, scoring, category)
         picks = pick_overlays([s.defect for s in samples], settings.overlays)
         shown_range = (thresholds["map_low"], thresholds["map_high"])
         save_overlays(layout.overlays_dir(category), samples, result.maps, picks, shown_range)
     except (DatasetError, ModelLoadError, PromptFileError) as err:
         fail(str(err))
     metrics: dict[str, Any] = category_metrics(result)
+    if reasons := unmeasured(result):  # null metrics with the reason, never a number from one class
+        metrics["null_reason"] = "; ".join(reasons)
+        typer.secho(f"warning: {category} cannot be fully measured: {metrics['null_reason']}; those metrics are "
+                    f"null in {layout.metrics_file(category)} and left out of the means", err=True,
+                    fg=typer.colors.YELLOW)
     metrics.update(n_test=len(samples), n_defect=int(result.labels.sum()), random_weights=bundle.random_weights)
     if bundle.random_weights:
         metrics["note"] = RANDOM_WEIGHTS_NOTE

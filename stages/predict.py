@@ -1,15 +1,22 @@
 """Command `predict`: score new images with learned prompts; anomaly maps, overlays and decisions.
 
     mpad predict --prompts data/prompts/<category>.pt IMAGES... --out DIR
-                 [--threshold T] [--thresholds-file data/thresholds/<category>.json]
+                 [--threshold T] [--thresholds-file data/thresholds/<category>.json] [--force]
                  [--batch-size 8] [--device auto] [--precision fp32] [--model-pretrained PATH]
                  [--resolution R] [--max-size 1024]
 
 Independent of params.yaml: the backbone (name, weights), encoder settings, text embeddings and
 visual memory all come from the self-describing prompts file; scoring settings (smoothing_sigma,
 image_score, topk, and the map resolution when stored) and the decision threshold / colour range
-come from the thresholds file that `mpad evaluate` writes. Without `--thresholds-file`,
-`data/thresholds/<category>.json` (relative to the working directory) is used when it exists.
+come from the thresholds file that `mpad evaluate` writes, so that predict reproduces evaluate's maps
+wherever it runs. Without `--thresholds-file`, the category's file beside the prompts file
+(`<p>/prompts/<category>.pt` -> `<p>/thresholds/<category>.json`: the project layout, found from any
+working directory), else `data/thresholds/<category>.json` of the working directory; with neither, a
+warning names the default scoring settings used instead. A thresholds file records its category: one of
+another category than the prompts' is refused unless `--force`.
+
+Checked before the model loads: --out must be a folder or creatable as one, and writable (not an
+existing file, not under a file); --threshold must be finite.
 
 IMAGES: image files; folders (the image files directly inside, sorted, NOT recursive: pass a
 glob like 'dir/**/*.png' for a recursive search); globs (expanded here too, so quoting them is
@@ -21,7 +28,8 @@ Writes into --out (each file atomically):
   <stem>_overlay.png   the heat map (colour range map_low..map_high of the thresholds file, else 0..1)
                        blended over the image, at the image's size (longer side capped at --max-size)
   <stem>_map.png       8-bit grayscale of the map scaled to the same range, same size
-                       (a stem seen twice gets `_2`, `_3`... appended)
+                       (a stem already used in the run gets `_2`, `_3`..., skipping names taken:
+                       x.png, x.jpg, x_2.png -> x, x_2, x_2_2; case-insensitively)
   predictions.csv      one row per image: path, image_score, max_pixel_score, threshold, decision,
                        status, overlay, map
   predictions.json     the same rows plus the model, scoring, threshold and threshold_source
@@ -37,9 +45,11 @@ from __future__ import annotations
 
 import dataclasses
 import glob
+import math
+import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import typer
 from tqdm import tqdm
@@ -57,16 +67,44 @@ from stages.common import fail
 _GLOB_CHARS = set("*?[")
 
 
+def _finite(value: float | None) -> float | None:
+    """--threshold: refuse nan / inf (nan would make every image "normal")."""
+    if value is not None and not math.isfinite(value):
+        _usage_error(f"--threshold {value}: not a finite number")
+    return value
+
+
+def _writable_folder(out: Path) -> Path:
+    """--out: refuse, before any work, an existing file, a path under a file, or a folder we cannot write in."""
+    if out.exists() and not out.is_dir():
+        _usage_error(f"--out {out}: an existing file, not a folder")
+    parent = out
+    while not parent.exists():  # the nearest existing folder is where mkdir will need to write
+        parent = parent.parent
+    if not parent.is_dir():
+        _usage_error(f"--out {out}: lies under {parent}, which is a file")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        _usage_error(f"--out {out}: cannot create or write it, {parent} is not writable")
+    return out
+
+
+def _usage_error(message: str) -> NoReturn:
+    """One plain line on stderr (no box: the paths stay whole), exit status 2 (bad usage)."""
+    typer.secho(f"error: {message}", err=True, fg=typer.colors.RED)
+    raise typer.Exit(code=2)
+
+
 def main(
     images: list[str] = typer.Argument(..., help="Image files, folders (not recursive) or globs.", show_default=False),
     prompts: Path = typer.Option(..., "--prompts", help="Prompts file written by `mpad train`."),
-    out: Path = typer.Option(..., "--out", help="Output folder (created)."),
+    out: Path = typer.Option(..., "--out", callback=_writable_folder, help="Output folder (created)."),
     threshold: float | None = typer.Option(
-        None, "--threshold", help="Image-score threshold; default: image_threshold of the thresholds file."
+        None, "--threshold", callback=_finite, help="Image-score threshold (finite); default: the thresholds file's."
     ),
     thresholds_file: Path | None = typer.Option(
-        None, "--thresholds-file", help="From `mpad evaluate`; default data/thresholds/<category>.json if present."
+        None, "--thresholds-file", help="From `mpad evaluate`; default: the category's, beside the prompts or in data/."
     ),
+    force: bool = typer.Option(False, "--force", help="Use a --thresholds-file measured on another category."),
     batch_size: int = typer.Option(8, "--batch-size", min=1, help="Images per forward pass."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N"),
     precision: str = typer.Option("fp32", "--precision", help="fp32 | fp16 | bf16 (half precision: GPU)."),
@@ -80,16 +118,17 @@ def main(
 ) -> None:
     """Score IMAGES with the learned prompts: maps, overlays, scores and decisions into --out."""
     paths = _images_or_exit(images)
-    try:
+    try:  # the cheap checks first: the model loads only when prompts and thresholds are usable
         record = load_prompts(prompts)
+        category = str(record.get("category", ""))
+        if thresholds_file is None:
+            thresholds_file = _default_thresholds(prompts, category)
+        info = load_thresholds(thresholds_file) if thresholds_file is not None else {}
+        _check_category(info, category, thresholds_file, force)
+        scoring, low_high = scoring_of(info), colour_range(info)
         bundle = load_backbone(record, prompts, device, precision, weights=model_pretrained)
         if bundle.random_weights or is_random(record["model"].get("pretrained")):
             typer.secho(f"note: {RANDOM_WEIGHTS_NOTE}", err=True, fg=typer.colors.YELLOW)
-        category = str(record.get("category", ""))
-        if thresholds_file is None:
-            thresholds_file = _default_thresholds(category)
-        info = load_thresholds(thresholds_file) if thresholds_file is not None else {}
-        scoring, low_high = scoring_of(info), colour_range(info)
     except (PromptFileError, ModelLoadError, ThresholdsFileError) as err:
         fail(str(err))
     size = resolution or resolution_of(info)
@@ -143,15 +182,45 @@ def _images_or_exit(args: list[str]) -> list[Path]:
     for pattern in missing_globs:
         typer.secho(f"warning: {pattern}: no image matches", err=True, fg=typer.colors.YELLOW)
     if not paths:
-        typer.secho(f"error: no image found in {' '.join(args)}", err=True, fg=typer.colors.RED)
-        raise typer.Exit(code=2)
+        _usage_error(f"no image found in {' '.join(args)}")
     return paths
 
 
-def _default_thresholds(category: str) -> Path | None:
-    """evaluate's thresholds file of `category` (relative to the working directory) when it exists."""
-    found = layout.thresholds_file(category)
-    return found if category and found.is_file() else None
+def _default_thresholds(prompts: Path, category: str) -> Path | None:
+    """evaluate's thresholds file of `category`: the project's beside the prompts file (<p>/prompts/<category>.pt
+    -> <p>/thresholds/<category>.json), else data/thresholds/<category>.json of the working directory. None,
+    with a warning saying which scoring settings are used instead, when there is neither."""
+    looked = list(dict.fromkeys([prompts.parent.parent / "thresholds" / f"{category}.json",
+                                 layout.thresholds_file(category)]))
+    found = next((path for path in looked if category and path.is_file()), None)
+    if found is None:
+        default = scoring_of({})
+        typer.secho(
+            f"warning: no thresholds file of {category or 'this category'} ({' or '.join(map(str, looked))}): scoring "
+            f"with the defaults smoothing_sigma {default.smoothing_sigma:g}, image_score {default.image_score}, "
+            f"{resolution_of({})} px, not necessarily those the prompts were evaluated with; pass --thresholds-file",
+            err=True, fg=typer.colors.YELLOW,
+        )  # fmt: skip
+    return found
+
+
+def _check_category(info: dict[str, Any], category: str, path: Path | None, force: bool) -> None:
+    """Refuse (ThresholdsFileError) a thresholds file measured on another category than the prompts', unless
+    `force`; warn when the file records no category (written before it did)."""
+    if path is None:
+        return
+    measured = info.get("category")
+    if measured is None:
+        typer.secho(f"warning: {path} records no category: cannot check that it belongs to {category}", err=True,
+                    fg=typer.colors.YELLOW)
+    elif measured != category and not force:
+        raise ThresholdsFileError(
+            f"{path}: thresholds of category {measured!r}, but the prompts are for {category!r}; pass that "
+            f"category's thresholds file, or --force to use this one anyway"
+        )
+    elif measured != category:
+        typer.secho(f"warning: --force: using the thresholds of {measured!r} for {category!r}", err=True,
+                    fg=typer.colors.YELLOW)
 
 
 def _pick_threshold(

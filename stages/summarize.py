@@ -1,4 +1,8 @@
-"""Stage `summarize`: metrics.json (means over categories and over texture / object groups) and metrics.md."""
+"""Stage `summarize`: metrics.json (means over categories and over texture / object groups) and metrics.md.
+
+A category with null (unmeasurable) metrics is named on stderr, under `unmeasured` in metrics.json and
+marked "(!)" in metrics.md; its nulls are left out of the means.
+"""
 
 from __future__ import annotations
 
@@ -28,6 +32,9 @@ def main(params: Path = PARAMS_OPTION) -> None:
     except ValueError as err:
         fail(f"{err}; run the evaluate stage")
     summary = summarize(per_category, {c: group_of(manifest, c) for c in categories})
+    for category, why in summary.get("unmeasured", {}).items():
+        typer.secho(f"warning: {category} cannot be fully measured ({why}): its null metrics are left out of the "
+                    "means", err=True, fg=typer.colors.YELLOW)
     random_weights = any(m.get("random_weights") for m in per_category.values())
     summary["random_weights"] = random_weights
     note = RANDOM_WEIGHTS_NOTE if random_weights else ""

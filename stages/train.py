@@ -4,7 +4,9 @@ Reads params sections `model`, `laa`, `prompts`, `mpts`, `memory` and the synthe
 `data/synth/<category>/` (plus, with `memory.enabled`, the shots of `data/shots/<category>.json` under
 `dataset.root`, whose patch features become the visual memory saved with the prompts); writes
 `data/prompts/<category>.pt` and logs per-step training curves with dvclive to `dvclive/train/<category>`
-(no DVC experiment, no dvc.yaml of its own: DVC runs this stage). The work is `mpad.training`'s.
+(no DVC experiment, no dvc.yaml of its own: DVC runs this stage); the curves replace the previous ones only
+when the run succeeds (under `dvc repro`, DVC itself has already removed the declared `plots/metrics` folder
+before the stage runs). The work is `mpad.training`'s.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from mpad import layout
 from mpad.clip import ClipBundle, ModelLoadError, load_clip
 from mpad.config import LaaConfig, MemoryConfig, ModelConfig, MptsConfig
 from mpad.data import DatasetError, load_image
+from mpad.io import atomic_path
 from mpad.notes import RANDOM_WEIGHTS_NOTE
 from mpad.prompt_file import save_prompts
 from mpad.synth_set import SynthSetError, read_synth_set
@@ -39,17 +42,20 @@ def main(category: str = typer.Option(..., "--category", help="Category to train
         fail(f"{err} (run the synthesize stage first: dvc repro)")
     seed_everything(mpts.seed)  # global generators too, for anything in torch / numpy that draws from them
     bundle = _load_model(model)
-    with Live(dir=str(layout.train_curves_dir(category)), save_dvc_exp=False, dvcyaml=None) as live, \
-            StageProgress(total=mpts.meta_epochs * mpts.steps, desc=f"train {category}", unit="step") as bar:
-        live.log_params({"category": category, **_mpts_params(mpts)})
-        try:
-            learned = learn_prompts(bundle, category, images, masks, laa, prompts, mpts, _logger(live, bar),
-                                    TextCache.for_bundle(bundle))
-        except ValueError as err:  # settings the model cannot take, e.g. laa.layers beyond its depth
-            fail(str(err))
-    bank = _memory(bundle, laa, memory, category, params) if memory.enabled else None
-    out = layout.prompts_file(category)
-    save_prompts(out, prompts_record(bundle, category, learned, laa, prompts, mpts, bank))
+    # dvclive empties its folder on start: log into a temporary one, renamed into place only once the
+    # prompts are saved, so a failed run leaves the previous curves as they were.
+    with atomic_path(layout.train_curves_dir(category)) as curves:
+        with Live(dir=str(curves), save_dvc_exp=False, dvcyaml=None) as live, \
+                StageProgress(total=mpts.meta_epochs * mpts.steps, desc=f"train {category}", unit="step") as bar:
+            live.log_params({"category": category, **_mpts_params(mpts)})
+            try:
+                learned = learn_prompts(bundle, category, images, masks, laa, prompts, mpts, _logger(live, bar),
+                                        TextCache.for_bundle(bundle))
+            except ValueError as err:  # settings the model cannot take, e.g. laa.layers beyond its depth
+                fail(str(err))
+        bank = _memory(bundle, laa, memory, category, params) if memory.enabled else None
+        out = layout.prompts_file(category)
+        save_prompts(out, prompts_record(bundle, category, learned, laa, prompts, mpts, bank))
     steps = mpts.meta_epochs * mpts.steps
     typer.echo(f"{category}: {steps} optimiser steps, final loss {learned.result.final_loss:.4f} -> {out}")
 

@@ -197,6 +197,16 @@ def test_image_modes_become_rgb(tmp_path: Path) -> None:
     assert out16.shape == (5, 7, 3) and (out16 == 255).all()
 
 
+def test_float_tiff_is_scaled_or_refused(tmp_path: Path) -> None:
+    Image.fromarray(np.array([[0.0, 0.25], [0.5, 1.0]], np.float32)).save(tmp_path / "f.tif")
+    out = load_image(tmp_path / "f.tif")  # 0..1 floats: scaled by 255, not clipped to black
+    assert out.shape == (2, 2, 3) and (out == out[..., :1]).all()
+    assert out[..., 0].tolist() == [[0, 64], [128, 255]]
+    Image.fromarray(np.array([[0.0, 3.5]], np.float32)).save(tmp_path / "g.tif")
+    with pytest.raises(DatasetError, match=r"g\.tif: float image with values 0\.\.3\.5; only 0\.\.1 is read"):
+        load_image(tmp_path / "g.tif")
+
+
 def test_rgb_mask_is_binarised(tmp_path: Path) -> None:
     root = _tree(tmp_path)
     m = np.zeros((16, 20, 3), np.uint8)

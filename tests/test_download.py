@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from mpad.data import DatasetError, summarize_category
-from mpad.data.download import download, safe_extract
+from mpad.data.download import download, ensure_extracted, safe_extract
 from mpad.data.synthetic import generate
 
 
@@ -249,3 +249,19 @@ def test_extract_rejects_corrupt_archive_and_nonempty_dest(tmp_path: Path, archi
     with pytest.raises(DatasetError, match="not empty"):
         safe_extract(full, tmp_path / "busy")
     assert (tmp_path / "busy/file").read_text() == "mine"
+
+
+def test_unextractable_archive_without_sha256_is_moved_aside(tmp_path: Path) -> None:
+    archive = tmp_path / "downloads/mvtec.tar.xz"
+    archive.parent.mkdir()
+    archive.write_bytes(b"<html><body>Please log in</body></html>")  # what a mirror's error page looks like
+    with socket.socket() as s:  # a port nobody listens on: the rerun cannot download
+        s.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{s.getsockname()[1]}/mvtec.tar.xz"
+    with pytest.raises(DatasetError) as err:
+        ensure_extracted(tmp_path / "mvtec", ["bottle"], url, None, archive, progress=False)
+    bad = tmp_path / "downloads/mvtec.tar.xz.bad"
+    assert f"cannot extract {archive}" in str(err.value) and f"it was moved to {bad} (delete it)" in str(err.value)
+    assert not archive.exists() and bad.read_bytes().startswith(b"<html>")
+    with pytest.raises(DatasetError, match="cannot download"):  # the rerun downloads again, not the same failure
+        ensure_extracted(tmp_path / "mvtec", ["bottle"], url, None, archive, progress=False)

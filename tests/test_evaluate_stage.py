@@ -48,6 +48,7 @@ def test_evaluate_writes_metrics_curves_thresholds_overlays(project):
     assert all(0 <= metrics[k] <= 100 for k in ("pixel_auroc", "aupro", "image_auroc"))
     thresholds = json.loads((project / "data" / "thresholds" / "disc.json").read_text())
     assert thresholds["resolution"] == 48 and thresholds["map_low"] < thresholds["map_high"]
+    assert thresholds["category"] == "disc" and thresholds["smoothing_sigma"] == 1.0  # predict checks / reuses them
     assert 0 <= thresholds["image_threshold"] <= 1
     overlays = sorted(p.name for p in (project / "plots" / "overlays" / "disc").glob("*.png"))
     assert len(overlays) == 3 and overlays[-1].startswith("02_")
@@ -84,3 +85,17 @@ def test_outputs_match_the_library_records(project):
     defects = [name.split("_", 1)[1].rsplit("_", 1)[0] for name in names]
     assert defects == ["missing_piece", "scratch", "stain"]  # one per defect type, sorted, before any good one
 
+
+
+def test_split_without_defects_gives_nulls_and_a_warning(project):
+    for folder in (project / "ds" / "disc" / "test").iterdir():
+        if folder.name != "good":
+            for image in folder.iterdir():
+                image.unlink()
+    result = CliRunner().invoke(app, ["evaluate", "--category", "disc"])
+    assert result.exit_code == 0, result.output
+    assert "warning: disc cannot be fully measured: pixel metrics" in result.stderr
+    metrics = json.loads((project / "metrics" / "disc.json").read_text())
+    assert metrics["n_defect"] == 0 and metrics["pixel_auroc"] is None and metrics["image_auroc"] is None
+    assert metrics["null_reason"].endswith("image metrics: the test split holds no defect image")
+    assert (project / "plots" / "roc_image" / "disc.csv").read_text() == "fpr,tpr\n"

@@ -8,7 +8,7 @@ from mpad.config import ScoringConfig
 from mpad.data import DatasetError, list_split
 from mpad.data.synthetic import generate
 from mpad.detector import Detector
-from mpad.evaluation import CategoryResult, category_metrics, curve_rows, resize_mask, run_detector
+from mpad.evaluation import CategoryResult, category_metrics, curve_rows, resize_mask, run_detector, unmeasured
 from mpad.overlays import pick_overlays
 from mpad.prompts import meta_text_embeddings
 from mpad.summary import markdown_table, summarize
@@ -71,7 +71,14 @@ def test_category_metrics_perfect_and_inverted():
     assert category_metrics(inverted)["pixel_auroc"] == 0.0 and category_metrics(inverted)["image_auroc"] == 0.0
     no_defect = torch.zeros(2, 8, 8, dtype=torch.bool)
     only_good = CategoryResult(torch.rand(2, 8, 8), no_defect, torch.zeros(2), torch.rand(2))
-    assert category_metrics(only_good) == {}  # undefined metrics are left out, not NaN
+    assert category_metrics(only_good) == dict.fromkeys(values)  # undefined: null, not a number from one class
+    assert unmeasured(only_good) == [
+        "pixel metrics: the test masks hold no defect pixel (no defect image, or only empty masks)",
+        "image metrics: the test split holds no defect image"]
+    empty_masks = CategoryResult(torch.rand(2, 8, 8), no_defect, torch.tensor([0, 1]), torch.tensor([0.2, 0.7]))
+    partial = category_metrics(empty_masks)  # a defect image whose mask is empty: image metrics only
+    assert partial["pixel_auroc"] is None and partial["aupro"] is None and partial["image_auroc"] == 100.0
+    assert unmeasured(empty_masks) == [unmeasured(only_good)[0]] and unmeasured(perfect) == []
 
 
 def test_summary_means_groups_and_table():
@@ -85,6 +92,18 @@ def test_summary_means_groups_and_table():
     assert "| Metric | carpet | screw | bottle | mean |" in table
     assert "| Pixel AUROC | 90.00 | 70.00 | 80.00 | 80.00 |" in table
     assert "| Image AUROC | 80.00 | - | 60.00 | 70.00 |" in table and table.startswith("> **RANDOM**")
+
+
+def test_summary_leaves_null_metrics_out_and_says_so():
+    per = {"carpet": {"pixel_auroc": 90.0, "image_auroc": 80.0},
+           "screw": {"pixel_auroc": None, "image_auroc": 40.0, "null_reason": "pixel metrics: no defect pixel"}}
+    summary = summarize(per, {"carpet": "texture", "screw": "object"})
+    assert summary["mean"] == {"pixel_auroc": 90.0, "image_auroc": 60.0}
+    assert "pixel_auroc" not in summary["object"]
+    assert summary["unmeasured"] == {"screw": "pixel metrics: no defect pixel"}
+    table = markdown_table(per, summary)
+    assert "| Metric | carpet | screw (!) | mean |" in table and "| Pixel AUROC | 90.00 | n/a | 90.00 |" in table
+    assert "(!) screw cannot be fully measured: pixel metrics: no defect pixel; its n/a values are left out" in table
 
 
 def test_heatmap_and_panel():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ from typer.testing import CliRunner
 from mpad.clip import model_fingerprint
 from mpad.data.synthetic import generate
 from mpad.memory import build_memory
-from mpad.prompt_file import prompt_record, save_prompts
+from mpad.prompt_file import PromptFileError, load_prompts, prompt_record, save_prompts
 from mpad.prompts import PromptLearner, TextEncoder, learned_text_embeddings
 from mpad.visualize import output_size
 from stages.cli import app
@@ -47,8 +48,8 @@ def files(tmp_path_factory, tiny_clip, dataset) -> dict[str, Path]:
         text=text, laa=LAA, extra={"memory": memory.to_record()},
     )  # fmt: skip
     save_prompts(tmp / "disc.pt", record)
-    thresholds = {"image_score": "max", "smoothing_sigma": 1.0, "image_threshold": 0.5, "map_low": 0.1,
-                  "map_high": 0.9}
+    thresholds = {"category": "disc", "image_score": "max", "smoothing_sigma": 1.0, "image_threshold": 0.5,
+                  "map_low": 0.1, "map_high": 0.9}
     (tmp / "disc.json").write_text(json.dumps(thresholds))
     good = sorted((dataset / "disc/test/good").glob("*.png"))[0]
     bad = sorted(p for p in (dataset / "disc/test").glob("*/*.png") if p.parent.name != "good")[0]
@@ -116,6 +117,7 @@ def test_no_threshold_is_na(files, tmp_path):
     result = _invoke(["--prompts", files["prompts"], files["good"], "--out", out])
     assert result.exit_code == 0, result.output
     assert "no threshold" in result.stderr and "RANDOM WEIGHTS" in result.stderr
+    assert "warning: no thresholds file of disc" in result.stderr and "smoothing_sigma 4" in result.stderr
     assert [r["decision"] for r in _rows(out)] == ["n/a"]
     assert json.loads((out / "predictions.json").read_text())["threshold_source"] is None
 
@@ -185,3 +187,73 @@ def test_moved_checkpoint_accepted(files, tmp_path, tiny_clip):
     result = _invoke([*args, "--model-pretrained", moved])
     assert result.exit_code == 0, result.output
     assert "RANDOM WEIGHTS" not in result.stderr
+
+
+def test_colliding_stems_get_distinct_outputs(files, tmp_path):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    sizes = {"X.png": (40, 30), "x.jpg": (50, 20), "x.png": (24, 36), "x_2.png": (30, 44)}  # (W, H)
+    for name, size in sizes.items():
+        Image.new("RGB", size, (90, 120, 30)).save(folder / name)
+    out = tmp_path / "out"
+    result = _invoke(["--prompts", files["prompts"], folder, "--out", out, "--threshold", "0.5"])
+    assert result.exit_code == 0, result.output
+    rows = _rows(out)
+    assert [r["overlay"] for r in rows] == ["X_overlay.png", "x_2_overlay.png", "x_3_overlay.png", "x_2_2_overlay.png"]
+    for row in rows:  # each row points at its own image's files
+        size = sizes[Path(row["path"]).name]
+        assert Image.open(out / row["overlay"]).size == size and Image.open(out / row["map"]).size == size
+
+
+def test_bad_out_is_refused_before_any_work(files, tmp_path, monkeypatch):
+    (tmp_path / "file.txt").write_text("x")
+    for out, message in ((tmp_path / "file.txt", "file.txt: an existing file, not a folder"),
+                         (tmp_path / "file.txt" / "sub", f"sub: lies under {tmp_path / 'file.txt'}, which is a file")):
+        result = _invoke(["--prompts", files["prompts"], files["good"], "--out", out])
+        assert result.exit_code == 2 and message in result.stderr
+    real_access = os.access  # tests may run as root, who may write anywhere: deny tmp_path by hand
+    monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != tmp_path and real_access(path, mode))
+    result = _invoke(["--prompts", files["prompts"], files["good"], "--out", tmp_path / "new" / "out"])
+    assert result.exit_code == 2 and f"cannot create or write it, {tmp_path} is not writable" in result.stderr
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_non_finite_threshold_is_refused(files, tmp_path, value):
+    result = _invoke(["--prompts", files["prompts"], files["good"], "--out", tmp_path / "out", "--threshold", value])
+    assert result.exit_code == 2 and f"--threshold {value}: not a finite number" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_thresholds_of_another_category_need_force(files, tmp_path):
+    other = tmp_path / "screw.json"
+    other.write_text(json.dumps({**json.loads(files["thresholds"].read_text()), "category": "screw"}))
+    args = ["--prompts", files["prompts"], files["good"], "--out", tmp_path / "out", "--thresholds-file", other]
+    result = _invoke(args)
+    assert result.exit_code == 1 and "thresholds of category 'screw', but the prompts are for 'disc'" in result.stderr
+    assert not (tmp_path / "out").exists()
+    result = _invoke([*args, "--force"])
+    assert result.exit_code == 0 and "--force: using the thresholds of 'screw' for 'disc'" in result.stderr
+
+
+def test_scoring_settings_are_found_beside_the_prompts(files, tmp_path):
+    project = tmp_path / "elsewhere" / "project"  # the working directory (tmp_path) is not the project
+    (project / "data/prompts").mkdir(parents=True)
+    (project / "data/thresholds").mkdir()
+    (project / "data/prompts/disc.pt").write_bytes(files["prompts"].read_bytes())
+    thresholds = {**json.loads(files["thresholds"].read_text()), "smoothing_sigma": 2.5, "resolution": 32}
+    (project / "data/thresholds/disc.json").write_text(json.dumps(thresholds))
+    out = tmp_path / "out"
+    result = _invoke(["--prompts", project / "data/prompts/disc.pt", files["good"], "--out", out])
+    assert result.exit_code == 0, result.output
+    info = json.loads((out / "predictions.json").read_text())
+    assert info["thresholds_file"] == str(project / "data/thresholds/disc.json")
+    assert info["scoring"]["smoothing_sigma"] == 2.5 and info["resolution"] == 32 and info["threshold"] == 0.5
+
+
+def test_prompts_record_without_text_is_named(files, tmp_path):
+    save_prompts(tmp_path / "notext.pt", {k: v for k, v in files["record"].items() if k != "text"})
+    with pytest.raises(PromptFileError, match="incomplete prompts file, it lacks text"):
+        load_prompts(tmp_path / "notext.pt")
+    save_prompts(tmp_path / "flat.pt", dict(files["record"], text=files["record"]["text"][0]))
+    result = _invoke(["--prompts", tmp_path / "flat.pt", files["good"], "--out", tmp_path / "out"])
+    assert result.exit_code == 1 and "text must be the (2, D) [normal, anomaly] embeddings, not (64,)" in result.stderr

@@ -30,3 +30,22 @@ def test_summarize_means_and_missing_metrics(tmp_path, monkeypatch):
     result = CliRunner().invoke(app, ["summarize"])
     assert result.exit_code == 1 and "metrics/c.json: missing or unreadable" in result.output
     assert "run the evaluate stage" in result.output
+
+
+def test_unmeasurable_category_is_marked_and_left_out(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    Path("params.yaml").write_text(yaml.safe_dump({"dataset": {"categories": ["a", "b"]}}))
+    save_manifest("data/manifest.json", {"name": "folder", "root": "x", "categories": {
+        "a": {"group": "texture"}, "b": {"group": "object"}}})
+    Path("metrics").mkdir()
+    Path("metrics/a.json").write_text(json.dumps({"pixel_auroc": 90.0, "image_auroc": 80.0}))
+    Path("metrics/b.json").write_text(json.dumps({"pixel_auroc": None, "image_auroc": None,
+                                                  "null_reason": "image metrics: no defect image"}))
+    result = CliRunner().invoke(app, ["summarize"])
+    assert result.exit_code == 0, result.output
+    assert "warning: b cannot be fully measured (image metrics: no defect image)" in result.stderr
+    summary = json.loads(Path("metrics.json").read_text())
+    assert summary["mean"] == {"pixel_auroc": 90.0, "image_auroc": 80.0} and "object" in summary
+    assert summary["object"] == {} and summary["unmeasured"] == {"b": "image metrics: no defect image"}
+    table = Path("metrics.md").read_text()
+    assert "| Pixel AUROC | 90.00 | n/a | 90.00 |" in table and "(!) b cannot be fully measured" in table

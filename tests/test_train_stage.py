@@ -83,6 +83,22 @@ def test_train_stage_writes_prompts_and_curves(project):
     assert not (project / "dvc.yaml").exists()  # a DVC stage must not write its own dvc.yaml
 
 
+def test_failed_train_keeps_the_previous_curves(project, monkeypatch):
+    assert CliRunner().invoke(app, ["train", "--category", "carpet"]).exit_code == 0
+    live = project / layout.train_curves_dir("carpet")
+    before = {p.relative_to(live): p.read_bytes() for p in live.rglob("*") if p.is_file()}
+    assert Path("plots/metrics/loss_ano.tsv") in before
+
+    def broken(*args, **kwargs):
+        raise ValueError("laa.layers = 9 exceeds the model's 7 blocks")
+
+    monkeypatch.setattr("stages.train.learn_prompts", broken)
+    result = CliRunner().invoke(app, ["train", "--category", "carpet"])
+    assert result.exit_code == 1 and "laa.layers = 9" in result.output
+    assert {p.relative_to(live): p.read_bytes() for p in live.rglob("*") if p.is_file()} == before
+    assert [p.name for p in live.parent.iterdir()] == ["carpet"]  # no temporary folder left behind
+
+
 def test_same_params_same_prompts_file(project):
     runner = CliRunner()
     out = project / "data" / "prompts" / "carpet.pt"

@@ -204,7 +204,9 @@ def ensure_extracted(
     or a partial copy with just the categories asked for). Otherwise `root` must be absent or empty:
     the archive is downloaded to `archive` (resumed, checksummed), extracted beside `root`, and its
     category folders (at the top of the archive or inside its single top folder) renamed to `root`.
-    Returns True when it downloaded/extracted. The archive is kept (delete it to save space).
+    Returns True when it downloaded/extracted. The archive is kept (delete it to save space); one that
+    cannot be extracted (truncated, an HTML error page, ...) is moved to `<archive>.bad`, so that the next
+    run downloads it again instead of failing on it each time.
     """
     root, archive = Path(root), Path(archive)
     missing = [c for c in categories if not (root / c / "train").is_dir()]
@@ -220,7 +222,15 @@ def ensure_extracted(
     staging = root.parent / f".{root.name}.extract"
     shutil.rmtree(staging, ignore_errors=True)
     try:
-        safe_extract(archive, staging)
+        try:
+            safe_extract(archive, staging)
+        except DatasetError as err:  # kept in place, a bad archive (no sha256 to catch it) would fail every rerun
+            bad = archive.with_name(archive.name + ".bad")
+            os.replace(archive, bad)
+            raise DatasetError(
+                f"{err}; it was moved to {bad} (delete it) so that the next run downloads the archive again; "
+                "check dataset.url, and set dataset.sha256 to catch a bad download before extraction"
+            ) from err
         top = _layout_top(staging, archive)
         if root.exists():
             root.rmdir()  # empty, checked above
