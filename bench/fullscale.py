@@ -83,13 +83,12 @@ def project(runs: list[dict[str, Any]]) -> dict[str, float]:
             out[stage] = sum(rs[c]["wall"] if c in rs else mean for c in full)
             continue
 
-        def per_test(r: dict[str, Any]) -> float:
-            return r["per_item"] or r["loop"] / max(1, r["items"])
-
+        # s / test image; unknown where every image came in the first batch (too few test images)
+        rates = [r["per_item"] for r in rs.values() if r["per_item"] is not None]
+        rate = statistics.mean(rates) if rates else float("nan")
         fixed = statistics.mean(r["fixed"] + r["tail"] for r in rs.values())
-        rate = statistics.mean(per_test(r) for r in rs.values())
-        out[stage] = sum(rs[c]["fixed"] + rs[c]["tail"] + per_test(rs[c]) * n if c in rs else fixed + rate * n
-                         for c, n in full.items())
+        out[stage] = sum(rs[c]["fixed"] + rs[c]["tail"] + (rs[c]["per_item"] or rate) * n if c in rs
+                         else fixed + rate * n for c, n in full.items())
     out["total"] = sum(out.values())
     return out
 
@@ -148,6 +147,9 @@ def main() -> None:
         print(f"\n{params['model']['name']} on {args.device} {args.precision}, categories {', '.join(categories)}, "
               f"fraction {args.fraction}:\n")
         print(table(stages, projection))
+        if any(s != s for s in projection.values()):
+            print("\nwarning: no per-image time measured (each category's test images all came in the first batch):"
+                  " raise --fraction or lower evaluate.batch_size")
         dominant = max(STAGES, key=lambda s: projection[s])
         print(f"\nprojected full MVTec AD 1-shot run (15 categories, 1725 test images): {projection['total']:.0f} s "
               f"= {projection['total'] / 60:.1f} min; {dominant} dominates "

@@ -1,8 +1,9 @@
 """Run the pipeline's stage commands as child processes in a project folder (no DVC), and measure them.
 
-Each stage is `python -m stages <command> ...` in its own process, with this checkout first on PYTHONPATH
-and MPAD_TIMINGS naming a file where `stages.common.StageProgress` records its loop's first-item and end
-times. Peak RSS comes from os.wait4's rusage of that child.
+Each stage is `python -m stages <command> ...` in its own process, with this checkout first on PYTHONPATH,
+the stages' prompt-ensemble cache in the project (MPAD_CACHE_DIR: empty at first, shared by its stages
+as on a new machine) and MPAD_TIMINGS naming a file where `stages.common.StageProgress` records its
+loop's first-item and end times. Peak RSS comes from os.wait4's rusage of that child.
 """
 
 from __future__ import annotations
@@ -46,7 +47,8 @@ def run_stage(project: Path, args: list[str], timings: Path | None = None) -> di
     """Run `mpad ARGS` in `project`; return {stage, args, spawn, exit, wall, peak_rss_mib, pid, load1} (load1:
     the machine's 1-minute load average at its end: other work on the machine slows every stage).
     Its output goes to project/logs/; a failure raises with the log's tail."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+           "MPAD_CACHE_DIR": str(project / ".mpad-cache")}
     if timings is not None:
         env["MPAD_TIMINGS"] = str(timings)
     log = project / "logs" / ("_".join(args[:1] + args[2:3]) + ".log")
