@@ -11,8 +11,10 @@
 # Logs and results go to $OUT (the device tool brings them back; 7 files), else ./gpu-check-out/.
 # Exit status 0 only when every step passed; summary.txt lists each step's status and seconds.
 #
-# On the GPU, through the device tool (from the repository root, after bench/gpu_wheels.sh here):
+# On the GPU, through the device tool, after `make gpu-wheels` (bench/gpu_wheels.sh) in the checkout the
+# tool sends (the session's own, not a helper's worktree: these files must be in it):
 #   run(command="bash bench/gpu_check.sh", carry=[".whl"], timeout_s=540)
+# then give_back. 540 s leaves room under the 10-minute limit; the logs come back even on a timeout.
 # Dry run on a CPU machine, same steps with tiny sizes (step a on the cpu through MPAD_CUDA_TEST_DEVICE;
 # step b compares cpu fp32, cpu fp32 again (another process: its differences should be 0) and cpu bf16;
 # step c on mpad-tiny with 5 steps):
