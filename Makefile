@@ -25,7 +25,7 @@ ABLATIONS := \
 # What `make ablations` shows at the end: the knobs and the mean metrics of every experiment.
 EXP_COLUMNS := Experiment|mean.pixel_auroc|mean.aupro|mean.image_auroc|mpts.lambda$$|mpts.meta_epochs|oagm.enabled|laa.attention|laa.k|memory.enabled
 
-.PHONY: setup run offline ablations test test-fast bench
+.PHONY: setup run offline ablations test test-fast bench gpu-wheels gpu-dry
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || python3 -m venv $(VENV)
@@ -67,3 +67,17 @@ test-fast: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/encoder.py
+
+# The GPU check (bench/gpu_check.sh): the wheels the GPU machine lacks, for Python 3.12, into .whl/ (git-ignored).
+gpu-wheels: $(STAMP)
+	PIP="$(BIN)/python -m pip" bench/gpu_wheels.sh .whl 3.12
+
+# Its dry run here on the CPU, in a Python that sees only the GPU image's packages plus the wheels (for
+# this Python's version), from a clean copy of the checkout's files.
+GPU_DRY := /tmp/mpad-gpu-dry
+gpu-dry: $(STAMP)
+	rm -rf $(GPU_DRY) && mkdir -p $(GPU_DRY)/src
+	git ls-files -co --exclude-standard | grep -v '^data/' | tar -cf - -T - | tar -xf - -C $(GPU_DRY)/src
+	$(BIN)/python bench/gpu_like_env.py $(GPU_DRY) bench/gpu_packages.txt
+	PIP="$(BIN)/python -m pip" bench/gpu_wheels.sh $(GPU_DRY)/whl $$($(BIN)/python -c 'import sys; print("%d.%d" % sys.version_info[:2])')
+	cd $(GPU_DRY)/src && DEVICE=cpu PYTHON=$(GPU_DRY)/env/bin/python WHEELS=$(GPU_DRY)/whl OUT=$(GPU_DRY)/out bench/gpu_check.sh

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any, NoReturn
@@ -70,12 +71,15 @@ TIMINGS_ENV = "MPAD_TIMINGS"
 
 class StageProgress(tqdm):
     """The progress bar of a stage's main loop (tqdm). When the environment variable MPAD_TIMINGS names a
-    file, closing the bar appends one JSON line there: {"desc", "unit", "n", "first", "end", "pid"}, where
-    `first` is the wall-clock time of the first update (the first item done) and `end` of the close.
-    `bench/fullscale.py` splits each stage's time into a fixed cost and a per-item cost with it."""
+    file, closing the bar appends one JSON line there: {"desc", "unit", "n", "first", "first_n", "end", "pid"},
+    where `first` is the wall-clock time of the first update (the first `first_n` items done: one batch in
+    evaluate) and `end` of the close; where CUDA is in use, also "cuda_max_mib", the peak of memory allocated
+    by torch on the current device. `bench/fullscale.py` splits each stage's time into a fixed cost and a
+    per-item cost with it."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self.first_update: float | None = None
+        self.first_n: float = 0
         self.done: float = 0  # items done (a disabled tqdm does not count)
         self._timings = os.environ.get(TIMINGS_ENV)
         self._label = (str(kwargs.get("desc") or ""), str(kwargs.get("unit", "it")))
@@ -84,13 +88,17 @@ class StageProgress(tqdm):
     def update(self, n: float | None = 1) -> bool | None:
         if self.first_update is None and n:
             self.first_update = time.time()
+            self.first_n = n
         self.done += n or 0
         return super().update(n)
 
     def close(self) -> None:
         if self._timings and self.first_update is not None:
             line = {"desc": self._label[0], "unit": self._label[1], "n": self.done, "first": self.first_update,
-                    "end": time.time(), "pid": os.getpid()}
+                    "first_n": self.first_n, "end": time.time(), "pid": os.getpid()}
+            torch = sys.modules.get("torch")  # never imported here: stages without a model stay torch-free
+            if torch is not None and torch.cuda.is_initialized():
+                line["cuda_max_mib"] = torch.cuda.max_memory_allocated() / 2**20
             with open(self._timings, "a") as out:
                 out.write(json.dumps(line) + "\n")
             self._timings = None  # once, though tqdm may close twice
