@@ -53,4 +53,4 @@ def test_stage_progress_records_first_update_and_end(tmp_path, monkeypatch):
     lines = [json.loads(line) for line in timings.read_text().splitlines()]
     assert len(lines) == 1
     assert lines[0]["desc"] == "evaluate disc" and lines[0]["unit"] == "img" and lines[0]["n"] == 3
-    assert lines[0]["first"] <= lines[0]["end"]
+    assert lines[0]["first"] <= lines[0]["end"] and lines[0]["first_n"] == 1
