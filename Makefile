@@ -35,7 +35,9 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 # The main job: the pipeline with params.yaml as it is (by default the paper's setting where the paper gives one).
+# `mpad check` first: a value DVC cannot expand (dataset.categories: null) would stop DVC with its own traceback.
 run: $(STAMP)
+	$(BIN)/mpad check
 	$(BIN)/dvc repro
 
 # The offline preset as a DVC experiment (generated data, tiny random-weight model; no network).
@@ -47,6 +49,7 @@ offline: $(STAMP)
 # The ablations as named DVC experiments, one after another in the workspace (see README for why not --queue).
 # An experiment of the same name is replaced (`exp run --force` would also re-run every stage).
 ablations: $(STAMP)
+	$(if $(PRESET),,$(BIN)/mpad check)
 	set -e; for spec in $(ABLATIONS); do \
 	  name=$${spec%%:*}; sets=""; \
 	  for kv in $$(echo $${spec#*:} | tr ',' ' '); do sets="$$sets -S $$kv"; done; \

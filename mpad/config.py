@@ -10,6 +10,7 @@ model use it too).
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, TypeVar
@@ -89,6 +90,15 @@ def _is_names(v: Any) -> bool:
     return isinstance(v, list) and all(isinstance(x, str) and x.strip() for x in v) and len(set(v)) == len(v)
 
 
+# A category is a folder name, a DVC matrix key (stage `sample@<name>`), a quoted shell word in dvc.yaml's
+# commands ('${item.category}') and part of output paths: letters, digits, _ . + - and single inner spaces.
+_CATEGORY = re.compile(r"[A-Za-z0-9_+-][A-Za-z0-9_.+-]*( [A-Za-z0-9_.+-]+)*")
+
+
+def _is_categories(v: Any) -> bool:
+    return _is_names(v) and bool(v) and all(_CATEGORY.fullmatch(x) for x in v)
+
+
 def _is_text(v: Any) -> bool:
     return isinstance(v, str) and bool(v.strip())
 
@@ -106,6 +116,11 @@ def _is_device(v: Any) -> bool:
 
 INT = "must be an integer"
 NAMES = "must be a list of distinct non-empty names"
+CATEGORIES = (
+    "must be a non-empty list of distinct names (letters, digits, _ . + -, single inner spaces); not null, which "
+    f"DVC cannot expand: write the list (mvtec: [{', '.join(TABLE_ORDER)}]; synthetic: [stripes, weave, disc]; "
+    "folder: the category folders under dataset.root)"
+)
 Rule = tuple[Callable[[Any], bool], str]
 
 
@@ -140,14 +155,14 @@ def _read(cls: type[S], section: str, values: Any, rules: dict[str, Rule]) -> S:
 
 @dataclass(frozen=True)
 class DatasetConfig:
-    """`dataset`: which data, where. categories None = every category of the dataset; textures None = the
-    dataset's default texture categories."""
+    """`dataset`: which data, where. categories: a non-empty list (DVC's matrix cannot iterate null);
+    textures None = the dataset's default texture categories."""
 
     name: str = "mvtec"
     root: str = "data/mvtec"
     url: str = MVTEC_URL
     sha256: str | None = MVTEC_SHA256
-    categories: list[str] | None = field(default_factory=lambda: list(TABLE_ORDER))
+    categories: list[str] = field(default_factory=lambda: list(TABLE_ORDER))
     textures: list[str] | None = field(default_factory=lambda: list(MVTEC_TEXTURES))
     seed: int = 0
 
@@ -158,7 +173,7 @@ class DatasetConfig:
             "root": (_is_text, "must be a folder path"),
             "url": (lambda v: isinstance(v, str), "must be a URL"),
             "sha256": (lambda v: v is None or (isinstance(v, str) and len(v) == 64), "must be 64 hex digits or null"),
-            "categories": (lambda v: v is None or (_is_names(v) and bool(v)), NAMES + " (or null: all)"),
+            "categories": (_is_categories, CATEGORIES),
             "textures": (lambda v: v is None or _is_names(v), NAMES + " (or null: the dataset's default)"),
             "seed": _int(0),
         })

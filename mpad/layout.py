@@ -10,9 +10,16 @@ from pathlib import Path
 
 DATA = Path("data")
 MANIFEST = DATA / "manifest.json"  # mpad.data.manifest: the dataset's categories and counts (fetch)
+FINGERPRINTS = DATA / "fingerprints"  # mpad.data.manifest.split_record: one file per category and split (fetch)
 DOWNLOADS = DATA / "downloads"  # archives being / once downloaded (never a DVC output)
 METRICS_JSON = Path("metrics.json")  # mpad.summary: means over categories (summarize)
 METRICS_MD = Path("metrics.md")
+
+
+def fingerprint_file(category: str, split: str) -> Path:
+    """The file listing fingerprint of a category's split (fetch): a dependency of sample (train) and evaluate
+    (test), so that a dataset edit re-runs the stages and categories it touches (datasets are never DVC deps)."""
+    return FINGERPRINTS / category / f"{split}.json"
 
 
 def shots_file(category: str) -> Path:

@@ -12,7 +12,7 @@ import typer
 
 from mpad import layout
 from mpad.data import DatasetError, list_split, pick_shots
-from mpad.data.manifest import check_category, load_manifest
+from mpad.data.manifest import check_split_record
 from mpad.data.shots import save_shots
 from stages.common import PARAMS_OPTION, fail, load_config
 
@@ -25,12 +25,13 @@ def main(
     dataset, shots = load_config(params, "dataset", "shots")
     if not category or Path(category).name != category or category in (".", ".."):
         fail(f"--category must be a plain category name, got {category!r}")
-    if dataset.categories is not None and category not in dataset.categories:
+    if category not in dataset.categories:
         fail(f"category {category!r} is not in dataset.categories ({', '.join(dataset.categories)})")
     root = Path(dataset.root)
-    try:  # when fetch has run, its manifest must describe this root and category
-        if layout.MANIFEST.is_file():
-            check_category(load_manifest(layout.MANIFEST), layout.MANIFEST, dataset.root, category)
+    record = layout.fingerprint_file(category, "train")
+    try:  # when fetch has run, the split it listed must be this root's and category's
+        if record.is_file():
+            check_split_record(record, dataset.root, category)
     except DatasetError as err:
         fail(f"{err}: run `mpad fetch` first (with the category in dataset.categories)")
     try:

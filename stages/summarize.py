@@ -26,7 +26,7 @@ def main(params: Path = PARAMS_OPTION) -> None:
         manifest = load_manifest(layout.MANIFEST)
     except DatasetError as err:
         fail(f"{err}; run the fetch stage")
-    categories = list(dataset.categories or manifest["categories"])
+    categories = list(dataset.categories)
     try:
         per_category = {c: load_category_metrics(layout.metrics_file(c)) for c in categories}
     except ValueError as err:

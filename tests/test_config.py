@@ -8,7 +8,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from mpad.config import SECTIONS, ConfigError, MptsConfig
+from mpad.config import CATEGORIES, SECTIONS, ConfigError, MptsConfig
 from stages.cli import app
 
 PARAMS = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
@@ -35,7 +35,11 @@ BAD = [
     ("oagm", "clean_fraction", 1.5, "must be a number in [0, 1]"),
     ("laa", "attention", "kq", "must be one of vv, qk"),
     ("memory", "layers", [], "must be a non-empty list of block numbers >= 1"),
-    ("dataset", "categories", ["a", "a"], "must be a list of distinct non-empty names (or null: all)"),
+    ("dataset", "categories", ["a", "a"], CATEGORIES),
+    ("dataset", "categories", None, CATEGORIES),  # DVC's matrix cannot iterate null
+    ("dataset", "categories", ["it's"], CATEGORIES),  # would end dvc.yaml's quoting
+    ("dataset", "categories", ["a/b"], CATEGORIES),
+    ("dataset", "categories", [" lead"], CATEGORIES),
     ("shots", "k", True, "must be an integer >= 1"),
 ]
 
@@ -67,3 +71,16 @@ def test_stage_reports_every_bad_value_before_any_work(tmp_path, monkeypatch):
     assert sorted(line.strip() for line in lines[1:]) == [
         "mpts.lambda = nan: must be a number >= 0", "mpts.lr = -1: must be a number > 0",
         "prompts.n_general = -3: must be an integer >= 0"]
+
+
+def test_check_validates_every_section_before_dvc_reads_them(tmp_path):
+    """`mpad check` (run by `make run` before `dvc repro`): DVC cannot expand `dataset.categories: null`."""
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(PARAMS))
+    result = CliRunner().invoke(app, ["check", "--params", str(params)])
+    assert result.exit_code == 0 and result.output.strip() == f"{params}: ok"
+    params.write_text(yaml.safe_dump({**PARAMS, "dataset": {**PARAMS["dataset"], "categories": None},
+                                      "mpts": {**PARAMS["mpts"], "lr": 0}}))
+    result = CliRunner().invoke(app, ["check", "--params", str(params)])
+    lines = " ".join(result.output.split())
+    assert result.exit_code == 1 and f"dataset.categories = None: {CATEGORIES}" in lines and "mpts.lr = 0" in lines

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -81,7 +82,7 @@ def test_real_screw_sample(mvtec_sample: Path) -> None:
     summary = summarize_category(mvtec_sample, "screw")
     assert summary["train"] == 10 and summary["test"] == {"good": 5, "scratch_neck": 1}
     assert summary["image_sizes"] == [[1024, 1024]]
-    assert len(summary["fingerprint"]) == 64
+    assert [len(summary["fingerprint"][s]) for s in ("train", "test")] == [64, 64]
     # The sample is one category, not the whole dataset.
     assert not is_complete_mvtec(mvtec_sample)
 
@@ -114,10 +115,16 @@ def test_folder_dataset_any_name_and_order(tmp_path: Path) -> None:
     assert mask.sum() == 3 * 6 and mask[2:5, 3:9].all()
     summary = summarize_category(root, "cat")
     assert summary["test"] == {"bent": 1, "crack": 1, "good": 1} and summary["image_sizes"] == [[16, 20]]
-    # The fingerprint follows the files: changing a file's size changes it.
+    # Each split's fingerprint follows its files: a new size changes it, and so does a same-size file's new mtime
+    # (a replaced file); the other split's stays.
     before = summary["fingerprint"]
     _png(root / "cat/train/good/000.png", np.random.default_rng(0).integers(0, 255, (16, 20, 3), np.uint8))
-    assert summarize_category(root, "cat")["fingerprint"] != before
+    after = summarize_category(root, "cat")["fingerprint"]
+    assert after["train"] != before["train"] and after["test"] == before["test"]
+    mask = root / "cat/ground_truth/bent/001_mask.png"
+    os.utime(mask, ns=(mask.stat().st_atime_ns, mask.stat().st_mtime_ns + 1))
+    again = summarize_category(root, "cat")["fingerprint"]
+    assert again["test"] != after["test"] and again["train"] == after["train"]
 
 
 def test_missing_category_and_train(tmp_path: Path) -> None:

@@ -56,7 +56,10 @@ def test_fetch_synthetic(in_tmp: Path) -> None:
     disc = m["categories"]["disc"]
     assert disc["group"] == "object" and m["categories"]["weave"]["group"] == "texture"
     assert disc["train"] == 8 and disc["test"] == {"good": 6, "missing_piece": 2, "scratch": 2, "stain": 2}
-    assert disc["image_sizes"] == [[112, 96]] and len(disc["fingerprint"]) == 64
+    assert disc["image_sizes"] == [[112, 96]] and [len(disc["fingerprint"][s]) for s in ("train", "test")] == [64, 64]
+    assert json.loads(Path("data/fingerprints/disc/test.json").read_text()) == {
+        "root": "data/synthetic", "category": "disc", "split": "test", "images": 12,
+        "fingerprint": disc["fingerprint"]["test"]}
     first = Path("data/manifest.json").read_bytes()
 
     result = _fetch(in_tmp, **ds)  # same seed: kept, not regenerated
@@ -65,8 +68,10 @@ def test_fetch_synthetic(in_tmp: Path) -> None:
     result = _fetch(in_tmp, **{**ds, "seed": 1})
     assert "generated" in result.output and _manifest()["categories"]["disc"]["fingerprint"] != disc["fingerprint"]
 
-    result = _fetch(in_tmp, **{**ds, "categories": None, "textures": None})  # null: all, default groups
+    result = _fetch(in_tmp, **{**ds, "textures": None})  # null: the dataset's default groups
     assert result.exit_code == 0 and _manifest()["categories"]["stripes"]["group"] == "texture"
+    result = _fetch(in_tmp, **{**ds, "categories": None})  # DVC cannot expand null: refused, saying what to write
+    assert result.exit_code == 1 and "synthetic: [stripes, weave, disc]" in " ".join(result.output.split())
 
     result = _fetch(in_tmp, **{**ds, "categories": ["carpet", "disc"]})
     assert result.exit_code == 1
@@ -78,7 +83,7 @@ def test_fetch_folder_reads_only(in_tmp: Path) -> None:
     generate(root, seed=2, n_train=3, n_test=4)
     (root / MARKER).unlink()  # now just a user's tree
     before = _hashes(root)
-    result = _fetch(in_tmp, name="folder", root=str(root), categories=None, textures=["weave"])
+    result = _fetch(in_tmp, name="folder", root=str(root), categories=["disc", "stripes", "weave"], textures=["weave"])
     assert result.exit_code == 0, result.output
     m = _manifest()
     assert sorted(m["categories"]) == ["disc", "stripes", "weave"]
@@ -89,7 +94,7 @@ def test_fetch_folder_reads_only(in_tmp: Path) -> None:
     (root / "disc/ground_truth/scratch/000_mask.png").unlink()
     result = _fetch(in_tmp, name="folder", root=str(root), categories=["disc"])
     assert result.exit_code == 1 and "disc/test/scratch/000.png has no mask" in result.output
-    result = _fetch(in_tmp, name="folder", root=str(in_tmp / "nowhere"), categories=None)
+    result = _fetch(in_tmp, name="folder", root=str(in_tmp / "nowhere"), categories=["disc"])
     assert result.exit_code == 1 and "nowhere does not exist" in result.output
     assert _fetch(in_tmp, name="bogus", root="x").exit_code == 1
 
@@ -138,7 +143,8 @@ def test_fetch_mvtec_downloads_and_extracts(in_tmp: Path, file_server: tuple[str
     assert Path("data/downloads/mvtec_anomaly_detection.tar.xz").read_bytes() == archive.read_bytes()
     assert (in_tmp / "data/mvtec/disc/train/good/000.png").is_file()
     assert _manifest()["categories"]["disc"]["train"] == 2
-    assert sorted(p.name for p in (in_tmp / "data").iterdir()) == ["downloads", "manifest.json", "mvtec"]
+    listed = sorted(p.name for p in (in_tmp / "data").iterdir())
+    assert listed == ["downloads", "fingerprints", "manifest.json", "mvtec"]
 
     # Extracted and archive present: a rerun uses them, even with the server gone.
     archive.unlink()
@@ -154,7 +160,7 @@ def test_fetch_mvtec_offline(in_tmp: Path) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    result = _fetch(in_tmp, name="mvtec", root="data/mvtec", categories=None,
+    result = _fetch(in_tmp, name="mvtec", root="data/mvtec", categories=["disc"],
                     url=f"http://127.0.0.1:{port}/mvtec.tar.xz", sha256="0" * 64)  # fmt: skip
     assert result.exit_code == 1
     out = " ".join(result.output.split())  # undo terminal wrapping

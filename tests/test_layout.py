@@ -20,7 +20,7 @@ def _paths(entries: list) -> set[str]:
 def test_dvc_yaml_declares_the_layout_paths():
     outs = {name: _paths(spec.get("outs", [])) | _paths(spec.get("metrics", [])) | _paths(spec.get("plots", []))
             for name, spec in STAGES.items()}
-    assert outs["fetch"] == {layout.MANIFEST.as_posix()}
+    assert outs["fetch"] == {layout.MANIFEST.as_posix(), layout.FINGERPRINTS.as_posix()}
     assert outs["sample"] == {layout.shots_file(C).as_posix()}
     assert outs["synthesize"] == {layout.synth_dir(C).as_posix()}
     curves = f"{layout.train_curves_dir(C).as_posix()}/plots/metrics"
@@ -31,3 +31,20 @@ def test_dvc_yaml_declares_the_layout_paths():
     assert outs["summarize"] == {layout.METRICS_JSON.as_posix(), layout.METRICS_MD.as_posix()}
     assert layout.shots_file(C).as_posix() in STAGES["synthesize"]["deps"]
     assert layout.prompts_file(C).as_posix() in STAGES["evaluate"]["deps"]
+
+
+def test_a_dataset_edit_reaches_the_stages_that_read_it():
+    """fetch re-lists the dataset on every repro; sample / evaluate of a category depend on its split's file."""
+    assert STAGES["fetch"].get("always_changed") is True
+    assert layout.fingerprint_file(C, "train").parent.parent == layout.FINGERPRINTS
+    assert layout.fingerprint_file(C, "train").as_posix() in STAGES["sample"]["deps"]
+    assert layout.fingerprint_file(C, "test").as_posix() in STAGES["evaluate"]["deps"]
+    # the manifest changes with any category: a dep on it would re-run every category
+    assert [name for name, spec in STAGES.items() if layout.MANIFEST.as_posix() in spec.get("deps", [])] == [
+        "summarize"]
+
+
+def test_commands_quote_the_category():
+    """A category with a space (`my part`) stays one argument in the shell DVC runs each command in."""
+    commands = {name: spec["cmd"] for name, spec in STAGES.items() if "matrix" in spec}
+    assert commands == {name: f"mpad {name} --category '{C}'" for name in ("sample", "synthesize", "train", "evaluate")}

@@ -77,7 +77,7 @@ def test_sample_stage(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     params = _params(tmp_path / "p.yaml", ds, {"k": 1, "seed": 0})
     result = runner.invoke(app, ["sample", "--category", "carpet", "--params", str(params)])
     assert result.exit_code == 1 and "'carpet' is not in dataset.categories" in result.output
-    params = _params(tmp_path / "p.yaml", {**ds, "categories": None}, {"k": 1, "seed": 0})
+    params = _params(tmp_path / "p.yaml", {**ds, "categories": ["stripes", "carpet"]}, {"k": 1, "seed": 0})
     result = runner.invoke(app, ["sample", "--category", "carpet", "--params", str(params)])
     assert result.exit_code == 1 and "data/synthetic/carpet" in result.output
 

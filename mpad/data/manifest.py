@@ -1,8 +1,11 @@
 """The dataset manifest `data/manifest.json` (written by fetch; read by sample and summarize).
 
 {"name": mvtec | synthetic | folder, "root": dataset.root as given, "note": licence / provenance,
- "categories": {<category>: {"group": texture | object, "train": n, "test": {<defect>: n}, ...}},
+ "categories": {<category>: {"group": texture | object, "train": n, "test": {<defect>: n},
+                "fingerprint": {"train": hex, "test": hex}, ...}},
  "seed": generated datasets only}
+
+and, per category and split, `split_record`: what the stages reading that split depend on.
 """
 
 from __future__ import annotations
@@ -34,12 +37,27 @@ def load_manifest(path: str | Path) -> dict[str, Any]:
     return manifest
 
 
-def check_category(manifest: dict[str, Any], path: str | Path, root: str, category: str) -> None:
-    """The manifest must describe `root` and hold `category` (else it is stale: fetch ran with other params)."""
-    if manifest.get("root") != root:
-        raise DatasetError(f"{path} describes root {manifest.get('root')!r}, the settings say {root!r}")
-    if category not in manifest["categories"]:
-        raise DatasetError(f"category {category!r} is not in {path}")
+def split_record(manifest: dict[str, Any], category: str, split: str) -> dict[str, Any]:
+    """{"root", "category", "split", "images": n, "fingerprint": hex} of one split (mpad.layout.fingerprint_file).
+    Its bytes change exactly when that split's file listing (paths, sizes, mtimes) or the root does."""
+    info = manifest["categories"][category]
+    images = info["train"] if split == "train" else sum(info["test"].values())
+    return {"root": manifest["root"], "category": category, "split": split, "images": images,
+            "fingerprint": info["fingerprint"][split]}
+
+
+def check_split_record(path: str | Path, root: str, category: str) -> None:
+    """The split record at `path` must exist and describe `root` and `category` (else fetch has not run with
+    these params); DatasetError otherwise."""
+    path = Path(path)
+    try:
+        record = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise DatasetError(f"{path}: not found") from None
+    except (OSError, ValueError) as err:
+        raise DatasetError(f"{path}: not readable ({err})") from None
+    if not isinstance(record, dict) or (record.get("root"), record.get("category")) != (root, category):
+        raise DatasetError(f"{path} does not describe category {category!r} under root {root!r}")
 
 
 def group_of(manifest: dict[str, Any], category: str) -> str:

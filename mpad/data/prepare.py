@@ -10,13 +10,13 @@ from typing import Any
 from mpad.data import synthetic
 from mpad.config import DatasetConfig
 from mpad.data.download import ensure_extracted
-from mpad.data.mvtec import MVTEC_CATEGORIES, MVTEC_TEXTURES, DatasetError, list_categories, summarize_category
+from mpad.data.mvtec import MVTEC_TEXTURES, DatasetError, list_categories, summarize_category
 
 ARCHIVE_NAME = "mvtec_anomaly_detection.tar.xz"
-DEFAULTS = {  # categories / textures when the settings leave them null
-    "mvtec": (MVTEC_CATEGORIES, MVTEC_TEXTURES),
-    "synthetic": (synthetic.SYNTHETIC_CATEGORIES, synthetic.SYNTHETIC_TEXTURES),
-    "folder": (None, ()),
+DEFAULT_TEXTURES = {  # when dataset.textures is null
+    "mvtec": MVTEC_TEXTURES,
+    "synthetic": synthetic.SYNTHETIC_TEXTURES,
+    "folder": (),
 }
 NOTES = {
     "mvtec": "MVTec AD (Bergmann et al., CVPR 2019), CC BY-NC-SA 4.0: non-commercial use only",
@@ -33,20 +33,15 @@ def prepare_dataset(config: DatasetConfig, downloads: Path, say: Callable[[str],
     Raises DatasetError naming what is missing or wrong.
     """
     root = Path(config.root)
-    default_categories, default_textures = DEFAULTS[config.name]
-    categories = list(config.categories) if config.categories else None
-    textures = list(default_textures) if config.textures is None else list(config.textures)
+    categories = list(config.categories)
+    textures = list(DEFAULT_TEXTURES[config.name] if config.textures is None else config.textures)
     if config.name == "mvtec":
-        categories = categories or list(default_categories)
         ensure_extracted(root, categories, config.url, config.sha256, downloads / ARCHIVE_NAME)
     elif config.name == "synthetic":
         if synthetic.ensure(root, config.seed):
             say(f"generated the synthetic dataset (seed {config.seed}) in {root}")
     elif not root.is_dir():
         raise DatasetError(f"dataset.root {root} does not exist or is not a folder")
-    categories = categories or list(default_categories or ()) or list_categories(root)
-    if not categories:
-        raise DatasetError(f"no category folders (<category>/train/good) found under {root}")
     absent = [c for c in categories if not (root / c).is_dir()]
     if absent:
         found = ", ".join(list_categories(root)) or "none"
