@@ -12,18 +12,20 @@ PRESET_ARGS = $(if $(PRESET),$(foreach p,$(shell grep -v '^\#' presets/$(PRESET)
 # ends where it started. Each run sets every ablated knob, since `dvc exp run` leaves params.yaml as it ran.
 META_EPOCHS ?= 3
 LAA_K ?= 2
+# Textures' object mask in every arm (README, "Table 3 on textures"): `whole` makes no-oagm equal full there.
+TEXTURE_MASK ?= mask_method
 ABLATIONS := \
-	human-prompts:mpts.meta_epochs=0,mpts.lambda=1,oagm.enabled=true,laa.attention=vv,laa.k=$(LAA_K),memory.enabled=false \
-	lambda-0:mpts.meta_epochs=$(META_EPOCHS),mpts.lambda=0,oagm.enabled=true,laa.attention=vv,laa.k=$(LAA_K),memory.enabled=false \
-	lambda-0.5:mpts.meta_epochs=$(META_EPOCHS),mpts.lambda=0.5,oagm.enabled=true,laa.attention=vv,laa.k=$(LAA_K),memory.enabled=false \
-	no-oagm:mpts.meta_epochs=$(META_EPOCHS),mpts.lambda=1,oagm.enabled=false,laa.attention=vv,laa.k=$(LAA_K),memory.enabled=false \
-	vv-att:mpts.meta_epochs=$(META_EPOCHS),mpts.lambda=1,oagm.enabled=true,laa.attention=vv,laa.k=0,memory.enabled=false \
-	qk-laa:mpts.meta_epochs=$(META_EPOCHS),mpts.lambda=1,oagm.enabled=true,laa.attention=qk,laa.k=$(LAA_K),memory.enabled=false \
-	memory:mpts.meta_epochs=$(META_EPOCHS),mpts.lambda=1,oagm.enabled=true,laa.attention=vv,laa.k=$(LAA_K),memory.enabled=true \
-	full:mpts.meta_epochs=$(META_EPOCHS),mpts.lambda=1,oagm.enabled=true,laa.attention=vv,laa.k=$(LAA_K),memory.enabled=false
+	human-prompts:mpts.meta_epochs=0,mpts.lambda=1,oagm.enabled=true,oagm.texture_mask=$(TEXTURE_MASK),laa.attention=vv,laa.k=$(LAA_K),memory.enabled=false \
+	lambda-0:mpts.meta_epochs=$(META_EPOCHS),mpts.lambda=0,oagm.enabled=true,oagm.texture_mask=$(TEXTURE_MASK),laa.attention=vv,laa.k=$(LAA_K),memory.enabled=false \
+	lambda-0.5:mpts.meta_epochs=$(META_EPOCHS),mpts.lambda=0.5,oagm.enabled=true,oagm.texture_mask=$(TEXTURE_MASK),laa.attention=vv,laa.k=$(LAA_K),memory.enabled=false \
+	no-oagm:mpts.meta_epochs=$(META_EPOCHS),mpts.lambda=1,oagm.enabled=false,oagm.texture_mask=$(TEXTURE_MASK),laa.attention=vv,laa.k=$(LAA_K),memory.enabled=false \
+	vv-att:mpts.meta_epochs=$(META_EPOCHS),mpts.lambda=1,oagm.enabled=true,oagm.texture_mask=$(TEXTURE_MASK),laa.attention=vv,laa.k=0,memory.enabled=false \
+	qk-laa:mpts.meta_epochs=$(META_EPOCHS),mpts.lambda=1,oagm.enabled=true,oagm.texture_mask=$(TEXTURE_MASK),laa.attention=qk,laa.k=$(LAA_K),memory.enabled=false \
+	memory:mpts.meta_epochs=$(META_EPOCHS),mpts.lambda=1,oagm.enabled=true,oagm.texture_mask=$(TEXTURE_MASK),laa.attention=vv,laa.k=$(LAA_K),memory.enabled=true \
+	full:mpts.meta_epochs=$(META_EPOCHS),mpts.lambda=1,oagm.enabled=true,oagm.texture_mask=$(TEXTURE_MASK),laa.attention=vv,laa.k=$(LAA_K),memory.enabled=false
 
 # What `make ablations` shows at the end: the knobs and the mean metrics of every experiment.
-EXP_COLUMNS := Experiment|mean.pixel_auroc|mean.aupro|mean.image_auroc|mpts.lambda$$|mpts.meta_epochs|oagm.enabled|laa.attention|laa.k|memory.enabled
+EXP_COLUMNS := Experiment|mean.pixel_auroc|mean.aupro|mean.image_auroc|mpts.lambda$$|mpts.meta_epochs|oagm.enabled|oagm.texture_mask|laa.attention|laa.k|memory.enabled
 
 .PHONY: setup run offline ablations test test-fast bench gpu-wheels gpu-dry
 

@@ -23,6 +23,7 @@ ATTENTIONS = ("vv", "qk")
 CLS_MODES = ("neighbor-cls", "neighbor")
 MASK_METHODS = ("clip", "border")
 REGIONS = ("object", "blobs")
+TEXTURE_MASKS = ("mask_method", "whole")
 IMAGE_SCORES = ("max", "topk_mean", "global")
 FUSIONS = ("harmonic", "arithmetic")
 CALIBRATIONS = ("projection", "literal", "literal-rms")
@@ -264,6 +265,7 @@ class OagmConfig:
     sigma: float = 0.25
     clean_fraction: float = 0.2
     mask_method: str = "clip"
+    texture_mask: str = "mask_method"
     mask_threshold: float = 0.5
     mask_layers: int = 6
     seed: int = 0
@@ -277,6 +279,7 @@ class OagmConfig:
             "sigma": _non_negative(),
             "clean_fraction": _fraction(),
             "mask_method": _choice(MASK_METHODS),
+            "texture_mask": _choice(TEXTURE_MASKS),
             "mask_threshold": _fraction(),
             "mask_layers": _int(1),
             "seed": _int(0),

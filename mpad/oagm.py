@@ -18,9 +18,12 @@ Object masks (method):
   colour statistics (per-channel robust z-score) is turned into a probability; works for objects on a
   plain background.
 
-Both masks are cleaned with scikit-image morphology (`clean_mask`). Texture categories get the whole
-image. An object mask that is empty or covers almost the whole image falls back to the whole image;
-`ObjectMask.fallback` says why (the caller decides whether and how to tell a user).
+Both masks are cleaned with scikit-image morphology (`clean_mask`). Texture categories get the same
+mask (`oagm.texture_mask: mask_method`, the paper read literally: sec. 3.4 makes M_obj with the VLM for
+every category) or the whole image (`whole`; then x' with and without OAGM is drawn from the same
+support, and Table 3's texture rows could not differ). An object mask that is empty or covers almost
+the whole image falls back to the whole image; `ObjectMask.fallback` says why (the caller decides whether
+and how to tell a user).
 
 Regions: `object` noises the whole object mask (the paper's literal reading); `blobs` noises a union of
 a few random irregular ellipses inside the object, so a sample holds both normal and anomalous pixels.
@@ -52,6 +55,7 @@ from mpad.text_cache import TextCache
 
 MASK_METHODS = ("clip", "border")
 REGIONS = ("object", "blobs")
+TEXTURE_MASKS = ("mask_method", "whole")
 BACKGROUND_PROMPTS = (
     "a photo of the background.",
     "a photo of a blank surface.",
@@ -326,8 +330,14 @@ def shot_object_masks(
     images: torch.Tensor, category: str, oagm: OagmConfig, texture: bool, bundle: ClipBundle | None = None,
     cache: TextCache | None = None,
 ) -> list[ObjectMask]:
-    """`object_masks` of the shots (K, 3, H, W) with the method, threshold and layers of `oagm`."""
-    return object_masks(images, category, oagm.mask_method, oagm.mask_threshold, texture=texture, bundle=bundle,
+    """`object_masks` of the shots (K, 3, H, W) with the method, threshold and layers of `oagm`.
+
+    texture: whether `category` is a texture; it then gets the whole image only when oagm.texture_mask is
+    `whole`, else the mask of oagm.mask_method like an object."""
+    if oagm.texture_mask not in TEXTURE_MASKS:
+        raise ValueError(f"oagm.texture_mask must be one of {TEXTURE_MASKS}, got {oagm.texture_mask!r}")
+    whole = texture and oagm.texture_mask == "whole"
+    return object_masks(images, category, oagm.mask_method, oagm.mask_threshold, texture=whole, bundle=bundle,
                         layers=oagm.mask_layers, cache=cache)
 
 

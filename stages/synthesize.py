@@ -6,7 +6,8 @@ the model's input size, computes an object mask per shot (`mpad.oagm`), and writ
 
 Params read: dataset.root, dataset.name, dataset.textures (null: the default of dataset.name),
 model.{name, pretrained, device, precision},
-oagm.{enabled, region, samples, sigma, clean_fraction, mask_method, mask_threshold, mask_layers, seed}.
+oagm.{enabled, region, samples, sigma, clean_fraction, mask_method, texture_mask, mask_threshold, mask_layers,
+seed}.
 """
 
 from __future__ import annotations
@@ -57,7 +58,8 @@ def main(
             typer.secho(f"warning: {obj.fallback}", err=True, fg=typer.colors.YELLOW)
 
     out = layout.synth_dir(category)
-    info = {"object_mask_method": oagm.mask_method, "texture": texture, "random_weights": bundle.random_weights,
+    info = {"object_mask_method": oagm.mask_method, "texture": texture, "texture_mask": oagm.texture_mask,
+            "random_weights": bundle.random_weights,
             "note": RANDOM_WEIGHTS_NOTE if bundle.random_weights else None}
     with StageProgress(synthesize_set(images, masks, category, oagm), total=len(shots),
                        desc=f"synthesize {category}", unit="shot") as drawn:

@@ -163,3 +163,16 @@ def test_clip_method_runs(project):
     assert result.exit_code == 0, result.output
     manifest = json.loads(Path("data/synth/disc/manifest.json").read_text())
     assert manifest["object_mask_method"] == "clip" and len(manifest["samples"]) == 4
+
+
+@pytest.mark.parametrize("texture_mask", ["mask_method", "whole"])
+def test_texture_mask_clip_on_a_texture(project, texture_mask):
+    params = yaml.safe_load(Path("params.yaml").read_text())
+    params["oagm"].update(mask_method="clip", mask_layers=2, texture_mask=texture_mask)
+    Path("params.yaml").write_text(yaml.safe_dump(params))
+    result = _run("stripes")
+    assert result.exit_code == 0, result.output
+    manifest = json.loads(Path("data/synth/stripes/manifest.json").read_text())
+    assert manifest["texture"] is True and manifest["texture_mask"] == texture_mask
+    whole = [(np.asarray(Image.open(f"data/synth/stripes/object_masks/{i}.png")) == 255).all() for i in range(2)]
+    assert whole == [texture_mask == "whole"] * 2

@@ -126,3 +126,24 @@ def test_marker_and_overwrite_rules(tmp_path: Path) -> None:
     assert (user / "screw/keep.png").read_bytes() == b"precious"
     with pytest.raises(DatasetError, match="n_test"):
         generate(tmp_path / "x", seed=0, n_test=1)
+
+
+def test_held_out_defects_exact_masks_and_kept_out_of_the_dataset(synthetic_root: Path) -> None:
+    from mpad.data.synthetic import HELD_OUT_CATEGORIES, HELD_OUT_DEFECTS
+
+    for seed in range(5):
+        for cat in ("grain", *SYNTHETIC_TEXTURES):
+            for kind in HELD_OUT_DEFECTS:
+                clean = render(cat, np.random.default_rng(seed))
+                broken = render(cat, np.random.default_rng(seed), kind)
+                changed = broken.image != clean.image
+                changed = changed.any(axis=2) if changed.ndim == 3 else changed
+                assert np.array_equal(broken.mask, changed) and broken.mask.any(), (seed, cat, kind)
+                assert broken.mask.mean() < 0.05  # small defects: under about three 8x8 patches of 64 px
+    assert render("grain", np.random.default_rng(0)).image.shape == (192, 192, 3)
+    with pytest.raises(ValueError, match="not generated"):
+        render("disc", np.random.default_rng(0), "spots")
+    # the generated dataset is unchanged: no held-out category, no held-out kind
+    assert not any((synthetic_root / c).exists() for c in HELD_OUT_CATEGORIES)
+    kinds = {p.name for c in SYNTHETIC_CATEGORIES for p in (synthetic_root / c / "test").iterdir()}
+    assert not kinds & set(HELD_OUT_DEFECTS)

@@ -9,6 +9,13 @@ Three categories, chosen to exercise what real data exercises:
 Test defects: scratch, hole, stain on the textures; scratch, stain, missing piece on the disc (always on
 the disc). Each mask is exactly the set of pixels the defect changed (binary PNG, 0/255). The same
 seed gives byte-identical files. Numbers measured on it say nothing about MVTec AD.
+
+Held out (`render` only, never written by `generate`, so the dataset above is unchanged): `grain`, a
+wood-like ring texture at 192x192 (three times mpad-tiny's input, as MVTec's 1024 px are four times
+ViT-B-16+'s), with other defect kinds (`HELD_OUT_DEFECTS`): thin dark scratches, small colour spots, and
+Gaussian noise added at full resolution (so the resize to the model's input averages it). The same
+kinds can be asked of the other textures with `render(..., defect=kind)`. `bench/learning.py` uses
+them to measure whether learned prompts generalise beyond the defects of the generated dataset.
 """
 
 from __future__ import annotations
@@ -32,6 +39,13 @@ DEFECTS: dict[str, tuple[str, ...]] = {
     "weave": ("scratch", "hole", "stain"),
     "disc": ("scratch", "stain", "missing_piece"),
 }
+# Held out from the generated dataset: a texture and defect kinds that `generate` never writes.
+HELD_OUT_CATEGORIES: tuple[str, ...] = ("grain",)
+HELD_OUT_DEFECTS: tuple[str, ...] = ("dark_scratch", "spots", "fine_noise")
+SIZES["grain"] = (192, 192)
+DEFECTS["grain"] = HELD_OUT_DEFECTS
+# fine_noise: std of the Gaussian noise (0..255 scale) added at full resolution inside an irregular blob.
+FINE_NOISE_STD = 60.0
 MARKER = ".mpad-synthetic"
 _VERSION = 1  # bump when the generated images change, so fetch regenerates old trees
 
@@ -90,6 +104,18 @@ def _weave(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
     return 60.0 + 140.0 * np.clip(v, 0.0, 1.0)
 
 
+def _grain(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+    """Float RGB (H, W, 3): wood-like growth rings around an off-image centre, warped by smooth noise."""
+    yy, xx = _grid(h, w)
+    cy, cx = rng.uniform(-1.5, -0.5) * h, rng.uniform(0.2, 0.8) * w
+    radius = np.hypot(yy - cy, xx - cx) + 6.0 * _smooth_noise(rng, h, w, 48)
+    period = (11.0 + rng.uniform(-0.5, 0.5)) * h / 192
+    v = 0.5 + 0.5 * np.sin(2 * np.pi * radius / period)
+    v = np.clip(v ** 1.5 + 0.05 * rng.standard_normal((h, w)), 0.0, 1.0)
+    c0, c1 = np.array([150.0, 100.0, 60.0]), np.array([215.0, 175.0, 120.0])
+    return c0 + v[..., None] * (c1 - c0)
+
+
 def _disc(rng: np.random.Generator, h: int, w: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple]:
     """(image, background, disc mask, (cy, cx, r)): a red-orange disc on a plain light background."""
     yy, xx = _grid(h, w)
@@ -141,6 +167,23 @@ def _defect_region(
         rr = rng.uniform(5.0, 8.0) * wobble
         colour = np.array([95.0, 60.0, 15.0]) if disc is None else np.array([40.0, 120.0, 30.0])
         return (yy - py) ** 2 + (xx - px) ** 2 <= rr**2, colour, 0.7
+    scale = h / 96.0  # the held-out kinds are sized for 96 px and scale with the image
+    if kind == "dark_scratch":  # thin and dark: a curve-free line about 2 px wide at 96 px
+        a, half = rng.uniform(0, np.pi), rng.uniform(8.0, 16.0) * scale
+        dy, dx = math.sin(a), math.cos(a)
+        t = np.clip((yy - py) * dy + (xx - px) * dx, -half, half)
+        dist = np.hypot(yy - (py + t * dy), xx - (px + t * dx))
+        return dist <= 0.6 * scale, np.array([35.0, 28.0, 22.0]), 1.0
+    if kind == "spots":  # 2-4 small saturated spots around the point
+        region = np.zeros((h, w), dtype=bool)
+        for _ in range(int(rng.integers(2, 5))):
+            sy, sx = py + rng.normal(0, 6.0 * scale), px + rng.normal(0, 6.0 * scale)
+            region |= (yy - sy) ** 2 + (xx - sx) ** 2 <= (rng.uniform(1.2, 2.5) * scale) ** 2
+        return region, np.array([40.0, 150.0, 60.0]), 0.85
+    if kind == "fine_noise":  # an irregular blob; the caller adds noise of FINE_NOISE_STD there
+        ang = np.arctan2(yy - py, xx - px)
+        rr = rng.uniform(5.0, 9.0) * scale * (1.0 + 0.3 * np.sin(2 * ang + rng.uniform(0, 2 * np.pi)))
+        return (yy - py) ** 2 + (xx - px) ** 2 <= rr**2, None, 1.0
     raise ValueError(f"unknown defect kind {kind!r}")
 
 
@@ -154,18 +197,26 @@ def render(category: str, rng: np.random.Generator, defect: str | None = None) -
     elif category == "weave":
         image = np.repeat(_weave(rng, h, w)[..., None], 3, axis=2)
         obj = np.ones((h, w), dtype=bool)
+    elif category == "grain":
+        image = _grain(rng, h, w)
+        obj = np.ones((h, w), dtype=bool)
     elif category == "disc":
         image, background, obj, disc = _disc(rng, h, w)
     else:
-        raise ValueError(f"unknown synthetic category {category!r}; expected one of {SYNTHETIC_CATEGORIES}")
+        raise ValueError(f"unknown synthetic category {category!r}; expected one of "
+                         f"{SYNTHETIC_CATEGORIES + HELD_OUT_CATEGORIES}")
     clean = np.clip(np.rint(image), 0, 255).astype(np.uint8)
     out = clean
     if defect is not None:
-        if defect not in DEFECTS[category]:
-            raise ValueError(f"defect {defect!r} is not generated for {category!r}: {DEFECTS[category]}")
+        allowed = DEFECTS[category] + (HELD_OUT_DEFECTS if disc is None else ())
+        if defect not in allowed:
+            raise ValueError(f"defect {defect!r} is not generated for {category!r}: {allowed}")
         region, paint, alpha = _defect_region(defect, rng, h, w, disc)
         region &= obj  # defects of the object lie on the object
-        target = background if paint is None else (1 - alpha) * image + alpha * paint
+        if defect == "fine_noise":
+            target = image + FINE_NOISE_STD * rng.standard_normal(image.shape)
+        else:
+            target = background if paint is None else (1 - alpha) * image + alpha * paint
         out = np.clip(np.rint(np.where(region[..., None], target, image)), 0, 255).astype(np.uint8)
     if category == "weave":
         # Grayscale: keep the blue channel, where the brown stain is darkest (15 vs 60..200).
