@@ -26,6 +26,7 @@ from mpad.deploy import OnnxScorer
 from mpad.detector import Detector
 from mpad.export import export_onnx
 from mpad.memory import build_memory
+from mpad.prediction import torch_scorer
 
 MODELS = ("mpad-tiny", "ViT-B-16-plus-240")
 SETTINGS = {"attention": "vv", "k": 2, "layers": 6, "cls": "neighbor-cls"}
@@ -66,7 +67,7 @@ def main() -> None:
             export_onnx(detector, RESOLUTION, model)
             size_mb = model.stat().st_size / 2**20
             scorer = OnnxScorer(model, threads=threads)
-            run_torch = lambda x: detector(x, (RESOLUTION, RESOLUTION))  # noqa: E731
+            run_torch = torch_scorer(detector, RESOLUTION)  # what predict's torch backend runs
             run_torch(images), scorer(images)  # warm-up
             slow = fast = float("inf")
             for _ in range(2):  # interleave so both see the same machine state
