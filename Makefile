@@ -31,7 +31,7 @@ EXP_COLUMNS := Experiment|mean.pixel_auroc|mean.aupro|mean.image_auroc|mpts.lamb
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || python3 -m venv $(VENV)
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q -e '.[dev,export]'
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -14,6 +14,7 @@ import torch
 
 from mpad.clip import ClipBundle
 from mpad.config import ScoringConfig
+from mpad.encoder import EncoderOutput
 from mpad.features import build_encoder, encode
 from mpad.memory import memory_from_record
 from mpad.scoring import anomaly_maps, gaussian_blur, image_scores
@@ -51,11 +52,18 @@ class Detector:
     @torch.no_grad()
     def __call__(self, images: torch.Tensor, size: Sequence[int]) -> Detection:
         """images (B, 3, H, W) in [0, 1] -> Detection with maps of `size` (H, W), on the CPU."""
-        out = encode(self.encoder, self.bundle, images)
+        maps, scores = self.score(encode(self.encoder, self.bundle, images), size)
+        return Detection(maps.cpu(), scores.cpu())
+
+    def score(self, out: EncoderOutput, size: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The encoder's outputs for B images -> (maps (B, *size), scores (B,)), on the encoder's device.
+
+        The maths after the encoder, shared with the exported ONNX graph (mpad.export.DetectorGraph).
+        """
         maps = anomaly_maps(out.patch_features, self.text, self.logit_scale, size)
         if self.memory is not None:
             maps = self.memory.fuse(maps, out.intermediates, size)
         maps = gaussian_blur(maps, float(self.scoring.smoothing_sigma))  # after fusion: both maps smoothed alike
         scores = image_scores(maps, self.scoring.image_score, float(self.scoring.topk), out.image_embedding, self.text,
                               self.logit_scale)
-        return Detection(maps.cpu(), scores.cpu())
+        return maps, scores

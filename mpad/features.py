@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-from mpad.clip import ClipBundle
 from mpad.config import LaaConfig
 from mpad.encoder import EncoderOutput, LocalityAwareEncoder
 from mpad.transforms import model_input, to_tensor
+
+if TYPE_CHECKING:  # stack_images serves predict's ONNX backend, which runs without open_clip
+    from mpad.clip import ClipBundle
 
 
 def build_encoder(

@@ -37,6 +37,8 @@ def nearest_distance(queries: torch.Tensor, bank: torch.Tensor, chunk_elements: 
     n, m = queries.shape[0], bank.shape[0]
     if m == 0:
         raise ValueError("empty memory bank")
+    if n * m <= chunk_elements:  # one block, no loop: also the form torch.onnx traces for any batch size
+        return ((1.0 - (queries @ bank.t()).amax(dim=1)) / 2.0).clamp(0.0, 1.0)
     bank_chunk = max(1, min(m, chunk_elements))
     query_chunk = max(1, chunk_elements // bank_chunk)
     out = torch.empty(n, dtype=queries.dtype, device=queries.device)

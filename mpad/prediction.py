@@ -4,25 +4,33 @@ Into an output folder: `<stem>_overlay.png` (the heat map over the image) and `<
 grayscale map; a stem already used in the run gets `_2`, `_3`..., skipping names already taken), both at
 the image's size with the longer side capped at max_size; `predictions.csv` (one row per image, COLUMNS)
 and `predictions.json` (the same rows under a header saying how they were made).
+
+The scoring is a callable (`Scorer`): the torch `Detector` (`torch_scorer`) or the exported model on
+ONNX Runtime (mpad.deploy.OnnxScorer); the outputs are written by the same code either way. This module
+imports open_clip only when `load_backbone` runs, so that the onnx backend works without it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-from mpad.clip import ClipBundle, load_clip, model_fingerprint
 from mpad.data.mvtec import DatasetError, load_image
-from mpad.detector import Detector
 from mpad.features import stack_images
 from mpad.io import write_csv, write_json, write_png
 from mpad.prompt_file import PromptFileError, check_backbone
 from mpad.visualize import render_map
 
+if TYPE_CHECKING:
+    from mpad.clip import ClipBundle
+    from mpad.detector import Detector
+
+# images (B, 3, H, W) float in [0, 1] at the model's input size -> (maps (B, R, R), scores (B,)) on the CPU
+Scorer = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 COLUMNS = ("path", "image_score", "max_pixel_score", "threshold", "decision", "status", "overlay", "map")
 
 
@@ -35,6 +43,8 @@ def load_backbone(
     (a checkpoint file named as the stored one counts as the same), mpad.clip.ModelLoadError when the
     model cannot be built.
     """
+    from mpad.clip import load_clip, model_fingerprint  # open_clip: the torch backend only
+
     made = record.get("model")
     if not isinstance(made, dict) or "name" not in made:
         raise PromptFileError(f"{path}: the prompts file does not say which model it was made for")
@@ -53,25 +63,35 @@ def load_backbone(
     return bundle
 
 
+def torch_scorer(detector: Detector, resolution: int) -> Scorer:
+    """The Scorer of the torch backend: `detector`'s maps at (resolution, resolution) and scores, on the CPU."""
+
+    def score(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        detection = detector(images, (resolution, resolution))
+        return detection.maps, detection.scores
+
+    return score
+
+
 def decide(score: float, threshold: float | None) -> str:
     """"anomalous" when score >= threshold, else "normal"; "n/a" without a threshold."""
     return "n/a" if threshold is None else ("anomalous" if score >= threshold else "normal")
 
 
 def predict_images(
-    detector: Detector,
+    score: Scorer,
+    input_size: Sequence[int],
     paths: Sequence[Path],
     out: Path,
     *,
     batch_size: int,
-    size: int,
     max_size: int,
     colour_range: tuple[float, float],
     threshold: float | None,
     on_image: Callable[[int], Any] | None = None,
     on_skip: Callable[[str], Any] | None = None,
 ) -> list[dict[str, Any]]:
-    """Decode, score in batches of `batch_size` at maps (size, size), write each image's two PNGs into `out`;
+    """Decode, resize to `input_size` (H, W), score in batches of `batch_size`, write each image's two PNGs into `out`;
     one row (COLUMNS) per path, in order. A path that cannot be decoded gets an error row and
     `on_skip(message naming it)`; `on_image(1)` after each path is read (for a progress bar)."""
     rows: list[dict[str, Any] | None] = [None] * len(paths)
@@ -81,10 +101,10 @@ def predict_images(
     def flush() -> None:
         if not batch:
             return
-        detection = detector(stack_images([image for _, image in batch], detector.bundle.image_size), (size, size))
-        for (i, image), amap, score in zip(batch, detection.maps, detection.scores, strict=True):
+        maps, scores = score(stack_images([image for _, image in batch], input_size))
+        for (i, image), amap, image_score in zip(batch, maps, scores, strict=True):
             names = _write_maps(out, _unique_stem(paths[i].stem, used), image, amap, max_size, colour_range)
-            score_f, peak = float(score), float(amap.max())
+            score_f, peak = float(image_score), float(amap.max())
             rows[i] = _row(paths[i], score_f, peak, threshold, decide(score_f, threshold), "ok", *names)
         batch.clear()
 

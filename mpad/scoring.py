@@ -74,7 +74,7 @@ def image_scores(
         return maps.flatten(1).amax(dim=1)
     if method == "topk_mean":
         flat = maps.flatten(1)
-        count = max(1, round(topk * flat.shape[1]))
+        count = max(1, round(topk * int(flat.shape[1])))  # int(): a constant when torch.onnx traces it
         return flat.topk(count, dim=1).values.mean(dim=1)
     if method == "global":
         if image_embedding is None or text is None:

@@ -25,6 +25,14 @@ def model_input(
     ground-truth mask has a place in the anomaly map.
     """
     resized = F.interpolate(images, size=tuple(size), mode="bicubic", align_corners=False, antialias=True)
+    return normalise(resized, mean, std)
+
+
+def normalise(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """(B, 3, H, W) -> the same clamped to [0, 1] (bicubic overshoots) and normalised with per-channel mean/std.
+
+    The exported ONNX model starts with this step (mpad.export), so its callers resize only.
+    """
     mean_t = torch.tensor(mean, dtype=images.dtype, device=images.device).view(1, 3, 1, 1)
     std_t = torch.tensor(std, dtype=images.dtype, device=images.device).view(1, 3, 1, 1)
-    return (resized.clamp(0, 1) - mean_t) / std_t
+    return (images.clamp(0, 1) - mean_t) / std_t

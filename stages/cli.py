@@ -25,6 +25,7 @@ COMMANDS = {
     "evaluate": "Evaluate the learned prompts on a category's test split.",
     "summarize": "Gather per-category metrics into metrics.json and metrics.md.",
     "predict": "Score new images with learned prompts: maps, overlays, decisions.",
+    "export": "Export the learned detector as one ONNX model (+ sidecar JSON) for deployment.",
 }
 
 

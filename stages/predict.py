@@ -4,6 +4,8 @@
                  [--threshold T] [--thresholds-file data/thresholds/<category>.json] [--force]
                  [--batch-size 8] [--device auto] [--precision fp32] [--model-pretrained PATH]
                  [--resolution R] [--max-size 1024]
+    mpad predict --backend onnx --model <file>.onnx IMAGES... --out DIR [--threshold T] [--batch-size 8]
+                 [--thresholds-file F] [--device auto] [--max-size 1024]
 
 Independent of params.yaml: the backbone (name, weights), encoder settings, text embeddings and
 visual memory all come from the self-describing prompts file; scoring settings (smoothing_sigma,
@@ -14,6 +16,11 @@ wherever it runs. Without `--thresholds-file`, the category's file beside the pr
 working directory), else `data/thresholds/<category>.json` of the working directory; with neither, a
 warning names the default scoring settings used instead. A thresholds file records its category: one of
 another category than the prompts' is refused unless `--force`.
+
+`--backend onnx` scores with a model written by `mpad export` on onnxruntime (the optional extra `export`),
+without open_clip or the checkpoint: the prompts, weights, scoring settings and resolution are baked into
+the model; the threshold and colour range come from its sidecar `<file>.onnx.json` (or `--thresholds-file`,
+if its scoring settings and resolution are the model's). The outputs are the torch backend's.
 
 Checked before the model loads: --out must be a folder or creatable as one, and writable (not an
 existing file, not under a file); --threshold must be finite.
@@ -32,7 +39,7 @@ Writes into --out (each file atomically):
                        x.png, x.jpg, x_2.png -> x, x_2, x_2_2; case-insensitively)
   predictions.csv      one row per image: path, image_score, max_pixel_score, threshold, decision,
                        status, overlay, map
-  predictions.json     the same rows plus the model, scoring, threshold and threshold_source
+  predictions.json     the same rows plus the backend, model, scoring, threshold and threshold_source
 
 Decision: anomalous when image_score >= threshold (`--threshold`, else the thresholds file's
 image_threshold, the F1-max threshold of evaluate); with neither, "n/a" and a warning.
@@ -55,16 +62,16 @@ import typer
 from tqdm import tqdm
 
 from mpad import layout
-from mpad.clip import ModelLoadError, is_random
 from mpad.data import is_image_file
-from mpad.detector import Detector
+from mpad.deploy import DeployFileError, OnnxScorer, load_sidecar, scoring_from, sidecar_path
 from mpad.notes import RANDOM_WEIGHTS_NOTE
-from mpad.prediction import load_backbone, predict_images, save_predictions
+from mpad.prediction import Scorer, predict_images, save_predictions
 from mpad.prompt_file import PromptFileError, load_prompts
 from mpad.thresholds import ThresholdsFileError, colour_range, load_thresholds, resolution_of, scoring_of
 from stages.common import fail
 
 _GLOB_CHARS = set("*?[")
+BACKENDS = ("torch", "onnx")
 
 
 def _finite(value: float | None) -> float | None:
@@ -96,7 +103,7 @@ def _usage_error(message: str) -> NoReturn:
 
 def main(
     images: list[str] = typer.Argument(..., help="Image files, folders (not recursive) or globs.", show_default=False),
-    prompts: Path = typer.Option(..., "--prompts", help="Prompts file written by `mpad train`."),
+    prompts: Path | None = typer.Option(None, "--prompts", help="Prompts file written by `mpad train` (torch)."),
     out: Path = typer.Option(..., "--out", callback=_writable_folder, help="Output folder (created)."),
     threshold: float | None = typer.Option(
         None, "--threshold", callback=_finite, help="Image-score threshold (finite); default: the thresholds file's."
@@ -107,7 +114,7 @@ def main(
     force: bool = typer.Option(False, "--force", help="Use a --thresholds-file measured on another category."),
     batch_size: int = typer.Option(8, "--batch-size", min=1, help="Images per forward pass."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N"),
-    precision: str = typer.Option("fp32", "--precision", help="fp32 | fp16 | bf16 (half precision: GPU)."),
+    precision: str = typer.Option("fp32", "--precision", help="fp32 | fp16 | bf16 (half precision: GPU; torch)."),
     model_pretrained: str | None = typer.Option(
         None, "--model-pretrained", help="Weights to load instead of the stored ones (e.g. a moved checkpoint file)."
     ),
@@ -115,42 +122,116 @@ def main(
         None, "--resolution", min=8, help="Map size the scores are computed at (default: thresholds file, else 256)."
     ),
     max_size: int = typer.Option(1024, "--max-size", min=8, help="Longer side cap of the written maps."),
+    backend: str = typer.Option("torch", "--backend", help="torch (the prompts file) | onnx (an `mpad export` model)."),
+    model: Path | None = typer.Option(None, "--model", help="ONNX model written by `mpad export` (--backend onnx)."),
 ) -> None:
     """Score IMAGES with the learned prompts: maps, overlays, scores and decisions into --out."""
+    _check_backend_options(backend, prompts, model, precision, model_pretrained)
     paths = _images_or_exit(images)
+    if backend == "onnx":
+        setup = _onnx_setup(model, thresholds_file, force, device, resolution)
+    else:
+        setup = _torch_setup(prompts, thresholds_file, force, device, precision, model_pretrained, resolution)
+    score, input_size, header, info, thresholds_file = setup
+    used, source = _pick_threshold(threshold, info, thresholds_file)
+    low_high = colour_range(info)
+    out.mkdir(parents=True, exist_ok=True)
+    with tqdm(total=len(paths), desc="predict", unit="img") as bar:
+        rows = predict_images(score, input_size, paths, out, batch_size=batch_size, max_size=max_size,
+                              colour_range=low_high, threshold=used, on_image=bar.update,
+                              on_skip=lambda message: tqdm.write(f"error: skipped {message}", file=sys.stderr))
+    save_predictions(out, rows, {
+        "backend": backend, **header, **({"note": RANDOM_WEIGHTS_NOTE} if header["random_weights"] else {}),
+        "thresholds_file": None if thresholds_file is None else str(thresholds_file),
+        "threshold": used, "threshold_source": source, "map_range": list(low_high),
+    })  # fmt: skip
+    _report(rows, out)
+
+
+# (scorer, input size (H, W), header of predictions.json, thresholds record, the file it came from)
+Setup = tuple[Scorer, tuple[int, int], dict[str, Any], dict[str, Any], Path | None]
+
+
+def _check_backend_options(
+    backend: str, prompts: Path | None, model: Path | None, precision: str, model_pretrained: str | None
+) -> None:
+    """Usage errors (exit 2) for options of the other backend, before any work."""
+    if backend not in BACKENDS:
+        _usage_error(f"--backend {backend}: must be one of {', '.join(BACKENDS)}")
+    if backend == "torch" and (prompts is None or model is not None):
+        _usage_error("--backend torch needs --prompts (and no --model; --model is the onnx backend's)")
+    if backend == "onnx":
+        extra = [name for name, given in (("--prompts", prompts is not None), ("--precision", precision != "fp32"),
+                                          ("--model-pretrained", model_pretrained is not None)) if given]  # fmt: skip
+        if model is None or extra:
+            _usage_error(f"--backend onnx needs --model (an `mpad export` file) and takes no "
+                         f"{', '.join(extra or ['--prompts'])}: prompts, weights and precision are baked into it")
+
+
+def _torch_setup(
+    prompts: Path, thresholds_file: Path | None, force: bool, device: str, precision: str,
+    model_pretrained: str | None, resolution: int | None,
+) -> Setup:  # fmt: skip
+    """The prompts file's Detector on its backbone; its thresholds file (found as `default_thresholds` says)."""
+    from mpad.clip import ModelLoadError, is_random  # open_clip and the model code: this backend only
+    from mpad.detector import Detector
+    from mpad.prediction import load_backbone, torch_scorer
+
     try:  # the cheap checks first: the model loads only when prompts and thresholds are usable
         record = load_prompts(prompts)
         category = str(record.get("category", ""))
         if thresholds_file is None:
-            thresholds_file = _default_thresholds(prompts, category)
+            thresholds_file = default_thresholds(prompts, category)
         info = load_thresholds(thresholds_file) if thresholds_file is not None else {}
-        _check_category(info, category, thresholds_file, force)
-        scoring, low_high = scoring_of(info), colour_range(info)
+        check_category(info, category, thresholds_file, force)
+        scoring = scoring_of(info)
         bundle = load_backbone(record, prompts, device, precision, weights=model_pretrained)
         if bundle.random_weights or is_random(record["model"].get("pretrained")):
             typer.secho(f"note: {RANDOM_WEIGHTS_NOTE}", err=True, fg=typer.colors.YELLOW)
     except (PromptFileError, ModelLoadError, ThresholdsFileError) as err:
         fail(str(err))
     size = resolution or resolution_of(info)
-    used, source = _pick_threshold(threshold, info, thresholds_file)
     try:
         detector = Detector.from_record(bundle, record, scoring)
     except (ValueError, KeyError) as err:
         fail(f"{prompts}: cannot build the detector from it: {err}")
-    out.mkdir(parents=True, exist_ok=True)
-    with tqdm(total=len(paths), desc="predict", unit="img") as bar:
-        rows = predict_images(detector, paths, out, batch_size=batch_size, size=size, max_size=max_size,
-                              colour_range=low_high, threshold=used, on_image=bar.update,
-                              on_skip=lambda message: tqdm.write(f"error: skipped {message}", file=sys.stderr))
-    save_predictions(out, rows, {
-        "prompts": str(prompts), "category": category, "model": record["model"],
-        "random_weights": bundle.random_weights, **({"note": RANDOM_WEIGHTS_NOTE} if bundle.random_weights else {}),
-        "memory": detector.memory is not None,
-        "thresholds_file": None if thresholds_file is None else str(thresholds_file),
-        "threshold": used, "threshold_source": source, "scoring": dataclasses.asdict(scoring),
-        "resolution": size, "map_range": list(low_high),
-    })  # fmt: skip
-    _report(rows, out)
+    header = {"prompts": str(prompts), "category": category, "model": record["model"],
+              "random_weights": bundle.random_weights, "memory": detector.memory is not None,
+              "scoring": dataclasses.asdict(scoring), "resolution": size}  # fmt: skip
+    return torch_scorer(detector, size), bundle.image_size, header, info, thresholds_file
+
+
+def _onnx_setup(
+    model: Path, thresholds_file: Path | None, force: bool, device: str, resolution: int | None
+) -> Setup:
+    """The exported model on onnxruntime; threshold and colour range from its sidecar, or from --thresholds-file
+    when its scoring settings and resolution are those baked into the model."""
+    try:
+        sidecar = load_sidecar(model)
+        category, size = str(sidecar["category"]), int(sidecar["resolution"])
+        if resolution is not None and resolution != size:
+            _usage_error(f"--resolution {resolution}: {model} makes maps of {size} px (export again for another)")
+        scoring = scoring_from(sidecar)
+        if thresholds_file is None:
+            low, high = sidecar["map_range"]
+            info = {"image_threshold": sidecar["image_threshold"], "map_low": low, "map_high": high}
+            thresholds_file = sidecar_path(model)
+        else:
+            info = load_thresholds(thresholds_file)
+            check_category(info, category, thresholds_file, force)
+            if (scoring_of(info), resolution_of(info)) != (scoring, size):
+                raise ThresholdsFileError(
+                    f"{thresholds_file}: made with other scoring settings or resolution than {model} bakes in "
+                    f"({dataclasses.asdict(scoring)}, {size} px); export again with this thresholds file")
+        scorer = OnnxScorer(model, device)
+    except (DeployFileError, ThresholdsFileError) as err:
+        fail(str(err))
+    if sidecar.get("random_weights"):
+        typer.secho(f"note: {RANDOM_WEIGHTS_NOTE}", err=True, fg=typer.colors.YELLOW)
+    header = {"onnx_model": str(model), "prompts": sidecar.get("prompts"), "category": category,
+              "model": sidecar["model"], "random_weights": bool(sidecar.get("random_weights")),
+              "memory": bool(sidecar.get("memory")), "scoring": dataclasses.asdict(scoring), "resolution": size}
+    return scorer, tuple(sidecar["input_size"]), header, info, thresholds_file
 
 
 def expand_images(args: list[str]) -> tuple[list[Path], list[str]]:
@@ -186,7 +267,7 @@ def _images_or_exit(args: list[str]) -> list[Path]:
     return paths
 
 
-def _default_thresholds(prompts: Path, category: str) -> Path | None:
+def default_thresholds(prompts: Path, category: str) -> Path | None:
     """evaluate's thresholds file of `category`: the project's beside the prompts file (<p>/prompts/<category>.pt
     -> <p>/thresholds/<category>.json), else data/thresholds/<category>.json of the working directory. None,
     with a warning saying which scoring settings are used instead, when there is neither."""
@@ -204,7 +285,7 @@ def _default_thresholds(prompts: Path, category: str) -> Path | None:
     return found
 
 
-def _check_category(info: dict[str, Any], category: str, path: Path | None, force: bool) -> None:
+def check_category(info: dict[str, Any], category: str, path: Path | None, force: bool) -> None:
     """Refuse (ThresholdsFileError) a thresholds file measured on another category than the prompts', unless
     `force`; warn when the file records no category (written before it did)."""
     if path is None:

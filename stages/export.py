@@ -1,0 +1,79 @@
+"""Command `export`: the learned detector as one ONNX model plus a sidecar JSON, for deployment.
+
+    mpad export --prompts data/prompts/<category>.pt --out <file>.onnx
+                [--thresholds-file data/thresholds/<category>.json] [--force] [--model-pretrained PATH]
+
+Bakes into the graph (mpad.export) the backbone's weights, the LAA settings, the text embeddings, the visual
+memory if the prompts have one, the normalisation (mean / std) and the scoring settings and map resolution
+of the thresholds file, found as `mpad predict` finds it (beside the prompts file, else data/thresholds/).
+Writes <file>.onnx and <file>.onnx.json (input size, resolution, scoring, image_threshold and colour range,
+category, backbone fingerprint, SHA-256 of the model), then checks the model on onnxruntime against torch.
+
+Model input: images (N, 3, H, W) float32 in [0, 1], RGB, resized as a whole (no crop) to the sidecar's
+input_size (mpad.features.stack_images: bicubic, antialiased); the graph clamps and normalises.
+Outputs: maps (N, R, R) in [0, 1], scores (N,). Run it with `mpad predict --backend onnx --model <file>.onnx`.
+
+Exit status: 0 written; 1 the prompts, thresholds or model cannot be used or exported (the reason is said).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import typer
+
+from mpad.clip import ModelLoadError
+from mpad.deploy import DeployFileError, save_sidecar
+from mpad.detector import Detector
+from mpad.export import OPSET, ExportError, export_onnx
+from mpad.prediction import load_backbone
+from mpad.prompt_file import PromptFileError, load_prompts
+from mpad.thresholds import ThresholdsFileError, colour_range, load_thresholds, resolution_of, scoring_of
+from stages.common import fail
+from stages.predict import check_category, default_thresholds
+
+
+def main(
+    prompts: Path = typer.Option(..., "--prompts", help="Prompts file written by `mpad train`."),
+    out: Path = typer.Option(..., "--out", help="The .onnx file to write (its sidecar: <out>.json)."),
+    thresholds_file: Path | None = typer.Option(
+        None, "--thresholds-file", help="From `mpad evaluate`; default: the category's, beside the prompts or in data/."
+    ),
+    force: bool = typer.Option(False, "--force", help="Use a --thresholds-file measured on another category."),
+    model_pretrained: str | None = typer.Option(
+        None, "--model-pretrained", help="Weights to load instead of the stored ones (e.g. a moved checkpoint file)."
+    ),
+) -> None:
+    """Export the learned detector (prompts, memory, scoring) as one ONNX model and its sidecar JSON."""
+    if out.suffix != ".onnx":
+        fail(f"--out {out}: name the model file <name>.onnx")
+    try:
+        record = load_prompts(prompts)
+        category = str(record.get("category", ""))
+        if thresholds_file is None:
+            thresholds_file = default_thresholds(prompts, category)
+        info = load_thresholds(thresholds_file) if thresholds_file is not None else {}
+        check_category(info, category, thresholds_file, force)
+        scoring, resolution = scoring_of(info), resolution_of(info)
+        bundle = load_backbone(record, prompts, "cpu", "fp32", weights=model_pretrained)
+        detector = Detector.from_record(bundle, record, scoring)
+        diff = export_onnx(detector, resolution, out)
+    except (PromptFileError, ModelLoadError, ThresholdsFileError, DeployFileError) as err:
+        fail(str(err))
+    except (ExportError, ValueError, KeyError) as err:
+        fail(f"{prompts}: cannot export it: {err}")
+    low, high = colour_range(info)
+    sidecar = save_sidecar(out, {
+        "category": category, "model": record["model"], "random_weights": bundle.random_weights,
+        "prompts": str(prompts), "thresholds_file": None if thresholds_file is None else str(thresholds_file),
+        "input_size": list(bundle.image_size), "mean": list(bundle.mean), "std": list(bundle.std),
+        "resolution": resolution, "scoring": dataclasses.asdict(scoring), "memory": detector.memory is not None,
+        "image_threshold": info.get("image_threshold"), "map_range": [low, high], "opset": OPSET,
+        "input": f"images (N, 3, {bundle.image_size[0]}, {bundle.image_size[1]}) float32 RGB in [0, 1], the whole "
+                 "image resized (bicubic, antialiased); the model clamps and normalises",
+        "outputs": f"maps (N, {resolution}, {resolution}) anomaly maps in [0, 1]; scores (N,) image scores",
+    })  # fmt: skip
+    size_mb = out.stat().st_size / 2**20
+    typer.echo(f"wrote {out} ({size_mb:.1f} MiB, opset {OPSET}) and {sidecar}; onnxruntime matches torch within "
+               f"{diff:.1g} on random images")
