@@ -7,6 +7,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from mpad.io import write_json
+
 METRIC_ORDER = ("pixel_auroc", "aupro", "pixel_f1_max", "pixel_ap", "image_auroc", "image_f1_max", "image_ap")
 LABELS = {
     "pixel_auroc": "Pixel AUROC",
@@ -17,6 +19,11 @@ LABELS = {
     "image_f1_max": "Image F1-max",
     "image_ap": "Image AP",
 }
+
+
+def save_category_metrics(path: str | Path, metrics: dict[str, Any]) -> None:
+    """Write a category's metrics file (evaluate; a DVC metrics file) atomically."""
+    write_json(path, metrics)
 
 
 def load_category_metrics(path: str | Path) -> dict[str, Any]:

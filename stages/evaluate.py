@@ -23,10 +23,11 @@ from mpad.clip import ModelLoadError, load_clip, model_fingerprint
 from mpad.data import DatasetError, list_split
 from mpad.detector import Detector
 from mpad.evaluation import CURVES, category_metrics, curve_rows, run_detector, unmeasured
-from mpad.io import write_csv, write_json
+from mpad.io import write_csv
 from mpad.notes import RANDOM_WEIGHTS_NOTE
 from mpad.overlays import pick_overlays, save_overlays
 from mpad.prompt_file import PromptFileError, load_prompts
+from mpad.summary import save_category_metrics
 from mpad.thresholds import save_thresholds, thresholds_record
 from stages.common import PARAMS_OPTION, StageProgress, fail, load_config
 
@@ -62,7 +63,7 @@ def main(
     metrics.update(n_test=len(samples), n_defect=int(result.labels.sum()), random_weights=bundle.random_weights)
     if bundle.random_weights:
         metrics["note"] = RANDOM_WEIGHTS_NOTE
-    write_json(layout.metrics_file(category), metrics)
+    save_category_metrics(layout.metrics_file(category), metrics)
     for kind, rows in curve_rows(result).items():  # one file per curve: DVC draws each file as one line
         write_csv(layout.curve_file(kind, category), CURVES[kind], rows)
     save_thresholds(layout.thresholds_file(category), thresholds)

@@ -15,10 +15,9 @@ from pathlib import Path
 import typer
 
 from mpad import layout
-from mpad.data.manifest import save_manifest, split_record
+from mpad.data.manifest import save_manifest, save_split_record
 from mpad.data.mvtec import SPLITS, DatasetError
 from mpad.data.prepare import prepare_dataset
-from mpad.io import write_json
 from stages.common import PARAMS_OPTION, fail, load_config
 
 
@@ -35,5 +34,5 @@ def main(params: Path = PARAMS_OPTION) -> None:
     save_manifest(layout.MANIFEST, manifest)
     for category in manifest["categories"]:
         for split in SPLITS:
-            write_json(layout.fingerprint_file(category, split), split_record(manifest, category, split))
+            save_split_record(layout.fingerprint_file(category, split), manifest, category, split)
     typer.echo(f"wrote {layout.MANIFEST} ({len(manifest['categories'])} categories)")

@@ -46,6 +46,11 @@ def split_record(manifest: dict[str, Any], category: str, split: str) -> dict[st
             "fingerprint": info["fingerprint"][split]}
 
 
+def save_split_record(path: str | Path, manifest: dict[str, Any], category: str, split: str) -> None:
+    """Write `split_record` of one split atomically (fetch)."""
+    write_json(path, split_record(manifest, category, split))
+
+
 def check_split_record(path: str | Path, root: str, category: str) -> None:
     """The split record at `path` must exist and describe `root` and `category` (else fetch has not run with
     these params); DatasetError otherwise."""
