@@ -103,7 +103,10 @@ def compare_table(rows: Sequence[Mapping[str, Any]], metrics: Sequence[str] = CO
 
 
 def main() -> None:
-    rows = experiments(json.load(sys.stdin))
+    try:
+        rows = experiments(json.load(sys.stdin))
+    except ValueError:  # dvc failed (its message is on stderr) or printed no JSON
+        sys.exit("no `dvc exp show --json` output to read")
     print(compare_table(rows) if rows else "no experiments with results: run `make ablations` or `dvc exp run`")
 
 

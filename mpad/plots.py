@@ -20,6 +20,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from mpad import layout
 from mpad.experiments import experiments
 from mpad.summary import LABELS
@@ -102,13 +104,20 @@ def render_png(spec: dict[str, Any], path: Path, scale: float = 1.0) -> Path:
     return path
 
 
+def _run_categories() -> list[str]:
+    """params.yaml's categories (metrics/ may still hold files of categories dropped since); null: all there."""
+    params = yaml.safe_load(Path("params.yaml").read_text()) if Path("params.yaml").is_file() else {}
+    listed = ((params or {}).get("dataset") or {}).get("categories")
+    return list(listed) if listed else sorted(p.stem for p in Path("metrics").glob("*.json"))
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m mpad.plots", description=__doc__.split("\n")[0])
     parser.add_argument("--experiments", type=Path, help="`dvc exp show --json` output, for the ablation chart")
     parser.add_argument("--out", type=Path, default=Path("figures"))
-    parser.add_argument("--categories", nargs="*", help="default: the categories with metrics/<category>.json")
+    parser.add_argument("--categories", nargs="*", help="default: params.yaml's dataset.categories")
     args = parser.parse_args(argv)
-    categories = args.categories or sorted(p.stem for p in Path("metrics").glob("*.json"))
+    categories = args.categories or _run_categories()
     written = []
     if rows := curve_rows(categories):
         written.append(render_png(line_panels(rows, "false positive rate", "TPR / PRO", "Evaluation curves", 3),

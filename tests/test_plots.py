@@ -3,12 +3,24 @@
 from __future__ import annotations
 
 import io
+import json
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from mpad import plots
 from mpad.experiments import compare_table, experiments
-from mpad.plots import TRAIN_PANELS, ablation_rows, ablation_spec, curve_rows, line_panels, render_png, training_rows
+from mpad.plots import (
+    CURVE_PANELS,
+    TRAIN_PANELS,
+    ablation_rows,
+    ablation_spec,
+    curve_rows,
+    line_panels,
+    render_png,
+    training_rows,
+)
 
 ABLATIONS = {  # name: (meta_epochs, lambda, oagm, attention, k, memory)
     "human-prompts": (0, 1.0, True, "vv", 2, False), "lambda-0": (3, 0, True, "vv", 2, False),
@@ -106,3 +118,20 @@ def test_curves_and_training_panels_from_the_pipeline_files(tmp_path):
     assert len(train) == 8 and {"panel": TRAIN_PANELS["cos"], "category": "disc", "x": 1.0, "y": -0.25} in train
     image = Image.open(render_png(line_panels(train, "step", "value", "t"), tmp_path / "training.png", scale=2))
     assert image.width >= 2 * 2 * 300 and image.height >= 2 * 2 * 200  # 2 x 2 panels of 300 x 200, at scale 2
+
+
+def test_make_plots_draws_the_params_categories_and_the_experiments(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    Path("params.yaml").write_text("dataset:\n  categories: [disc]\n")
+    for category in ("disc", "dropped"):  # metrics/ and plots/ keep files of categories dropped since
+        for kind in CURVE_PANELS:
+            Path("plots", kind).mkdir(parents=True, exist_ok=True)
+            Path("plots", kind, f"{category}.csv").write_text("fpr,tpr\n0.0,0.0\n1.0,1.0\n")
+    Path("exp.json").write_text(json.dumps(exp_show()))
+    drawn = {}
+    monkeypatch.setattr(plots, "render_png", lambda spec, path: drawn.setdefault(path.name, spec) and path)
+    plots.main(["--experiments", "exp.json", "--out", "figs"])
+    assert set(drawn) == {"curves.png", "ablation_pixel_auroc.png"}  # no dvclive folder: no training.png
+    assert {r["category"] for r in drawn["curves.png"]["data"]["values"]} == {"disc"}
+    assert len(drawn["ablation_pixel_auroc.png"]["data"]["values"]) == 2 * len(ABLATIONS)
+    assert "wrote figs/curves.png" in capsys.readouterr().out
