@@ -24,10 +24,7 @@ ABLATIONS := \
 	memory:mpts.meta_epochs=$(META_EPOCHS),mpts.lambda=1,oagm.enabled=true,oagm.texture_mask=$(TEXTURE_MASK),laa.attention=vv,laa.k=$(LAA_K),memory.enabled=true \
 	full:mpts.meta_epochs=$(META_EPOCHS),mpts.lambda=1,oagm.enabled=true,oagm.texture_mask=$(TEXTURE_MASK),laa.attention=vv,laa.k=$(LAA_K),memory.enabled=false
 
-# What `make ablations` shows at the end: the knobs and the mean metrics of every experiment.
-EXP_COLUMNS := Experiment|mean.pixel_auroc|mean.aupro|mean.image_auroc|mpts.lambda$$|mpts.meta_epochs|oagm.enabled|oagm.texture_mask|laa.attention|laa.k|memory.enabled
-
-.PHONY: setup run offline ablations test test-fast bench gpu-wheels gpu-dry
+.PHONY: setup run offline ablations plots compare test test-fast bench gpu-wheels gpu-dry
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || python3 -m venv $(VENV)
@@ -59,7 +56,18 @@ ablations: $(STAMP)
 	  $(BIN)/dvc exp remove -q $$name 2>/dev/null || true; \
 	  $(BIN)/dvc exp run -n $$name $(PRESET_ARGS) $$sets; \
 	done
-	$(BIN)/dvc exp show --md --drop '.*' --keep '$(EXP_COLUMNS)'
+	$(MAKE) --no-print-directory compare
+
+# Experiments x the params that differ between them x mean metrics, under 120 characters a line
+# (`dvc exp show` itself prints every metrics file, param and dependency hash).
+compare: $(STAMP)
+	$(BIN)/dvc exp show --json | $(BIN)/python -m mpad.experiments
+
+# PNG pictures that open without network (dvc_plots/index.html loads vega from a CDN): figures/curves.png
+# (ROC, PRO), figures/training.png (MPTS curves), figures/ablation_pixel_auroc.png (the experiments).
+plots: $(STAMP)
+	mkdir -p figures && $(BIN)/dvc exp show --json > figures/experiments.json
+	$(BIN)/python -m mpad.plots --experiments figures/experiments.json --out figures
 
 test: $(STAMP)
 	$(BIN)/ruff check .

@@ -55,10 +55,12 @@ def unmeasured(per_category: Mapping[str, Mapping[str, Any]]) -> dict[str, str]:
 
 
 def summarize(per_category: Mapping[str, Mapping[str, Any]], groups: Mapping[str, str]) -> dict[str, object]:
-    """{"mean": {...}, "texture": {...}, "object": {...}, "categories": {cat: {...}}} from per-category metrics,
-    plus {"unmeasured": {cat: why}} when a category has null metrics (left out of the means).
+    """{"mean": {...}, "texture": {...}, "object": {...}} from per-category metrics, plus {"unmeasured": {cat:
+    why}} when a category has null metrics (left out of the means).
 
-    groups: category -> "texture" | "object". A group with no category is left out.
+    groups: category -> "texture" | "object". A group with no category is left out. The per-category values
+    are not copied here: metrics/<category>.json holds them, and a copy doubles `dvc exp show`'s columns and
+    `dvc metrics diff`'s rows.
     """
     categories = list(per_category)
     summary: dict[str, object] = {"mean": mean_metrics(per_category, categories)}
@@ -66,9 +68,6 @@ def summarize(per_category: Mapping[str, Mapping[str, Any]], groups: Mapping[str
         members = [c for c in categories if groups.get(c) == group]
         if members:
             summary[group] = mean_metrics(per_category, members)
-    summary["categories"] = {
-        c: {k: per_category[c][k] for k in METRIC_ORDER if k in per_category[c]} for c in categories
-    }
     if missing := unmeasured(per_category):
         summary["unmeasured"] = missing
     return summary

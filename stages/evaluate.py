@@ -60,9 +60,9 @@ def main(
         typer.secho(f"warning: {category} cannot be fully measured: {metrics['null_reason']}; those metrics are "
                     f"null in {layout.metrics_file(category)} and left out of the means", err=True,
                     fg=typer.colors.YELLOW)
+    # random_weights stays a boolean here; its long note is in metrics.json and metrics.md once (summarize),
+    # not repeated in every category's column of `dvc exp show` / `dvc metrics diff`.
     metrics.update(n_test=len(samples), n_defect=int(result.labels.sum()), random_weights=bundle.random_weights)
-    if bundle.random_weights:
-        metrics["note"] = RANDOM_WEIGHTS_NOTE
     save_category_metrics(layout.metrics_file(category), metrics)
     for kind, rows in curve_rows(result).items():  # one file per curve: DVC draws each file as one line
         write_csv(layout.curve_file(kind, category), CURVES[kind], rows)

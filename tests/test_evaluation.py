@@ -88,6 +88,7 @@ def test_summary_means_groups_and_table():
     assert summary["mean"] == {"pixel_auroc": 80.0, "image_auroc": 70.0}
     assert summary["texture"] == {"pixel_auroc": 90.0, "image_auroc": 80.0}
     assert summary["object"] == {"pixel_auroc": 75.0, "image_auroc": 60.0}
+    assert set(summary) == {"mean", "texture", "object"}  # no copy of the per-category files
     table = markdown_table(per, summary, note="RANDOM")
     assert "| Metric | carpet | screw | bottle | mean |" in table
     assert "| Pixel AUROC | 90.00 | 70.00 | 80.00 | 80.00 |" in table

@@ -25,6 +25,7 @@ def test_summarize_means_and_missing_metrics(tmp_path, monkeypatch):
     summary = json.loads(Path("metrics.json").read_text())
     assert summary["mean"]["pixel_auroc"] == 73.3333 and summary["texture"]["pixel_auroc"] == 90.0
     assert summary["object"]["pixel_auroc"] == 65.0 and summary["random_weights"] is True
+    assert "RANDOM WEIGHTS" in summary["note"]  # the note once here, not in the category files
     assert "| Pixel AUROC | 90.00 | 70.00 | 60.00 | 73.33 |" in Path("metrics.md").read_text()
     Path("metrics/c.json").unlink()
     result = CliRunner().invoke(app, ["summarize"])

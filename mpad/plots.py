@@ -1,0 +1,133 @@
+"""Pictures of the results that open without a browser or network: PNG files (`make plots`).
+
+`dvc plots show` writes an HTML page that loads vega from a CDN, so its curves stay blank on an offline
+inspection PC. Here the same data become Vega-Lite specs rendered to PNG by vl-convert (Rust, with the
+vega JS bundled: no browser, no network). Data building is pure and tested; `render_png` draws.
+
+  python -m mpad.plots [--experiments exp.json] [--out figures]
+
+writes figures/curves.png (ROC pixel, ROC image, PRO), figures/training.png (loss_ano, loss_div,
+cos(G_ano, G_div), share of calibrated steps) with one line per category, and, given `dvc exp show --json`
+output, figures/ablation_pixel_auroc.png (per-category pixel AUROC across experiments).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mpad import layout
+from mpad.experiments import experiments
+from mpad.summary import LABELS
+
+CURVE_PANELS = {"roc_pixel": "ROC, pixel level", "roc_image": "ROC, image level", "pro": "PRO (per-region overlap)"}
+TRAIN_PANELS = {"loss_ano": "loss_ano (BCE, eq. 4-5)", "loss_div": "loss_div (KL to the meta prompt, eq. 6-7)",
+                "cos": "cos(G_ano, G_div)", "calibrated_fraction": "share of calibrated steps so far (cos < 0)"}
+SCHEMA = "https://vega.github.io/schema/vega-lite/v5.json"
+
+
+def read_columns(path: Path, delimiter: str = ",") -> list[tuple[float, float]]:
+    """(x, y) pairs of a two-column curve file (evaluate's CSV, dvclive's TSV), header skipped; [] if absent."""
+    if not path.is_file():
+        return []
+    with path.open(newline="") as f:
+        rows = list(csv.reader(f, delimiter=delimiter))[1:]
+    return [(float(r[0]), float(r[1])) for r in rows if len(r) >= 2]
+
+
+def curve_rows(categories: Iterable[str], root: Path = Path(".")) -> list[dict[str, Any]]:
+    """Long-form rows {panel, category, x, y} of evaluate's ROC and PRO curves."""
+    return [{"panel": title, "category": c, "x": x, "y": y}
+            for kind, title in CURVE_PANELS.items() for c in categories
+            for x, y in read_columns(root / layout.curve_file(kind, c))]
+
+
+def training_rows(categories: Iterable[str], root: Path = Path(".")) -> list[dict[str, Any]]:
+    """Long-form rows {panel, category, x (step), y} of train's dvclive curves."""
+    return [{"panel": title, "category": c, "x": x, "y": y}
+            for name, title in TRAIN_PANELS.items() for c in categories
+            for x, y in read_columns(root / layout.train_curves_dir(c) / "plots" / "metrics" / f"{name}.tsv", "\t")]
+
+
+def line_panels(rows: list[dict[str, Any]], x_title: str, y_title: str, title: str, columns: int = 2) -> dict[str, Any]:
+    """One panel per `panel` value (in the rows' order, own scales), one coloured line per category."""
+    panels = list(dict.fromkeys(r["panel"] for r in rows))
+    return {
+        "$schema": SCHEMA, "title": title, "data": {"values": rows}, "columns": columns,
+        "facet": {"field": "panel", "type": "nominal", "title": None, "sort": panels},
+        "spec": {"width": 300, "height": 200, "mark": {"type": "line", "interpolate": "linear"},
+                 "encoding": {"x": {"field": "x", "type": "quantitative", "title": x_title},
+                              "y": {"field": "y", "type": "quantitative", "title": y_title},
+                              "color": {"field": "category", "type": "nominal"}}},
+        "resolve": {"scale": {"y": "independent", "x": "independent"}},
+    }
+
+
+def ablation_rows(exp_show: list[dict[str, Any]], metric: str = "pixel_auroc") -> list[dict[str, Any]]:
+    """{experiment, category, value} of `metric` from each experiment's metrics/<category>.json (null: left out)."""
+    out = []
+    for exp in experiments(exp_show):
+        for path, values in exp["metrics"].items():
+            if path.startswith("metrics/") and values.get(metric) is not None:
+                out.append({"experiment": exp["name"], "category": Path(path).stem, "value": float(values[metric])})
+    return out
+
+
+def ablation_spec(rows: list[dict[str, Any]], metric: str = "pixel_auroc") -> dict[str, Any]:
+    """Grouped bars: a group per category, a bar per experiment (in run order), as the paper's Tables 2-4.
+    With xOffset, the width step is per bar: 12 px."""
+    order = list(dict.fromkeys(r["experiment"] for r in rows))
+    label = LABELS.get(metric, metric)
+    return {
+        "$schema": SCHEMA, "title": f"{label} (%) per category, a bar per experiment", "data": {"values": rows},
+        "width": {"step": 12}, "height": 260, "mark": "bar",
+        "encoding": {"x": {"field": "category", "type": "nominal", "title": None, "axis": {"labelAngle": 0}},
+                     "xOffset": {"field": "experiment", "sort": order},
+                     "y": {"field": "value", "type": "quantitative", "title": f"{label} (%)"},
+                     "color": {"field": "experiment", "type": "nominal", "sort": order},
+                     "tooltip": [{"field": "experiment"}, {"field": "value", "format": ".2f"}]},
+    }
+
+
+def render_png(spec: dict[str, Any], path: Path, scale: float = 1.0) -> Path:
+    """Vega-Lite spec -> PNG file (vl-convert: bundled vega, no browser, no network)."""
+    import vl_convert  # only here: the data functions need no renderer
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(vl_convert.vegalite_to_png(spec, scale=scale))
+    return path
+
+
+def _run_categories() -> list[str]:
+    """params.yaml's categories (metrics/ may still hold files of categories dropped since); null: all there."""
+    params = yaml.safe_load(Path("params.yaml").read_text()) if Path("params.yaml").is_file() else {}
+    listed = ((params or {}).get("dataset") or {}).get("categories")
+    return list(listed) if listed else sorted(p.stem for p in Path("metrics").glob("*.json"))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m mpad.plots", description=__doc__.split("\n")[0])
+    parser.add_argument("--experiments", type=Path, help="`dvc exp show --json` output, for the ablation chart")
+    parser.add_argument("--out", type=Path, default=Path("figures"))
+    parser.add_argument("--categories", nargs="*", help="default: params.yaml's dataset.categories")
+    args = parser.parse_args(argv)
+    categories = args.categories or _run_categories()
+    written = []
+    if rows := curve_rows(categories):
+        written.append(render_png(line_panels(rows, "false positive rate", "TPR / PRO", "Evaluation curves", 3),
+                                  args.out / "curves.png"))
+    if rows := training_rows(categories):
+        written.append(render_png(line_panels(rows, "step", "value", "Training (MPTS)"), args.out / "training.png"))
+    if args.experiments and (rows := ablation_rows(json.loads(args.experiments.read_text()))):
+        written.append(render_png(ablation_spec(rows), args.out / "ablation_pixel_auroc.png"))
+    print("\n".join(f"wrote {p}" for p in written) or "nothing to draw: run the pipeline first")
+
+
+if __name__ == "__main__":
+    main()
