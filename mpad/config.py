@@ -208,8 +208,11 @@ class DatasetConfig:
 
     @property
     def path(self) -> Path:
-        """Where the dataset is read and written."""
-        return Path(self.root or "")
+        """Where the dataset is read (and fetched to): `root` by mpad.workspace.data_root, so that a queued
+        experiment's temporary copy reads the original workspace's dataset instead of lacking it."""
+        from mpad.workspace import data_root
+
+        return data_root(self.root or "")
 
 
 @dataclass(frozen=True)

@@ -39,5 +39,5 @@ def main(
     except DatasetError as err:
         fail(str(err))
     out = layout.shots_file(category)
-    record = save_shots(out, category, dataset.root, shots.k, shots.seed, picks)
+    record = save_shots(out, category, dataset.root, shots.k, shots.seed, picks, base=root)
     typer.echo(f"wrote {out}: {', '.join(e['path'] for e in record['shots'])}")

@@ -3,13 +3,16 @@ validate the requested categories, count their images, and return the manifest (
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import fcntl
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from mpad.data import synthetic, visa
 from mpad.config import DatasetConfig
 from mpad.data.download import ensure_extracted
+from mpad.workspace import in_queued_copy
 from mpad.data.mvtec import MVTEC_TEXTURES, DatasetError, list_categories, summarize_category
 
 ARCHIVE_NAME = "mvtec_anomaly_detection.tar.xz"
@@ -27,10 +30,20 @@ NOTES = {
 }
 
 
+@contextmanager
+def _lock(root: Path) -> Iterator[None]:
+    """An exclusive lock on `.<root name>.lock` beside root (held until the block ends)."""
+    root.parent.mkdir(parents=True, exist_ok=True)
+    with open(root.parent / f".{root.name}.lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+
+
 def prepare_dataset(config: DatasetConfig, downloads: Path, say: Callable[[str], Any] = print) -> dict[str, Any]:
     """The manifest of `config`'s dataset, after making it available under `config.root`.
 
-    mvtec: used as it is when complete, else downloaded to `downloads` (resumed, checksummed) and extracted;
+    `config.path` is the workspace's dataset also in a queued experiment, which must find it there (it never
+    downloads). mvtec: used as it is when complete, else downloaded to `downloads` (resumed, checksummed) and extracted;
     visa: the requested categories converted (mpad.data.visa) unless there, from the archive extracted once;
     synthetic: generated from `config.seed` unless already there; folder: validated, never modified.
     Raises DatasetError naming what is missing or wrong.
@@ -38,13 +51,20 @@ def prepare_dataset(config: DatasetConfig, downloads: Path, say: Callable[[str],
     root = config.path
     categories = list(config.categories)
     textures = list(DEFAULT_TEXTURES[config.name] if config.textures is None else config.textures)
+    missing = [c for c in categories if not (root / c / "train").is_dir()]
+    if missing and config.name in ("mvtec", "visa") and in_queued_copy():
+        # Parallel workers would each download gigabytes into the same place: the workspace does it once.
+        raise DatasetError(f"{root} lacks categories {missing}: a queued experiment only reads the dataset; run "
+                           "`dvc repro fetch` (or `mpad fetch`) in the workspace first")
     if config.name == "mvtec":
         ensure_extracted(root, categories, config.url or "", config.sha256, downloads / ARCHIVE_NAME)
     elif config.name == "visa":
         if visa.ensure_visa(root, categories, config.url or "", config.sha256, downloads / visa.ARCHIVE_NAME):
             say(f"converted VisA categories to the MVTec layout in {root}")
     elif config.name == "synthetic":
-        if synthetic.ensure(root, config.seed):
+        with _lock(root):  # queued experiments may run fetch at the same time on the workspace's dataset
+            generated = synthetic.ensure(root, config.seed)
+        if generated:
             say(f"generated the synthetic dataset (seed {config.seed}) in {root}")
     elif not root.is_dir():
         raise DatasetError(f"dataset.root {root} does not exist or is not a folder")
