@@ -63,7 +63,7 @@ ablations: $(STAMP)
 	  $(BIN)/dvc exp run $(if $(filter-out 1,$(JOBS)),--queue) -n $$name $(PRESET_ARGS) $$sets; \
 	done
 	$(if $(filter-out 1,$(JOBS)),$(BIN)/dvc queue start -j $(JOBS) && \
-	  while $(BIN)/dvc queue status | grep -qE 'Queued|Running'; do sleep 5; done; \
+	  while $(BIN)/dvc queue status | grep -qE 'Queued|Running'; do sleep 10; done; \
 	  $(BIN)/dvc queue status; ! $(BIN)/dvc queue status | grep -q Failed)
 	$(BIN)/dvc exp show --md --drop '.*' --keep '$(EXP_COLUMNS)'
 
