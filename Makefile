@@ -45,17 +45,25 @@ offline: $(STAMP)
 	$(BIN)/dvc exp run -n offline $(foreach p,$(shell grep -v '^\#' presets/offline.txt),-S '$(p)')
 	cat metrics.md
 
-# The ablations as named DVC experiments, one after another in the workspace (see README for why not --queue).
+# The ablations as named DVC experiments. JOBS=1 (default): one after another in the workspace. JOBS=N > 1: queued
+# (`dvc exp run --queue`) and run by N parallel DVC queue workers (`dvc queue start -j N`), each in a temporary copy
+# that reads the workspace's dataset (mpad.workspace); the synthetic dataset is generated once, under a lock.
 # An experiment of the same name is replaced (`exp run --force` would also re-run every stage).
+JOBS ?= 1
 ablations: $(STAMP)
 	$(if $(PRESET),,$(BIN)/mpad check)
+	$(if $(filter-out 1,$(JOBS)),$(if $(PRESET),,$(BIN)/dvc repro fetch))
+	$(if $(filter-out 1,$(JOBS)),$(BIN)/dvc queue remove -q --all)
 	set -e; for spec in $(ABLATIONS); do \
 	  name=$${spec%%:*}; sets=""; \
 	  for kv in $$(echo $${spec#*:} | tr ',' ' '); do sets="$$sets -S $$kv"; done; \
 	  echo "== experiment $$name"; \
 	  $(BIN)/dvc exp remove -q $$name 2>/dev/null || true; \
-	  $(BIN)/dvc exp run -n $$name $(PRESET_ARGS) $$sets; \
+	  $(BIN)/dvc exp run $(if $(filter-out 1,$(JOBS)),--queue) -n $$name $(PRESET_ARGS) $$sets; \
 	done
+	$(if $(filter-out 1,$(JOBS)),$(BIN)/dvc queue start -j $(JOBS) && \
+	  while $(BIN)/dvc queue status | grep -qE 'Queued|Running'; do sleep 10; done; \
+	  $(BIN)/dvc queue status; ! $(BIN)/dvc queue status | grep -q Failed)
 	$(MAKE) --no-print-directory compare
 
 # Experiments x the params that differ between them x mean metrics, under 120 characters a line

@@ -13,11 +13,12 @@ import math
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Any, TypeVar
 
 from mpad.data.mvtec import MVTEC_CATEGORIES, MVTEC_TEXTURES
 
-DATASETS = ("mvtec", "folder", "synthetic")
+DATASETS = ("mvtec", "visa", "folder", "synthetic")
 PRECISIONS = ("fp32", "fp16", "bf16")
 ATTENTIONS = ("vv", "qk")
 CLS_MODES = ("neighbor-cls", "neighbor")
@@ -35,6 +36,18 @@ MVTEC_URL = (
     "mvtec_anomaly_detection.tar.xz"
 )
 MVTEC_SHA256 = "cf4313b13603bec67abb49ca959488f7eedce2a9f7795ec54446c649ac98cd3d"
+VISA_URL = "https://amazon-visual-anomaly.s3.us-west-2.amazonaws.com/VisA_20220922.tar"
+VISA_CATEGORIES = ("candle", "capsules", "cashew", "chewinggum", "fryum", "macaroni1", "macaroni2", "pcb1", "pcb2",
+                   "pcb3", "pcb4", "pipe_fryum")
+# What a null dataset.root / url / sha256 stands for, per dataset.name: (root, url, sha256), so that one
+# `-S dataset.name=visa` (plus categories) switches datasets. VisA's sha256 is unknown to us: anomalib pins
+# the tar with an MD5 only (ef908989b6dc701fc218f643c127a4de), so no sha256 is checked unless you set one.
+DATASET_DEFAULTS: dict[str, tuple[str | None, str, str | None]] = {
+    "mvtec": ("data/mvtec", MVTEC_URL, MVTEC_SHA256),
+    "visa": ("data/visa", VISA_URL, None),
+    "synthetic": ("data/synthetic", "", None),
+    "folder": (None, "", None),  # the user's own tree: root must be given
+}
 
 
 class ConfigError(ValueError):
@@ -119,8 +132,8 @@ INT = "must be an integer"
 NAMES = "must be a list of distinct non-empty names"
 CATEGORIES = (
     "must be a non-empty list of distinct names (letters, digits, _ . + -, single inner spaces); not null, which "
-    f"DVC cannot expand: write the list (mvtec: [{', '.join(TABLE_ORDER)}]; synthetic: [stripes, weave, disc]; "
-    "folder: the category folders under dataset.root)"
+    f"DVC cannot expand: write the list (mvtec: [{', '.join(TABLE_ORDER)}]; visa: [{', '.join(VISA_CATEGORIES)}]; "
+    "synthetic: [stripes, weave, disc]; folder: the category folders under dataset.root)"
 )
 Rule = tuple[Callable[[Any], bool], str]
 
@@ -157,27 +170,50 @@ def _read(cls: type[S], section: str, values: Any, rules: dict[str, Rule]) -> S:
 @dataclass(frozen=True)
 class DatasetConfig:
     """`dataset`: which data, where. categories: a non-empty list (DVC's matrix cannot iterate null);
-    textures None = the dataset's default texture categories."""
+    textures None = the dataset's default texture categories. root / url / sha256 None = the dataset's own
+    (DATASET_DEFAULTS; sha256 only when url is also the dataset's own): they are resolved on construction."""
 
     name: str = "mvtec"
-    root: str = "data/mvtec"
-    url: str = MVTEC_URL
-    sha256: str | None = MVTEC_SHA256
+    root: str | None = None
+    url: str | None = None
+    sha256: str | None = None
     categories: list[str] = field(default_factory=lambda: list(TABLE_ORDER))
     textures: list[str] | None = field(default_factory=lambda: list(MVTEC_TEXTURES))
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        root, url, sha256 = DATASET_DEFAULTS.get(self.name, (None, "", None))
+        if self.url is None:
+            object.__setattr__(self, "url", url)
+            if self.sha256 is None:
+                object.__setattr__(self, "sha256", sha256)
+        if self.root is None:
+            object.__setattr__(self, "root", root)
+
     @classmethod
     def from_params(cls, values: Any) -> DatasetConfig:
-        return _read(cls, "dataset", values, {
+        if isinstance(values, Mapping):  # an absent key means null (the dataset's own), not mvtec's value
+            values = {"root": None, "url": None, "sha256": None, **values}
+        config = _read(cls, "dataset", values, {
             "name": _choice(DATASETS),
-            "root": (_is_text, "must be a folder path"),
-            "url": (lambda v: isinstance(v, str), "must be a URL"),
+            "root": (lambda v: v is None or _is_text(v), "must be a folder path (or null: data/<name>)"),
+            "url": (lambda v: v is None or isinstance(v, str), "must be a URL (or null: the official archive)"),
             "sha256": (lambda v: v is None or (isinstance(v, str) and len(v) == 64), "must be 64 hex digits or null"),
             "categories": (_is_categories, CATEGORIES),
             "textures": (lambda v: v is None or _is_names(v), NAMES + " (or null: the dataset's default)"),
             "seed": _int(0),
         })
+        if config.root is None:
+            raise ConfigError(f"dataset.root = None: must be set to your folder for dataset.name = {config.name}")
+        return config
+
+    @property
+    def path(self) -> Path:
+        """Where the dataset is read (and fetched to): `root` by mpad.workspace.data_root, so that a queued
+        experiment's temporary copy reads the original workspace's dataset instead of lacking it."""
+        from mpad.workspace import data_root
+
+        return data_root(self.root or "")
 
 
 @dataclass(frozen=True)

@@ -42,7 +42,7 @@ def main(
     try:
         bundle = load_clip(model.name, model.pretrained, model.device, model.precision)
         record = load_prompts(layout.prompts_file(category), expect_model=model_fingerprint(bundle))
-        samples = list_split(Path(dataset.root), category, "test")
+        samples = list_split(dataset.path, category, "test")
         detector = Detector.from_record(bundle, record, scoring)
         with StageProgress(total=len(samples), desc=f"evaluate {category}", unit="img") as bar:
             result = run_detector(

@@ -27,7 +27,7 @@ def main(
         fail(f"--category must be a plain category name, got {category!r}")
     if category not in dataset.categories:
         fail(f"category {category!r} is not in dataset.categories ({', '.join(dataset.categories)})")
-    root = Path(dataset.root)
+    root = dataset.path
     record = layout.fingerprint_file(category, "train")
     try:  # when fetch has run, the split it listed must be this root's and category's
         if record.is_file():
@@ -39,5 +39,5 @@ def main(
     except DatasetError as err:
         fail(str(err))
     out = layout.shots_file(category)
-    record = save_shots(out, category, dataset.root, shots.k, shots.seed, picks)
+    record = save_shots(out, category, dataset.root, shots.k, shots.seed, picks, base=root)
     typer.echo(f"wrote {out}: {', '.join(e['path'] for e in record['shots'])}")

@@ -45,7 +45,7 @@ def main(
 ) -> None:
     """OAGM: synthesize anomalous training images and their masks from the shots (paper sec. 3.4)."""
     dataset, model, oagm = load_config(params, "dataset", "model", "oagm")
-    shots = read_shots(Path(dataset.root), category)
+    shots = read_shots(dataset.path, category)
     try:
         bundle = load_clip(model.name, model.pretrained, model.device, model.precision)
         images = stack_images([load_image(path) for _, path in shots], bundle.image_size)

@@ -97,7 +97,7 @@ def _logger(live: Live, bar: StageProgress) -> Callable[[dict[str, float]], None
 def _memory(bundle: ClipBundle, laa: LaaConfig, memory: MemoryConfig, category: str, params: Path) -> dict:
     """The visual memory record of the category's shots (memory.enabled)."""
     (dataset,) = load_config(params, "dataset")
-    shots = read_shots(Path(dataset.root), category)
+    shots = read_shots(dataset.path, category)
     try:
         return shot_memory(bundle, laa, memory, [load_image(path) for _, path in shots])
     except (DatasetError, ValueError) as err:

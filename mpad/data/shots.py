@@ -46,9 +46,10 @@ def pick_shots(samples: list[Sample], k: int, seed: int, category: str) -> list[
 
 
 def save_shots(path: str | Path, category: str, root: str | Path, k: int, seed: int,
-               picks: list[Sample]) -> dict[str, Any]:
-    """Write the shots file of `picks` (samples under `root`) atomically; returns the record written."""
-    entries = [{"path": s.image.relative_to(root).as_posix(), "sha256": sha256_file(s.image)} for s in picks]
+               picks: list[Sample], base: str | Path | None = None) -> dict[str, Any]:
+    """Write the shots file of `picks` (samples under `base`, default `root`) atomically; returns the record
+    written. `root` is dataset.root as configured, `base` where it was read (mpad.workspace.data_root)."""
+    entries = [{"path": s.image.relative_to(root if base is None else base).as_posix(), "sha256": sha256_file(s.image)} for s in picks]
     record = {"category": category, "root": str(root), "k": k, "seed": seed, "shots": entries}
     write_json(path, record)
     return record
