@@ -79,11 +79,13 @@ plots: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest -q
 
 # The quick loop while developing: everything but the end-to-end DVC runs (marker `slow`).
 test-fast: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest -q -m "not slow"
 
 bench: $(STAMP)

@@ -157,10 +157,18 @@ def memory_child(name: str, root: str, category: str, args: argparse.Namespace) 
     metrics = evaluation.category_metrics(result)
     t2 = time.perf_counter()
     out = {
-        "model": name, "n": len(samples), "baseline_mib": base, "loaded_peak_mib": loaded_peak, "reset": reset,
+        "model": name,
+        "n": len(samples),
+        "baseline_mib": base,
+        "loaded_peak_mib": loaded_peak,
+        "reset": reset,
         "baseline_rss_mib": base_rss,
-        "loop_mib": after_loop - base, "total_mib": maxrss() - base, "loop_s": t1 - t0, "metrics_s": t2 - t1,
-        "hwm_mib": proc_status("VmHWM") - base_rss if reset else None, "metrics": sorted(metrics),
+        "loop_mib": after_loop - base,
+        "total_mib": maxrss() - base,
+        "loop_s": t1 - t0,
+        "metrics_s": t2 - t1,
+        "hwm_mib": proc_status("VmHWM") - base_rss if reset else None,
+        "metrics": sorted(metrics),
         "children_maxrss_mib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
     }
     print("MEMORY " + json.dumps(out), flush=True)
@@ -173,9 +181,22 @@ def memory(root: Path, category: str, args: argparse.Namespace) -> list[str]:
     models = [TINY] if args.quick else [BIG, TINY]
     lines: list[str] = []
     for name in models:
-        cmd = [sys.executable, __file__, "--memory-child", name, str(root), category,
-               "--resolution", str(args.resolution), "--batch", str(args.batch), "--sigma", str(args.sigma),
-               "--mem-workers", str(args.mem_workers)]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--memory-child",
+            name,
+            str(root),
+            category,
+            "--resolution",
+            str(args.resolution),
+            "--batch",
+            str(args.batch),
+            "--sigma",
+            str(args.sigma),
+            "--mem-workers",
+            str(args.mem_workers),
+        ]
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.mem_timeout, cwd=ROOT)
         except subprocess.TimeoutExpired:
@@ -185,7 +206,7 @@ def memory(root: Path, category: str, args: argparse.Namespace) -> list[str]:
         if line is None:
             lines.append(f"{name}: child failed (rc {proc.returncode}):\n{proc.stderr[-2000:]}")
             continue
-        r = json.loads(line[len("MEMORY "):])
+        r = json.loads(line[len("MEMORY ") :])
         held = r["n"] * args.resolution**2 * 5 / 2**20  # float32 maps + bool masks kept by run_detector
         hwm = "n/a" if r["hwm_mib"] is None else f"{r['hwm_mib']:.1f} MiB"
         lines += [
@@ -193,8 +214,11 @@ def memory(root: Path, category: str, args: argparse.Namespace) -> list[str]:
             f"workers {args.mem_workers}, batch {args.batch}",
             f"  baseline ru_maxrss after imports + model load  {r['baseline_mib']:8.1f} MiB "
             f"(current RSS {r['baseline_rss_mib']:.1f} MiB; peak during load {r['loaded_peak_mib']:.1f} MiB, "
-            + ("peak mark reset via /proc/self/clear_refs)" if r["reset"] else "NOT reset: the load peak may hide "
-               "part of the loop's)"),
+            + (
+                "peak mark reset via /proc/self/clear_refs)"
+                if r["reset"]
+                else "NOT reset: the load peak may hide part of the loop's)"
+            ),
             f"  ru_maxrss increase after run_detector          {r['loop_mib']:8.1f} MiB  ({r['loop_s']:.1f} s)",
             f"  ru_maxrss increase after + category_metrics    {r['total_mib']:8.1f} MiB  ({r['metrics_s']:.1f} s)",
             f"  cross-check, VmHWM (reset at baseline) - RSS at baseline: {hwm}",
@@ -212,8 +236,13 @@ def e2e() -> None:
 
     with tempfile.TemporaryDirectory(prefix="mpad-e2e-") as tmp:
         dest = Path(tmp) / "project"
-        listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
-                                capture_output=True, text=True, check=True).stdout.splitlines()
+        listed = subprocess.run(
+            ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.splitlines()
         for rel in listed:
             if (ROOT / rel).is_file():
                 (dest / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -223,15 +252,24 @@ def e2e() -> None:
         git = ["git", "-c", "user.name=bench", "-c", "user.email=bench@localhost"]
         for cmd in (["git", "init", "-q"], ["git", "add", "-A"], [*git, "commit", "-q", "-m", "project"]):
             subprocess.run(cmd, cwd=dest, check=True)
-        env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-               "PYTHONUNBUFFERED": "1"}
+        env = {
+            **os.environ,
+            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+            "PYTHONUNBUFFERED": "1",
+        }
         env.pop("DVC_EXP_NAME", None)
         print(f"dvc repro in {dest} ({load()})", flush=True)
         starts: list[tuple[str, float]] = []
         tail: list[str] = []
         start = time.perf_counter()
-        proc = subprocess.Popen([str(Path(sys.executable).parent / "dvc"), "repro"], cwd=dest, env=env,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        proc = subprocess.Popen(
+            [str(Path(sys.executable).parent / "dvc"), "repro"],
+            cwd=dest,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         assert proc.stdout is not None
         for line in proc.stdout:
             tail = (tail + [line])[-40:]
@@ -276,8 +314,11 @@ def main() -> None:
         args.images, args.big_images, args.repeats, args.workers = 48, 4, 1, "0"
     workers = [int(w) for w in args.workers.split(",")]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cpus, {load()}")
-    print(f"batch {args.batch}, resolution {args.resolution}, smoothing sigma {args.sigma}, laa {LAA} "
-          f"layers {LAYERS}, random weights, category {args.category!r}", flush=True)
+    print(
+        f"batch {args.batch}, resolution {args.resolution}, smoothing sigma {args.sigma}, laa {LAA} "
+        f"layers {LAYERS}, random weights, category {args.category!r}",
+        flush=True,
+    )
     with tempfile.TemporaryDirectory(prefix="mpad-bench-") as tmp:
         root = Path(tmp) / "synthetic"
         generate(root, seed=0, n_train=1, n_test=200)

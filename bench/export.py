@@ -51,8 +51,10 @@ def main() -> None:
     args = parser.parse_args()
     threads = args.threads
     torch.set_num_threads(threads)
-    print(f"torch {torch.__version__}, {threads} threads for both, batch {args.batch}, maps {RESOLUTION} px, "
-          f"memory {args.memory}")
+    print(
+        f"torch {torch.__version__}, {threads} threads for both, batch {args.batch}, maps {RESOLUTION} px, "
+        f"memory {args.memory}"
+    )
     print(f"{'model':<20} {'torch img/s':>12} {'onnx img/s':>12} {'onnx/torch':>11} {'file MiB':>9}")
     for name in MODELS:
         bundle = load_clip(name, "none", "cpu")
@@ -73,8 +75,7 @@ def main() -> None:
             for _ in range(2):  # interleave so both see the same machine state
                 slow = min(slow, best_time(run_torch, images, args.repeats))
                 fast = min(fast, best_time(scorer, images, args.repeats))
-        print(f"{name:<20} {args.batch / slow:>12.1f} {args.batch / fast:>12.1f} {slow / fast:>10.2f}x "
-              f"{size_mb:>9.1f}")
+        print(f"{name:<20} {args.batch / slow:>12.1f} {args.batch / fast:>12.1f} {slow / fast:>10.2f}x {size_mb:>9.1f}")
 
 
 if __name__ == "__main__":

@@ -78,8 +78,10 @@ def main(root: Path) -> None:
 
     for _ in range(2):  # the second pass shows the warm numbers
         timed("stat fingerprints (listing + stat)", stat_fingerprints)
-        timed("summarize_category, all (fetch's work: listing, headers, fingerprints)",
-              lambda: [summarize_category(root, c) for c in categories])
+        timed(
+            "summarize_category, all (fetch's work: listing, headers, fingerprints)",
+            lambda: [summarize_category(root, c) for c in categories],
+        )
         timed("sha256 of every file (warm page cache)", sha256_all)
 
 

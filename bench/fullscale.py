@@ -48,9 +48,17 @@ def split(run: dict[str, Any], timing: dict[str, Any] | None) -> dict[str, Any]:
     loop_items, loop = n - first_n, timing["end"] - timing["first"]
     per_item = loop / loop_items if loop_items > 0 else None
     fixed = timing["first"] - run["spawn"] - (first_n * per_item if per_item else 0.0)
-    return {**run, "unit": timing["unit"], "items": n, "fixed": fixed, "per_item": per_item,
-            "tail": run["exit"] - timing["end"], "loop_items": loop_items, "loop": loop,
-            "cuda_max_mib": timing.get("cuda_max_mib")}
+    return {
+        **run,
+        "unit": timing["unit"],
+        "items": n,
+        "fixed": fixed,
+        "per_item": per_item,
+        "tail": run["exit"] - timing["end"],
+        "loop_items": loop_items,
+        "loop": loop,
+        "cuda_max_mib": timing.get("cuda_max_mib"),
+    }
 
 
 def summarize_stages(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -60,12 +68,19 @@ def summarize_stages(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
         loop_items = sum(r["loop_items"] for r in rs)
         per_item = sum(r["loop"] for r in rs) / loop_items if loop_items else None
         gpu = [r["cuda_max_mib"] for r in rs if r.get("cuda_max_mib") is not None]
-        out[stage] = {"runs": len(rs), "unit": rs[0].get("unit"), "items": sum(r["items"] for r in rs),
-                      "wall": sum(r["wall"] for r in rs), "fixed_mean": statistics.mean(r["fixed"] for r in rs),
-                      "per_item": per_item, "items_per_s": 1 / per_item if per_item else None,
-                      "tail_mean": statistics.mean(r["tail"] for r in rs),
-                      "peak_rss_mib": max(r["peak_rss_mib"] for r in rs), "cuda_max_mib": max(gpu) if gpu else None,
-                      "load1_mean": statistics.mean(r.get("load1", float("nan")) for r in rs)}
+        out[stage] = {
+            "runs": len(rs),
+            "unit": rs[0].get("unit"),
+            "items": sum(r["items"] for r in rs),
+            "wall": sum(r["wall"] for r in rs),
+            "fixed_mean": statistics.mean(r["fixed"] for r in rs),
+            "per_item": per_item,
+            "items_per_s": 1 / per_item if per_item else None,
+            "tail_mean": statistics.mean(r["tail"] for r in rs),
+            "peak_rss_mib": max(r["peak_rss_mib"] for r in rs),
+            "cuda_max_mib": max(gpu) if gpu else None,
+            "load1_mean": statistics.mean(r.get("load1", float("nan")) for r in rs),
+        }
     return out
 
 
@@ -87,8 +102,10 @@ def project(runs: list[dict[str, Any]]) -> dict[str, float]:
         rates = [r["per_item"] for r in rs.values() if r["per_item"] is not None]
         rate = statistics.mean(rates) if rates else float("nan")
         fixed = statistics.mean(r["fixed"] + r["tail"] for r in rs.values())
-        out[stage] = sum(rs[c]["fixed"] + rs[c]["tail"] + (rs[c]["per_item"] or rate) * n if c in rs
-                         else fixed + rate * n for c, n in full.items())
+        out[stage] = sum(
+            rs[c]["fixed"] + rs[c]["tail"] + (rs[c]["per_item"] or rate) * n if c in rs else fixed + rate * n
+            for c, n in full.items()
+        )
     out["total"] = sum(out.values())
     return out
 
@@ -98,17 +115,24 @@ def fmt(value: float | None, spec: str = ".2f") -> str:
 
 
 def table(stages: dict[str, dict[str, Any]], projection: dict[str, float]) -> str:
-    rows = ["| stage | runs | items | wall s | fixed s (mean) | s / item | items/s | tail s (mean) | peak RSS MiB "
-            "| peak GPU MiB | load | projected full run s |", "|---" * 12 + "|"]
+    rows = [
+        "| stage | runs | items | wall s | fixed s (mean) | s / item | items/s | tail s (mean) | peak RSS MiB "
+        "| peak GPU MiB | load | projected full run s |",
+        "|---" * 12 + "|",
+    ]
     for stage, s in stages.items():
         items = f"{s['items']:g} {s['unit']}" if s["unit"] else "-"
-        rows.append(f"| {stage} | {s['runs']} | {items} | {s['wall']:.1f} | {s['fixed_mean']:.1f} | "
-                    f"{fmt(s['per_item'], '.3f')} | {fmt(s['items_per_s'])} | {s['tail_mean']:.1f} | "
-                    f"{s['peak_rss_mib']:.0f} | {fmt(s['cuda_max_mib'], '.0f')} | {s['load1_mean']:.1f} | "
-                    f"{projection[stage]:.0f} |")
+        rows.append(
+            f"| {stage} | {s['runs']} | {items} | {s['wall']:.1f} | {s['fixed_mean']:.1f} | "
+            f"{fmt(s['per_item'], '.3f')} | {fmt(s['items_per_s'])} | {s['tail_mean']:.1f} | "
+            f"{s['peak_rss_mib']:.0f} | {fmt(s['cuda_max_mib'], '.0f')} | {s['load1_mean']:.1f} | "
+            f"{projection[stage]:.0f} |"
+        )
     total = sum(s["wall"] for s in stages.values())
-    rows.append(f"| **total** | | | {total:.1f} | | | | | | | | **{projection['total']:.0f}** "
-                f"({projection['total'] / 60:.1f} min) |")
+    rows.append(
+        f"| **total** | | | {total:.1f} | | | | | | | | **{projection['total']:.0f}** "
+        f"({projection['total'] / 60:.1f} min) |"
+    )
     return "\n".join(rows)
 
 
@@ -134,9 +158,16 @@ def main() -> None:
         generation = time.perf_counter() - t0
         print(f"stand-in: {counts} (train, good, defective) in {generation:.1f} s -> {folder}", flush=True)
         textures = [c for c in categories if c in MVTEC_TEXTURES]
-        overrides = ["dataset.name=folder", "dataset.root=data/standin", f"dataset.categories=[{','.join(categories)}]",
-                     f"dataset.textures=[{','.join(textures)}]", "model.pretrained=none",
-                     f"model.device={args.device}", f"model.precision={args.precision}", *args.set]
+        overrides = [
+            "dataset.name=folder",
+            "dataset.root=data/standin",
+            f"dataset.categories=[{','.join(categories)}]",
+            f"dataset.textures=[{','.join(textures)}]",
+            "model.pretrained=none",
+            f"model.device={args.device}",
+            f"model.precision={args.precision}",
+            *args.set,
+        ]
         params = stagerun.make_project(folder, overrides)
         timings = folder / "timings.jsonl"
         runs = stagerun.run_pipeline(folder, categories, timings)
@@ -144,21 +175,34 @@ def main() -> None:
         runs = [split(r, by_pid.get(r["pid"])) for r in runs]
         stages = summarize_stages(runs)
         projection = project(runs)
-        print(f"\n{params['model']['name']} on {args.device} {args.precision}, categories {', '.join(categories)}, "
-              f"fraction {args.fraction}:\n")
+        print(
+            f"\n{params['model']['name']} on {args.device} {args.precision}, categories {', '.join(categories)}, "
+            f"fraction {args.fraction}:\n"
+        )
         print(table(stages, projection))
         if any(s != s for s in projection.values()):
-            print("\nwarning: no per-image time measured (each category's test images all came in the first batch):"
-                  " raise --fraction or lower evaluate.batch_size")
+            print(
+                "\nwarning: no per-image time measured (each category's test images all came in the first batch):"
+                " raise --fraction or lower evaluate.batch_size"
+            )
         dominant = max(STAGES, key=lambda s: projection[s])
-        print(f"\nprojected full MVTec AD 1-shot run (15 categories, 1725 test images): {projection['total']:.0f} s "
-              f"= {projection['total'] / 60:.1f} min; {dominant} dominates "
-              f"({100 * projection[dominant] / projection['total']:.0f} %)")
+        print(
+            f"\nprojected full MVTec AD 1-shot run (15 categories, 1725 test images): {projection['total']:.0f} s "
+            f"= {projection['total'] / 60:.1f} min; {dominant} dominates "
+            f"({100 * projection[dominant] / projection['total']:.0f} %)"
+        )
         if args.out:
             args.out.parent.mkdir(parents=True, exist_ok=True)
-            result = {"config": {**vars(args), "out": str(args.out), "categories": categories, "overrides": overrides},
-                      "model": params["model"], "counts": counts, "generation_s": generation, "runs": runs,
-                      "stages": stages, "projection_s": projection, "dominant": dominant}
+            result = {
+                "config": {**vars(args), "out": str(args.out), "categories": categories, "overrides": overrides},
+                "model": params["model"],
+                "counts": counts,
+                "generation_s": generation,
+                "runs": runs,
+                "stages": stages,
+                "projection_s": projection,
+                "dominant": dominant,
+            }
             args.out.write_text(json.dumps(result, indent=2) + "\n")
     finally:
         if args.keep:

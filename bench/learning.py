@@ -111,8 +111,14 @@ def blob_sizes(size_range: tuple[float, float] | None):
         oagm_module.random_blobs = original
 
 
-def oagm_set(bundle, shot: np.ndarray, category: str, oagm: OagmConfig, full_size: bool,
-             size_range: tuple[float, float] | None = None):
+def oagm_set(
+    bundle,
+    shot: np.ndarray,
+    category: str,
+    oagm: OagmConfig,
+    full_size: bool,
+    size_range: tuple[float, float] | None = None,
+):
     """OAGM's (images, masks) from one shot, noise at the model's input size or at the shot's own size."""
     size = shot.shape[:2] if full_size else bundle.image_size
     image = stack_images([shot], size)
@@ -127,8 +133,9 @@ def maps_at(patch_features: torch.Tensor, text: torch.Tensor, scale: float) -> t
     return anomaly_maps(patch_features, text, scale, (RESOLUTION, RESOLUTION))
 
 
-def fit_probe(features: torch.Tensor, masks: torch.Tensor, steps: int = 300,
-              hard: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def fit_probe(
+    features: torch.Tensor, masks: torch.Tensor, steps: int = 300, hard: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Logistic regression of patch features (N, h, w, D) on the masks' area fractions per patch (soft labels;
     hard: 1 for a patch with any defect pixel), positives and negatives weighted equally. Returns (w (D,), b)."""
     h, w = features.shape[1:3]
@@ -170,8 +177,12 @@ def run_case(bundle, encoder, category: str, tag: str, kinds, seed: int, steps: 
     maps: dict[str, torch.Tensor] = {}
     maps["hand"] = maps_at(test.patch_features, meta_text_embeddings(bundle.model, bundle.tokenizer, category), scale)
     info: dict[str, float] = {}
-    for name, full, size_range in (("learned", False, None), ("learned-full", True, None),
-                                   ("learned-small", False, SMALL_BLOBS), ("learned-mixed", False, MIXED_BLOBS)):
+    for name, full, size_range in (
+        ("learned", False, None),
+        ("learned-full", True, None),
+        ("learned-small", False, SMALL_BLOBS),
+        ("learned-mixed", False, MIXED_BLOBS),
+    ):
         syn_images, syn_masks = oagm_set(bundle, shot, category, oagm, full, size_range)
         learned = learn_prompts(bundle, category, syn_images, syn_masks, LAA, prompts, mpts)
         maps[name] = maps_at(test.patch_features, learned.result.text.float(), scale)
@@ -215,11 +226,16 @@ def main() -> None:
     for category, tag, kinds in CASES:
         runs = [run_case(bundle, encoder, category, tag, kinds, seed, args.steps) for seed in args.seeds]
         rows.append((category, tag, runs))
-        print(f"[{time.perf_counter() - start:.0f} s] {category}/{tag}: "
-              + ", ".join(f"{m} {span([r['pixel'][m] for r in runs])}" for m in METHODS), flush=True)
+        print(
+            f"[{time.perf_counter() - start:.0f} s] {category}/{tag}: "
+            + ", ".join(f"{m} {span([r['pixel'][m] for r in runs])}" for m in METHODS),
+            flush=True,
+        )
     elapsed = time.perf_counter() - start
-    print(f"\npixel AUROC, mean (min-max) over seeds {args.seeds}; {MODEL}, random weights, "
-          f"{3 * args.steps} MPTS steps; {elapsed:.0f} s, load average {os.getloadavg()[0]:.1f}\n")
+    print(
+        f"\npixel AUROC, mean (min-max) over seeds {args.seeds}; {MODEL}, random weights, "
+        f"{3 * args.steps} MPTS steps; {elapsed:.0f} s, load average {os.getloadavg()[0]:.1f}\n"
+    )
     print("| category | defects | " + " | ".join(METHODS) + " | learned - hand (min) | memory - learned (max) |")
     print("|" + "---|" * (len(METHODS) + 4))
     for category, tag, runs in rows:
@@ -238,11 +254,15 @@ def main() -> None:
     print("|" + "---|" * (len(METHODS) + 2))
     for category, tag, runs in rows:
         print(f"| {category} | {tag} | " + " | ".join(span([r["image"][m] for r in runs]) for m in METHODS) + " |")
-    print("\nanomalous fraction of an image: OAGM training blobs vs test defects (8x8 patch grid: one patch = "
-          "1/64 = 0.016)\n")
+    print(
+        "\nanomalous fraction of an image: OAGM training blobs vs test defects (8x8 patch grid: one patch = "
+        "1/64 = 0.016)\n"
+    )
     for category, tag, runs in rows:
-        print(f"- {category}/{tag}: train {np.mean([r['train_fraction'] for r in runs]):.3f}, "
-              f"test {np.mean([r['test_fraction'] for r in runs]):.4f}")
+        print(
+            f"- {category}/{tag}: train {np.mean([r['train_fraction'] for r in runs]):.3f}, "
+            f"test {np.mean([r['test_fraction'] for r in runs]):.4f}"
+        )
 
 
 if __name__ == "__main__":

@@ -47,13 +47,18 @@ def run_config(config: str, folder: Path, extra: list[str]) -> dict[str, Any] | 
 def _run_config(config: str, folder: Path, extra: list[str]) -> dict[str, Any]:
     device, precision = config.split(":")
     project = folder
-    params = stagerun.make_project(project, [*stagerun.preset("offline"), f"model.device={device}",
-                                             f"model.precision={precision}", *extra])
+    params = stagerun.make_project(
+        project, [*stagerun.preset("offline"), f"model.device={device}", f"model.precision={precision}", *extra]
+    )
     categories = params["dataset"]["categories"]
     stagerun.run_pipeline(project, categories, echo=False)
     print(f"{config}: pipeline done", flush=True)
-    return {"project": project, "params": params, "categories": categories,
-            "metrics": {c: json.loads((project / "metrics" / f"{c}.json").read_text()) for c in categories}}
+    return {
+        "project": project,
+        "params": params,
+        "categories": categories,
+        "metrics": {c: json.loads((project / "metrics" / f"{c}.json").read_text()) for c in categories},
+    }
 
 
 def maps(run: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -103,12 +108,24 @@ def main() -> None:
             diff = (all_maps[i][category] - all_maps[0][category]).abs()
             ok = metric_diff <= points and float(diff.mean()) <= map_tol
             failed |= not ok
-            report.append({"config": config, "category": category, "max_metric_diff_points": metric_diff,
-                           "map_mean_abs_diff": float(diff.mean()), "map_max_abs_diff": float(diff.max()),
-                           "tolerance": [points, map_tol], "ok": ok, "metrics": m, "reference_metrics": ref_m})
-            print(f"{config:>10} vs {reference} {category:>8}: metrics within {metric_diff:6.3f} points (<= {points}), "
-                  f"maps mean |diff| {float(diff.mean()):.2e} (<= {map_tol:.0e}), max {float(diff.max()):.2e}"
-                  f"  {'ok' if ok else 'FAIL'}")
+            report.append(
+                {
+                    "config": config,
+                    "category": category,
+                    "max_metric_diff_points": metric_diff,
+                    "map_mean_abs_diff": float(diff.mean()),
+                    "map_max_abs_diff": float(diff.max()),
+                    "tolerance": [points, map_tol],
+                    "ok": ok,
+                    "metrics": m,
+                    "reference_metrics": ref_m,
+                }
+            )
+            print(
+                f"{config:>10} vs {reference} {category:>8}: metrics within {metric_diff:6.3f} points (<= {points}), "
+                f"maps mean |diff| {float(diff.mean()):.2e} (<= {map_tol:.0e}), max {float(diff.max()):.2e}"
+                f"  {'ok' if ok else 'FAIL'}"
+            )
     if args.out:
         args.out.write_text(json.dumps(report, indent=2) + "\n")
     sys.exit(1 if failed else 0)

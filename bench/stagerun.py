@@ -47,28 +47,42 @@ def run_stage(project: Path, args: list[str], timings: Path | None = None) -> di
     """Run `mpad ARGS` in `project`; return {stage, args, spawn, exit, wall, peak_rss_mib, pid, load1} (load1:
     the machine's 1-minute load average at its end: other work on the machine slows every stage).
     Its output goes to project/logs/; a failure raises with the log's tail."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
-           "MPAD_CACHE_DIR": str(project / ".mpad-cache")}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+        "MPAD_CACHE_DIR": str(project / ".mpad-cache"),
+    }
     if timings is not None:
         env["MPAD_TIMINGS"] = str(timings)
     log = project / "logs" / ("_".join(args[:1] + args[2:3]) + ".log")
     log.parent.mkdir(exist_ok=True)
     with open(log, "w") as out:
         spawn = time.time()
-        child = subprocess.Popen([sys.executable, "-m", "stages", *args], cwd=project, env=env, stdout=out,
-                                 stderr=subprocess.STDOUT)
+        child = subprocess.Popen(
+            [sys.executable, "-m", "stages", *args], cwd=project, env=env, stdout=out, stderr=subprocess.STDOUT
+        )
         _, status, usage = os.wait4(child.pid, 0)
         end = time.time()
         child.returncode = os.waitstatus_to_exitcode(status)
     if child.returncode != 0:
-        raise RuntimeError(f"mpad {' '.join(args)} failed ({child.returncode}) in {project}:\n"
-                           + log.read_text()[-3000:])
-    return {"stage": args[0], "args": args, "spawn": spawn, "exit": end, "wall": end - spawn,
-            "peak_rss_mib": usage.ru_maxrss / 1024, "pid": child.pid, "load1": os.getloadavg()[0]}
+        raise RuntimeError(
+            f"mpad {' '.join(args)} failed ({child.returncode}) in {project}:\n" + log.read_text()[-3000:]
+        )
+    return {
+        "stage": args[0],
+        "args": args,
+        "spawn": spawn,
+        "exit": end,
+        "wall": end - spawn,
+        "peak_rss_mib": usage.ru_maxrss / 1024,
+        "pid": child.pid,
+        "load1": os.getloadavg()[0],
+    }
 
 
-def run_pipeline(project: Path, categories: list[str], timings: Path | None = None,
-                 echo: bool = True) -> list[dict[str, Any]]:
+def run_pipeline(
+    project: Path, categories: list[str], timings: Path | None = None, echo: bool = True
+) -> list[dict[str, Any]]:
     """fetch, then sample / synthesize / train / evaluate for every category (stage by stage, as DVC's
     order would), then summarize. Returns run_stage's records."""
     commands = [["fetch"]]

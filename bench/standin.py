@@ -16,17 +16,59 @@ from PIL import Image
 
 from mpad.data import MVTEC_CATEGORIES, MVTEC_TEXTURES
 
-SIZES = {"bottle": 900, "cable": 1024, "capsule": 1000, "carpet": 1024, "grid": 1024, "hazelnut": 1024,
-         "leather": 1024, "metal_nut": 700, "pill": 800, "screw": 1024, "tile": 840, "toothbrush": 1024,
-         "transistor": 1024, "wood": 1024, "zipper": 1024}
+SIZES = {
+    "bottle": 900,
+    "cable": 1024,
+    "capsule": 1000,
+    "carpet": 1024,
+    "grid": 1024,
+    "hazelnut": 1024,
+    "leather": 1024,
+    "metal_nut": 700,
+    "pill": 800,
+    "screw": 1024,
+    "tile": 840,
+    "toothbrush": 1024,
+    "transistor": 1024,
+    "wood": 1024,
+    "zipper": 1024,
+}
 GRAYSCALE = ("grid", "screw", "zipper")
 # MVTec AD's test split per category: (good, defective); 467 + 1258 = 1725 images. Train: normal images.
-TEST = {"bottle": (20, 63), "cable": (58, 92), "capsule": (23, 109), "carpet": (28, 89), "grid": (21, 57),
-        "hazelnut": (40, 70), "leather": (32, 92), "metal_nut": (22, 93), "pill": (26, 141), "screw": (41, 119),
-        "tile": (33, 84), "toothbrush": (12, 30), "transistor": (60, 40), "wood": (19, 60), "zipper": (32, 119)}
-TRAIN = {"bottle": 209, "cable": 224, "capsule": 219, "carpet": 280, "grid": 264, "hazelnut": 391, "leather": 245,
-         "metal_nut": 220, "pill": 267, "screw": 320, "tile": 230, "toothbrush": 60, "transistor": 213, "wood": 247,
-         "zipper": 240}
+TEST = {
+    "bottle": (20, 63),
+    "cable": (58, 92),
+    "capsule": (23, 109),
+    "carpet": (28, 89),
+    "grid": (21, 57),
+    "hazelnut": (40, 70),
+    "leather": (32, 92),
+    "metal_nut": (22, 93),
+    "pill": (26, 141),
+    "screw": (41, 119),
+    "tile": (33, 84),
+    "toothbrush": (12, 30),
+    "transistor": (60, 40),
+    "wood": (19, 60),
+    "zipper": (32, 119),
+}
+TRAIN = {
+    "bottle": 209,
+    "cable": 224,
+    "capsule": 219,
+    "carpet": 280,
+    "grid": 264,
+    "hazelnut": 391,
+    "leather": 245,
+    "metal_nut": 220,
+    "pill": 267,
+    "screw": 320,
+    "tile": 230,
+    "toothbrush": 60,
+    "transistor": 213,
+    "wood": 247,
+    "zipper": 240,
+}
 DEFECTS = ("scratch", "hole", "stain")
 assert set(SIZES) == set(TEST) == set(TRAIN) == set(MVTEC_CATEGORIES)
 

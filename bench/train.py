@@ -90,8 +90,9 @@ def main() -> None:
     parser.add_argument("--tiny-steps", type=int, default=300)
     parser.add_argument("--big-steps", type=int, default=4)
     parser.add_argument("--total-steps", type=int, default=300, help="mpts.meta_epochs x mpts.steps")
-    parser.add_argument("--models", nargs="+", default=["mpad-tiny", "ViT-B-16-plus-240"],
-                        choices=["mpad-tiny", "ViT-B-16-plus-240"])
+    parser.add_argument(
+        "--models", nargs="+", default=["mpad-tiny", "ViT-B-16-plus-240"], choices=["mpad-tiny", "ViT-B-16-plus-240"]
+    )
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = parser.parse_args()
     if args.threads:
@@ -100,17 +101,23 @@ def main() -> None:
     steps = {"mpad-tiny": args.tiny_steps, "ViT-B-16-plus-240": args.big_steps}
     rows = [bench(name, images, masks, steps[name], args.total_steps) for name in args.models]
     load = os.getloadavg()[0]
-    print(f"\ntrain stage cost, CPU ({torch.get_num_threads()} threads), random weights, {args.images} images, "
-          f"{args.total_steps} MPTS steps (batch 16, lambda = 1); load average at the end {load:.1f}\n")
+    print(
+        f"\ntrain stage cost, CPU ({torch.get_num_threads()} threads), random weights, {args.images} images, "
+        f"{args.total_steps} MPTS steps (batch 16, lambda = 1); load average at the end {load:.1f}\n"
+    )
     header = ("model", "input", "build s", "meta s", "features s", "ms/image", "ms/step", "loop s", "feature share")
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     for r in rows:
         loop = f"{r['loop_s']:.1f}" + (" (extrapolated)" if r["extrapolated"] else "")
-        print(f"| {r['model']} | {r['input']} | {r['model_s']:.1f} | {r['meta_s']:.1f} | {r['features_s']:.2f} | "
-              f"{r['per_image_ms']:.1f} | {r['per_step_ms']:.1f} | {loop} | {100 * r['feature_share']:.1f} % |")
-    print("\nfeature share = features / (features + loop); model build and the meta prompt ensemble are one-time "
-          "costs shown apart. Extrapolated loops: ms/step of the steps run x total steps.")
+        print(
+            f"| {r['model']} | {r['input']} | {r['model_s']:.1f} | {r['meta_s']:.1f} | {r['features_s']:.2f} | "
+            f"{r['per_image_ms']:.1f} | {r['per_step_ms']:.1f} | {loop} | {100 * r['feature_share']:.1f} % |"
+        )
+    print(
+        "\nfeature share = features / (features + loop); model build and the meta prompt ensemble are one-time "
+        "costs shown apart. Extrapolated loops: ms/step of the steps run x total steps."
+    )
 
 
 if __name__ == "__main__":

@@ -117,7 +117,7 @@ def load_clip(name: str, pretrained: str | None, device: str = "cpu", precision:
     try:
         # Random weights come from a fixed seed, so every stage that builds the model gets the same one;
         # weights that are loaded are not initialised first (open_clip loads them strictly: every one is set).
-        with torch.random.fork_rng(devices=[]), (nullcontext() if random_weights else _no_weight_init()):
+        with torch.random.fork_rng(devices=[]), nullcontext() if random_weights else _no_weight_init():
             torch.manual_seed(RANDOM_INIT_SEED)
             model = open_clip.create_model(
                 name,
@@ -153,11 +153,26 @@ def load_clip(name: str, pretrained: str | None, device: str = "cpu", precision:
     )
 
 
-_INIT_FUNCTIONS = ("uniform_", "normal_", "trunc_normal_", "constant_", "zeros_", "ones_", "xavier_uniform_",
-                   "xavier_normal_", "kaiming_uniform_", "kaiming_normal_", "orthogonal_")
-_RESETS = ((torch.nn.Linear, "reset_parameters"), (torch.nn.Conv2d, "reset_parameters"),
-           (torch.nn.LayerNorm, "reset_parameters"), (torch.nn.Embedding, "reset_parameters"),
-           (torch.nn.MultiheadAttention, "_reset_parameters"))
+_INIT_FUNCTIONS = (
+    "uniform_",
+    "normal_",
+    "trunc_normal_",
+    "constant_",
+    "zeros_",
+    "ones_",
+    "xavier_uniform_",
+    "xavier_normal_",
+    "kaiming_uniform_",
+    "kaiming_normal_",
+    "orthogonal_",
+)
+_RESETS = (
+    (torch.nn.Linear, "reset_parameters"),
+    (torch.nn.Conv2d, "reset_parameters"),
+    (torch.nn.LayerNorm, "reset_parameters"),
+    (torch.nn.Embedding, "reset_parameters"),
+    (torch.nn.MultiheadAttention, "_reset_parameters"),
+)
 
 
 @contextmanager

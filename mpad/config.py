@@ -37,8 +37,20 @@ MVTEC_URL = (
 )
 MVTEC_SHA256 = "cf4313b13603bec67abb49ca959488f7eedce2a9f7795ec54446c649ac98cd3d"
 VISA_URL = "https://amazon-visual-anomaly.s3.us-west-2.amazonaws.com/VisA_20220922.tar"
-VISA_CATEGORIES = ("candle", "capsules", "cashew", "chewinggum", "fryum", "macaroni1", "macaroni2", "pcb1", "pcb2",
-                   "pcb3", "pcb4", "pipe_fryum")
+VISA_CATEGORIES = (
+    "candle",
+    "capsules",
+    "cashew",
+    "chewinggum",
+    "fryum",
+    "macaroni1",
+    "macaroni2",
+    "pcb1",
+    "pcb2",
+    "pcb3",
+    "pcb4",
+    "pipe_fryum",
+)
 # What a null dataset.root / url / sha256 stands for, per dataset.name: (root, url, sha256), so that one
 # `-S dataset.name=visa` (plus categories) switches datasets. VisA's sha256 is unknown to us: anomalib pins
 # the tar with an MD5 only (ef908989b6dc701fc218f643c127a4de), so no sha256 is checked unless you set one.
@@ -77,8 +89,9 @@ class _Reader:
     def done(self, known: tuple[str, ...]) -> None:
         unknown = sorted(set(self.values) - set(known))
         if unknown:
-            self.errors.append(f"{self.section}: unknown key(s) {', '.join(map(str, unknown))} "
-                               f"(known: {', '.join(known)})")
+            self.errors.append(
+                f"{self.section}: unknown key(s) {', '.join(map(str, unknown))} (known: {', '.join(known)})"
+            )
         if self.errors:
             raise ConfigError("\n".join(self.errors))
 
@@ -153,6 +166,7 @@ def _fraction() -> Rule:
 def _non_negative() -> Rule:
     return _is_number(0), "must be a number >= 0"
 
+
 S = TypeVar("S")
 
 
@@ -161,8 +175,9 @@ def _read(cls: type[S], section: str, values: Any, rules: dict[str, Rule]) -> S:
     reader = _Reader(section, values)
     defaults = cls()  # type: ignore[call-arg]
     params = [f for f in fields(cls) if f.name in rules]  # type: ignore[arg-type]
-    kwargs = {f.name: reader.get(f.metadata.get("key", f.name), getattr(defaults, f.name), *rules[f.name])
-              for f in params}
+    kwargs = {
+        f.name: reader.get(f.metadata.get("key", f.name), getattr(defaults, f.name), *rules[f.name]) for f in params
+    }
     reader.done(tuple(f.metadata.get("key", f.name) for f in params))
     return cls(**kwargs)
 
@@ -194,15 +209,23 @@ class DatasetConfig:
     def from_params(cls, values: Any) -> DatasetConfig:
         if isinstance(values, Mapping):  # an absent key means null (the dataset's own), not mvtec's value
             values = {"root": None, "url": None, "sha256": None, **values}
-        config = _read(cls, "dataset", values, {
-            "name": _choice(DATASETS),
-            "root": (lambda v: v is None or _is_text(v), "must be a folder path (or null: data/<name>)"),
-            "url": (lambda v: v is None or isinstance(v, str), "must be a URL (or null: the official archive)"),
-            "sha256": (lambda v: v is None or (isinstance(v, str) and len(v) == 64), "must be 64 hex digits or null"),
-            "categories": (_is_categories, CATEGORIES),
-            "textures": (lambda v: v is None or _is_names(v), NAMES + " (or null: the dataset's default)"),
-            "seed": _int(0),
-        })
+        config = _read(
+            cls,
+            "dataset",
+            values,
+            {
+                "name": _choice(DATASETS),
+                "root": (lambda v: v is None or _is_text(v), "must be a folder path (or null: data/<name>)"),
+                "url": (lambda v: v is None or isinstance(v, str), "must be a URL (or null: the official archive)"),
+                "sha256": (
+                    lambda v: v is None or (isinstance(v, str) and len(v) == 64),
+                    "must be 64 hex digits or null",
+                ),
+                "categories": (_is_categories, CATEGORIES),
+                "textures": (lambda v: v is None or _is_names(v), NAMES + " (or null: the dataset's default)"),
+                "seed": _int(0),
+            },
+        )
         if config.root is None:
             raise ConfigError(f"dataset.root = None: must be set to your folder for dataset.name = {config.name}")
         return config
@@ -241,12 +264,17 @@ class ModelConfig:
     def from_params(cls, values: Any) -> ModelConfig:
         if isinstance(values, Mapping) and values.get("pretrained", "") is None:
             values = {**values, "pretrained": "none"}  # YAML null: random weights, like 'none'
-        return _read(cls, "model", values, {
-            "name": (_is_text, "must be an open_clip architecture name or mpad-tiny"),
-            "pretrained": (_is_text, "must be an open_clip tag, a checkpoint file path, or none"),
-            "device": (_is_device, "must be auto, cpu, cuda or cuda:N"),
-            "precision": _choice(PRECISIONS),
-        })
+        return _read(
+            cls,
+            "model",
+            values,
+            {
+                "name": (_is_text, "must be an open_clip architecture name or mpad-tiny"),
+                "pretrained": (_is_text, "must be an open_clip tag, a checkpoint file path, or none"),
+                "device": (_is_device, "must be auto, cpu, cuda or cuda:N"),
+                "precision": _choice(PRECISIONS),
+            },
+        )
 
 
 @dataclass(frozen=True)
@@ -261,12 +289,17 @@ class LaaConfig:
 
     @classmethod
     def from_params(cls, values: Any) -> LaaConfig:
-        config = _read(cls, "laa", values, {
-            "attention": _choice(ATTENTIONS),
-            "k": (lambda v: v is None or _is_number(-math.inf)(v), "must be a number (<= 0 or null: no mask)"),
-            "layers": _int(1),
-            "cls": _choice(CLS_MODES),
-        })
+        config = _read(
+            cls,
+            "laa",
+            values,
+            {
+                "attention": _choice(ATTENTIONS),
+                "k": (lambda v: v is None or _is_number(-math.inf)(v), "must be a number (<= 0 or null: no mask)"),
+                "layers": _int(1),
+                "cls": _choice(CLS_MODES),
+            },
+        )
         return config
 
     def as_dict(self) -> dict[str, Any]:
@@ -308,18 +341,23 @@ class OagmConfig:
 
     @classmethod
     def from_params(cls, values: Any) -> OagmConfig:
-        return _read(cls, "oagm", values, {
-            "enabled": (_is_bool, "must be true or false"),
-            "region": _choice(REGIONS),
-            "samples": _int(1),
-            "sigma": _non_negative(),
-            "clean_fraction": _fraction(),
-            "mask_method": _choice(MASK_METHODS),
-            "texture_mask": _choice(TEXTURE_MASKS),
-            "mask_threshold": _fraction(),
-            "mask_layers": _int(1),
-            "seed": _int(0),
-        })
+        return _read(
+            cls,
+            "oagm",
+            values,
+            {
+                "enabled": (_is_bool, "must be true or false"),
+                "region": _choice(REGIONS),
+                "samples": _int(1),
+                "sigma": _non_negative(),
+                "clean_fraction": _fraction(),
+                "mask_method": _choice(MASK_METHODS),
+                "texture_mask": _choice(TEXTURE_MASKS),
+                "mask_threshold": _fraction(),
+                "mask_layers": _int(1),
+                "seed": _int(0),
+            },
+        )
 
 
 @dataclass(frozen=True)
@@ -332,11 +370,16 @@ class ScoringConfig:
 
     @classmethod
     def from_params(cls, values: Any) -> ScoringConfig:
-        return _read(cls, "scoring", values, {
-            "smoothing_sigma": _non_negative(),
-            "image_score": _choice(IMAGE_SCORES),
-            "topk": (_is_number(0, 1, open_low=True), "must be a fraction in (0, 1]"),
-        })
+        return _read(
+            cls,
+            "scoring",
+            values,
+            {
+                "smoothing_sigma": _non_negative(),
+                "image_score": _choice(IMAGE_SCORES),
+                "topk": (_is_number(0, 1, open_low=True), "must be a fraction in (0, 1]"),
+            },
+        )
 
 
 @dataclass(frozen=True)
@@ -364,12 +407,19 @@ class MemoryConfig:
 
     @classmethod
     def from_params(cls, values: Any) -> MemoryConfig:
-        return _read(cls, "memory", values, {
-            "enabled": (_is_bool, "must be true or false"),
-            "layers": (lambda v: isinstance(v, list) and bool(v) and all(_is_int(1)(x) for x in v),
-                       "must be a non-empty list of block numbers >= 1"),
-            "fusion": _choice(FUSIONS),
-        })
+        return _read(
+            cls,
+            "memory",
+            values,
+            {
+                "enabled": (_is_bool, "must be true or false"),
+                "layers": (
+                    lambda v: isinstance(v, list) and bool(v) and all(_is_int(1)(x) for x in v),
+                    "must be a non-empty list of block numbers >= 1",
+                ),
+                "fusion": _choice(FUSIONS),
+            },
+        )
 
 
 @dataclass(frozen=True)
@@ -406,19 +456,31 @@ class MptsConfig:
 
     @classmethod
     def from_params(cls, values: Any) -> MptsConfig:
-        return _read(cls, "mpts", values, {
-            "lam": _non_negative(),
-            "calibration": _choice(CALIBRATIONS),
-            "meta_epochs": _int(0),
-            "steps": _int(1),
-            "lr": (_is_number(0, open_low=True), "must be a number > 0"),
-            "batch_size": _int(1),
-            "seed": _int(0),
-        })
+        return _read(
+            cls,
+            "mpts",
+            values,
+            {
+                "lam": _non_negative(),
+                "calibration": _choice(CALIBRATIONS),
+                "meta_epochs": _int(0),
+                "steps": _int(1),
+                "lr": (_is_number(0, open_low=True), "must be a number > 0"),
+                "batch_size": _int(1),
+                "seed": _int(0),
+            },
+        )
 
 
 SECTIONS: dict[str, Any] = {
-    "dataset": DatasetConfig, "shots": ShotsConfig, "model": ModelConfig, "laa": LaaConfig, "prompts": PromptsConfig,
-    "oagm": OagmConfig, "mpts": MptsConfig, "scoring": ScoringConfig, "evaluate": EvaluateConfig,
+    "dataset": DatasetConfig,
+    "shots": ShotsConfig,
+    "model": ModelConfig,
+    "laa": LaaConfig,
+    "prompts": PromptsConfig,
+    "oagm": OagmConfig,
+    "mpts": MptsConfig,
+    "scoring": ScoringConfig,
+    "evaluate": EvaluateConfig,
     "memory": MemoryConfig,
 }

@@ -64,6 +64,7 @@ class Detector:
         if self.memory is not None:
             maps = self.memory.fuse(maps, out.intermediates, size)
         maps = gaussian_blur(maps, float(self.scoring.smoothing_sigma))  # after fusion: both maps smoothed alike
-        scores = image_scores(maps, self.scoring.image_score, float(self.scoring.topk), out.image_embedding, self.text,
-                              self.logit_scale)
+        scores = image_scores(
+            maps, self.scoring.image_score, float(self.scoring.topk), out.image_embedding, self.text, self.logit_scale
+        )
         return maps, scores

@@ -133,8 +133,9 @@ class LocalityAwareEncoder(nn.Module):
         if visual.proj is not None:
             patches = patches @ visual.proj
         # Outputs in fp32 whatever the model's precision: everything downstream (scores, losses) is fp32.
-        return EncoderOutput(pooled.float(), F.normalize(self._grid(patches).float(), dim=-1),
-                             [t.float() for t in intermediates])
+        return EncoderOutput(
+            pooled.float(), F.normalize(self._grid(patches).float(), dim=-1), [t.float() for t in intermediates]
+        )
 
     def _grid(self, tokens: torch.Tensor) -> torch.Tensor:
         """(B, N, C) -> (B, H', W', C)."""

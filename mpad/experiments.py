@@ -55,8 +55,9 @@ def experiments(exp_show: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
         runs = []
         for exp in baseline.get("experiments") or []:
             rev = (exp.get("revs") or [{}])[0]
-            if rev.get("rev") != "workspace" and (row := _row(exp.get("name") or rev.get("rev", "")[:7],
-                                                              rev.get("data") or {})):
+            if rev.get("rev") != "workspace" and (
+                row := _row(exp.get("name") or rev.get("rev", "")[:7], rev.get("data") or {})
+            ):
                 runs.append(row)
         rows += sorted(runs, key=lambda r: r["timestamp"])
     return rows
@@ -94,8 +95,13 @@ def compare_table(rows: Sequence[Mapping[str, Any]], metrics: Sequence[str] = CO
     table = [[a for a, _ in heads], [b.strip() for _, b in heads]] + body
     widths = [max(len(line[i]) for line in table) for i in range(len(heads))]
     first_metric = len(heads) - len(metrics)  # numbers right-aligned, text left-aligned
-    lines = ["  ".join(cell.rjust(w) if i >= first_metric else cell.ljust(w)
-                       for i, (cell, w) in enumerate(zip(line, widths, strict=True))).rstrip() for line in table]
+    lines = [
+        "  ".join(
+            cell.rjust(w) if i >= first_metric else cell.ljust(w)
+            for i, (cell, w) in enumerate(zip(line, widths, strict=True))
+        ).rstrip()
+        for line in table
+    ]
     lines.insert(2, "  ".join("-" * w for w in widths))
     if any(r["metrics"].get("metrics.json", {}).get("random_weights") for r in rows):
         lines.append("* random weights (model.pretrained = none): the numbers exercise the pipeline, not the method")

@@ -56,14 +56,17 @@ def check_exportable(detector: Detector) -> None:
         raise ExportError(f"the backbone is loaded in {bundle.precision}; export builds fp32 models only")
     weights = sum(p.numel() * p.element_size() for p in detector.encoder.parameters())
     if weights > MAX_BYTES:
-        raise ExportError(f"{bundle.name}'s image tower has {weights / 2**30:.1f} GiB of weights; one ONNX file "
-                          f"holds less than 2 GiB")
+        raise ExportError(
+            f"{bundle.name}'s image tower has {weights / 2**30:.1f} GiB of weights; one ONNX file holds less than 2 GiB"
+        )
     if detector.memory is not None:
         patches = EXAMPLE_BATCH * detector.encoder.grid[0] * detector.encoder.grid[1]
         largest = max(bank.shape[0] for bank in detector.memory.banks)
         if patches * largest > _CHUNK_ELEMENTS:
-            raise ExportError(f"its memory bank of {largest} patches is too large to export (at most "
-                              f"{_CHUNK_ELEMENTS // patches}: fewer shots)")
+            raise ExportError(
+                f"its memory bank of {largest} patches is too large to export (at most "
+                f"{_CHUNK_ELEMENTS // patches}: fewer shots)"
+            )
 
 
 @torch.no_grad()
@@ -83,9 +86,16 @@ def export_onnx(detector: Detector, resolution: int, out: str | Path) -> float:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # tracer warnings about Python ints: the shapes they fix are constant
-                torch.onnx.export(graph, (example,), str(tmp), input_names=[INPUT_NAME],
-                                  output_names=list(OUTPUT_NAMES), dynamic_axes=dynamic, opset_version=OPSET,
-                                  dynamo=False)
+                torch.onnx.export(
+                    graph,
+                    (example,),
+                    str(tmp),
+                    input_names=[INPUT_NAME],
+                    output_names=list(OUTPUT_NAMES),
+                    dynamic_axes=dynamic,
+                    opset_version=OPSET,
+                    dynamo=False,
+                )
         finally:
             torch.backends.mha.set_fastpath_enabled(fastpath)
         check = torch.rand(CHECK_BATCH, 3, *size, generator=torch.Generator().manual_seed(1))

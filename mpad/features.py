@@ -23,8 +23,12 @@ def build_encoder(
     {attention, k, layers, cls} a prompts file stores (`LaaConfig.as_dict`)."""
     if isinstance(laa, Mapping):
         k = laa.get("k")
-        laa = LaaConfig(attention=str(laa["attention"]), k=None if k is None else float(k), layers=int(laa["layers"]),
-                        cls=str(laa.get("cls", "neighbor-cls")))
+        laa = LaaConfig(
+            attention=str(laa["attention"]),
+            k=None if k is None else float(k),
+            layers=int(laa["layers"]),
+            cls=str(laa.get("cls", "neighbor-cls")),
+        )
     encoder = LocalityAwareEncoder(
         bundle.model.visual,
         layers=int(laa.layers),

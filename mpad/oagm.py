@@ -327,7 +327,11 @@ def synthesize(
 
 
 def shot_object_masks(
-    images: torch.Tensor, category: str, oagm: OagmConfig, texture: bool, bundle: ClipBundle | None = None,
+    images: torch.Tensor,
+    category: str,
+    oagm: OagmConfig,
+    texture: bool,
+    bundle: ClipBundle | None = None,
     cache: TextCache | None = None,
 ) -> list[ObjectMask]:
     """`object_masks` of the shots (K, 3, H, W) with the method, threshold and layers of `oagm`.
@@ -337,8 +341,16 @@ def shot_object_masks(
     if oagm.texture_mask not in TEXTURE_MASKS:
         raise ValueError(f"oagm.texture_mask must be one of {TEXTURE_MASKS}, got {oagm.texture_mask!r}")
     whole = texture and oagm.texture_mask == "whole"
-    return object_masks(images, category, oagm.mask_method, oagm.mask_threshold, texture=whole, bundle=bundle,
-                        layers=oagm.mask_layers, cache=cache)
+    return object_masks(
+        images,
+        category,
+        oagm.mask_method,
+        oagm.mask_threshold,
+        texture=whole,
+        bundle=bundle,
+        layers=oagm.mask_layers,
+        cache=cache,
+    )
 
 
 def synthesize_set(
@@ -355,5 +367,14 @@ def synthesize_set(
     rng = np.random.default_rng([oagm.seed, stable_hash(category)])
     generator = torch.Generator().manual_seed(int(rng.integers(2**62)))
     for image, obj in zip(images, masks, strict=True):
-        yield synthesize(image, obj.mask, oagm.samples, oagm.sigma, rng=rng, generator=generator, region=oagm.region,
-                         enabled=oagm.enabled, clean_fraction=oagm.clean_fraction)
+        yield synthesize(
+            image,
+            obj.mask,
+            oagm.samples,
+            oagm.sigma,
+            rng=rng,
+            generator=generator,
+            region=oagm.region,
+            enabled=oagm.enabled,
+            clean_fraction=oagm.clean_fraction,
+        )

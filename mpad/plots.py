@@ -27,8 +27,12 @@ from mpad.experiments import experiments
 from mpad.summary import LABELS
 
 CURVE_PANELS = {"roc_pixel": "ROC, pixel level", "roc_image": "ROC, image level", "pro": "PRO (per-region overlap)"}
-TRAIN_PANELS = {"loss_ano": "loss_ano (BCE, eq. 4-5)", "loss_div": "loss_div (KL to the meta prompt, eq. 6-7)",
-                "cos": "cos(G_ano, G_div)", "calibrated_fraction": "share of calibrated steps so far (cos < 0)"}
+TRAIN_PANELS = {
+    "loss_ano": "loss_ano (BCE, eq. 4-5)",
+    "loss_div": "loss_div (KL to the meta prompt, eq. 6-7)",
+    "cos": "cos(G_ano, G_div)",
+    "calibrated_fraction": "share of calibrated steps so far (cos < 0)",
+}
 SCHEMA = "https://vega.github.io/schema/vega-lite/v5.json"
 
 
@@ -43,28 +47,43 @@ def read_columns(path: Path, delimiter: str = ",") -> list[tuple[float, float]]:
 
 def curve_rows(categories: Iterable[str], root: Path = Path(".")) -> list[dict[str, Any]]:
     """Long-form rows {panel, category, x, y} of evaluate's ROC and PRO curves."""
-    return [{"panel": title, "category": c, "x": x, "y": y}
-            for kind, title in CURVE_PANELS.items() for c in categories
-            for x, y in read_columns(root / layout.curve_file(kind, c))]
+    return [
+        {"panel": title, "category": c, "x": x, "y": y}
+        for kind, title in CURVE_PANELS.items()
+        for c in categories
+        for x, y in read_columns(root / layout.curve_file(kind, c))
+    ]
 
 
 def training_rows(categories: Iterable[str], root: Path = Path(".")) -> list[dict[str, Any]]:
     """Long-form rows {panel, category, x (step), y} of train's dvclive curves."""
-    return [{"panel": title, "category": c, "x": x, "y": y}
-            for name, title in TRAIN_PANELS.items() for c in categories
-            for x, y in read_columns(root / layout.train_curves_dir(c) / "plots" / "metrics" / f"{name}.tsv", "\t")]
+    return [
+        {"panel": title, "category": c, "x": x, "y": y}
+        for name, title in TRAIN_PANELS.items()
+        for c in categories
+        for x, y in read_columns(root / layout.train_curves_dir(c) / "plots" / "metrics" / f"{name}.tsv", "\t")
+    ]
 
 
 def line_panels(rows: list[dict[str, Any]], x_title: str, y_title: str, title: str, columns: int = 2) -> dict[str, Any]:
     """One panel per `panel` value (in the rows' order, own scales), one coloured line per category."""
     panels = list(dict.fromkeys(r["panel"] for r in rows))
     return {
-        "$schema": SCHEMA, "title": title, "data": {"values": rows}, "columns": columns,
+        "$schema": SCHEMA,
+        "title": title,
+        "data": {"values": rows},
+        "columns": columns,
         "facet": {"field": "panel", "type": "nominal", "title": None, "sort": panels},
-        "spec": {"width": 300, "height": 200, "mark": {"type": "line", "interpolate": "linear"},
-                 "encoding": {"x": {"field": "x", "type": "quantitative", "title": x_title},
-                              "y": {"field": "y", "type": "quantitative", "title": y_title},
-                              "color": {"field": "category", "type": "nominal"}}},
+        "spec": {
+            "width": 300,
+            "height": 200,
+            "mark": {"type": "line", "interpolate": "linear"},
+            "encoding": {
+                "x": {"field": "x", "type": "quantitative", "title": x_title},
+                "y": {"field": "y", "type": "quantitative", "title": y_title},
+                "color": {"field": "category", "type": "nominal"},
+            },
+        },
         "resolve": {"scale": {"y": "independent", "x": "independent"}},
     }
 
@@ -85,13 +104,19 @@ def ablation_spec(rows: list[dict[str, Any]], metric: str = "pixel_auroc") -> di
     order = list(dict.fromkeys(r["experiment"] for r in rows))
     label = LABELS.get(metric, metric)
     return {
-        "$schema": SCHEMA, "title": f"{label} (%) per category, a bar per experiment", "data": {"values": rows},
-        "width": {"step": 12}, "height": 260, "mark": "bar",
-        "encoding": {"x": {"field": "category", "type": "nominal", "title": None, "axis": {"labelAngle": 0}},
-                     "xOffset": {"field": "experiment", "sort": order},
-                     "y": {"field": "value", "type": "quantitative", "title": f"{label} (%)"},
-                     "color": {"field": "experiment", "type": "nominal", "sort": order},
-                     "tooltip": [{"field": "experiment"}, {"field": "value", "format": ".2f"}]},
+        "$schema": SCHEMA,
+        "title": f"{label} (%) per category, a bar per experiment",
+        "data": {"values": rows},
+        "width": {"step": 12},
+        "height": 260,
+        "mark": "bar",
+        "encoding": {
+            "x": {"field": "category", "type": "nominal", "title": None, "axis": {"labelAngle": 0}},
+            "xOffset": {"field": "experiment", "sort": order},
+            "y": {"field": "value", "type": "quantitative", "title": f"{label} (%)"},
+            "color": {"field": "experiment", "type": "nominal", "sort": order},
+            "tooltip": [{"field": "experiment"}, {"field": "value", "format": ".2f"}],
+        },
     }
 
 
@@ -120,8 +145,11 @@ def main(argv: list[str] | None = None) -> None:
     categories = args.categories or _run_categories()
     written = []
     if rows := curve_rows(categories):
-        written.append(render_png(line_panels(rows, "false positive rate", "TPR / PRO", "Evaluation curves", 3),
-                                  args.out / "curves.png"))
+        written.append(
+            render_png(
+                line_panels(rows, "false positive rate", "TPR / PRO", "Evaluation curves", 3), args.out / "curves.png"
+            )
+        )
     if rows := training_rows(categories):
         written.append(render_png(line_panels(rows, "step", "value", "Training (MPTS)"), args.out / "training.png"))
     if args.experiments and (rows := ablation_rows(json.loads(args.experiments.read_text()))):

@@ -74,7 +74,7 @@ def torch_scorer(detector: Detector, resolution: int) -> Scorer:
 
 
 def decide(score: float, threshold: float | None) -> str:
-    """"anomalous" when score >= threshold, else "normal"; "n/a" without a threshold."""
+    """ "anomalous" when score >= threshold, else "normal"; "n/a" without a threshold."""
     return "n/a" if threshold is None else ("anomalous" if score >= threshold else "normal")
 
 
@@ -126,16 +126,26 @@ def predict_images(
 def save_predictions(out: Path, rows: list[dict[str, Any]], header: dict[str, Any]) -> None:
     """predictions.csv (COLUMNS; floats with 6 decimals, None empty) and predictions.json
     ({...header, "n_images", "n_failed", "predictions": rows}) in `out`."""
-    cells = [["" if row[c] is None else f"{row[c]:.6f}" if isinstance(row[c], float) else row[c] for c in COLUMNS]
-             for row in rows]
+    cells = [
+        ["" if row[c] is None else f"{row[c]:.6f}" if isinstance(row[c], float) else row[c] for c in COLUMNS]
+        for row in rows
+    ]
     write_csv(out / "predictions.csv", COLUMNS, cells)
-    write_json(out / "predictions.json", {**header, "n_images": len(rows),
-                                          "n_failed": sum(r["status"] != "ok" for r in rows), "predictions": rows})
+    write_json(
+        out / "predictions.json",
+        {**header, "n_images": len(rows), "n_failed": sum(r["status"] != "ok" for r in rows), "predictions": rows},
+    )
 
 
 def _row(
-    path: Path, score: float | None, peak: float | None, threshold: float | None, decision: str, status: str,
-    overlay: str, map_name: str,
+    path: Path,
+    score: float | None,
+    peak: float | None,
+    threshold: float | None,
+    decision: str,
+    status: str,
+    overlay: str,
+    map_name: str,
 ) -> dict[str, Any]:
     return {
         "path": str(path), "image_score": score, "max_pixel_score": peak, "threshold": threshold,

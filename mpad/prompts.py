@@ -47,8 +47,15 @@ TEMPLATES = (
     "a photo of the {} for anomaly detection.",
     "a photo of a {} for anomaly detection.",
 )
-NORMAL_STATES = ("{}", "flawless {}", "perfect {}", "unblemished {}", "{} without flaw", "{} without defect",
-                 "{} without damage")
+NORMAL_STATES = (
+    "{}",
+    "flawless {}",
+    "perfect {}",
+    "unblemished {}",
+    "{} without flaw",
+    "{} without defect",
+    "{} without damage",
+)
 ANOMALY_STATES = ("damaged {}", "broken {}", "{} with flaw", "{} with defect", "{} with damage")
 
 
@@ -155,6 +162,7 @@ class PromptLearner(nn.Module):
         self.register_buffer("normal_tail", embedded[0, 1 + ng + nc + n_normal :].clone())
         self.register_buffer("anomaly_tail", embedded[1, 1 + ng + nc + n_anomaly :].clone())
         self.register_buffer("end_index", torch.stack(end_index).long())
+
         # Drawn on the CPU (`generator` is a CPU generator) and moved: the same seed gives the same initial
         # prompts on any device. The vectors are fp32 whatever the tower's precision (Adam's state too).
         def draw(n: int) -> nn.Parameter:
@@ -211,7 +219,9 @@ def meta_text_embeddings(model: nn.Module, tokenizer, category: str, cache: Text
     """(2, D) the initial meta prompts MNP / MAP: the ensembles of every template x state-word sentence
     (WinCLIP's prompt ensemble)."""
     words = class_words(category)
-    return torch.stack([
-        text_ensemble(model, tokenizer, [t.format(s.format(words)) for t, s in product(TEMPLATES, states)], cache)
-        for states in (NORMAL_STATES, ANOMALY_STATES)
-    ])
+    return torch.stack(
+        [
+            text_ensemble(model, tokenizer, [t.format(s.format(words)) for t, s in product(TEMPLATES, states)], cache)
+            for states in (NORMAL_STATES, ANOMALY_STATES)
+        ]
+    )

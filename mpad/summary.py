@@ -50,8 +50,11 @@ def mean_metrics(per_category: Mapping[str, Mapping[str, Any]], categories: list
 
 def unmeasured(per_category: Mapping[str, Mapping[str, Any]]) -> dict[str, str]:
     """{category: why} for each category with a null metric (evaluate's `null_reason`)."""
-    return {c: str(m.get("null_reason") or "some metrics are null") for c, m in per_category.items()
-            if any(k in m and m[k] is None for k in METRIC_ORDER)}
+    return {
+        c: str(m.get("null_reason") or "some metrics are null")
+        for c, m in per_category.items()
+        if any(k in m and m[k] is None for k in METRIC_ORDER)
+    }
 
 
 def summarize(per_category: Mapping[str, Mapping[str, Any]], groups: Mapping[str, str]) -> dict[str, object]:
@@ -73,9 +76,7 @@ def summarize(per_category: Mapping[str, Mapping[str, Any]], groups: Mapping[str
     return summary
 
 
-def markdown_table(
-    per_category: Mapping[str, Mapping[str, Any]], summary: Mapping[str, Any], note: str = ""
-) -> str:
+def markdown_table(per_category: Mapping[str, Mapping[str, Any]], summary: Mapping[str, Any], note: str = "") -> str:
     """Rows = metrics, columns = categories then mean (as the paper's Table 1), values in % with 2 decimals.
 
     A null metric shows as "n/a"; its category's column is marked "(!)" and a line under the table says why.
@@ -92,8 +93,10 @@ def markdown_table(
             continue
         cells = [_cell(per_category[c], name) for c in categories]
         lines.append(f"| {LABELS[name]} | " + " | ".join(cells) + f" | {mean[name]:.2f} |")
-    lines += [f"\n(!) {c} cannot be fully measured: {why}; its n/a values are left out of the means."
-              for c, why in missing.items()]
+    lines += [
+        f"\n(!) {c} cannot be fully measured: {why}; its n/a values are left out of the means."
+        for c, why in missing.items()
+    ]
     return "\n".join(lines) + "\n"
 
 

@@ -78,10 +78,21 @@ def write_synth_set(
                 image_name, sample_mask = f"images/{n:04d}.png", f"masks/{n:04d}.png"
                 save_png(tmp / image_name, sample.image)
                 save_png(tmp / sample_mask, sample.mask.astype(np.uint8) * 255)
-                samples.append({"image": image_name, "mask": sample_mask, "shot": shot,
-                                "anomalous_fraction": sample.anomalous_fraction})
-        manifest = {**(info or {}), "category": category, "image_size": list(image_size), "samples": samples,
-                    "object_masks": objects}
+                samples.append(
+                    {
+                        "image": image_name,
+                        "mask": sample_mask,
+                        "shot": shot,
+                        "anomalous_fraction": sample.anomalous_fraction,
+                    }
+                )
+        manifest = {
+            **(info or {}),
+            "category": category,
+            "image_size": list(image_size),
+            "samples": samples,
+            "object_masks": objects,
+        }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     return manifest
 
@@ -114,11 +125,13 @@ def read_synth_set(folder: str | Path) -> tuple[list[np.ndarray], list[np.ndarra
             raise SynthSetError(f"{path}: a sample lacks 'image' or 'mask': {sample!r}") from err
         image, mask = _read_png(image_path, "RGB"), _read_png(mask_path, "L")
         if image.shape[:2] != size:
-            raise SynthSetError(f"{image_path}: image is {image.shape[1]}x{image.shape[0]}, "
-                                f"the manifest says {size[1]}x{size[0]}")
+            raise SynthSetError(
+                f"{image_path}: image is {image.shape[1]}x{image.shape[0]}, the manifest says {size[1]}x{size[0]}"
+            )
         if mask.shape != size:
-            raise SynthSetError(f"{mask_path}: mask is {mask.shape[1]}x{mask.shape[0]}, "
-                                f"the manifest says {size[1]}x{size[0]}")
+            raise SynthSetError(
+                f"{mask_path}: mask is {mask.shape[1]}x{mask.shape[0]}, the manifest says {size[1]}x{size[0]}"
+            )
         images.append(image)
         masks.append((mask > 127).astype(np.float32))
     return images, masks, manifest

@@ -74,8 +74,11 @@ def load_thresholds(path: str | Path) -> dict[str, Any]:
         raise ThresholdsFileError(f"{path}: not a readable thresholds JSON file ({err})") from err
     if not isinstance(record, dict):
         raise ThresholdsFileError(f"{path}: expected a JSON object of thresholds")
-    problems = [f"{key} = {record[key]!r}: must be a finite number" for key in _OPTIONAL + _RANGE
-                if key in record and not (_is_finite(record[key]) or (key in _OPTIONAL and record[key] is None))]
+    problems = [
+        f"{key} = {record[key]!r}: must be a finite number"
+        for key in _OPTIONAL + _RANGE
+        if key in record and not (_is_finite(record[key]) or (key in _OPTIONAL and record[key] is None))
+    ]
     if "category" in record and not isinstance(record["category"], str):
         problems.append(f"category = {record['category']!r}: must be a string")
     if "resolution" in record and not (isinstance(record["resolution"], int) and record["resolution"] >= 8):

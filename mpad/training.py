@@ -36,8 +36,9 @@ def seed_everything(seed: int) -> None:
 
 
 @torch.no_grad()
-def synth_features(bundle: ClipBundle, laa: LaaConfig, images: Sequence[np.ndarray],
-                   batch_size: int = ENCODE_BATCH) -> torch.Tensor:
+def synth_features(
+    bundle: ClipBundle, laa: LaaConfig, images: Sequence[np.ndarray], batch_size: int = ENCODE_BATCH
+) -> torch.Tensor:
     """uint8 (H, W, 3) images -> (N, H', W', D) L2-normalised patch features of the LAA encoder's second
     path (eq. 11-12), fp32 on the bundle's device."""
     encoder = build_encoder(bundle, laa)
@@ -81,8 +82,9 @@ def learn_prompts(
     """
     features = synth_features(bundle, laa, images)
     masks_t = torch.from_numpy(np.stack(masks)).to(bundle.device)
-    learner = PromptLearner(bundle.model, bundle.tokenizer, category, *prompts.sizes,
-                            generator=torch.Generator().manual_seed(mpts.seed))
+    learner = PromptLearner(
+        bundle.model, bundle.tokenizer, category, *prompts.sizes, generator=torch.Generator().manual_seed(mpts.seed)
+    )
     text_encoder = TextEncoder(bundle.model)
     meta_text = meta_text_embeddings(bundle.model, bundle.tokenizer, category, cache)
     logit_scale = float(bundle.model.logit_scale.exp())
@@ -91,8 +93,9 @@ def learn_prompts(
         with torch.no_grad():
             maps = score_maps(features, result.text.to(features.device), logit_scale, tuple(masks_t.shape[-2:]))
             loss = float(anomaly_loss(maps, masks_t))
-        result.history.append({"step": 0, "meta_epoch": 0, "loss_ano": loss, "loss_div": 0.0, "cos": 0.0,
-                               "calibrated": 0})
+        result.history.append(
+            {"step": 0, "meta_epoch": 0, "loss_ano": loss, "loss_div": 0.0, "cos": 0.0, "calibrated": 0}
+        )
         if on_step is not None:
             on_step(result.history[0])
     return LearnedPrompts(learner, result, len(images))

@@ -16,9 +16,7 @@ def to_tensor(image: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.array(image, copy=True)).permute(2, 0, 1).float() / 255.0  # load_image may be read-only
 
 
-def model_input(
-    images: torch.Tensor, size: Sequence[int], mean: Sequence[float], std: Sequence[float]
-) -> torch.Tensor:
+def model_input(images: torch.Tensor, size: Sequence[int], mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     """(B, 3, H, W) in [0, 1] -> (B, 3, size) resized (bicubic, antialiased) and normalised with mean/std.
 
     The full image is resized (aspect ratio not kept, no centre crop) so that every pixel of the

@@ -9,8 +9,16 @@ from PIL import Image
 
 # Anchor colours of a perceptually ordered map (close to matplotlib's "inferno"), from low to high.
 _ANCHORS = np.array(
-    [[0, 0, 4], [40, 11, 84], [101, 21, 110], [159, 42, 99], [212, 72, 66], [245, 125, 21], [250, 193, 39],
-     [252, 255, 164]],
+    [
+        [0, 0, 4],
+        [40, 11, 84],
+        [101, 21, 110],
+        [159, 42, 99],
+        [212, 72, 66],
+        [245, 125, 21],
+        [250, 193, 39],
+        [252, 255, 164],
+    ],
     dtype=np.float64,
 )
 
@@ -67,8 +75,9 @@ def render_map(
     Both at `output_size` of the image; the map is resized bilinearly and coloured / scaled over low..high.
     """
     h, w = output_size(image.shape[0], image.shape[1], max_size)
-    big = F.interpolate(torch.as_tensor(amap, dtype=torch.float32)[None, None], size=(h, w), mode="bilinear",
-                        align_corners=False)[0, 0].numpy()
+    big = F.interpolate(
+        torch.as_tensor(amap, dtype=torch.float32)[None, None], size=(h, w), mode="bilinear", align_corners=False
+    )[0, 0].numpy()
     picture = image if (h, w) == image.shape[:2] else np.asarray(Image.fromarray(image).resize((w, h), Image.BICUBIC))
     gray = np.rint(np.clip((big - low) / max(high - low, 1e-12), 0.0, 1.0) * 255).astype(np.uint8)
     return blend(picture, heatmap(big, low, high)), gray

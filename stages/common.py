@@ -94,8 +94,15 @@ class StageProgress(tqdm):
 
     def close(self) -> None:
         if self._timings and self.first_update is not None:
-            line = {"desc": self._label[0], "unit": self._label[1], "n": self.done, "first": self.first_update,
-                    "first_n": self.first_n, "end": time.time(), "pid": os.getpid()}
+            line = {
+                "desc": self._label[0],
+                "unit": self._label[1],
+                "n": self.done,
+                "first": self.first_update,
+                "first_n": self.first_n,
+                "end": time.time(),
+                "pid": os.getpid(),
+            }
             torch = sys.modules.get("torch")  # never imported here: stages without a model stay torch-free
             if torch is not None and torch.cuda.is_initialized():
                 line["cuda_max_mib"] = torch.cuda.max_memory_allocated() / 2**20
@@ -103,4 +110,3 @@ class StageProgress(tqdm):
                 out.write(json.dumps(line) + "\n")
             self._timings = None  # once, though tqdm may close twice
         super().close()
-

@@ -57,9 +57,12 @@ def main(
     metrics: dict[str, Any] = category_metrics(result)
     if reasons := unmeasured(result):  # null metrics with the reason, never a number from one class
         metrics["null_reason"] = "; ".join(reasons)
-        typer.secho(f"warning: {category} cannot be fully measured: {metrics['null_reason']}; those metrics are "
-                    f"null in {layout.metrics_file(category)} and left out of the means", err=True,
-                    fg=typer.colors.YELLOW)
+        typer.secho(
+            f"warning: {category} cannot be fully measured: {metrics['null_reason']}; those metrics are "
+            f"null in {layout.metrics_file(category)} and left out of the means",
+            err=True,
+            fg=typer.colors.YELLOW,
+        )
     # random_weights stays a boolean here; its long note is in metrics.json and metrics.md once (summarize),
     # not repeated in every category's column of `dvc exp show` / `dvc metrics diff`.
     metrics.update(n_test=len(samples), n_defect=int(result.labels.sum()), random_weights=bundle.random_weights)

@@ -75,5 +75,7 @@ def main(
         "outputs": f"maps (N, {resolution}, {resolution}) anomaly maps in [0, 1]; scores (N,) image scores",
     })  # fmt: skip
     size_mb = out.stat().st_size / 2**20
-    typer.echo(f"wrote {out} ({size_mb:.1f} MiB, opset {OPSET}) and {sidecar}; onnxruntime matches torch within "
-               f"{diff:.1g} on random images")
+    typer.echo(
+        f"wrote {out} ({size_mb:.1f} MiB, opset {OPSET}) and {sidecar}; onnxruntime matches torch within "
+        f"{diff:.1g} on random images"
+    )

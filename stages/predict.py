@@ -137,9 +137,18 @@ def main(
     low_high = colour_range(info)
     out.mkdir(parents=True, exist_ok=True)
     with tqdm(total=len(paths), desc="predict", unit="img") as bar:
-        rows = predict_images(score, input_size, paths, out, batch_size=batch_size, max_size=max_size,
-                              colour_range=low_high, threshold=used, on_image=bar.update,
-                              on_skip=lambda message: tqdm.write(f"error: skipped {message}", file=sys.stderr))
+        rows = predict_images(
+            score,
+            input_size,
+            paths,
+            out,
+            batch_size=batch_size,
+            max_size=max_size,
+            colour_range=low_high,
+            threshold=used,
+            on_image=bar.update,
+            on_skip=lambda message: tqdm.write(f"error: skipped {message}", file=sys.stderr),
+        )
     save_predictions(out, rows, {
         "backend": backend, **header, **({"note": RANDOM_WEIGHTS_NOTE} if header["random_weights"] else {}),
         "thresholds_file": None if thresholds_file is None else str(thresholds_file),
@@ -164,8 +173,10 @@ def _check_backend_options(
         extra = [name for name, given in (("--prompts", prompts is not None), ("--precision", precision != "fp32"),
                                           ("--model-pretrained", model_pretrained is not None)) if given]  # fmt: skip
         if model is None or extra:
-            _usage_error(f"--backend onnx needs --model (an `mpad export` file) and takes no "
-                         f"{', '.join(extra or ['--prompts'])}: prompts, weights and precision are baked into it")
+            _usage_error(
+                f"--backend onnx needs --model (an `mpad export` file) and takes no "
+                f"{', '.join(extra or ['--prompts'])}: prompts, weights and precision are baked into it"
+            )
 
 
 def _torch_setup(
@@ -201,9 +212,7 @@ def _torch_setup(
     return torch_scorer(detector, size), bundle.image_size, header, info, thresholds_file
 
 
-def _onnx_setup(
-    model: Path, thresholds_file: Path | None, force: bool, device: str, resolution: int | None
-) -> Setup:
+def _onnx_setup(model: Path, thresholds_file: Path | None, force: bool, device: str, resolution: int | None) -> Setup:
     """The exported model on onnxruntime; threshold and colour range from its sidecar, or from --thresholds-file
     when its scoring settings and resolution are those baked into the model."""
     try:
@@ -222,15 +231,23 @@ def _onnx_setup(
             if (scoring_of(info), resolution_of(info)) != (scoring, size):
                 raise ThresholdsFileError(
                     f"{thresholds_file}: made with other scoring settings or resolution than {model} bakes in "
-                    f"({dataclasses.asdict(scoring)}, {size} px); export again with this thresholds file")
+                    f"({dataclasses.asdict(scoring)}, {size} px); export again with this thresholds file"
+                )
         scorer = OnnxScorer(model, device)
     except (DeployFileError, ThresholdsFileError) as err:
         fail(str(err))
     if sidecar.get("random_weights"):
         typer.secho(f"note: {RANDOM_WEIGHTS_NOTE}", err=True, fg=typer.colors.YELLOW)
-    header = {"onnx_model": str(model), "prompts": sidecar.get("prompts"), "category": category,
-              "model": sidecar["model"], "random_weights": bool(sidecar.get("random_weights")),
-              "memory": bool(sidecar.get("memory")), "scoring": dataclasses.asdict(scoring), "resolution": size}
+    header = {
+        "onnx_model": str(model),
+        "prompts": sidecar.get("prompts"),
+        "category": category,
+        "model": sidecar["model"],
+        "random_weights": bool(sidecar.get("random_weights")),
+        "memory": bool(sidecar.get("memory")),
+        "scoring": dataclasses.asdict(scoring),
+        "resolution": size,
+    }
     return scorer, tuple(sidecar["input_size"]), header, info, thresholds_file
 
 
@@ -271,8 +288,9 @@ def default_thresholds(prompts: Path, category: str) -> Path | None:
     """evaluate's thresholds file of `category`: the project's beside the prompts file (<p>/prompts/<category>.pt
     -> <p>/thresholds/<category>.json), else data/thresholds/<category>.json of the working directory. None,
     with a warning saying which scoring settings are used instead, when there is neither."""
-    looked = list(dict.fromkeys([prompts.parent.parent / "thresholds" / f"{category}.json",
-                                 layout.thresholds_file(category)]))
+    looked = list(
+        dict.fromkeys([prompts.parent.parent / "thresholds" / f"{category}.json", layout.thresholds_file(category)])
+    )
     found = next((path for path in looked if category and path.is_file()), None)
     if found is None:
         default = scoring_of({})
@@ -292,16 +310,20 @@ def check_category(info: dict[str, Any], category: str, path: Path | None, force
         return
     measured = info.get("category")
     if measured is None:
-        typer.secho(f"warning: {path} records no category: cannot check that it belongs to {category}", err=True,
-                    fg=typer.colors.YELLOW)
+        typer.secho(
+            f"warning: {path} records no category: cannot check that it belongs to {category}",
+            err=True,
+            fg=typer.colors.YELLOW,
+        )
     elif measured != category and not force:
         raise ThresholdsFileError(
             f"{path}: thresholds of category {measured!r}, but the prompts are for {category!r}; pass that "
             f"category's thresholds file, or --force to use this one anyway"
         )
     elif measured != category:
-        typer.secho(f"warning: --force: using the thresholds of {measured!r} for {category!r}", err=True,
-                    fg=typer.colors.YELLOW)
+        typer.secho(
+            f"warning: --force: using the thresholds of {measured!r} for {category!r}", err=True, fg=typer.colors.YELLOW
+        )
 
 
 def _pick_threshold(
@@ -329,7 +351,10 @@ def _report(rows: list[dict[str, Any]], out: Path) -> None:
     failed = sum(r["status"] != "ok" for r in rows)
     counts = {d: sum(r["decision"] == d for r in rows if r["status"] == "ok") for d in ("anomalous", "normal", "n/a")}
     shown = ", ".join(f"{n} {d}" for d, n in counts.items() if n)
-    typer.echo(f"{len(rows)} images: {shown or 'none scored'}" + (f", {failed} failed" if failed else "")
-               + f"; see {out / 'predictions.csv'}")
+    typer.echo(
+        f"{len(rows)} images: {shown or 'none scored'}"
+        + (f", {failed} failed" if failed else "")
+        + f"; see {out / 'predictions.csv'}"
+    )
     if failed:
         raise typer.Exit(code=1)

@@ -33,8 +33,11 @@ def main(params: Path = PARAMS_OPTION) -> None:
         fail(f"{err}; run the evaluate stage")
     summary = summarize(per_category, {c: group_of(manifest, c) for c in categories})
     for category, why in summary.get("unmeasured", {}).items():
-        typer.secho(f"warning: {category} cannot be fully measured ({why}): its null metrics are left out of the "
-                    "means", err=True, fg=typer.colors.YELLOW)
+        typer.secho(
+            f"warning: {category} cannot be fully measured ({why}): its null metrics are left out of the means",
+            err=True,
+            fg=typer.colors.YELLOW,
+        )
     random_weights = any(m.get("random_weights") for m in per_category.values())
     summary["random_weights"] = random_weights
     note = RANDOM_WEIGHTS_NOTE if random_weights else ""

@@ -58,11 +58,16 @@ def main(
             typer.secho(f"warning: {obj.fallback}", err=True, fg=typer.colors.YELLOW)
 
     out = layout.synth_dir(category)
-    info = {"object_mask_method": oagm.mask_method, "texture": texture, "texture_mask": oagm.texture_mask,
-            "random_weights": bundle.random_weights,
-            "note": RANDOM_WEIGHTS_NOTE if bundle.random_weights else None}
-    with StageProgress(synthesize_set(images, masks, category, oagm), total=len(shots),
-                       desc=f"synthesize {category}", unit="shot") as drawn:
+    info = {
+        "object_mask_method": oagm.mask_method,
+        "texture": texture,
+        "texture_mask": oagm.texture_mask,
+        "random_weights": bundle.random_weights,
+        "note": RANDOM_WEIGHTS_NOTE if bundle.random_weights else None,
+    }
+    with StageProgress(
+        synthesize_set(images, masks, category, oagm), total=len(shots), desc=f"synthesize {category}", unit="shot"
+    ) as drawn:
         manifest = write_synth_set(out, category, bundle.image_size, [rel for rel, _ in shots], masks, drawn, info)
 
     samples = manifest["samples"]

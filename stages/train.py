@@ -32,8 +32,9 @@ from mpad.training import learn_prompts, prompts_record, seed_everything, shot_m
 from stages.common import PARAMS_OPTION, StageProgress, fail, load_config, read_shots
 
 
-def main(category: str = typer.Option(..., "--category", help="Category to train prompts for."),
-         params: Path = PARAMS_OPTION) -> None:
+def main(
+    category: str = typer.Option(..., "--category", help="Category to train prompts for."), params: Path = PARAMS_OPTION
+) -> None:
     """Learn the normal / anomaly prompts of CATEGORY with MPTS on its synthesized images."""
     model, laa, prompts, mpts, memory = load_config(params, "model", "laa", "prompts", "mpts", "memory")
     try:
@@ -45,12 +46,23 @@ def main(category: str = typer.Option(..., "--category", help="Category to train
     # dvclive empties its folder on start: log into a temporary one, renamed into place only once the
     # prompts are saved, so a failed run leaves the previous curves as they were.
     with atomic_path(layout.train_curves_dir(category)) as curves:
-        with Live(dir=str(curves), save_dvc_exp=False, dvcyaml=None) as live, \
-                StageProgress(total=mpts.meta_epochs * mpts.steps, desc=f"train {category}", unit="step") as bar:
+        with (
+            Live(dir=str(curves), save_dvc_exp=False, dvcyaml=None) as live,
+            StageProgress(total=mpts.meta_epochs * mpts.steps, desc=f"train {category}", unit="step") as bar,
+        ):
             live.log_params({"category": category, **_mpts_params(mpts)})
             try:
-                learned = learn_prompts(bundle, category, images, masks, laa, prompts, mpts, _logger(live, bar),
-                                        TextCache.for_bundle(bundle))
+                learned = learn_prompts(
+                    bundle,
+                    category,
+                    images,
+                    masks,
+                    laa,
+                    prompts,
+                    mpts,
+                    _logger(live, bar),
+                    TextCache.for_bundle(bundle),
+                )
             except ValueError as err:  # settings the model cannot take, e.g. laa.layers beyond its depth
                 fail(str(err))
         bank = _memory(bundle, laa, memory, category, params) if memory.enabled else None

@@ -61,16 +61,21 @@ def test_unknown_keys_and_missing_sections_are_named():
 
 def test_stage_reports_every_bad_value_before_any_work(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    params = {**PARAMS, "mpts": {**PARAMS["mpts"], "lr": -1, "lambda": float("nan")},
-              "prompts": {**PARAMS["prompts"], "n_general": -3}}
+    params = {
+        **PARAMS,
+        "mpts": {**PARAMS["mpts"], "lr": -1, "lambda": float("nan")},
+        "prompts": {**PARAMS["prompts"], "n_general": -3},
+    }
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     result = CliRunner().invoke(app, ["train", "--category", "carpet"])
     assert result.exit_code == 1
     lines = result.output.strip().splitlines()
     assert lines[0] == "error: params.yaml:"
     assert sorted(line.strip() for line in lines[1:]) == [
-        "mpts.lambda = nan: must be a number >= 0", "mpts.lr = -1: must be a number > 0",
-        "prompts.n_general = -3: must be an integer >= 0"]
+        "mpts.lambda = nan: must be a number >= 0",
+        "mpts.lr = -1: must be a number > 0",
+        "prompts.n_general = -3: must be an integer >= 0",
+    ]
 
 
 def test_check_validates_every_section_before_dvc_reads_them(tmp_path):
@@ -79,8 +84,11 @@ def test_check_validates_every_section_before_dvc_reads_them(tmp_path):
     params.write_text(yaml.safe_dump(PARAMS))
     result = CliRunner().invoke(app, ["check", "--params", str(params)])
     assert result.exit_code == 0 and result.output.strip() == f"{params}: ok"
-    params.write_text(yaml.safe_dump({**PARAMS, "dataset": {**PARAMS["dataset"], "categories": None},
-                                      "mpts": {**PARAMS["mpts"], "lr": 0}}))
+    params.write_text(
+        yaml.safe_dump(
+            {**PARAMS, "dataset": {**PARAMS["dataset"], "categories": None}, "mpts": {**PARAMS["mpts"], "lr": 0}}
+        )
+    )
     result = CliRunner().invoke(app, ["check", "--params", str(params)])
     lines = " ".join(result.output.split())
     assert result.exit_code == 1 and f"dataset.categories = None: {CATEGORIES}" in lines and "mpts.lr = 0" in lines

@@ -86,8 +86,15 @@ def train(clip, features: torch.Tensor, masks: torch.Tensor, init: dict[str, tor
             getattr(learner, name).copy_(value)
     meta = meta_text_embeddings(clip.model, clip.tokenizer, "carpet")
     config = MptsConfig(meta_epochs=2, steps=10, batch_size=4, seed=0)
-    result = train_prompts(learner, TextEncoder(clip.model), features.to(clip.device), masks.to(clip.device), meta,
-                           float(clip.model.logit_scale.exp()), config)
+    result = train_prompts(
+        learner,
+        TextEncoder(clip.model),
+        features.to(clip.device),
+        masks.to(clip.device),
+        meta,
+        float(clip.model.logit_scale.exp()),
+        config,
+    )
     assert len(result.history) == 20
     return result.text.cpu()
 
@@ -98,8 +105,9 @@ def test_mpts_training_gives_the_cpu_prompts(tiny_clip, device_clip):
     masks = torch.zeros(8, 64, 64)
     masks[::2, 16:40, 20:44] = 1.0  # half the images with an "anomalous" square
     gen, width = torch.Generator().manual_seed(0), tiny_clip.model.token_embedding.weight.shape[1]
-    init = {name: torch.randn(n, width, generator=gen) * 0.02 for name, n in (("general", 4), ("normal", 2),
-                                                                           ("anomaly", 2))}
+    init = {
+        name: torch.randn(n, width, generator=gen) * 0.02 for name, n in (("general", 4), ("normal", 2), ("anomaly", 2))
+    }
     start = train(tiny_clip, features, masks, {k: v.clone() for k, v in init.items()})
     cpu = train(tiny_clip, features, masks, init)
     dev = train(device_clip, features, masks, init)

@@ -27,9 +27,17 @@ def project(tmp_path: Path) -> tuple[Path, Path]:
     (root / MARKER).unlink()  # a user's tree now
     (root / "stripes").rename(root / "my part")
     shutil.rmtree(root / "weave")
-    overrides = [*preset_overrides("offline"), "dataset.name=folder", f"dataset.root={root}",
-                 "dataset.categories=[my part, disc]", "dataset.textures=[my part]", "mpts.steps=2",
-                 "mpts.meta_epochs=1", "oagm.samples=4", "evaluate.overlays=1"]
+    overrides = [
+        *preset_overrides("offline"),
+        "dataset.name=folder",
+        f"dataset.root={root}",
+        "dataset.categories=[my part, disc]",
+        "dataset.textures=[my part]",
+        "mpts.steps=2",
+        "mpts.meta_epochs=1",
+        "oagm.samples=4",
+        "evaluate.overlays=1",
+    ]
     return copy_project(tmp_path / "project", overrides), root
 
 
@@ -61,8 +69,9 @@ def test_dataset_edits_rerun_the_categories_and_splits_they_touch(project):
 def test_a_category_with_a_space_runs_end_to_end_and_a_test_edit_reruns_its_evaluate(project):
     project, root = project
     output = run(["dvc", "repro"], project)
-    assert stages_ran(output) == {"fetch", "summarize"} | {f"{s}@{c}" for s in ("sample", "synthesize", "train",
-                                                                               "evaluate") for c in ("my part", "disc")}
+    assert stages_ran(output) == {"fetch", "summarize"} | {
+        f"{s}@{c}" for s in ("sample", "synthesize", "train", "evaluate") for c in ("my part", "disc")
+    }
     assert json.loads((project / "metrics" / "my part.json").read_text())["n_test"] == 4
     assert "my part" in json.loads((project / "metrics.json").read_text())["categories"]
 

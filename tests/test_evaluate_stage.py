@@ -33,8 +33,9 @@ def project(tmp_path, monkeypatch, tiny_clip):
     generate(tmp_path / "ds", seed=0, n_train=2, n_test=6)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(PARAMS))
     text = meta_text_embeddings(tiny_clip.model, tiny_clip.tokenizer, "disc")
-    record = prompt_record(category="disc", model=model_fingerprint(tiny_clip), sizes=(0, 1, 1), vectors={},
-                           text=text, laa=LAA)
+    record = prompt_record(
+        category="disc", model=model_fingerprint(tiny_clip), sizes=(0, 1, 1), vectors={}, text=text, laa=LAA
+    )
     save_prompts(tmp_path / "data" / "prompts" / "disc.pt", record)
     return tmp_path
 
@@ -62,9 +63,14 @@ def test_missing_prompts_file_is_named(project):
 
 
 def test_prompts_of_another_backbone_are_refused(project, tiny_clip):
-    record = prompt_record(category="disc", model={**model_fingerprint(tiny_clip), "name": "ViT-B-16"},
-                           sizes=(0, 1, 1), vectors={}, text=meta_text_embeddings(tiny_clip.model,
-                           tiny_clip.tokenizer, "disc"), laa=LAA)
+    record = prompt_record(
+        category="disc",
+        model={**model_fingerprint(tiny_clip), "name": "ViT-B-16"},
+        sizes=(0, 1, 1),
+        vectors={},
+        text=meta_text_embeddings(tiny_clip.model, tiny_clip.tokenizer, "disc"),
+        laa=LAA,
+    )
     save_prompts(project / "data" / "prompts" / "disc.pt", record)
     result = CliRunner().invoke(app, ["evaluate", "--category", "disc"])
     assert result.exit_code == 1 and "learned for ViT-B-16" in result.output
@@ -84,7 +90,6 @@ def test_outputs_match_the_library_records(project):
     names = sorted(p.name for p in (project / "plots" / "overlays" / "disc").glob("*.png"))
     defects = [name.split("_", 1)[1].rsplit("_", 1)[0] for name in names]
     assert defects == ["missing_piece", "scratch", "stain"]  # one per defect type, sorted, before any good one
-
 
 
 def test_split_without_defects_gives_nulls_and_a_warning(project):

@@ -74,7 +74,8 @@ def test_category_metrics_perfect_and_inverted():
     assert category_metrics(only_good) == dict.fromkeys(values)  # undefined: null, not a number from one class
     assert unmeasured(only_good) == [
         "pixel metrics: the test masks hold no defect pixel (no defect image, or only empty masks)",
-        "image metrics: the test split holds no defect image"]
+        "image metrics: the test split holds no defect image",
+    ]
     empty_masks = CategoryResult(torch.rand(2, 8, 8), no_defect, torch.tensor([0, 1]), torch.tensor([0.2, 0.7]))
     partial = category_metrics(empty_masks)  # a defect image whose mask is empty: image metrics only
     assert partial["pixel_auroc"] is None and partial["aupro"] is None and partial["image_auroc"] == 100.0
@@ -82,8 +83,11 @@ def test_category_metrics_perfect_and_inverted():
 
 
 def test_summary_means_groups_and_table():
-    per = {"carpet": {"pixel_auroc": 90.0, "image_auroc": 80.0}, "screw": {"pixel_auroc": 70.0},
-           "bottle": {"pixel_auroc": 80.0, "image_auroc": 60.0}}
+    per = {
+        "carpet": {"pixel_auroc": 90.0, "image_auroc": 80.0},
+        "screw": {"pixel_auroc": 70.0},
+        "bottle": {"pixel_auroc": 80.0, "image_auroc": 60.0},
+    }
     summary = summarize(per, {"carpet": "texture", "screw": "object", "bottle": "object"})
     assert summary["mean"] == {"pixel_auroc": 80.0, "image_auroc": 70.0}
     assert summary["texture"] == {"pixel_auroc": 90.0, "image_auroc": 80.0}
@@ -96,8 +100,10 @@ def test_summary_means_groups_and_table():
 
 
 def test_summary_leaves_null_metrics_out_and_says_so():
-    per = {"carpet": {"pixel_auroc": 90.0, "image_auroc": 80.0},
-           "screw": {"pixel_auroc": None, "image_auroc": 40.0, "null_reason": "pixel metrics: no defect pixel"}}
+    per = {
+        "carpet": {"pixel_auroc": 90.0, "image_auroc": 80.0},
+        "screw": {"pixel_auroc": None, "image_auroc": 40.0, "null_reason": "pixel metrics: no defect pixel"},
+    }
     summary = summarize(per, {"carpet": "texture", "screw": "object"})
     assert summary["mean"] == {"pixel_auroc": 90.0, "image_auroc": 60.0}
     assert "pixel_auroc" not in summary["object"]

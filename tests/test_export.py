@@ -25,8 +25,16 @@ from mpad.prompts import PromptLearner, TextEncoder, learned_text_embeddings
 from stages.cli import app
 
 LAA = {"attention": "vv", "k": 2, "layers": 2, "cls": "neighbor-cls"}
-THRESHOLDS = {"category": "disc", "image_score": "topk_mean", "topk": 0.05, "smoothing_sigma": 1.0, "resolution": 32,
-              "image_threshold": 0.5, "map_low": 0.1, "map_high": 0.9}
+THRESHOLDS = {
+    "category": "disc",
+    "image_score": "topk_mean",
+    "topk": 0.05,
+    "smoothing_sigma": 1.0,
+    "resolution": 32,
+    "image_threshold": 0.5,
+    "map_low": 0.1,
+    "map_high": 0.9,
+}
 runner = CliRunner()
 
 
@@ -109,8 +117,20 @@ def test_onnx_equals_torch_detector(project, dataset, tiny_clip, tmp_path, name)
     sources = {"torch": ["--prompts", project / f"data/prompts/{name}.pt"], "onnx": ["--model", model]}
     for backend, source in sources.items():
         out = tmp_path / backend
-        result = _invoke("predict", [*source, "--backend", backend, dataset / "disc/test/good",
-                                     str(dataset / "disc/test/*/*.png"), "--out", out, "--threshold", threshold])
+        result = _invoke(
+            "predict",
+            [
+                *source,
+                "--backend",
+                backend,
+                dataset / "disc/test/good",
+                str(dataset / "disc/test/*/*.png"),
+                "--out",
+                out,
+                "--threshold",
+                threshold,
+            ],
+        )
         assert result.exit_code == 0, result.output
         decisions[backend] = _rows(out)
     assert [r["decision"] for r in decisions["onnx"]] == [r["decision"] for r in decisions["torch"]]

@@ -58,8 +58,12 @@ def test_fetch_synthetic(in_tmp: Path) -> None:
     assert disc["train"] == 8 and disc["test"] == {"good": 6, "missing_piece": 2, "scratch": 2, "stain": 2}
     assert disc["image_sizes"] == [[112, 96]] and [len(disc["fingerprint"][s]) for s in ("train", "test")] == [64, 64]
     assert json.loads(Path("data/fingerprints/disc/test.json").read_text()) == {
-        "root": "data/synthetic", "category": "disc", "split": "test", "images": 12,
-        "fingerprint": disc["fingerprint"]["test"]}
+        "root": "data/synthetic",
+        "category": "disc",
+        "split": "test",
+        "images": 12,
+        "fingerprint": disc["fingerprint"]["test"],
+    }
     first = Path("data/manifest.json").read_bytes()
 
     result = _fetch(in_tmp, **ds)  # same seed: kept, not regenerated

@@ -37,13 +37,21 @@ def test_learned_prompts_gain_on_held_out_defects(tiny_clip):
     oagm = OagmConfig(samples=32, sigma=0.25, clean_fraction=0.2, seed=0)
     samples = [s for drawn in synthesize_set(shot_t, masks, "weave", oagm) for s in drawn]
     mpts = MptsConfig(meta_epochs=3, steps=10, lr=0.002, batch_size=16, seed=0)
-    learned = learn_prompts(bundle, "weave", [s.image for s in samples], [s.mask.astype(np.float32) for s in samples],
-                            LAA, PromptsConfig(), mpts)
+    learned = learn_prompts(
+        bundle,
+        "weave",
+        [s.image for s in samples],
+        [s.mask.astype(np.float32) for s in samples],
+        LAA,
+        PromptsConfig(),
+        mpts,
+    )
     history = learned.result.history
     assert history[-1]["loss_ano"] < history[0]["loss_ano"]
 
-    features = encode_batched(build_encoder(bundle, LAA), bundle, stack_images([rgb(r.image) for r in test],
-                                                                               bundle.image_size), 16).patch_features
+    features = encode_batched(
+        build_encoder(bundle, LAA), bundle, stack_images([rgb(r.image) for r in test], bundle.image_size), 16
+    ).patch_features
     gt = torch.stack([resize_mask(r.mask, 96) for r in test]).flatten()
     scale = float(bundle.model.logit_scale.exp())
 

@@ -171,8 +171,10 @@ def test_empty_mask_falls_back_and_says_why_without_warning():
         warnings.simplefilter("error")  # the reason is returned, not printed: reporting is the stage's
         masks = object_masks(flat, "disc", "border", 0.5)
     assert masks[0].mask.all()
-    assert masks[0].fallback == ("disc image 0: the border object mask is empty (0.0% of the pixels); "
-                                 "using the whole image as the object instead")
+    assert masks[0].fallback == (
+        "disc image 0: the border object mask is empty (0.0% of the pixels); "
+        "using the whole image as the object instead"
+    )
 
 
 def test_clip_method_shapes(tiny_clip):
@@ -260,8 +262,9 @@ def test_table3_object_with_and_without_oagm_differ():
     for texture_mask in ("mask_method", "whole"):  # no effect on objects
         got = []
         for enabled in (True, False):
-            oagm = OagmConfig(enabled=enabled, texture_mask=texture_mask, samples=6, clean_fraction=0.0,
-                              mask_method="border")
+            oagm = OagmConfig(
+                enabled=enabled, texture_mask=texture_mask, samples=6, clean_fraction=0.0, mask_method="border"
+            )
             masks = shot_object_masks(image, "disc", oagm, texture=False)
             got.append(_set_of(image, masks, "disc", oagm))
         assert not _same_sets(*got)

@@ -64,7 +64,10 @@ def copy_project(dest: Path, overrides: list[str]) -> Path:
     """A git repository at `dest` holding the project's files (tracked and new ones, not ignored), with
     params.yaml's `overrides` applied and committed."""
     listed = subprocess.run(
-        ["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT, capture_output=True, text=True,
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
         check=True,
     ).stdout.split("\n")
     for rel in filter(None, listed):
@@ -86,15 +89,17 @@ def commit(repo: Path, message: str) -> None:
     subprocess.run(["git", "add", "-A"], cwd=repo, check=True)
     subprocess.run(
         ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "--allow-empty", "-m", message],
-        cwd=repo, check=True,
+        cwd=repo,
+        check=True,
     )
 
 
 @pytest.mark.slow
 def test_offline_pipeline_end_to_end(project):
     output = run(["dvc", "repro"], project)
-    expected = {"fetch", "summarize"} | {f"{s}@{c}" for s in ("sample", "synthesize", "train", "evaluate")
-                                           for c in CATEGORIES}
+    expected = {"fetch", "summarize"} | {
+        f"{s}@{c}" for s in ("sample", "synthesize", "train", "evaluate") for c in CATEGORIES
+    }
     assert stages_ran(output) == expected
 
     summary = json.loads((project / "metrics.json").read_text())

@@ -23,37 +23,65 @@ from mpad.plots import (
 )
 
 ABLATIONS = {  # name: (meta_epochs, lambda, oagm, attention, k, memory)
-    "human-prompts": (0, 1.0, True, "vv", 2, False), "lambda-0": (3, 0, True, "vv", 2, False),
-    "lambda-0.5": (3, 0.5, True, "vv", 2, False), "no-oagm": (3, 1, False, "vv", 2, False),
-    "vv-att": (3, 1, True, "vv", 0, False), "qk-laa": (3, 1, True, "qk", 2, False),
-    "memory": (3, 1, True, "vv", 2, True), "full": (3, 1, True, "vv", 2, False),
+    "human-prompts": (0, 1.0, True, "vv", 2, False),
+    "lambda-0": (3, 0, True, "vv", 2, False),
+    "lambda-0.5": (3, 0.5, True, "vv", 2, False),
+    "no-oagm": (3, 1, False, "vv", 2, False),
+    "vv-att": (3, 1, True, "vv", 0, False),
+    "qk-laa": (3, 1, True, "qk", 2, False),
+    "memory": (3, 1, True, "vv", 2, True),
+    "full": (3, 1, True, "vv", 2, False),
 }
 
 
 def _data(i: int, knobs: tuple, timestamp: str | None) -> dict:
     """An experiment's `data` as `dvc exp show --json` gives it; pixel AUROC stripes 50 + i, disc 60 + i."""
     epochs, lam, oagm, att, k, memory = knobs
-    params = {"dataset": {"categories": ["stripes", "disc"], "url": "https://" + "x" * 100},
-              "laa": {"attention": att, "k": k}, "oagm": {"enabled": oagm}, "memory": {"enabled": memory},
-              "mpts": {"lambda": lam, "meta_epochs": epochs, "steps": 50}}
-    per = {c: {"pixel_auroc": base + i, "aupro": 40.0, "random_weights": True} for c, base in (("stripes", 50.0),
-                                                                                             ("disc", 60.0))}
+    params = {
+        "dataset": {"categories": ["stripes", "disc"], "url": "https://" + "x" * 100},
+        "laa": {"attention": att, "k": k},
+        "oagm": {"enabled": oagm},
+        "memory": {"enabled": memory},
+        "mpts": {"lambda": lam, "meta_epochs": epochs, "steps": 50},
+    }
+    per = {
+        c: {"pixel_auroc": base + i, "aupro": 40.0, "random_weights": True}
+        for c, base in (("stripes", 50.0), ("disc", 60.0))
+    }
     mean = {"pixel_auroc": 55.0 + i, "aupro": 40.0, "pixel_f1_max": 12.345, "image_auroc": 99.999}
-    return {"rev": "r", "timestamp": timestamp, "params": {"params.yaml": {"data": params}},
-            "metrics": {"metrics/stripes.json": {"data": per["stripes"]}, "metrics/disc.json": {"data": per["disc"]},
-                        "metrics.json": {"data": {"mean": mean, "random_weights": True, "note": "RANDOM..."}}},
-            "deps": {"stages/train.py": {"hash": "md5"}}}
+    return {
+        "rev": "r",
+        "timestamp": timestamp,
+        "params": {"params.yaml": {"data": params}},
+        "metrics": {
+            "metrics/stripes.json": {"data": per["stripes"]},
+            "metrics/disc.json": {"data": per["disc"]},
+            "metrics.json": {"data": {"mean": mean, "random_weights": True, "note": "RANDOM..."}},
+        },
+        "deps": {"stages/train.py": {"hash": "md5"}},
+    }
 
 
 def exp_show() -> list[dict]:
     """Workspace, then a baseline without results whose experiments are listed newest first, one still running."""
-    runs = [{"revs": [{"rev": f"{i:040x}", "name": name, "data": _data(i, knobs, f"2026-01-01T10:{i:02d}:00")}],
-             "executor": None, "name": name} for i, (name, knobs) in enumerate(ABLATIONS.items())]
-    running = {"revs": [{"rev": "workspace", "name": "wip", "data": _data(9, ABLATIONS["full"], None)}],
-               "executor": {"state": "running"}, "name": "wip"}
+    runs = [
+        {
+            "revs": [{"rev": f"{i:040x}", "name": name, "data": _data(i, knobs, f"2026-01-01T10:{i:02d}:00")}],
+            "executor": None,
+            "name": name,
+        }
+        for i, (name, knobs) in enumerate(ABLATIONS.items())
+    ]
+    running = {
+        "revs": [{"rev": "workspace", "name": "wip", "data": _data(9, ABLATIONS["full"], None)}],
+        "executor": {"state": "running"},
+        "name": "wip",
+    }
     no_results = {"metrics": {"metrics.json": {"error": {"type": "FileNotFoundError"}}}}
-    return [{"rev": "workspace", "name": None, "data": _data(7, ABLATIONS["full"], None), "experiments": None},
-            {"rev": "abc1234" + "0" * 33, "name": "main", "data": no_results, "experiments": [running] + runs[::-1]}]
+    return [
+        {"rev": "workspace", "name": None, "data": _data(7, ABLATIONS["full"], None), "experiments": None},
+        {"rev": "abc1234" + "0" * 33, "name": "main", "data": no_results, "experiments": [running] + runs[::-1]},
+    ]
 
 
 def test_experiments_in_run_order_without_workspace_running_or_empty_rows():
@@ -66,14 +94,45 @@ def test_compare_table_fits_120_columns_and_shows_knobs_and_means():
     table = compare_table(experiments(exp_show()))
     lines = table.splitlines()
     assert max(map(len, lines)) <= 120, table
-    assert lines[0].split() == ["experiment", "laa", "laa", "oagm", "memory", "mpts", "mpts", "Pixel", "AUPRO@0.3",
-                                "Pixel", "Image"]
-    assert lines[1].split() == ["attention", "k", "enabled", "enabled", "lambda", "meta_epochs", "AUROC", "F1-max",
-                                "AUROC"]
+    assert lines[0].split() == [
+        "experiment",
+        "laa",
+        "laa",
+        "oagm",
+        "memory",
+        "mpts",
+        "mpts",
+        "Pixel",
+        "AUPRO@0.3",
+        "Pixel",
+        "Image",
+    ]
+    assert lines[1].split() == [
+        "attention",
+        "k",
+        "enabled",
+        "enabled",
+        "lambda",
+        "meta_epochs",
+        "AUROC",
+        "F1-max",
+        "AUROC",
+    ]
     # unchanged params (steps, categories, the long url), deps and the note are not columns
     assert "steps" not in table and "url" not in table and "md5" not in table and "RANDOM..." not in table
-    assert lines[3].split() == ["human-prompts*", "vv", "2", "true", "false", "1", "0", "55.00", "40.00", "12.35",
-                                "100.00"]
+    assert lines[3].split() == [
+        "human-prompts*",
+        "vv",
+        "2",
+        "true",
+        "false",
+        "1",
+        "0",
+        "55.00",
+        "40.00",
+        "12.35",
+        "100.00",
+    ]
     assert lines[5].split()[5] == "0.5"  # params as written; 1.0 (human-prompts) and 1 are the same value
     assert lines[6].split()[0] == "no-oagm*" and lines[6].split()[3] == "false" and lines[6].split()[7] == "58.00"
     assert lines[-1].startswith("* random weights")

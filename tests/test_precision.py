@@ -54,8 +54,9 @@ def run_pipeline(folder: Path, precision: str) -> dict[str, dict]:
     params["model"]["precision"] = precision
     (folder / "params.yaml").write_text(yaml.safe_dump(params))
     runner = CliRunner()
-    steps = [["fetch"]] + [[stage, "--category", c] for stage in ("sample", "synthesize", "train", "evaluate")
-                           for c in CATEGORIES]
+    steps = [["fetch"]] + [
+        [stage, "--category", c] for stage in ("sample", "synthesize", "train", "evaluate") for c in CATEGORIES
+    ]
     for args in steps:
         result = runner.invoke(app, args)
         assert result.exit_code == 0, (precision, args, result.output)
@@ -110,12 +111,27 @@ def test_bf16_predict_matches_fp32(runs):
     scores = {}
     for precision in ("fp32", "bf16"):
         out = folder / f"predicted-{precision}"
-        result = CliRunner().invoke(app, ["predict", "--prompts", str(folder / "data/prompts/disc.pt"), str(images),
-                                          "--out", str(out), "--device", "cpu", "--precision", precision,
-                                          "--thresholds-file", str(folder / "data/thresholds/disc.json")])
+        result = CliRunner().invoke(
+            app,
+            [
+                "predict",
+                "--prompts",
+                str(folder / "data/prompts/disc.pt"),
+                str(images),
+                "--out",
+                str(out),
+                "--device",
+                "cpu",
+                "--precision",
+                precision,
+                "--thresholds-file",
+                str(folder / "data/thresholds/disc.json"),
+            ],
+        )
         assert result.exit_code == 0, result.output
-        scores[precision] = [row["image_score"] for row in json.loads((out / "predictions.json").read_text())
-                             ["predictions"]]
+        scores[precision] = [
+            row["image_score"] for row in json.loads((out / "predictions.json").read_text())["predictions"]
+        ]
     assert len(scores["fp32"]) > 0
     assert max(abs(a - b) for a, b in zip(scores["fp32"], scores["bf16"], strict=True)) < 0.1
     shutil.rmtree(folder / "predicted-bf16")

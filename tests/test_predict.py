@@ -48,8 +48,14 @@ def files(tmp_path_factory, tiny_clip, dataset) -> dict[str, Path]:
         text=text, laa=LAA, extra={"memory": memory.to_record()},
     )  # fmt: skip
     save_prompts(tmp / "disc.pt", record)
-    thresholds = {"category": "disc", "image_score": "max", "smoothing_sigma": 1.0, "image_threshold": 0.5,
-                  "map_low": 0.1, "map_high": 0.9}
+    thresholds = {
+        "category": "disc",
+        "image_score": "max",
+        "smoothing_sigma": 1.0,
+        "image_threshold": 0.5,
+        "map_low": 0.1,
+        "map_high": 0.9,
+    }
     (tmp / "disc.json").write_text(json.dumps(thresholds))
     good = sorted((dataset / "disc/test/good").glob("*.png"))[0]
     bad = sorted(p for p in (dataset / "disc/test").glob("*/*.png") if p.parent.name != "good")[0]
@@ -207,8 +213,10 @@ def test_colliding_stems_get_distinct_outputs(files, tmp_path):
 
 def test_bad_out_is_refused_before_any_work(files, tmp_path, monkeypatch):
     (tmp_path / "file.txt").write_text("x")
-    for out, message in ((tmp_path / "file.txt", "file.txt: an existing file, not a folder"),
-                         (tmp_path / "file.txt" / "sub", f"sub: lies under {tmp_path / 'file.txt'}, which is a file")):
+    for out, message in (
+        (tmp_path / "file.txt", "file.txt: an existing file, not a folder"),
+        (tmp_path / "file.txt" / "sub", f"sub: lies under {tmp_path / 'file.txt'}, which is a file"),
+    ):
         result = _invoke(["--prompts", files["prompts"], files["good"], "--out", out])
         assert result.exit_code == 2 and message in result.stderr
     real_access = os.access  # tests may run as root, who may write anywhere: deny tmp_path by hand

@@ -72,8 +72,11 @@ def test_short_context_has_the_full_context_values_and_gradients(tiny_clip):
 def test_prompts_longer_than_the_context_are_refused(tiny_clip):
     import pytest
 
-    with pytest.raises(ValueError, match=r"prompts too long: 100 general \+ 2 class-name tokens .* = 107 tokens, "
-                                         r"the text encoder's context holds 77"):
+    with pytest.raises(
+        ValueError,
+        match=r"prompts too long: 100 general \+ 2 class-name tokens .* = 107 tokens, "
+        r"the text encoder's context holds 77",
+    ):
         PromptLearner(tiny_clip.model, tiny_clip.tokenizer, "metal_nut", 100, 2, 2)
     # The longest prompt that fits: 77 tokens exactly.
     PromptLearner(tiny_clip.model, tiny_clip.tokenizer, "metal_nut", 70, 2, 2)

@@ -44,8 +44,9 @@ def test_image_scores():
     assert image_scores(maps, "max").tolist() == [1.0, 0.5]
     torch.testing.assert_close(image_scores(maps, "topk_mean", topk=0.1), torch.tensor([0.1, 0.5]))
     text = torch.eye(2)
-    glob = image_scores(maps, "global", image_embedding=torch.tensor([[0.0, 3.0], [3.0, 0.0]]), text=text,
-                        logit_scale=5.0)
+    glob = image_scores(
+        maps, "global", image_embedding=torch.tensor([[0.0, 3.0], [3.0, 0.0]]), text=text, logit_scale=5.0
+    )
     assert glob[0] > 0.99 and glob[1] < 0.01
     with pytest.raises(ValueError, match="image_score"):
         image_scores(maps, "median")

@@ -30,11 +30,19 @@ def shots(tmp_path):
 def test_roundtrip(shots):
     root, out, record = shots
     assert json.loads(out.read_text()) == record
-    assert record == {"category": "disc", "root": str(root), "k": 2, "seed": 7, "shots": [
-        {"path": f"disc/train/good/00{i}.png", "sha256": sha256_file(root / f"disc/train/good/00{i}.png")}
-        for i in range(2)]}
-    assert load_shots(out, root, "disc") == [(f"disc/train/good/00{i}.png", root / f"disc/train/good/00{i}.png")
-                                             for i in range(2)]
+    assert record == {
+        "category": "disc",
+        "root": str(root),
+        "k": 2,
+        "seed": 7,
+        "shots": [
+            {"path": f"disc/train/good/00{i}.png", "sha256": sha256_file(root / f"disc/train/good/00{i}.png")}
+            for i in range(2)
+        ],
+    }
+    assert load_shots(out, root, "disc") == [
+        (f"disc/train/good/00{i}.png", root / f"disc/train/good/00{i}.png") for i in range(2)
+    ]
 
 
 def test_changed_image_is_named(shots):

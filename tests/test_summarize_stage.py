@@ -15,8 +15,14 @@ from stages.cli import app
 def test_summarize_means_and_missing_metrics(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     Path("params.yaml").write_text(yaml.safe_dump({"dataset": {"categories": ["a", "b", "c"]}}))
-    save_manifest("data/manifest.json", {"name": "folder", "root": "x", "categories": {
-        "a": {"group": "texture"}, "b": {"group": "object"}, "c": {"group": "object"}}})
+    save_manifest(
+        "data/manifest.json",
+        {
+            "name": "folder",
+            "root": "x",
+            "categories": {"a": {"group": "texture"}, "b": {"group": "object"}, "c": {"group": "object"}},
+        },
+    )
     Path("metrics").mkdir()
     for name, value in (("a", 90.0), ("b", 70.0), ("c", 60.0)):
         Path(f"metrics/{name}.json").write_text(json.dumps({"pixel_auroc": value, "random_weights": True}))
@@ -36,12 +42,15 @@ def test_summarize_means_and_missing_metrics(tmp_path, monkeypatch):
 def test_unmeasurable_category_is_marked_and_left_out(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     Path("params.yaml").write_text(yaml.safe_dump({"dataset": {"categories": ["a", "b"]}}))
-    save_manifest("data/manifest.json", {"name": "folder", "root": "x", "categories": {
-        "a": {"group": "texture"}, "b": {"group": "object"}}})
+    save_manifest(
+        "data/manifest.json",
+        {"name": "folder", "root": "x", "categories": {"a": {"group": "texture"}, "b": {"group": "object"}}},
+    )
     Path("metrics").mkdir()
     Path("metrics/a.json").write_text(json.dumps({"pixel_auroc": 90.0, "image_auroc": 80.0}))
-    Path("metrics/b.json").write_text(json.dumps({"pixel_auroc": None, "image_auroc": None,
-                                                  "null_reason": "image metrics: no defect image"}))
+    Path("metrics/b.json").write_text(
+        json.dumps({"pixel_auroc": None, "image_auroc": None, "null_reason": "image metrics: no defect image"})
+    )
     result = CliRunner().invoke(app, ["summarize"])
     assert result.exit_code == 0, result.output
     assert "warning: b cannot be fully measured (image metrics: no defect image)" in result.stderr

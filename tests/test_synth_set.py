@@ -14,12 +14,18 @@ from mpad.synth_set import SynthSetError, read_synth_set, write_synth_set
 
 def _set(tmp_path, category="disc", shots=2, per_shot=3, size=(12, 16)):
     rng = np.random.default_rng(0)
-    drawn = [[SynthesizedSample(rng.integers(0, 256, (*size, 3), dtype=np.uint8), rng.random(size) < 0.3)
-              for _ in range(per_shot)] for _ in range(shots)]
+    drawn = [
+        [
+            SynthesizedSample(rng.integers(0, 256, (*size, 3), dtype=np.uint8), rng.random(size) < 0.3)
+            for _ in range(per_shot)
+        ]
+        for _ in range(shots)
+    ]
     objects = [ObjectMask(np.ones(size, bool)), ObjectMask(np.ones(size, bool), fallback="empty mask")][:shots]
     folder = tmp_path / category
-    manifest = write_synth_set(folder, category, size, [f"s{i}.png" for i in range(shots)], objects, iter(drawn),
-                               {"texture": False})
+    manifest = write_synth_set(
+        folder, category, size, [f"s{i}.png" for i in range(shots)], objects, iter(drawn), {"texture": False}
+    )
     return folder, drawn, manifest
 
 
@@ -52,14 +58,19 @@ def test_failed_write_keeps_previous_set(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["disc"]  # no temporary left
 
 
-@pytest.mark.parametrize(("breakage", "message"), [
-    (lambda f: (f / "manifest.json").unlink(), "manifest.json: manifest not found"),
-    (lambda f: (f / "manifest.json").write_text("{"), "manifest.json: not a valid synthesis manifest"),
-    (lambda f: (f / "masks" / "0002.png").unlink(), "masks/0002.png: file listed in the manifest is missing"),
-    (lambda f: (f / "images" / "0001.png").write_bytes(b"x"), "images/0001.png: not a readable image"),
-    (lambda f: Image.fromarray(np.zeros((8, 8), np.uint8)).save(f / "masks" / "0000.png"),
-     "masks/0000.png: mask is 8x8, the manifest says 16x12"),
-])
+@pytest.mark.parametrize(
+    ("breakage", "message"),
+    [
+        (lambda f: (f / "manifest.json").unlink(), "manifest.json: manifest not found"),
+        (lambda f: (f / "manifest.json").write_text("{"), "manifest.json: not a valid synthesis manifest"),
+        (lambda f: (f / "masks" / "0002.png").unlink(), "masks/0002.png: file listed in the manifest is missing"),
+        (lambda f: (f / "images" / "0001.png").write_bytes(b"x"), "images/0001.png: not a readable image"),
+        (
+            lambda f: Image.fromarray(np.zeros((8, 8), np.uint8)).save(f / "masks" / "0000.png"),
+            "masks/0000.png: mask is 8x8, the manifest says 16x12",
+        ),
+    ],
+)
 def test_broken_set_is_named(tmp_path, breakage, message):
     folder, _, _ = _set(tmp_path)
     breakage(folder)

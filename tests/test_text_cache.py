@@ -38,8 +38,10 @@ def test_cached_ensembles_equal_computed_ones_and_run_the_tower_once(tmp_path, t
 
 
 def test_key_changes_with_precision_and_weights_file(tmp_path, tiny_clip):
-    paths = {TextCache.for_bundle(tiny_clip, tmp_path).path,
-             TextCache.for_bundle(load_clip("mpad-tiny", "none", precision="bf16"), tmp_path).path}
+    paths = {
+        TextCache.for_bundle(tiny_clip, tmp_path).path,
+        TextCache.for_bundle(load_clip("mpad-tiny", "none", precision="bf16"), tmp_path).path,
+    }
     checkpoint = tmp_path / "tiny.pt"
     torch.save(tiny_clip.model.state_dict(), checkpoint)
     from_file = TextCache.for_bundle(load_clip("mpad-tiny", str(checkpoint)), tmp_path).path

@@ -34,8 +34,7 @@ def _result() -> CategoryResult:
 
 
 def test_record_values():
-    record = thresholds_record(_result(), ScoringConfig(smoothing_sigma=2.0, image_score="topk_mean", topk=0.5),
-                               "disc")
+    record = thresholds_record(_result(), ScoringConfig(smoothing_sigma=2.0, image_score="topk_mean", topk=0.5), "disc")
     assert record["image_score"] == "topk_mean" and record["smoothing_sigma"] == 2.0 and record["topk"] == 0.5
     assert record["resolution"] == 8 and record["category"] == "disc"
     assert record["image_f1_max"] == 1.0 and record["image_threshold"] == pytest.approx(0.9)
@@ -96,12 +95,27 @@ def test_undefined_threshold_may_be_null(tmp_path):
 def test_predict_stops_on_a_bad_thresholds_file(tmp_path, tiny_clip):
     text = torch.nn.functional.normalize(torch.randn(2, tiny_clip.model.text_projection.shape[1]), dim=-1)
     laa = {"attention": "vv", "k": 2, "layers": 2, "cls": "neighbor-cls"}
-    save_prompts(tmp_path / "disc.pt", prompt_record(category="disc", model=model_fingerprint(tiny_clip),
-                                                     sizes=(0, 1, 1), vectors={}, text=text, laa=laa))
+    save_prompts(
+        tmp_path / "disc.pt",
+        prompt_record(
+            category="disc", model=model_fingerprint(tiny_clip), sizes=(0, 1, 1), vectors={}, text=text, laa=laa
+        ),
+    )
     (tmp_path / "disc.json").write_text(json.dumps({"smoothing_sigma": -1}))
     (tmp_path / "a.png").write_bytes(b"")
-    result = CliRunner().invoke(app, ["predict", str(tmp_path / "a.png"), "--prompts", str(tmp_path / "disc.pt"),
-                                      "--out", str(tmp_path / "out"), "--thresholds-file", str(tmp_path / "disc.json")])
+    result = CliRunner().invoke(
+        app,
+        [
+            "predict",
+            str(tmp_path / "a.png"),
+            "--prompts",
+            str(tmp_path / "disc.pt"),
+            "--out",
+            str(tmp_path / "out"),
+            "--thresholds-file",
+            str(tmp_path / "disc.json"),
+        ],
+    )
     assert result.exit_code == 1
     assert f"{tmp_path / 'disc.json'}: bad thresholds file: scoring.smoothing_sigma = -1" in result.stderr
     assert not (tmp_path / "out").exists()  # stopped before any work

@@ -24,8 +24,15 @@ PARAMS = {
     "model": {"name": "mpad-tiny", "pretrained": "none", "device": "cpu", "precision": "fp32"},
     "laa": {"attention": "vv", "k": 2, "layers": 2, "cls": "neighbor-cls"},
     "prompts": {"n_general": 3, "n_normal": 2, "n_anomaly": 1},
-    "mpts": {"lambda": 1.0, "calibration": "projection", "meta_epochs": 2, "steps": 4, "lr": 0.01,
-             "batch_size": 8, "seed": 0},
+    "mpts": {
+        "lambda": 1.0,
+        "calibration": "projection",
+        "meta_epochs": 2,
+        "steps": 4,
+        "lr": 0.01,
+        "batch_size": 8,
+        "seed": 0,
+    },
     "memory": {"enabled": False, "layers": [2, 4], "fusion": "harmonic"},
 }
 

@@ -45,15 +45,19 @@ def test_build_encoder_reads_config_and_stored_mapping_alike(tiny_clip):
 def test_no_meta_epochs_is_the_hand_written_baseline(tiny_clip):
     images, masks = _set()
     rows = []
-    learned = learn_prompts(tiny_clip, "disc", images, masks, LAA, PROMPTS, MptsConfig(meta_epochs=0),
-                            on_step=rows.append)
+    learned = learn_prompts(
+        tiny_clip, "disc", images, masks, LAA, PROMPTS, MptsConfig(meta_epochs=0), on_step=rows.append
+    )
     meta = meta_text_embeddings(tiny_clip.model, tiny_clip.tokenizer, "disc")
     torch.testing.assert_close(learned.result.text, meta)
     features = synth_features(tiny_clip, LAA, images)
     masks_t = torch.from_numpy(np.stack(masks))
     loss = float(anomaly_loss(score_maps(features, meta, float(tiny_clip.model.logit_scale.exp()), (64, 64)), masks_t))
-    assert rows == learned.result.history == [{"step": 0, "meta_epoch": 0, "loss_ano": pytest.approx(loss),
-                                               "loss_div": 0.0, "cos": 0.0, "calibrated": 0}]
+    assert (
+        rows
+        == learned.result.history
+        == [{"step": 0, "meta_epoch": 0, "loss_ano": pytest.approx(loss), "loss_div": 0.0, "cos": 0.0, "calibrated": 0}]
+    )
     assert learned.calibrated_fraction == 0.0 and learned.images == 5
 
 
@@ -66,11 +70,22 @@ def test_learning_and_record(tiny_clip):
     assert learned.calibrated_fraction == sum(r["calibrated"] for r in rows) / 6
     record = prompts_record(tiny_clip, "disc", learned, LAA, PROMPTS, mpts, memory={"layers": [2]})
     assert list(record) == ["format", "category", "model", "sizes", "vectors", "text", "laa", "memory", "train"]
-    assert record["sizes"] == [2, 1, 1] and record["laa"] == {"attention": "vv", "k": 2, "layers": 2,
-                                                              "cls": "neighbor-cls"}
-    assert record["train"] == {"final_loss": rows[-1]["loss_ano"], "steps": 6, "meta_epochs": 2, "lambda": 1.0,
-                               "calibration": "projection", "calibrated_fraction": learned.calibrated_fraction,
-                               "images": 5, "random_weights": True}
+    assert record["sizes"] == [2, 1, 1] and record["laa"] == {
+        "attention": "vv",
+        "k": 2,
+        "layers": 2,
+        "cls": "neighbor-cls",
+    }
+    assert record["train"] == {
+        "final_loss": rows[-1]["loss_ano"],
+        "steps": 6,
+        "meta_epochs": 2,
+        "lambda": 1.0,
+        "calibration": "projection",
+        "calibrated_fraction": learned.calibrated_fraction,
+        "images": 5,
+        "random_weights": True,
+    }
     assert isinstance(record["train"]["lambda"], float)  # as the stage always stored it
     assert torch.equal(record["vectors"]["anomaly"], learned.learner.anomaly.detach())
     assert record["vectors"]["general"].shape == (2, 128)

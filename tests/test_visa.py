@@ -60,8 +60,14 @@ def _visa_tar(csv_extra: str = "") -> tuple[bytes, dict[str, bytes]]:
 
 
 def _config(root: Path, url: str, payload: bytes, categories: list[str]) -> DatasetConfig:
-    return DatasetConfig(name="visa", root=str(root), url=url, sha256=hashlib.sha256(payload).hexdigest(),
-                         categories=categories, textures=None)
+    return DatasetConfig(
+        name="visa",
+        root=str(root),
+        url=url,
+        sha256=hashlib.sha256(payload).hexdigest(),
+        categories=categories,
+        textures=None,
+    )
 
 
 def test_visa_archive_is_downloaded_and_converted(tmp_path: Path) -> None:
@@ -99,12 +105,15 @@ def test_visa_archive_is_downloaded_and_converted(tmp_path: Path) -> None:
     assert (root / "candle/train/good/0000.JPG").stat().st_mtime_ns == before
 
 
-@pytest.mark.parametrize(("extra", "problem"), [
-    ("candle,test,anomaly,candle/Data/Images/Anomaly/000.JPG\n", "4 fields instead of 5"),
-    ("candle,val,normal,candle/Data/Images/Normal/0000.JPG,\n", "split 'val'"),
-    ("candle,test,anomaly,candle/Data/Images/Anomaly/001.JPG,\n", "an anomaly needs mask"),
-    ("candle,train,normal,../escape.JPG,\n", "must be relative, inside the archive"),
-])
+@pytest.mark.parametrize(
+    ("extra", "problem"),
+    [
+        ("candle,test,anomaly,candle/Data/Images/Anomaly/000.JPG\n", "4 fields instead of 5"),
+        ("candle,val,normal,candle/Data/Images/Normal/0000.JPG,\n", "split 'val'"),
+        ("candle,test,anomaly,candle/Data/Images/Anomaly/001.JPG,\n", "an anomaly needs mask"),
+        ("candle,train,normal,../escape.JPG,\n", "must be relative, inside the archive"),
+    ],
+)
 def test_malformed_split_row_is_refused_naming_its_line(tmp_path: Path, extra: str, problem: str) -> None:
     payload, files = _visa_tar(extra)
     line = len(files["split_csv/1cls.csv"].decode().splitlines())  # the extra row is the last line
@@ -116,8 +125,13 @@ def test_malformed_split_row_is_refused_naming_its_line(tmp_path: Path, extra: s
 
 
 def test_visa_without_network_says_where_to_put_the_archive(tmp_path: Path) -> None:
-    config = DatasetConfig(name="visa", root=str(tmp_path / "data/visa"), url="http://127.0.0.1:9/VisA_20220922.tar",
-                           categories=["candle"], textures=None)
+    config = DatasetConfig(
+        name="visa",
+        root=str(tmp_path / "data/visa"),
+        url="http://127.0.0.1:9/VisA_20220922.tar",
+        categories=["candle"],
+        textures=None,
+    )
     with pytest.raises(DatasetError) as err:
         prepare_dataset(config, tmp_path / "data/downloads", print)
     assert str((tmp_path / "data/downloads/VisA_20220922.tar").resolve()) in str(err.value)
