@@ -28,10 +28,10 @@ from mpad.deploy import DeployFileError, save_sidecar
 from mpad.detector import Detector
 from mpad.export import OPSET, ExportError, export_onnx
 from mpad.prediction import load_backbone
-from mpad.prompt_file import PromptFileError, load_prompts
-from mpad.thresholds import ThresholdsFileError, colour_range, load_thresholds, resolution_of, scoring_of
+from mpad.prompt_file import PromptFileError
+from mpad.thresholds import ThresholdsFileError, colour_range, resolution_of, scoring_of
 from stages.common import fail
-from stages.predict import check_category, default_thresholds
+from stages.predict import prompts_and_thresholds
 
 
 def main(
@@ -49,12 +49,7 @@ def main(
     if out.suffix != ".onnx":
         fail(f"--out {out}: name the model file <name>.onnx")
     try:
-        record = load_prompts(prompts)
-        category = str(record.get("category", ""))
-        if thresholds_file is None:
-            thresholds_file = default_thresholds(prompts, category)
-        info = load_thresholds(thresholds_file) if thresholds_file is not None else {}
-        check_category(info, category, thresholds_file, force)
+        record, category, thresholds_file, info = prompts_and_thresholds(prompts, thresholds_file, force)
         scoring, resolution = scoring_of(info), resolution_of(info)
         bundle = load_backbone(record, prompts, "cpu", "fp32", weights=model_pretrained)
         detector = Detector.from_record(bundle, record, scoring)

@@ -189,12 +189,7 @@ def _torch_setup(
     from mpad.prediction import load_backbone, torch_scorer
 
     try:  # the cheap checks first: the model loads only when prompts and thresholds are usable
-        record = load_prompts(prompts)
-        category = str(record.get("category", ""))
-        if thresholds_file is None:
-            thresholds_file = default_thresholds(prompts, category)
-        info = load_thresholds(thresholds_file) if thresholds_file is not None else {}
-        check_category(info, category, thresholds_file, force)
+        record, category, thresholds_file, info = prompts_and_thresholds(prompts, thresholds_file, force)
         scoring = scoring_of(info)
         bundle = load_backbone(record, prompts, device, precision, weights=model_pretrained)
         if bundle.random_weights or is_random(record["model"].get("pretrained")):
@@ -282,6 +277,20 @@ def _images_or_exit(args: list[str]) -> list[Path]:
     if not paths:
         _usage_error(f"no image found in {' '.join(args)}")
     return paths
+
+
+def prompts_and_thresholds(
+    prompts: Path, thresholds_file: Path | None, force: bool
+) -> tuple[dict[str, Any], str, Path | None, dict[str, Any]]:
+    """The prompts record, its category, the thresholds file used (given, else `default_thresholds`) and its
+    contents ({} without one); PromptFileError / ThresholdsFileError when either is unusable."""
+    record = load_prompts(prompts)
+    category = str(record.get("category", ""))
+    if thresholds_file is None:
+        thresholds_file = default_thresholds(prompts, category)
+    info = load_thresholds(thresholds_file) if thresholds_file is not None else {}
+    check_category(info, category, thresholds_file, force)
+    return record, category, thresholds_file, info
 
 
 def default_thresholds(prompts: Path, category: str) -> Path | None:

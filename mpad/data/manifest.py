@@ -25,13 +25,7 @@ def save_manifest(path: str | Path, manifest: dict[str, Any]) -> None:
 
 def load_manifest(path: str | Path) -> dict[str, Any]:
     """Read and check the manifest; DatasetError naming the file when it is missing or malformed."""
-    path = Path(path)
-    try:
-        manifest = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise DatasetError(f"{path}: dataset manifest not found") from None
-    except (OSError, ValueError) as err:
-        raise DatasetError(f"{path}: not a readable dataset manifest ({err})") from None
+    manifest = _read_json(path, "dataset manifest")
     if not isinstance(manifest, dict) or not isinstance(manifest.get("categories"), dict) or "root" not in manifest:
         raise DatasetError(f"{path}: not a dataset manifest (no 'root' and 'categories')")
     return manifest
@@ -54,13 +48,7 @@ def save_split_record(path: str | Path, manifest: dict[str, Any], category: str,
 def check_split_record(path: str | Path, root: str, category: str) -> None:
     """The split record at `path` must exist and describe `root` and `category` (else fetch has not run with
     these params); DatasetError otherwise."""
-    path = Path(path)
-    try:
-        record = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise DatasetError(f"{path}: not found") from None
-    except (OSError, ValueError) as err:
-        raise DatasetError(f"{path}: not readable ({err})") from None
+    record = _read_json(path, "split record")
     if not isinstance(record, dict) or (record.get("root"), record.get("category")) != (root, category):
         raise DatasetError(f"{path} does not describe category {category!r} under root {root!r}")
 
@@ -68,3 +56,13 @@ def check_split_record(path: str | Path, root: str, category: str) -> None:
 def group_of(manifest: dict[str, Any], category: str) -> str:
     """texture | object, as fetch recorded it."""
     return str(manifest["categories"].get(category, {}).get("group", "object"))
+
+
+def _read_json(path: str | Path, what: str) -> Any:
+    """The JSON at `path`; DatasetError naming the file and `what` it should be when missing or unreadable."""
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise DatasetError(f"{path}: {what} not found") from None
+    except (OSError, ValueError) as err:
+        raise DatasetError(f"{path}: not a readable {what} ({err})") from None
