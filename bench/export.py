@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from encoder import best_time  # bench/encoder.py: python puts bench/ first on the path
 
 from mpad.clip import load_clip
 from mpad.config import ScoringConfig
@@ -31,15 +31,6 @@ from mpad.prediction import torch_scorer
 MODELS = ("mpad-tiny", "ViT-B-16-plus-240")
 SETTINGS = {"attention": "vv", "k": 2, "layers": 6, "cls": "neighbor-cls"}
 RESOLUTION = 256
-
-
-def best_time(fn, images: torch.Tensor, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn(images)
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def main() -> None:
