@@ -10,7 +10,6 @@ refused). This module imports neither open_clip nor the model code: predict's on
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,7 @@ import numpy as np
 import torch
 
 from mpad.config import ConfigError, ScoringConfig
-from mpad.io import write_json
+from mpad.io import check_format, read_json_object, write_json
 
 FORMAT = 1
 INPUT_NAME = "images"
@@ -59,15 +58,8 @@ def load_sidecar(model: str | Path) -> dict[str, Any]:
         raise DeployFileError(f"{model}: ONNX model not found (write one with `mpad export`)")
     if not path.is_file():
         raise DeployFileError(f"{path}: the model's sidecar JSON is missing (`mpad export` writes both)")
-    try:
-        info = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise DeployFileError(f"{path}: not a readable sidecar JSON ({err})") from err
-    if not isinstance(info, dict) or info.get("format") != FORMAT:
-        raise DeployFileError(f"{path}: not an mpad export sidecar of format {FORMAT}")
-    lacking = [key for key in REQUIRED if key not in info]
-    if lacking:
-        raise DeployFileError(f"{path}: incomplete sidecar, it lacks {', '.join(lacking)} (export again)")
+    info = read_json_object(path, DeployFileError, "sidecar JSON")
+    check_format(info, path, DeployFileError, "export sidecar", FORMAT, REQUIRED, "export again")
     if info["sha256"] != file_sha256(model):
         raise DeployFileError(f"{path}: describes another export than {model} (its SHA-256 differs); export again")
     threshold = info["image_threshold"]

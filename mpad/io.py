@@ -79,3 +79,26 @@ def save_png(path: str | os.PathLike[str], pixels: np.ndarray) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(pixels).save(path, format="PNG", optimize=False, compress_level=6)
+
+
+def read_json_object(path: str | os.PathLike[str], error: type[Exception], what: str) -> dict[str, Any]:
+    """The JSON object in `path`; `error` naming the file and `what` it should be when unreadable or not an object."""
+    try:
+        record = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as err:
+        raise error(f"{path}: not a readable {what} ({err})") from err
+    if not isinstance(record, dict):
+        raise error(f"{path}: expected a JSON object ({what})")
+    return record
+
+
+def check_format(
+    record: Any, path: str | os.PathLike[str], error: type[Exception], kind: str, version: int, required: Sequence[str],
+    again: str,
+) -> None:  # fmt: skip
+    """`record` must be a mapping of format `version` holding `required`; else `error` naming `path` and what to do."""
+    if not isinstance(record, dict) or record.get("format") != version:
+        raise error(f"{path}: not an mpad {kind} of format {version}")
+    lacking = [key for key in required if key not in record]
+    if lacking:
+        raise error(f"{path}: incomplete {kind}, it lacks {', '.join(lacking)} ({again})")

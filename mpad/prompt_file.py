@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from mpad.io import write_bytes
+from mpad.io import check_format, write_bytes
 
 FORMAT = 1
 REQUIRED = ("category", "model", "text", "laa")  # what load_prompts checks for: evaluate and predict read them
@@ -68,11 +68,7 @@ def load_prompts(path: str | Path, expect_model: dict[str, Any] | None = None) -
         record = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises several types for a corrupt file
         raise PromptFileError(f"{path}: not a readable prompts file ({err})") from err
-    if not isinstance(record, dict) or record.get("format") != FORMAT:
-        raise PromptFileError(f"{path}: not an mpad prompts file of format {FORMAT}")
-    lacking = [key for key in REQUIRED if key not in record]
-    if lacking:
-        raise PromptFileError(f"{path}: incomplete prompts file, it lacks {', '.join(lacking)} (train again)")
+    check_format(record, path, PromptFileError, "prompts file", FORMAT, REQUIRED, "train again")
     text = record["text"]
     if not (isinstance(text, torch.Tensor) and text.ndim == 2 and text.shape[0] == 2):
         shape = tuple(text.shape) if isinstance(text, torch.Tensor) else type(text).__name__

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from mpad.io import write_json
+from mpad.io import read_json_object, write_json
 
 METRIC_ORDER = ("pixel_auroc", "aupro", "pixel_f1_max", "pixel_ap", "image_auroc", "image_f1_max", "image_ap")
 LABELS = {
@@ -28,13 +27,7 @@ def save_category_metrics(path: str | Path, metrics: dict[str, Any]) -> None:
 
 def load_category_metrics(path: str | Path) -> dict[str, Any]:
     """A category's metrics file (written by evaluate); ValueError naming the file when missing or unreadable."""
-    try:
-        metrics = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as err:
-        raise ValueError(f"{path}: missing or unreadable ({err})") from None
-    if not isinstance(metrics, dict):
-        raise ValueError(f"{path}: not a metrics file (a JSON object)")
-    return metrics
+    return read_json_object(path, ValueError, "metrics file")
 
 
 def mean_metrics(per_category: Mapping[str, Mapping[str, Any]], categories: list[str]) -> dict[str, float]:

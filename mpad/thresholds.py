@@ -9,7 +9,6 @@ the map colour range map_low..map_high (the 1st..99.9th percentile of the test m
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -17,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from mpad.config import ConfigError, EvaluateConfig, ScoringConfig
-from mpad.io import write_json
+from mpad.io import read_json_object, write_json
 from mpad.metrics import f1_max_threshold
 
 if TYPE_CHECKING:  # mpad.evaluation pulls in the model code; reading a record needs none of it
@@ -68,12 +67,7 @@ def load_thresholds(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ThresholdsFileError(f"{path}: thresholds file not found (run `mpad evaluate` or omit --thresholds-file)")
-    try:
-        record = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise ThresholdsFileError(f"{path}: not a readable thresholds JSON file ({err})") from err
-    if not isinstance(record, dict):
-        raise ThresholdsFileError(f"{path}: expected a JSON object of thresholds")
+    record = read_json_object(path, ThresholdsFileError, "thresholds JSON file")
     problems = [
         f"{key} = {record[key]!r}: must be a finite number"
         for key in _OPTIONAL + _RANGE

@@ -35,7 +35,7 @@ def test_summarize_means_and_missing_metrics(tmp_path, monkeypatch):
     assert "| Pixel AUROC | 90.00 | 70.00 | 60.00 | 73.33 |" in Path("metrics.md").read_text()
     Path("metrics/c.json").unlink()
     result = CliRunner().invoke(app, ["summarize"])
-    assert result.exit_code == 1 and "metrics/c.json: missing or unreadable" in result.output
+    assert result.exit_code == 1 and "metrics/c.json: not a readable metrics file" in result.output
     assert "run the evaluate stage" in result.output
 
 
