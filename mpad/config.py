@@ -209,23 +209,19 @@ class DatasetConfig:
     def from_params(cls, values: Any) -> DatasetConfig:
         if isinstance(values, Mapping):  # an absent key means null (the dataset's own), not mvtec's value
             values = {"root": None, "url": None, "sha256": None, **values}
-        config = _read(
-            cls,
-            "dataset",
-            values,
-            {
-                "name": _choice(DATASETS),
-                "root": (lambda v: v is None or _is_text(v), "must be a folder path (or null: data/<name>)"),
-                "url": (lambda v: v is None or isinstance(v, str), "must be a URL (or null: the official archive)"),
-                "sha256": (
-                    lambda v: v is None or (isinstance(v, str) and len(v) == 64),
-                    "must be 64 hex digits or null",
-                ),
-                "categories": (_is_categories, CATEGORIES),
-                "textures": (lambda v: v is None or _is_names(v), NAMES + " (or null: the dataset's default)"),
-                "seed": _int(0),
-            },
-        )
+        rules = {
+            "name": _choice(DATASETS),
+            "root": (lambda v: v is None or _is_text(v), "must be a folder path (or null: data/<name>)"),
+            "url": (lambda v: v is None or isinstance(v, str), "must be a URL (or null: the official archive)"),
+            "sha256": (
+                lambda v: v is None or (isinstance(v, str) and len(v) == 64),
+                "must be 64 hex digits or null",
+            ),
+            "categories": (_is_categories, CATEGORIES),
+            "textures": (lambda v: v is None or _is_names(v), NAMES + " (or null: the dataset's default)"),
+            "seed": _int(0),
+        }
+        config = _read(cls, "dataset", values, rules)
         if config.root is None:
             raise ConfigError(f"dataset.root = None: must be set to your folder for dataset.name = {config.name}")
         return config
@@ -264,17 +260,13 @@ class ModelConfig:
     def from_params(cls, values: Any) -> ModelConfig:
         if isinstance(values, Mapping) and values.get("pretrained", "") is None:
             values = {**values, "pretrained": "none"}  # YAML null: random weights, like 'none'
-        return _read(
-            cls,
-            "model",
-            values,
-            {
-                "name": (_is_text, "must be an open_clip architecture name or mpad-tiny"),
-                "pretrained": (_is_text, "must be an open_clip tag, a checkpoint file path, or none"),
-                "device": (_is_device, "must be auto, cpu, cuda or cuda:N"),
-                "precision": _choice(PRECISIONS),
-            },
-        )
+        rules = {
+            "name": (_is_text, "must be an open_clip architecture name or mpad-tiny"),
+            "pretrained": (_is_text, "must be an open_clip tag, a checkpoint file path, or none"),
+            "device": (_is_device, "must be auto, cpu, cuda or cuda:N"),
+            "precision": _choice(PRECISIONS),
+        }
+        return _read(cls, "model", values, rules)
 
 
 @dataclass(frozen=True)
@@ -289,17 +281,13 @@ class LaaConfig:
 
     @classmethod
     def from_params(cls, values: Any) -> LaaConfig:
-        config = _read(
-            cls,
-            "laa",
-            values,
-            {
-                "attention": _choice(ATTENTIONS),
-                "k": (lambda v: v is None or _is_number(-math.inf)(v), "must be a number (<= 0 or null: no mask)"),
-                "layers": _int(1),
-                "cls": _choice(CLS_MODES),
-            },
-        )
+        rules = {
+            "attention": _choice(ATTENTIONS),
+            "k": (lambda v: v is None or _is_number(-math.inf)(v), "must be a number (<= 0 or null: no mask)"),
+            "layers": _int(1),
+            "cls": _choice(CLS_MODES),
+        }
+        config = _read(cls, "laa", values, rules)
         return config
 
     def as_dict(self) -> dict[str, Any]:
@@ -341,23 +329,19 @@ class OagmConfig:
 
     @classmethod
     def from_params(cls, values: Any) -> OagmConfig:
-        return _read(
-            cls,
-            "oagm",
-            values,
-            {
-                "enabled": (_is_bool, "must be true or false"),
-                "region": _choice(REGIONS),
-                "samples": _int(1),
-                "sigma": _non_negative(),
-                "clean_fraction": _fraction(),
-                "mask_method": _choice(MASK_METHODS),
-                "texture_mask": _choice(TEXTURE_MASKS),
-                "mask_threshold": _fraction(),
-                "mask_layers": _int(1),
-                "seed": _int(0),
-            },
-        )
+        rules = {
+            "enabled": (_is_bool, "must be true or false"),
+            "region": _choice(REGIONS),
+            "samples": _int(1),
+            "sigma": _non_negative(),
+            "clean_fraction": _fraction(),
+            "mask_method": _choice(MASK_METHODS),
+            "texture_mask": _choice(TEXTURE_MASKS),
+            "mask_threshold": _fraction(),
+            "mask_layers": _int(1),
+            "seed": _int(0),
+        }
+        return _read(cls, "oagm", values, rules)
 
 
 @dataclass(frozen=True)
@@ -370,16 +354,12 @@ class ScoringConfig:
 
     @classmethod
     def from_params(cls, values: Any) -> ScoringConfig:
-        return _read(
-            cls,
-            "scoring",
-            values,
-            {
-                "smoothing_sigma": _non_negative(),
-                "image_score": _choice(IMAGE_SCORES),
-                "topk": (_is_number(0, 1, open_low=True), "must be a fraction in (0, 1]"),
-            },
-        )
+        rules = {
+            "smoothing_sigma": _non_negative(),
+            "image_score": _choice(IMAGE_SCORES),
+            "topk": (_is_number(0, 1, open_low=True), "must be a fraction in (0, 1]"),
+        }
+        return _read(cls, "scoring", values, rules)
 
 
 @dataclass(frozen=True)
@@ -407,19 +387,15 @@ class MemoryConfig:
 
     @classmethod
     def from_params(cls, values: Any) -> MemoryConfig:
-        return _read(
-            cls,
-            "memory",
-            values,
-            {
-                "enabled": (_is_bool, "must be true or false"),
-                "layers": (
-                    lambda v: isinstance(v, list) and bool(v) and all(_is_int(1)(x) for x in v),
-                    "must be a non-empty list of block numbers >= 1",
-                ),
-                "fusion": _choice(FUSIONS),
-            },
-        )
+        rules = {
+            "enabled": (_is_bool, "must be true or false"),
+            "layers": (
+                lambda v: isinstance(v, list) and bool(v) and all(_is_int(1)(x) for x in v),
+                "must be a non-empty list of block numbers >= 1",
+            ),
+            "fusion": _choice(FUSIONS),
+        }
+        return _read(cls, "memory", values, rules)
 
 
 @dataclass(frozen=True)
@@ -456,20 +432,16 @@ class MptsConfig:
 
     @classmethod
     def from_params(cls, values: Any) -> MptsConfig:
-        return _read(
-            cls,
-            "mpts",
-            values,
-            {
-                "lam": _non_negative(),
-                "calibration": _choice(CALIBRATIONS),
-                "meta_epochs": _int(0),
-                "steps": _int(1),
-                "lr": (_is_number(0, open_low=True), "must be a number > 0"),
-                "batch_size": _int(1),
-                "seed": _int(0),
-            },
-        )
+        rules = {
+            "lam": _non_negative(),
+            "calibration": _choice(CALIBRATIONS),
+            "meta_epochs": _int(0),
+            "steps": _int(1),
+            "lr": (_is_number(0, open_low=True), "must be a number > 0"),
+            "batch_size": _int(1),
+            "seed": _int(0),
+        }
+        return _read(cls, "mpts", values, rules)
 
 
 SECTIONS: dict[str, Any] = {
