@@ -10,21 +10,18 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_records import LAA, tiny_record
 from typer.testing import CliRunner
 
-from mpad.clip import model_fingerprint
 from mpad.config import ScoringConfig
 from mpad.data.mvtec import load_image
 from mpad.data.synthetic import generate
 from mpad.deploy import OnnxScorer, load_sidecar
 from mpad.detector import Detector
 from mpad.features import stack_images
-from mpad.memory import build_memory
-from mpad.prompt_file import load_prompts, prompt_record, save_prompts
-from mpad.prompts import PromptLearner, TextEncoder, learned_text_embeddings
+from mpad.prompt_file import load_prompts, save_prompts
 from stages.cli import app
 
-LAA = {"attention": "vv", "k": 2, "layers": 2, "cls": "neighbor-cls"}
 THRESHOLDS = {
     "category": "disc",
     "image_score": "topk_mean",
@@ -51,18 +48,8 @@ def project(tmp_path_factory, tiny_clip) -> Path:
     root = tmp_path_factory.mktemp("project")
     (root / "data/prompts").mkdir(parents=True)
     (root / "data/thresholds").mkdir()
-    model = tiny_clip.model
-    learner = PromptLearner(model, tiny_clip.tokenizer, "disc", 2, 1, 1, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        text = learned_text_embeddings(learner, TextEncoder(model))
-    shot = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
-    memory = build_memory(tiny_clip, LAA, shot, [2, 4], "harmonic")
-    for name, extra in (("disc", {"memory": memory.to_record()}), ("plain", {})):
-        record = prompt_record(
-            category=name, model=model_fingerprint(tiny_clip), sizes=(2, 1, 1),
-            vectors={"general": learner.general, "normal": learner.normal, "anomaly": learner.anomaly},
-            text=text, laa=LAA, extra=extra,
-        )  # fmt: skip
+    for name, memory in (("disc", True), ("plain", False)):
+        record = tiny_record(tiny_clip, name, memory)
         save_prompts(root / f"data/prompts/{name}.pt", record)
         (root / f"data/thresholds/{name}.json").write_text(json.dumps({**THRESHOLDS, "category": name}))
     return root

@@ -10,18 +10,15 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
+from tiny_records import tiny_record
 from typer.testing import CliRunner
 
-from mpad.clip import model_fingerprint
 from mpad.data.synthetic import generate
-from mpad.memory import build_memory
-from mpad.prompt_file import PromptFileError, load_prompts, prompt_record, save_prompts
-from mpad.prompts import PromptLearner, TextEncoder, learned_text_embeddings
+from mpad.prompt_file import PromptFileError, load_prompts, save_prompts
 from mpad.visualize import output_size
 from stages.cli import app
 from stages.predict import expand_images
 
-LAA = {"attention": "vv", "k": 2, "layers": 2, "cls": "neighbor-cls"}
 runner = CliRunner()
 
 
@@ -36,17 +33,7 @@ def dataset(tmp_path_factory) -> Path:
 def files(tmp_path_factory, tiny_clip, dataset) -> dict[str, Path]:
     """A prompts file (learned prompts at init, with a memory), a thresholds file, three test images."""
     tmp = tmp_path_factory.mktemp("predict")
-    model = tiny_clip.model
-    learner = PromptLearner(model, tiny_clip.tokenizer, "disc", 2, 1, 1, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        text = learned_text_embeddings(learner, TextEncoder(model))
-    shot = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
-    memory = build_memory(tiny_clip, LAA, shot, [2, 4], "harmonic")
-    record = prompt_record(
-        category="disc", model=model_fingerprint(tiny_clip), sizes=(2, 1, 1),
-        vectors={"general": learner.general, "normal": learner.normal, "anomaly": learner.anomaly},
-        text=text, laa=LAA, extra={"memory": memory.to_record()},
-    )  # fmt: skip
+    record = tiny_record(tiny_clip)
     save_prompts(tmp / "disc.pt", record)
     thresholds = {
         "category": "disc",
