@@ -13,7 +13,9 @@ import typer
 import yaml
 from tqdm import tqdm
 
+from mpad import config, layout
 from mpad.data import DatasetError
+from mpad.data.shots import load_shots
 
 PARAMS_OPTION = typer.Option(Path("params.yaml"), "--params", help="Parameters file (DVC's params.yaml).")
 
@@ -34,8 +36,6 @@ def load_params(path: Path) -> dict[str, Any]:
 def load_config(path: Path, *names: str) -> list[Any]:
     """The `mpad.config` objects of sections `names` of the params file, in that order; every bad value of
     them is reported (one line each) before the stage stops."""
-    from mpad import config  # light: no torch
-
     params = load_params(path)
     found, errors = [], []
     for name in names:
@@ -57,9 +57,6 @@ def fail(message: str) -> NoReturn:
 def read_shots(root: Path, category: str) -> list[tuple[str, Path]]:
     """(path relative to root, path) of each shot of `category` (`mpad.data.shots.load_shots`, checked
     against the sha256 recorded by `sample`); any problem stops the stage, naming the file."""
-    from mpad import layout
-    from mpad.data.shots import load_shots
-
     try:
         return load_shots(layout.shots_file(category), root, category)
     except DatasetError as err:
