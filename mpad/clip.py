@@ -21,17 +21,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import open_clip
 import torch
-
-from mpad.notes import RANDOM_WEIGHTS_NOTE
-
-log = logging.getLogger(__name__)
 
 RANDOM_INIT_SEED = 0
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -109,15 +105,16 @@ def load_clip(name: str, pretrained: str | None, device: str = "cpu", precision:
             f"unknown model.name {name!r}: not an open_clip architecture (see open_clip.list_models())"
         )
     torch_device = resolve_device(device)
-    random_weights = is_random(pretrained)
-    if random_weights:
-        log.warning("%s: %s", name, RANDOM_WEIGHTS_NOTE)
-    else:
+    random_weights = is_random(pretrained)  # the stages say so once (ClipBundle.random_weights), not us
+    if not random_weights:
         _check_pretrained(name, str(pretrained))
     try:
         # Random weights come from a fixed seed, so every stage that builds the model gets the same one;
         # weights that are loaded are not initialised first (open_clip loads them strictly: every one is set).
-        with torch.random.fork_rng(devices=[]), nullcontext() if random_weights else _no_weight_init():
+        with (
+            torch.random.fork_rng(devices=[]),
+            _quiet_random_init() if random_weights else _no_weight_init(),
+        ):
             torch.manual_seed(RANDOM_INIT_SEED)
             model = open_clip.create_model(
                 name,
@@ -128,8 +125,8 @@ def load_clip(name: str, pretrained: str | None, device: str = "cpu", precision:
     except Exception as err:  # torch / open_clip raise many types for an unreadable or foreign file
         if Path(str(pretrained)).is_file():
             raise ModelLoadError(
-                f"model.pretrained = {pretrained!r}: not a checkpoint of {name} ({type(err).__name__}: "
-                f"{str(err).splitlines()[0] if str(err) else ''}). Give a state dict saved from this architecture."
+                f"model.pretrained = {pretrained!r}: not a checkpoint of {name} ({_why_unreadable(err, pretrained)}). "
+                f"Give a state dict saved from this architecture."
             ) from err
         raise ModelLoadError(
             f"could not load weights {pretrained!r} for {name}: {err}. Without network access, download the "
@@ -173,6 +170,34 @@ _RESETS = (
     (torch.nn.Embedding, "reset_parameters"),
     (torch.nn.MultiheadAttention, "_reset_parameters"),
 )
+
+
+def _why_unreadable(err: Exception, path: str | Path) -> str:
+    """A short reason a checkpoint file failed to load: its kind when it is no torch file at all (torch's own
+    message then is a paragraph about weights_only), else the error's first line, capped."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    torch_file = head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"  # torch.save's zip, or a pickle
+    if not (torch_file or head[8:9] == b"{"):  # safetensors: an 8-byte length, then its JSON header
+        return "neither a torch zip archive, a pickle nor a safetensors file"
+    first = str(err).splitlines()[0] if str(err) else ""
+    return f"{type(err).__name__}: {first[:160]}"
+
+
+@contextmanager
+def _quiet_random_init() -> Iterator[None]:
+    """Drop open_clip's "No pretrained weights loaded ... initialized randomly" log line: the stages say it once,
+    in their own words."""
+
+    def keep(record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("No pretrained weights loaded")
+
+    root = logging.getLogger()
+    root.addFilter(keep)
+    try:
+        yield
+    finally:
+        root.removeFilter(keep)
 
 
 @contextmanager

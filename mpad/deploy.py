@@ -3,13 +3,14 @@
 `mpad export` (mpad.export) writes `<name>.onnx` and `<name>.onnx.json`. The sidecar says what the model
 was made from and how to feed it: the input size (H, W) the caller resizes to, the map resolution R, the
 scoring settings baked into the graph, the threshold and colour range from evaluate's thresholds file, the
-category, the backbone fingerprint, and the SHA-256 of the .onnx file (a sidecar of another export is
-refused). This module imports neither open_clip nor the model code: predict's onnx backend runs without them.
+category, the backbone fingerprint, the SHA-256 of the .onnx file (a sidecar of another export is
+refused) and those of the prompts and thresholds files it was made from (prompts_sha256, thresholds_sha256:
+predict refuses a --thresholds-file measured for other prompts). This module imports neither open_clip
+nor the model code: predict's onnx backend runs without them.
 """
 
 from __future__ import annotations
 
-import hashlib
 import math
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ import numpy as np
 import torch
 
 from mpad.config import ConfigError, ScoringConfig
-from mpad.io import check_format, read_json_object, write_json
+from mpad.io import check_format, read_json_object, sha256_file, write_json
 
 FORMAT = 1
 INPUT_NAME = "images"
@@ -36,18 +37,10 @@ def sidecar_path(model: str | Path) -> Path:
     return Path(f"{model}.json")
 
 
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def save_sidecar(model: str | Path, info: dict[str, Any]) -> Path:
     """Write `info` plus the format and the model file's SHA-256 beside `model`; returns the sidecar's path."""
     path = sidecar_path(model)
-    write_json(path, {**info, "format": FORMAT, "sha256": file_sha256(model)})
+    write_json(path, {**info, "format": FORMAT, "sha256": sha256_file(model)})
     return path
 
 
@@ -56,11 +49,17 @@ def load_sidecar(model: str | Path) -> dict[str, Any]:
     model, path = Path(model), sidecar_path(model)
     if not model.is_file():
         raise DeployFileError(f"{model}: ONNX model not found (write one with `mpad export`)")
+    with open(model, "rb") as f:
+        if f.read(4) == b"PK\x03\x04":  # a zip: what torch.save writes, e.g. a prompts file
+            raise DeployFileError(
+                f"{model}: not an ONNX model but a torch file (a prompts file?): score it with --backend torch "
+                f"--prompts {model}, or export it first with `mpad export --prompts {model} --out <name>.onnx`"
+            )
     if not path.is_file():
         raise DeployFileError(f"{path}: the model's sidecar JSON is missing (`mpad export` writes both)")
     info = read_json_object(path, DeployFileError, "sidecar JSON")
     check_format(info, path, DeployFileError, "export sidecar", FORMAT, REQUIRED, "export again")
-    if info["sha256"] != file_sha256(model):
+    if info["sha256"] != sha256_file(model):
         raise DeployFileError(f"{path}: describes another export than {model} (its SHA-256 differs); export again")
     threshold = info["image_threshold"]
     if threshold is not None and not (isinstance(threshold, (int, float)) and math.isfinite(threshold)):

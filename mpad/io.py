@@ -6,10 +6,12 @@ A stage killed halfway leaves either the old output or the new one, never half a
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -18,6 +20,22 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
+
+
+def bar_interval() -> float:
+    """Seconds between two redraws of a progress bar: tqdm's 0.1 on a terminal; 15 when stderr goes to a file
+    or a pipe (a DVC log), where every redraw is a new line kept for good."""
+    return 0.1 if sys.stderr.isatty() else 15.0
+
+
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    """Hex SHA-256 of a file's bytes, read in 1 MiB chunks: the identity of an artifact (prompts, ONNX model,
+    downloaded archive, shot image)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 @contextmanager

@@ -124,17 +124,24 @@ def predict_images(
 
 
 def save_predictions(out: Path, rows: list[dict[str, Any]], header: dict[str, Any]) -> None:
-    """predictions.csv (COLUMNS; floats with 6 decimals, None empty) and predictions.json
-    ({...header, "n_images", "n_failed", "predictions": rows}) in `out`."""
-    cells = [
-        ["" if row[c] is None else f"{row[c]:.6f}" if isinstance(row[c], float) else row[c] for c in COLUMNS]
-        for row in rows
-    ]
+    """predictions.csv (COLUMNS; None empty, floats as the shortest decimal that reads back exactly: the scores
+    in float32, the model's precision, the threshold in float64, so a score and a threshold that decide
+    differently never print alike) and predictions.json ({...header, "n_images", "n_failed", "predictions":
+    rows}) in `out`."""
+    cells = [[_cell(row[c], float64=c == "threshold") for c in COLUMNS] for row in rows]
     write_csv(out / "predictions.csv", COLUMNS, cells)
     write_json(
         out / "predictions.json",
         {**header, "n_images": len(rows), "n_failed": sum(r["status"] != "ok" for r in rows), "predictions": rows},
     )
+
+
+def _cell(value: Any, float64: bool) -> Any:
+    if value is None:
+        return ""
+    if not isinstance(value, float):
+        return value
+    return repr(value) if float64 else np.format_float_positional(np.float32(value), unique=True, trim="-")
 
 
 def _row(

@@ -16,6 +16,7 @@ from tqdm import tqdm
 from mpad import config, layout
 from mpad.data import DatasetError
 from mpad.data.shots import load_shots
+from mpad.io import bar_interval
 
 PARAMS_OPTION = typer.Option(Path("params.yaml"), "--params", help="Parameters file (DVC's params.yaml).")
 
@@ -54,6 +55,11 @@ def fail(message: str) -> NoReturn:
     raise typer.Exit(code=1)
 
 
+def warn(message: str, kind: str = "warning") -> None:
+    """`kind: message` on stderr in yellow: something the user should know, that does not stop the stage."""
+    typer.secho(f"{kind}: {message}", err=True, fg=typer.colors.YELLOW)
+
+
 def read_shots(root: Path, category: str) -> list[tuple[str, Path]]:
     """(path relative to root, path) of each shot of `category` (`mpad.data.shots.load_shots`, checked
     against the sha256 recorded by `sample`); any problem stops the stage, naming the file."""
@@ -75,6 +81,7 @@ class StageProgress(tqdm):
     per-item cost with it."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("mininterval", bar_interval())
         self.first_update: float | None = None
         self.first_n: float = 0
         self.done: float = 0  # items done (a disabled tqdm does not count)

@@ -7,7 +7,8 @@ Writes (all atomically; paths: mpad.layout):
   plots/roc_pixel/<category>.csv   pixel-level ROC curve (fpr, tpr); plots/roc_image/: image-level
   plots/pro/<category>.csv         PRO curve up to FPR 1 (fpr, pro)
   plots/overlays/<category>/*.png  [image | ground truth | anomaly map] for a few test images
-  data/thresholds/<category>.json  F1-max thresholds and the map colour range, read by `mpad predict`
+  data/thresholds/<category>.json  F1-max thresholds, the map colour range and the SHA-256 of the prompts file
+                                   they were measured with, read by `mpad predict` and `mpad export`
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from mpad.clip import ModelLoadError, load_clip, model_fingerprint
 from mpad.data import DatasetError, list_split
 from mpad.detector import Detector
 from mpad.evaluation import CURVES, category_metrics, curve_rows, run_detector, unmeasured
-from mpad.io import write_csv
+from mpad.io import sha256_file, write_csv
 from mpad.notes import RANDOM_WEIGHTS_NOTE
 from mpad.overlays import pick_overlays, save_overlays
 from mpad.prompt_file import PromptFileError, load_prompts
@@ -41,14 +42,15 @@ def main(
     torch.manual_seed(0)
     try:
         bundle = load_clip(model.name, model.pretrained, model.device, model.precision)
-        record = load_prompts(layout.prompts_file(category), expect_model=model_fingerprint(bundle))
+        prompts = layout.prompts_file(category)
+        record = load_prompts(prompts, expect_model=model_fingerprint(bundle))
         samples = list_split(dataset.path, category, "test")
         detector = Detector.from_record(bundle, record, scoring)
         with StageProgress(total=len(samples), desc=f"evaluate {category}", unit="img") as bar:
             result = run_detector(
                 detector, samples, settings.resolution, settings.batch_size, settings.workers, bar.update
             )
-        thresholds = thresholds_record(result, scoring, category)
+        thresholds = thresholds_record(result, scoring, category, sha256_file(prompts))
         picks = pick_overlays([s.defect for s in samples], settings.overlays)
         shown_range = (thresholds["map_low"], thresholds["map_high"])
         save_overlays(layout.overlays_dir(category), samples, result.maps, picks, shown_range)

@@ -7,7 +7,8 @@ Bakes into the graph (mpad.export) the backbone's weights, the LAA settings, the
 memory if the prompts have one, the normalisation (mean / std) and the scoring settings and map resolution
 of the thresholds file, found as `mpad predict` finds it (beside the prompts file, else data/thresholds/).
 Writes <file>.onnx and <file>.onnx.json (input size, resolution, scoring, image_threshold and colour range,
-category, backbone fingerprint, SHA-256 of the model), then checks the model on onnxruntime against torch.
+category, backbone fingerprint, the SHA-256 of the model, of the prompts file and of the thresholds file),
+then checks the model on onnxruntime against torch.
 
 Model input: images (N, 3, H, W) float32 in [0, 1], RGB, resized as a whole (no crop) to the sidecar's
 input_size (mpad.features.stack_images: bicubic, antialiased); the graph clamps and normalises.
@@ -27,11 +28,11 @@ from mpad.clip import ModelLoadError
 from mpad.deploy import DeployFileError, save_sidecar
 from mpad.detector import Detector
 from mpad.export import OPSET, ExportError, export_onnx
+from mpad.io import sha256_file
 from mpad.prediction import load_backbone
 from mpad.prompt_file import PromptFileError
-from mpad.thresholds import ThresholdsFileError, colour_range, resolution_of, scoring_of
-from stages.common import fail
-from stages.predict import prompts_and_thresholds
+from mpad.thresholds import ThresholdsFileError, colour_range, load_paired, resolution_of, scoring_of
+from stages.common import fail, warn
 
 
 def main(
@@ -40,7 +41,9 @@ def main(
     thresholds_file: Path | None = typer.Option(
         None, "--thresholds-file", help="From `mpad evaluate`; default: the category's, beside the prompts or in data/."
     ),
-    force: bool = typer.Option(False, "--force", help="Use a --thresholds-file measured on another category."),
+    force: bool = typer.Option(
+        False, "--force", help="Use a --thresholds-file measured on another category or for other prompts."
+    ),
     model_pretrained: str | None = typer.Option(
         None, "--model-pretrained", help="Weights to load instead of the stored ones (e.g. a moved checkpoint file)."
     ),
@@ -49,7 +52,10 @@ def main(
     if out.suffix != ".onnx":
         fail(f"--out {out}: name the model file <name>.onnx")
     try:
-        record, category, thresholds_file, info = prompts_and_thresholds(prompts, thresholds_file, force)
+        record, identity, pairing = load_paired(prompts, thresholds_file, force)
+        for message in pairing.warnings:
+            warn(message)
+        info, thresholds_file, category = pairing.info, pairing.path, str(record["category"])
         scoring, resolution = scoring_of(info), resolution_of(info)
         bundle = load_backbone(record, prompts, "cpu", "fp32", weights=model_pretrained)
         detector = Detector.from_record(bundle, record, scoring)
@@ -61,7 +67,9 @@ def main(
     low, high = colour_range(info)
     sidecar = save_sidecar(out, {
         "category": category, "model": record["model"], "random_weights": bundle.random_weights,
-        "prompts": str(prompts), "thresholds_file": None if thresholds_file is None else str(thresholds_file),
+        "prompts": str(prompts), "prompts_sha256": identity,
+        "thresholds_file": None if thresholds_file is None else str(thresholds_file),
+        "thresholds_sha256": None if thresholds_file is None else sha256_file(thresholds_file),
         "input_size": list(bundle.image_size), "mean": list(bundle.mean), "std": list(bundle.std),
         "resolution": resolution, "scoring": dataclasses.asdict(scoring), "memory": detector.memory is not None,
         "image_threshold": info.get("image_threshold"), "map_range": [low, high], "opset": OPSET,

@@ -14,8 +14,9 @@ come from the thresholds file that `mpad evaluate` writes, so that predict repro
 wherever it runs. Without `--thresholds-file`, the category's file beside the prompts file
 (`<p>/prompts/<category>.pt` -> `<p>/thresholds/<category>.json`: the project layout, found from any
 working directory), else `data/thresholds/<category>.json` of the working directory; with neither, a
-warning names the default scoring settings used instead. A thresholds file records its category: one of
-another category than the prompts' is refused unless `--force`.
+warning names the default scoring settings used instead. A thresholds file records its category and the
+SHA-256 of the prompts file it was measured with: one of another category or of other prompts is refused
+unless `--force` (one written before it recorded them is used with a warning that the pairing is unchecked).
 
 `--backend onnx` scores with a model written by `mpad export` on onnxruntime (the optional extra `export`),
 without open_clip or the checkpoint: the prompts, weights, scoring settings and resolution are baked into
@@ -61,14 +62,21 @@ from typing import Any, NoReturn
 import typer
 from tqdm import tqdm
 
-from mpad import layout
 from mpad.data import is_image_file
 from mpad.deploy import DeployFileError, OnnxScorer, load_sidecar, scoring_from, sidecar_path
 from mpad.notes import RANDOM_WEIGHTS_NOTE
 from mpad.prediction import Scorer, predict_images, save_predictions
-from mpad.prompt_file import PromptFileError, load_prompts
-from mpad.thresholds import ThresholdsFileError, colour_range, load_thresholds, resolution_of, scoring_of
-from stages.common import fail
+from mpad.prompt_file import PromptFileError
+from mpad.thresholds import (
+    ThresholdsFileError,
+    check_pairing,
+    colour_range,
+    load_paired,
+    load_thresholds,
+    resolution_of,
+    scoring_of,
+)
+from stages.common import StageProgress, fail, warn
 
 _GLOB_CHARS = set("*?[")
 BACKENDS = ("torch", "onnx")
@@ -111,7 +119,9 @@ def main(
     thresholds_file: Path | None = typer.Option(
         None, "--thresholds-file", help="From `mpad evaluate`; default: the category's, beside the prompts or in data/."
     ),
-    force: bool = typer.Option(False, "--force", help="Use a --thresholds-file measured on another category."),
+    force: bool = typer.Option(
+        False, "--force", help="Use a --thresholds-file measured on another category or for other prompts."
+    ),
     batch_size: int = typer.Option(8, "--batch-size", min=1, help="Images per forward pass."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N"),
     precision: str = typer.Option("fp32", "--precision", help="fp32 | fp16 | bf16 (half precision: GPU; torch)."),
@@ -136,7 +146,7 @@ def main(
     used, source = _pick_threshold(threshold, info, thresholds_file)
     low_high = colour_range(info)
     out.mkdir(parents=True, exist_ok=True)
-    with tqdm(total=len(paths), desc="predict", unit="img") as bar:
+    with StageProgress(total=len(paths), desc="predict", unit="img") as bar:
         rows = predict_images(
             score,
             input_size,
@@ -183,17 +193,20 @@ def _torch_setup(
     prompts: Path, thresholds_file: Path | None, force: bool, device: str, precision: str,
     model_pretrained: str | None, resolution: int | None,
 ) -> Setup:  # fmt: skip
-    """The prompts file's Detector on its backbone; its thresholds file (found as `default_thresholds` says)."""
+    """The prompts file's Detector on its backbone; its thresholds file (mpad.thresholds.pair_thresholds)."""
     from mpad.clip import ModelLoadError, is_random  # open_clip and the model code: this backend only
     from mpad.detector import Detector
     from mpad.prediction import load_backbone, torch_scorer
 
     try:  # the cheap checks first: the model loads only when prompts and thresholds are usable
-        record, category, thresholds_file, info = prompts_and_thresholds(prompts, thresholds_file, force)
+        record, identity, pairing = load_paired(prompts, thresholds_file, force)
+        for message in pairing.warnings:
+            warn(message)
+        info, thresholds_file, category = pairing.info, pairing.path, str(record["category"])
         scoring = scoring_of(info)
         bundle = load_backbone(record, prompts, device, precision, weights=model_pretrained)
         if bundle.random_weights or is_random(record["model"].get("pretrained")):
-            typer.secho(f"note: {RANDOM_WEIGHTS_NOTE}", err=True, fg=typer.colors.YELLOW)
+            warn(RANDOM_WEIGHTS_NOTE, "note")
     except (PromptFileError, ModelLoadError, ThresholdsFileError) as err:
         fail(str(err))
     size = resolution or resolution_of(info)
@@ -201,7 +214,7 @@ def _torch_setup(
         detector = Detector.from_record(bundle, record, scoring)
     except (ValueError, KeyError) as err:
         fail(f"{prompts}: cannot build the detector from it: {err}")
-    header = {"prompts": str(prompts), "category": category, "model": record["model"],
+    header = {"prompts": str(prompts), "prompts_sha256": identity, "category": category, "model": record["model"],
               "random_weights": bundle.random_weights, "memory": detector.memory is not None,
               "scoring": dataclasses.asdict(scoring), "resolution": size}  # fmt: skip
     return torch_scorer(detector, size), bundle.image_size, header, info, thresholds_file
@@ -222,7 +235,8 @@ def _onnx_setup(model: Path, thresholds_file: Path | None, force: bool, device: 
             thresholds_file = sidecar_path(model)
         else:
             info = load_thresholds(thresholds_file)
-            check_category(info, category, thresholds_file, force)
+            for message in check_pairing(info, thresholds_file, category, sidecar.get("prompts_sha256"), force):
+                warn(message)
             if (scoring_of(info), resolution_of(info)) != (scoring, size):
                 raise ThresholdsFileError(
                     f"{thresholds_file}: made with other scoring settings or resolution than {model} bakes in "
@@ -232,10 +246,11 @@ def _onnx_setup(model: Path, thresholds_file: Path | None, force: bool, device: 
     except (DeployFileError, ThresholdsFileError) as err:
         fail(str(err))
     if sidecar.get("random_weights"):
-        typer.secho(f"note: {RANDOM_WEIGHTS_NOTE}", err=True, fg=typer.colors.YELLOW)
+        warn(RANDOM_WEIGHTS_NOTE, "note")
     header = {
         "onnx_model": str(model),
         "prompts": sidecar.get("prompts"),
+        "prompts_sha256": sidecar.get("prompts_sha256"),
         "category": category,
         "model": sidecar["model"],
         "random_weights": bool(sidecar.get("random_weights")),
@@ -273,66 +288,10 @@ def _images_or_exit(args: list[str]) -> list[Path]:
     """The image paths of `args`, a warning per glob that matched nothing; exit status 2 when there is none."""
     paths, missing_globs = expand_images(args)
     for pattern in missing_globs:
-        typer.secho(f"warning: {pattern}: no image matches", err=True, fg=typer.colors.YELLOW)
+        warn(f"{pattern}: no image matches")
     if not paths:
         _usage_error(f"no image found in {' '.join(args)}")
     return paths
-
-
-def prompts_and_thresholds(
-    prompts: Path, thresholds_file: Path | None, force: bool
-) -> tuple[dict[str, Any], str, Path | None, dict[str, Any]]:
-    """The prompts record, its category, the thresholds file used (given, else `default_thresholds`) and its
-    contents ({} without one); PromptFileError / ThresholdsFileError when either is unusable."""
-    record = load_prompts(prompts)
-    category = str(record.get("category", ""))
-    if thresholds_file is None:
-        thresholds_file = default_thresholds(prompts, category)
-    info = load_thresholds(thresholds_file) if thresholds_file is not None else {}
-    check_category(info, category, thresholds_file, force)
-    return record, category, thresholds_file, info
-
-
-def default_thresholds(prompts: Path, category: str) -> Path | None:
-    """evaluate's thresholds file of `category`: the project's beside the prompts file (<p>/prompts/<category>.pt
-    -> <p>/thresholds/<category>.json), else data/thresholds/<category>.json of the working directory. None,
-    with a warning saying which scoring settings are used instead, when there is neither."""
-    looked = list(
-        dict.fromkeys([prompts.parent.parent / "thresholds" / f"{category}.json", layout.thresholds_file(category)])
-    )
-    found = next((path for path in looked if category and path.is_file()), None)
-    if found is None:
-        default = scoring_of({})
-        typer.secho(
-            f"warning: no thresholds file of {category or 'this category'} ({' or '.join(map(str, looked))}): scoring "
-            f"with the defaults smoothing_sigma {default.smoothing_sigma:g}, image_score {default.image_score}, "
-            f"{resolution_of({})} px, not necessarily those the prompts were evaluated with; pass --thresholds-file",
-            err=True, fg=typer.colors.YELLOW,
-        )  # fmt: skip
-    return found
-
-
-def check_category(info: dict[str, Any], category: str, path: Path | None, force: bool) -> None:
-    """Refuse (ThresholdsFileError) a thresholds file measured on another category than the prompts', unless
-    `force`; warn when the file records no category (written before it did)."""
-    if path is None:
-        return
-    measured = info.get("category")
-    if measured is None:
-        typer.secho(
-            f"warning: {path} records no category: cannot check that it belongs to {category}",
-            err=True,
-            fg=typer.colors.YELLOW,
-        )
-    elif measured != category and not force:
-        raise ThresholdsFileError(
-            f"{path}: thresholds of category {measured!r}, but the prompts are for {category!r}; pass that "
-            f"category's thresholds file, or --force to use this one anyway"
-        )
-    elif measured != category:
-        typer.secho(
-            f"warning: --force: using the thresholds of {measured!r} for {category!r}", err=True, fg=typer.colors.YELLOW
-        )
 
 
 def _pick_threshold(

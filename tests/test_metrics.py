@@ -70,6 +70,20 @@ def test_f1_max_brute_force(seed: int) -> None:
     assert best == pytest.approx(via_pr, abs=1e-12)
     assert f1_score(y, s >= thr) == pytest.approx(best, abs=1e-12)
     assert f1_max(s, y) == best
+    above, below = s[s >= thr].min(), s[s < thr].max()  # the cut lies strictly between two scores, midway
+    assert below < thr < above and thr == (above + below) / 2
+
+
+def test_f1_max_threshold_is_a_midpoint_not_a_score() -> None:
+    # float32 scores one ulp apart around the cut: the threshold still separates them, in float64
+    cut = np.float32(0.101286381483078)
+    below = np.nextafter(cut, np.float32(0))
+    s = np.array([0.05, below, cut, 0.3], dtype=np.float32)
+    best, thr = f1_max_threshold(s, np.array([0, 0, 1, 1]))
+    assert best == 1.0 and float(below) < thr < float(cut)
+    # every sample anomalous: below the lowest score by half the gap above it; all equal: 0.5 below
+    assert f1_max_threshold(np.array([0.2, 0.6, 0.9]), np.array([1, 1, 0])) == (0.8, pytest.approx(0.0))
+    assert f1_max_threshold(np.array([0.4, 0.4]), np.array([1, 0])) == (pytest.approx(2 / 3), pytest.approx(-0.1))
 
 
 def test_single_class_and_bad_labels_raise() -> None:

@@ -14,6 +14,7 @@ from tiny_records import tiny_record
 from typer.testing import CliRunner
 
 from mpad.data.synthetic import generate
+from mpad.io import sha256_file
 from mpad.prompt_file import PromptFileError, load_prompts, save_prompts
 from mpad.visualize import output_size
 from stages.cli import app
@@ -37,6 +38,7 @@ def files(tmp_path_factory, tiny_clip, dataset) -> dict[str, Path]:
     save_prompts(tmp / "disc.pt", record)
     thresholds = {
         "category": "disc",
+        "prompts_sha256": sha256_file(tmp / "disc.pt"),
         "image_score": "max",
         "smoothing_sigma": 1.0,
         "image_threshold": 0.5,
@@ -227,7 +229,34 @@ def test_thresholds_of_another_category_need_force(files, tmp_path):
     assert result.exit_code == 1 and "thresholds of category 'screw', but the prompts are for 'disc'" in result.stderr
     assert not (tmp_path / "out").exists()
     result = _invoke([*args, "--force"])
-    assert result.exit_code == 0 and "--force: using the thresholds of 'screw' for 'disc'" in result.stderr
+    assert result.exit_code == 0 and "--force: using" in result.stderr and "category 'screw'" in result.stderr
+
+
+def test_thresholds_of_other_prompts_need_force(files, tmp_path):
+    """Prompts learned with other settings (here: another anomaly vector) are not paired with the thresholds
+    measured for the first ones; a byte-identical copy elsewhere is; a file written before the pairing was
+    recorded is used with one warning."""
+    copy = tmp_path / "copy" / "disc.pt"
+    copy.parent.mkdir()
+    copy.write_bytes(files["prompts"].read_bytes())
+    retrained = tmp_path / "retrained" / "disc.pt"
+    record = files["record"]
+    save_prompts(retrained, dict(record, vectors=dict(record["vectors"], anomaly=record["vectors"]["anomaly"] + 1)))
+    pair = ["--thresholds-file", files["thresholds"], files["good"]]
+    result = _invoke(["--prompts", copy, *pair, "--out", tmp_path / "copy_out"])
+    assert result.exit_code == 0 and "warning" not in result.stderr, result.stderr
+    result = _invoke(["--prompts", retrained, *pair, "--out", tmp_path / "out"])
+    assert result.exit_code == 1 and "thresholds measured for other prompts (sha256 " in result.stderr
+    assert not (tmp_path / "out").exists()
+    result = _invoke(["--prompts", retrained, *pair, "--out", tmp_path / "out", "--force"])
+    assert result.exit_code == 0 and "--force: using" in result.stderr and "other prompts" in result.stderr
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps({k: v for k, v in json.loads(files["thresholds"].read_text()).items()
+                               if k != "prompts_sha256"}))  # fmt: skip
+    result = _invoke(["--prompts", retrained, "--thresholds-file", old, files["good"], "--out", tmp_path / "o2"])
+    assert result.exit_code == 0
+    warned = [line for line in result.stderr.splitlines() if "records no prompts_sha256" in line]
+    assert len(warned) == 1 and "cannot check" in warned[0]
 
 
 def test_scoring_settings_are_found_beside_the_prompts(files, tmp_path):

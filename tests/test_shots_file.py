@@ -9,8 +9,8 @@ import pytest
 from PIL import Image
 
 from mpad.data import DatasetError, Sample
-from mpad.data.download import sha256_file
 from mpad.data.shots import load_shots, save_shots
+from mpad.io import sha256_file
 
 
 @pytest.fixture

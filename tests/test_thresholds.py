@@ -34,11 +34,13 @@ def _result() -> CategoryResult:
 
 
 def test_record_values():
-    record = thresholds_record(_result(), ScoringConfig(smoothing_sigma=2.0, image_score="topk_mean", topk=0.5), "disc")
+    record = thresholds_record(
+        _result(), ScoringConfig(smoothing_sigma=2.0, image_score="topk_mean", topk=0.5), "disc", "ab" * 32
+    )
     assert record["image_score"] == "topk_mean" and record["smoothing_sigma"] == 2.0 and record["topk"] == 0.5
-    assert record["resolution"] == 8 and record["category"] == "disc"
-    assert record["image_f1_max"] == 1.0 and record["image_threshold"] == pytest.approx(0.9)
-    assert record["pixel_f1_max"] == 1.0 and record["pixel_threshold"] == pytest.approx(0.9)
+    assert record["resolution"] == 8 and record["category"] == "disc" and record["prompts_sha256"] == "ab" * 32
+    assert record["image_f1_max"] == 1.0 and record["image_threshold"] == pytest.approx(0.5)  # midway 0.1 | 0.9
+    assert record["pixel_f1_max"] == 1.0 and record["pixel_threshold"] == pytest.approx(0.55)  # 0.2 | 0.9
     # 128 values: 64 x 0.1, 63 x 0.2, 0.9; the 99.9th percentile lies 0.873 of the way from 0.2 to 0.9
     assert record["map_low"] == pytest.approx(0.1, abs=1e-6)
     assert record["map_high"] == pytest.approx(0.2 + 0.873 * 0.7, abs=1e-5)  # float32 maps
@@ -47,7 +49,7 @@ def test_record_values():
 def test_record_without_defects_has_no_thresholds():
     result = _result()
     result = CategoryResult(result.maps, torch.zeros_like(result.masks), torch.tensor([0, 0]), result.scores)
-    record = thresholds_record(result, ScoringConfig(), "disc")
+    record = thresholds_record(result, ScoringConfig(), "disc", "ab" * 32)
     assert not {"image_threshold", "pixel_threshold", "image_f1_max", "pixel_f1_max"} & set(record)
     assert record["smoothing_sigma"] == 4.0  # ScoringConfig's default, as params.yaml
 
@@ -58,7 +60,7 @@ def test_map_range_percentiles():
 
 
 def test_save_load_roundtrip(tmp_path):
-    record = thresholds_record(_result(), ScoringConfig(), "disc")
+    record = thresholds_record(_result(), ScoringConfig(), "disc", "ab" * 32)
     save_thresholds(tmp_path / "t" / "disc.json", record)
     assert load_thresholds(tmp_path / "t" / "disc.json") == record
     assert scoring_of(record) == ScoringConfig() and resolution_of(record) == 8

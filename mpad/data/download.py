@@ -18,22 +18,13 @@ from pathlib import Path, PurePosixPath
 from tqdm import tqdm
 
 from mpad.data.mvtec import DatasetError
-from mpad.io import atomic_path
+from mpad.io import atomic_path, bar_interval, sha256_file
 
 CHUNK = 1 << 20  # bytes per read
 # Network failures that mean "try again later / place the file by hand", not "bad data".
 _NET_ERRORS = (
     urllib.error.URLError, socket.timeout, TimeoutError, ConnectionError, http.client.HTTPException
 )
-
-
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(CHUNK), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _offline_message(url: str, dest: Path, err: BaseException, part: Path) -> str:
@@ -75,7 +66,7 @@ def _transfer(url: str, part: Path, timeout: float, progress: bool) -> bool:
         with (
             open(part, mode) as out,
             tqdm(total=total, initial=offset, unit="B", unit_scale=True, unit_divisor=1024,
-                 desc=part.name.removesuffix(".part"), disable=not progress) as bar,
+                 desc=part.name.removesuffix(".part"), disable=not progress, mininterval=bar_interval()) as bar,
         ):  # fmt: skip
             while block := response.read(CHUNK):
                 out.write(block)

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from mpad.data.download import sha256_file
+from mpad.io import sha256_file
 from mpad.data.mvtec import DatasetError, Sample
 from mpad.io import write_json
 

@@ -114,13 +114,24 @@ def average_precision(scores: Any, labels: Any) -> float:
 def f1_max_threshold(scores: Any, labels: Any) -> tuple[float, float]:
     """(best F1, threshold): the maximum over all thresholds of F1 = 2TP / (2TP + FP + FN).
 
-    The threshold is a score value; predicting anomalous when score >= threshold achieves the F1.
-    Among equal F1 values the highest threshold is returned. scores, labels: any shape (flattened).
+    Predicting anomalous when score >= threshold achieves the F1. Among equal F1 values the highest cut is
+    taken. The threshold is not a score but the midpoint (in float64) between the lowest score on the
+    anomalous side of the cut and the highest score below it, so it lies strictly between the two: a
+    sample's score recomputed with float noise smaller than half that gap (another backend, another CPU's
+    kernels) is decided the same way. When every sample is on the anomalous side, the threshold lies below
+    the lowest score by half the gap above it (by 0.5 when all scores are equal). scores, labels: any shape.
     """
     tps, fps, thresholds, n_pos, _ = _counts(scores, labels, "F1")
     f1 = 2.0 * tps / (tps + fps + n_pos)
     best = int(np.argmax(f1))
-    return float(f1[best]), float(thresholds[best])
+    cut = float(thresholds[best])
+    if best + 1 < thresholds.size:
+        below = float(thresholds[best + 1])
+    elif best > 0:
+        below = cut - (float(thresholds[best - 1]) - cut)
+    else:
+        below = cut - 1.0
+    return float(f1[best]), (cut + below) / 2.0
 
 
 def f1_max(scores: Any, labels: Any) -> float:
