@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from tiny_records import LAA, tiny_record
 from typer.testing import CliRunner
 
@@ -19,6 +20,8 @@ from mpad.data.synthetic import generate
 from mpad.deploy import OnnxScorer, load_sidecar
 from mpad.detector import Detector
 from mpad.features import stack_images
+from mpad.io import sha256_file
+from mpad.memory import build_memory
 from mpad.prompt_file import load_prompts, save_prompts
 from stages.cli import app
 
@@ -129,6 +132,42 @@ def test_onnx_equals_torch_detector(project, dataset, tiny_clip, tmp_path, name)
     assert header["backend"] == "onnx" and header["resolution"] == 32 and header["map_range"] == [0.1, 0.9]
 
 
+def test_decisions_equal_on_a_whole_test_split(tiny_clip, tmp_path):
+    """evaluate's F1-max image threshold, then predict on every image of the test split with both backends:
+    the same decision on each image, the one whose score defined the cut included. The threshold lies midway
+    between two test scores (mpad.metrics.f1_max_threshold); the old rule (the cut image's own score) fails
+    this on the first image ONNX scores a few ulp lower. A visual memory of the split's own normal shot makes
+    the scores rank the defects (random prompts alone do not), so that the cut falls inside the split."""
+    generate(tmp_path / "ds", seed=2, n_train=1, n_test=24)
+    params = {"dataset": {"root": "ds"}, "model": {"name": "mpad-tiny", "pretrained": "none", "device": "cpu"},
+              "scoring": {"smoothing_sigma": 1.0, "image_score": "topk_mean", "topk": 0.05},
+              "evaluate": {"resolution": 32, "batch_size": 8, "workers": 0, "overlays": 0}}  # fmt: skip
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    prompts = tmp_path / "data/prompts/disc.pt"
+    shot = stack_images([load_image(p) for p in (tmp_path / "ds/disc/train/good").glob("*.png")], (64, 64))
+    memory = build_memory(tiny_clip, LAA, shot, [2, 4], "harmonic").to_record()
+    save_prompts(prompts, {**tiny_record(tiny_clip, "disc", memory=False), "memory": memory})
+    assert _invoke("evaluate", ["--category", "disc"]).exit_code == 0
+    thresholds = tmp_path / "data/thresholds/disc.json"
+    model = _export(tmp_path, "disc", tmp_path / "disc.onnx")
+    info = load_sidecar(model)
+    assert info["prompts_sha256"] == sha256_file(prompts) and info["thresholds_sha256"] == sha256_file(thresholds)
+    images = str(tmp_path / "ds/disc/test/*/*.png")
+    rows = {}
+    for backend, source in {"torch": ["--prompts", prompts], "onnx": ["--model", model]}.items():
+        result = _invoke("predict", [*source, "--backend", backend, images, "--out", tmp_path / backend])
+        assert result.exit_code == 0, result.output
+        rows[backend] = _rows(tmp_path / backend)
+    assert len(rows["torch"]) == 24
+    assert [r["decision"] for r in rows["onnx"]] == [r["decision"] for r in rows["torch"]]
+    threshold = json.loads(thresholds.read_text())["image_threshold"]
+    scores = sorted(float(r["image_score"]) for r in rows["torch"])
+    above = min(s for s in scores if s >= threshold)  # the image whose score defined the cut
+    below = max(s for s in scores if s < threshold)
+    assert below < threshold < above and float(rows["torch"][0]["threshold"]) == threshold
+    assert {r["decision"] for r in rows["torch"]} == {"anomalous", "normal"}
+
+
 def test_onnx_predict_needs_no_open_clip(project, dataset, tmp_path):
     model = _export(project, "disc", tmp_path / "disc.onnx")
     probe = (
@@ -163,6 +202,12 @@ def test_refusals(project, dataset, tmp_path, monkeypatch):
     result = _invoke("predict", [*args, "--prompts", prompts])
     assert result.exit_code == 2 and "takes no --prompts" in result.stderr
     other = tmp_path / "other.json"
+    other.write_text(json.dumps({**THRESHOLDS, "prompts_sha256": "0" * 64}))
+    result = _invoke("predict", [*args, "--thresholds-file", other])
+    assert result.exit_code == 1 and "thresholds measured for other prompts (sha256 000000000000...)" in result.stderr
+    result = _invoke("predict", [*args[:3], prompts, *args[4:]])  # a prompts file given as the ONNX model
+    assert result.exit_code == 1 and f"{prompts}: not an ONNX model but a torch file" in result.stderr
+    assert f"--backend torch --prompts {prompts}" in result.stderr
     other.write_text(json.dumps({**THRESHOLDS, "smoothing_sigma": 4.0}))
     result = _invoke("predict", [*args, "--thresholds-file", other])
     assert result.exit_code == 1 and "other scoring settings or resolution than" in result.stderr
