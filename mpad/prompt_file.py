@@ -81,12 +81,15 @@ def load_prompts(path: str | Path, expect_model: dict[str, Any] | None = None) -
 def check_backbone(record: dict[str, Any], model: dict[str, Any], path: str | Path) -> None:
     """Raise PromptFileError when the prompts were learned with another backbone than `model`."""
     made = record["model"]
-    differ = [key for key in ("name", "pretrained", "embed_dim") if made.get(key) != model.get(key)]
+    differ = [
+        f"{key} {made.get(key)!r} vs {model.get(key)!r}"
+        for key in ("name", "pretrained", "embed_dim")
+        if made.get(key) != model.get(key)
+    ]
     if differ:
         raise PromptFileError(
-            f"{path}: prompts were learned for {made.get('name')} ({made.get('pretrained')}), "
-            f"not for {model.get('name')} ({model.get('pretrained')}); they differ in {', '.join(differ)}. "
-            f"Use the model they were made for, or train prompts for this one."
+            f"{path}: prompts were learned for another backbone than this one: {'; '.join(differ)} (learned "
+            f"vs this). Use the model they were made for, or train prompts for this one."
         )
 
 

@@ -43,6 +43,9 @@ def main(
         fail(f"{err} (run the synthesize stage first: dvc repro)")
     seed_everything(mpts.seed)  # global generators too, for anything in torch / numpy that draws from them
     bundle = _load_model(model)
+    # The memory first: a value the model bounds (memory.layers beyond its depth) stops the stage before any
+    # optimiser step, as laa.layers does.
+    bank = _memory(bundle, laa, memory, category, params) if memory.enabled else None
     # dvclive empties its folder on start: log into a temporary one, renamed into place only once the
     # prompts are saved, so a failed run leaves the previous curves as they were.
     with atomic_path(layout.train_curves_dir(category)) as curves:
@@ -65,7 +68,6 @@ def main(
                 )
             except ValueError as err:  # settings the model cannot take, e.g. laa.layers beyond its depth
                 fail(str(err))
-        bank = _memory(bundle, laa, memory, category, params) if memory.enabled else None
         out = layout.prompts_file(category)
         save_prompts(out, prompts_record(bundle, category, learned, laa, prompts, mpts, bank))
     steps = mpts.meta_epochs * mpts.steps

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -106,6 +108,22 @@ def test_failed_train_keeps_the_previous_curves(project, monkeypatch):
     assert [p.name for p in live.parent.iterdir()] == ["carpet"]  # no temporary folder left behind
 
 
+def test_a_killed_train_leaves_nothing_behind_the_next(project):
+    """A train killed with SIGKILL runs no `finally`: its temporary curves folder stays. The next train removes
+    such leftovers of processes that are gone (and of older mpad versions, which named no pid), not those of
+    a process still running."""
+    live = (project / layout.train_curves_dir("carpet")).parent
+    finished = subprocess.Popen(["true"])
+    finished.wait()  # reaped: its pid names no process now
+    dead_pid = finished.pid
+    leftovers = [live / f".carpet.{dead_pid}.k2j3h4.tmp", live / ".carpet.x8e_1q9a.tmp"]
+    running = live / f".carpet.{os.getpid()}.abcd.tmp"
+    for folder in [*leftovers, running]:
+        (folder / "carpet").mkdir(parents=True)
+    assert CliRunner().invoke(app, ["train", "--category", "carpet"]).exit_code == 0
+    assert sorted(p.name for p in live.iterdir()) == sorted(["carpet", running.name])
+
+
 def test_same_params_same_prompts_file(project):
     runner = CliRunner()
     out = project / "data" / "prompts" / "carpet.pt"
@@ -166,7 +184,7 @@ def test_mask_of_wrong_size_is_named(project):
     assert result.exit_code == 1 and "masks/0001.png" in result.output and "32x32" in result.output
 
 
-def test_memory_branch_is_saved_with_the_prompts(project):
+def test_memory_branch_is_saved_with_the_prompts(project, monkeypatch):
     shot = Path("ds") / "carpet" / "train" / "good" / "000.png"
     shot.parent.mkdir(parents=True)
     Image.open(project / "data" / "synth" / "carpet" / "images" / "0000.png").save(shot)
@@ -181,5 +199,8 @@ def test_memory_branch_is_saved_with_the_prompts(project):
 
     params["memory"]["layers"] = [2, 9]
     (project / "params.yaml").write_text(yaml.safe_dump(params))
+    steps = []  # a layer beyond the model's depth stops the stage before any optimiser step
+    monkeypatch.setattr("stages.train.learn_prompts", lambda *args, **kwargs: steps.append(1))
     result = CliRunner().invoke(app, ["train", "--category", "carpet"])
     assert result.exit_code == 1 and "memory" in result.output and "1..4" in result.output
+    assert steps == []
