@@ -24,7 +24,7 @@ the model; the threshold and colour range come from its sidecar `<file>.onnx.jso
 if its scoring settings and resolution are the model's). The outputs are the torch backend's.
 
 Checked before the model loads: --out must be a folder or creatable as one, and writable (not an
-existing file, not under a file); --threshold must be finite.
+existing file, not under a file); --threshold must lie in [0, 1], where the scores lie.
 
 IMAGES: image files; folders (the image files directly inside, sorted, NOT recursive: pass a
 glob like 'dir/**/*.png' for a recursive search); globs (expanded here too, so quoting them is
@@ -83,9 +83,13 @@ BACKENDS = ("torch", "onnx")
 
 
 def _finite(value: float | None) -> float | None:
-    """--threshold: refuse nan / inf (nan would make every image "normal")."""
+    """--threshold: refuse nan / inf (nan would make every image "normal") and values outside [0, 1], where
+    image scores lie (probabilities of the anomaly prompt): such a threshold decides every image alike."""
     if value is not None and not math.isfinite(value):
         _usage_error(f"--threshold {value}: not a finite number")
+    if value is not None and not 0.0 <= value <= 1.0:
+        every = "anomalous" if value < 0 else "normal"
+        _usage_error(f"--threshold {value:g}: image scores lie in [0, 1], so it would call every image {every}")
     return value
 
 
@@ -114,7 +118,7 @@ def main(
     prompts: Path | None = typer.Option(None, "--prompts", help="Prompts file written by `mpad train` (torch)."),
     out: Path = typer.Option(..., "--out", callback=_writable_folder, help="Output folder (created)."),
     threshold: float | None = typer.Option(
-        None, "--threshold", callback=_finite, help="Image-score threshold (finite); default: the thresholds file's."
+        None, "--threshold", callback=_finite, help="Image-score threshold in [0, 1]; default: the thresholds file's."
     ),
     thresholds_file: Path | None = typer.Option(
         None, "--thresholds-file", help="From `mpad evaluate`; default: the category's, beside the prompts or in data/."

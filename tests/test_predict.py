@@ -97,7 +97,7 @@ def test_good_defect_corrupt(files, tmp_path):
 
 
 def test_threshold_override(files, tmp_path):
-    for value, expected in (("0", "anomalous"), ("1.01", "normal")):
+    for value, expected in (("0", "anomalous"), ("0.9999", "normal")):  # no score here reaches 0.9999
         out = tmp_path / f"out{value}"
         result = _invoke(["--prompts", files["prompts"], files["good"], files["bad"], "--out", out,
                           "--thresholds-file", files["thresholds"], "--threshold", value])  # fmt: skip
@@ -219,6 +219,24 @@ def test_non_finite_threshold_is_refused(files, tmp_path, value):
     result = _invoke(["--prompts", files["prompts"], files["good"], "--out", tmp_path / "out", "--threshold", value])
     assert result.exit_code == 2 and f"--threshold {value}: not a finite number" in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(("value", "every"), [("-1", "anomalous"), ("1.5", "normal")])
+def test_threshold_outside_the_score_range_is_refused(files, tmp_path, value, every):
+    result = _invoke(["--prompts", files["prompts"], files["good"], "--out", tmp_path / "out", "--threshold", value])
+    assert result.exit_code == 2
+    assert f"--threshold {value}: image scores lie in [0, 1], so it would call every image {every}" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_decompression_bomb_is_one_line(files, tmp_path):
+    bomb = tmp_path / "huge.png"
+    Image.new("1", (10_000, 10_000)).save(bomb)  # 100 Mpx, above Pillow's ~89 Mpx guard; 12 KB on disk
+    result = _invoke(["--prompts", files["prompts"], bomb, files["good"], "--out", tmp_path / "out"])
+    assert result.exit_code == 1
+    lines = [line for line in result.stderr.splitlines() if "huge.png" in line]
+    assert len(lines) == 1 and "too large to decode safely (Image size (100000000 pixels)" in lines[0]
+    assert "DecompressionBombWarning" not in result.stderr and [r["status"] for r in _rows(tmp_path / "out")][1] == "ok"
 
 
 def test_thresholds_of_another_category_need_force(files, tmp_path):

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +23,7 @@ from mpad.oagm import ObjectMask, SynthesizedSample
 from mpad.prompt_file import load_prompts
 from mpad.synth_set import write_synth_set
 from stages.cli import app
+from stages.common import StageProgress
 
 PARAMS = {
     "model": {"name": "mpad-tiny", "pretrained": "none", "device": "cpu", "precision": "fp32"},
@@ -122,6 +125,18 @@ def test_a_killed_train_leaves_nothing_behind_the_next(project):
         (folder / "carpet").mkdir(parents=True)
     assert CliRunner().invoke(app, ["train", "--category", "carpet"]).exit_code == 0
     assert sorted(p.name for p in live.iterdir()) == sorted(["carpet", running.name])
+
+
+def test_log_to_a_file_says_each_note_once_and_throttles_the_bar(project):
+    """Output to a file (as under `dvc repro` into a log): the random-weights note once (not also open_clip's
+    and our loader's log lines), and the progress bar redrawn every 15 s, not every step."""
+    with open(project / "train.log", "w") as log:
+        done = subprocess.run([sys.executable, "-m", "stages", "train", "--category", "carpet"], stderr=log,
+                              stdout=subprocess.DEVNULL, cwd=project, check=False)  # fmt: skip
+    text = (project / "train.log").read_text()
+    assert done.returncode == 0, text
+    assert text.count("RANDOM WEIGHTS") == 1 and "No pretrained weights loaded" not in text
+    assert StageProgress(total=1, file=io.StringIO()).mininterval == 15.0  # stderr is no terminal here either
 
 
 def test_same_params_same_prompts_file(project):

@@ -14,6 +14,7 @@ MVTec-specific except the two name constants: users' own product lines use the s
 from __future__ import annotations
 
 import hashlib
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -96,9 +97,7 @@ def _reject_loose_images(folder: Path, where: str) -> None:
     # Images lying directly in train/ or test/ would be silently dropped: say so instead.
     loose = _images_in(folder)
     if loose:
-        raise DatasetError(
-            f"{loose[0]}: images must be inside a class folder ({where}), not directly in {folder}"
-        )
+        raise DatasetError(f"{loose[0]}: images must be inside a class folder ({where}), not directly in {folder}")
 
 
 def list_split(root: Path, category: str, split: str) -> list[Sample]:
@@ -139,9 +138,7 @@ def list_split(root: Path, category: str, split: str) -> list[Sample]:
         for img in images:
             mask = _find_mask(gt_dir, img)
             if mask is None:
-                raise DatasetError(
-                    f"defect image {img} has no mask: expected {gt_dir / (img.stem + '_mask.png')}"
-                )
+                raise DatasetError(f"defect image {img} has no mask: expected {gt_dir / (img.stem + '_mask.png')}")
             samples.append(Sample(image=img, mask=mask, label=1, defect=cls_dir.name))
     if not samples:
         raise DatasetError(f"test folder {split_dir} holds no images")
@@ -149,10 +146,15 @@ def list_split(root: Path, category: str, split: str) -> list[Sample]:
 
 
 def _open(path: Path) -> Image.Image:
-    """Open and fully decode `path` (so a truncated file fails here, not later)."""
+    """Open and fully decode `path` (so a truncated file fails here, not later). An image above Pillow's
+    decompression-bomb limit (Image.MAX_IMAGE_PIXELS, ~89 Mpx) is refused with one line, not Pillow's warning."""
     try:
-        im = Image.open(path)
-        im.load()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            im = Image.open(path)
+            im.load()
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as err:
+        raise DatasetError(f"{path}: too large to decode safely ({str(err).split(',')[0]}); downscale it") from err
     except FileNotFoundError as err:
         raise DatasetError(f"{path}: file not found") from err
     except _PIL_ERRORS as err:
@@ -171,8 +173,10 @@ def load_image(path: Path) -> np.ndarray:
     if im.mode == "F":  # PIL's own conversion clips at 0..255, so 0..1 data would read as black
         arr = np.asarray(im, dtype=np.float64)
         if not (np.isfinite(arr).all() and arr.min() >= 0.0 and arr.max() <= 1.0):
-            raise DatasetError(f"{path}: float image with values {arr.min():g}..{arr.max():g}; only 0..1 is read "
-                               "(scaled to 0..255): convert it to 8 or 16 bits")
+            raise DatasetError(
+                f"{path}: float image with values {arr.min():g}..{arr.max():g}; only 0..1 is read "
+                "(scaled to 0..255): convert it to 8 or 16 bits"
+            )
         im = Image.fromarray(np.rint(arr * 255.0).astype(np.uint8), "L")
     if im.mode in ("I;16", "I;16B", "I;16L", "I"):
         arr = np.asarray(im, dtype=np.float64)
@@ -196,8 +200,7 @@ def load_mask(sample: Sample, size: tuple[int, int]) -> np.ndarray:
     im = _open(sample.mask)
     if (im.height, im.width) != (h, w):
         raise DatasetError(
-            f"mask {sample.mask} is {im.height}x{im.width} (HxW) but its image {sample.image} "
-            f"is {h}x{w}"
+            f"mask {sample.mask} is {im.height}x{im.width} (HxW) but its image {sample.image} is {h}x{w}"
         )
     arr = np.asarray(im)
     if arr.ndim == 3:
@@ -242,8 +245,7 @@ def fingerprint(root: Path, samples: list[Sample]) -> str:
     cache (bench/fingerprint.py). A replaced file shows by its size or mtime; a `touch` alone also changes it
     (a needless re-run, never a stale result)."""
     files = [p for s in samples for p in (s.image, s.mask) if p is not None]
-    listing = sorted((p.relative_to(root).as_posix(), st.st_size, st.st_mtime_ns) for p in files
-                     for st in [p.stat()])
+    listing = sorted((p.relative_to(root).as_posix(), st.st_size, st.st_mtime_ns) for p in files for st in [p.stat()])
     digest = hashlib.sha256()
     for rel, nbytes, mtime in listing:
         digest.update(f"{rel}\t{nbytes}\t{mtime}\n".encode())
