@@ -169,4 +169,5 @@ def test_fetch_mvtec_offline(in_tmp: Path) -> None:
     assert result.exit_code == 1
     out = " ".join(result.output.split())  # undo terminal wrapping
     assert "mvtec_anomaly_detection.tar.xz" in out and "dataset.root" in out and "refused" in out.lower()
+    assert "with no network at all: `make offline`" in out
     assert not Path("data/manifest.json").exists()

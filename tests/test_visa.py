@@ -135,6 +135,14 @@ def test_visa_without_network_says_where_to_put_the_archive(tmp_path: Path) -> N
     with pytest.raises(DatasetError) as err:
         prepare_dataset(config, tmp_path / "data/downloads", print)
     assert str((tmp_path / "data/downloads/VisA_20220922.tar").resolve()) in str(err.value)
+    # the other way it names works: the archive extracted there by hand is converted, with no network
+    extracted = (tmp_path / "data/visa_extracted").resolve()
+    assert f"or extract it yourself into {extracted} (the folder holding split_csv/1cls.csv)" in str(err.value)
+    assert "`make offline`" in str(err.value)
+    with tarfile.open(fileobj=io.BytesIO(_visa_tar()[0])) as tar:
+        tar.extractall(extracted, filter="data")
+    manifest = prepare_dataset(config, tmp_path / "data/downloads", print)
+    assert manifest["categories"]["candle"]["test"] == {"good": 1, "bad": 2}
 
 
 def test_one_name_switches_the_dataset_defaults() -> None:

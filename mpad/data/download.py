@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import http.client
 import lzma
 import os
@@ -22,17 +21,19 @@ from mpad.io import atomic_path, bar_interval, sha256_file
 
 CHUNK = 1 << 20  # bytes per read
 # Network failures that mean "try again later / place the file by hand", not "bad data".
-_NET_ERRORS = (
-    urllib.error.URLError, socket.timeout, TimeoutError, ConnectionError, http.client.HTTPException
-)
+_NET_ERRORS = (urllib.error.URLError, socket.timeout, TimeoutError, ConnectionError, http.client.HTTPException)
 
 
-def _offline_message(url: str, dest: Path, err: BaseException, part: Path) -> str:
+EXTRACTED_COPY = "or set dataset.root in params.yaml to an already extracted copy"
+OFFLINE_PIPELINE = "To run the whole pipeline with no network at all: `make offline` (generated data, random weights)."
+
+
+def _offline_message(url: str, dest: Path, err: BaseException, part: Path, by_hand: str) -> str:
     kept = f" The partial download {part} is kept; rerun to resume." if part.exists() else ""
     return (
         f"cannot download {url}: {getattr(err, 'reason', err)}.{kept} Without network access, download "
         f"the archive on another machine and place it at {dest.resolve()} (it is then checked and "
-        "extracted), or set dataset.root in params.yaml to an already extracted copy."
+        f"extracted), {by_hand}. {OFFLINE_PIPELINE}"
     )
 
 
@@ -85,6 +86,7 @@ def download(
     progress: bool = True,
     timeout: float = 60.0,
     attempts: int = 4,
+    by_hand: str = EXTRACTED_COPY,
 ) -> Path:
     """Download `url` to `dest` and return `dest`.
 
@@ -93,7 +95,8 @@ def download(
     restarts from zero; 416 means the partial file is already complete. The sha256 (hex, if given) is
     checked before the file is renamed to `dest`; a mismatch removes the partial file and raises
     DatasetError. An existing `dest` is only checked, not downloaded again. Without network,
-    DatasetError says where to place the archive by hand.
+    DatasetError says where to place the archive by hand, the other way round `by_hand` (for MVTec AD: an
+    extracted copy as dataset.root) and `make offline`.
     """
     dest = Path(dest)
     part = dest.with_suffix(dest.suffix + ".part")
@@ -116,7 +119,7 @@ def download(
             progressed = part.exists() and part.stat().st_size > 0
             # Retry only cut transfers (bytes arrived); an unreachable host fails at once.
             if attempt == attempts or not progressed:
-                raise DatasetError(_offline_message(url, dest, err, part)) from err
+                raise DatasetError(_offline_message(url, dest, err, part, by_hand)) from err
     if expected:
         got = sha256_file(part)
         if got != expected:

@@ -36,8 +36,13 @@ def split_record(manifest: dict[str, Any], category: str, split: str) -> dict[st
     Its bytes change exactly when that split's file listing (paths, sizes, mtimes) or the root does."""
     info = manifest["categories"][category]
     images = info["train"] if split == "train" else sum(info["test"].values())
-    return {"root": manifest["root"], "category": category, "split": split, "images": images,
-            "fingerprint": info["fingerprint"][split]}
+    return {
+        "root": manifest["root"],
+        "category": category,
+        "split": split,
+        "images": images,
+        "fingerprint": info["fingerprint"][split],
+    }
 
 
 def save_split_record(path: str | Path, manifest: dict[str, Any], category: str, split: str) -> None:

@@ -9,11 +9,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from mpad.data import synthetic, visa
 from mpad.config import DatasetConfig
+from mpad.data import synthetic, visa
 from mpad.data.download import ensure_extracted
-from mpad.workspace import in_queued_copy
 from mpad.data.mvtec import MVTEC_TEXTURES, DatasetError, list_categories, summarize_category
+from mpad.workspace import in_queued_copy
 
 ARCHIVE_NAME = "mvtec_anomaly_detection.tar.xz"
 DEFAULT_TEXTURES = {  # when dataset.textures is null
@@ -54,8 +54,10 @@ def prepare_dataset(config: DatasetConfig, downloads: Path, say: Callable[[str],
     missing = [c for c in categories if not (root / c / "train").is_dir()]
     if missing and config.name in ("mvtec", "visa") and in_queued_copy():
         # Parallel workers would each download gigabytes into the same place: the workspace does it once.
-        raise DatasetError(f"{root} lacks categories {missing}: a queued experiment only reads the dataset; run "
-                           "`dvc repro fetch` (or `mpad fetch`) in the workspace first")
+        raise DatasetError(
+            f"{root} lacks categories {missing}: a queued experiment only reads the dataset; run "
+            "`dvc repro fetch` (or `mpad fetch`) in the workspace first"
+        )
     if config.name == "mvtec":
         ensure_extracted(root, categories, config.url or "", config.sha256, downloads / ARCHIVE_NAME)
     elif config.name == "visa":
@@ -75,8 +77,12 @@ def prepare_dataset(config: DatasetConfig, downloads: Path, say: Callable[[str],
     described = {c: summarize_category(root, c) for c in categories}
     for category, info in described.items():
         info["group"] = "texture" if category in textures else "object"
-    manifest: dict[str, Any] = {"name": config.name, "root": config.root, "categories": described,
-                                "note": NOTES[config.name]}
+    manifest: dict[str, Any] = {
+        "name": config.name,
+        "root": config.root,
+        "categories": described,
+        "note": NOTES[config.name],
+    }
     if config.name == "synthetic":
         manifest["seed"] = config.seed
     return manifest

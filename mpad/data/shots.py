@@ -14,9 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from mpad.io import sha256_file
 from mpad.data.mvtec import DatasetError, Sample
-from mpad.io import write_json
+from mpad.io import sha256_file, write_json
 
 
 def stable_hash(text: str) -> int:
@@ -37,19 +36,27 @@ def pick_shots(samples: list[Sample], k: int, seed: int, category: str) -> list[
         raise DatasetError(f"shots.seed must be a non-negative integer, got {seed!r}")
     ordered = sorted(samples, key=lambda s: s.image.as_posix())
     if k > len(ordered):
-        raise DatasetError(
-            f"shots.k = {k} but category {category!r} has only {len(ordered)} training image(s)"
-        )
+        raise DatasetError(f"shots.k = {k} but category {category!r} has only {len(ordered)} training image(s)")
     rng = np.random.default_rng([seed, stable_hash(category)])
     order = rng.permutation(len(ordered))[:k]
     return [ordered[i] for i in order]
 
 
-def save_shots(path: str | Path, category: str, root: str | Path, k: int, seed: int,
-               picks: list[Sample], base: str | Path | None = None) -> dict[str, Any]:
+def save_shots(
+    path: str | Path,
+    category: str,
+    root: str | Path,
+    k: int,
+    seed: int,
+    picks: list[Sample],
+    base: str | Path | None = None,
+) -> dict[str, Any]:
     """Write the shots file of `picks` (samples under `base`, default `root`) atomically; returns the record
     written. `root` is dataset.root as configured, `base` where it was read (mpad.workspace.data_root)."""
-    entries = [{"path": s.image.relative_to(root if base is None else base).as_posix(), "sha256": sha256_file(s.image)} for s in picks]
+    entries = [
+        {"path": s.image.relative_to(root if base is None else base).as_posix(), "sha256": sha256_file(s.image)}
+        for s in picks
+    ]
     record = {"category": category, "root": str(root), "k": k, "seed": seed, "shots": entries}
     write_json(path, record)
     return record

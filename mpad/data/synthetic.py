@@ -111,7 +111,7 @@ def _grain(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
     radius = np.hypot(yy - cy, xx - cx) + 6.0 * _smooth_noise(rng, h, w, 48)
     period = (11.0 + rng.uniform(-0.5, 0.5)) * h / 192
     v = 0.5 + 0.5 * np.sin(2 * np.pi * radius / period)
-    v = np.clip(v ** 1.5 + 0.05 * rng.standard_normal((h, w)), 0.0, 1.0)
+    v = np.clip(v**1.5 + 0.05 * rng.standard_normal((h, w)), 0.0, 1.0)
     c0, c1 = np.array([150.0, 100.0, 60.0]), np.array([215.0, 175.0, 120.0])
     return c0 + v[..., None] * (c1 - c0)
 
@@ -203,8 +203,9 @@ def render(category: str, rng: np.random.Generator, defect: str | None = None) -
     elif category == "disc":
         image, background, obj, disc = _disc(rng, h, w)
     else:
-        raise ValueError(f"unknown synthetic category {category!r}; expected one of "
-                         f"{SYNTHETIC_CATEGORIES + HELD_OUT_CATEGORIES}")
+        raise ValueError(
+            f"unknown synthetic category {category!r}; expected one of {SYNTHETIC_CATEGORIES + HELD_OUT_CATEGORIES}"
+        )
     clean = np.clip(np.rint(image), 0, 255).astype(np.uint8)
     out = clean
     if defect is not None:
@@ -242,9 +243,7 @@ def read_marker(root: Path) -> dict[str, Any] | None:
     return marker if isinstance(marker, dict) else None
 
 
-def _write_category(
-    cat_dir: Path, category: str, rng: np.random.Generator, n_train: int, n_test: int
-) -> None:
+def _write_category(cat_dir: Path, category: str, rng: np.random.Generator, n_train: int, n_test: int) -> None:
     for i in range(n_train):
         save_png(cat_dir / "train" / "good" / f"{i:03d}.png", render(category, rng).image)
     n_good = n_test // 2

@@ -105,8 +105,9 @@ def convert_category(top: Path, rows: list, dest: Path) -> None:
                 binarize_mask(top / mask, tmp / "ground_truth" / DEFECT / f"{source.stem}_mask.png")
 
 
-def ensure_visa(root: Path, categories: list[str], url: str, sha256: str | None, archive: Path,
-                progress: bool = True) -> bool:
+def ensure_visa(
+    root: Path, categories: list[str], url: str, sha256: str | None, archive: Path, progress: bool = True
+) -> bool:
     """Make `root/<category>` (MVTec layout) exist for every requested category. Nothing is read when they all
     are there; otherwise the archive is downloaded to `archive` (resumed, checksummed) and extracted once to
     extracted_dir(root), then the missing categories are converted. True when it converted."""
@@ -116,7 +117,8 @@ def ensure_visa(root: Path, categories: list[str], url: str, sha256: str | None,
         return False
     raw = extracted_dir(root)
     if not raw.is_dir():
-        download(url, archive, sha256, progress=progress)
+        by_hand = f"or extract it yourself into {raw.resolve()} (the folder holding {SPLIT_CSV}), which fetch converts"
+        download(url, archive, sha256, progress=progress, by_hand=by_hand)
         safe_extract(archive, raw)
     top = _top(raw)
     rows = read_split(top / SPLIT_CSV)
