@@ -68,15 +68,15 @@ def maps(run: dict[str, Any]) -> dict[str, torch.Tensor]:
     from mpad.data import list_split
     from mpad.detector import Detector
     from mpad.evaluation import run_detector
-    from mpad.prompt_file import load_prompts
+    from mpad.prompt_file import PromptsFile
 
     params, project = run["params"], run["project"]
     model = params["model"]
     bundle = load_clip(model["name"], model["pretrained"], model["device"], model["precision"])
     out = {}
     for category in run["categories"]:
-        record = load_prompts(project / "data/prompts" / f"{category}.pt", expect_model=model_fingerprint(bundle))
-        detector = Detector.from_record(bundle, record, ScoringConfig.from_params(params["scoring"]))
+        record = PromptsFile.load(project / "data/prompts" / f"{category}.pt", expect_model=model_fingerprint(bundle))
+        detector = Detector.from_prompts(bundle, record, ScoringConfig.from_params(params["scoring"]))
         samples = list_split(project / params["dataset"]["root"], category, "test")
         out[category] = run_detector(detector, samples, params["evaluate"]["resolution"], 8).maps
     return out

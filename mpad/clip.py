@@ -29,6 +29,8 @@ from typing import Any
 import open_clip
 import torch
 
+from mpad.config import is_random
+
 RANDOM_INIT_SEED = 0
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _CONFIG_DIR = Path(__file__).with_name("model_configs")
@@ -82,11 +84,6 @@ def resolve_device(device: str) -> torch.device:
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise ModelLoadError(f"model.device = {device!r} but CUDA is not available here; use 'auto' or 'cpu'")
     return resolved
-
-
-def is_random(pretrained: str | None) -> bool:
-    """True for the spellings of 'no weights'."""
-    return pretrained is None or str(pretrained).strip().lower() in ("", "none", "null", "random")
 
 
 def check_precision(precision: str) -> str:

@@ -170,6 +170,11 @@ def _non_negative() -> Rule:
 S = TypeVar("S")
 
 
+def is_random(pretrained: str | None) -> bool:
+    """True for the spellings of 'no weights' (model.pretrained)."""
+    return pretrained is None or str(pretrained).strip().lower() in ("", "none", "null", "random")
+
+
 def _read(cls: type[S], section: str, values: Any, rules: dict[str, Rule]) -> S:
     """Build `cls` from `values` with one (check, allowed) rule per field; defaults from the dataclass."""
     reader = _Reader(section, values)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
@@ -16,7 +15,8 @@ from mpad.clip import ClipBundle
 from mpad.config import ScoringConfig
 from mpad.encoder import EncoderOutput
 from mpad.features import build_encoder, encode
-from mpad.memory import memory_from_record
+from mpad.memory import VisualMemory
+from mpad.prompt_file import PromptsFile
 from mpad.scoring import anomaly_maps, gaussian_blur, image_scores
 
 
@@ -29,25 +29,28 @@ class Detection:
 
 
 class Detector:
-    """Scores images with a prompts record (see mpad.prompt_file) on `bundle`'s backbone.
+    """Scores images with learned prompts (mpad.prompt_file.PromptsFile) on `bundle`'s backbone.
 
     scoring: map smoothing (sigma in pixels at the output size) and the image score (see ScoringConfig).
     memory: an optional visual memory (mpad.memory.VisualMemory) fused with the text map.
     """
 
-    def __init__(self, bundle: ClipBundle, record: dict[str, Any], scoring: ScoringConfig, memory: Any = None) -> None:
+    def __init__(
+        self, bundle: ClipBundle, prompts: PromptsFile, scoring: ScoringConfig, memory: VisualMemory | None = None
+    ) -> None:
         self.bundle = bundle
         self.memory = memory
         layers = memory.layers if memory is not None else ()
-        self.encoder = build_encoder(bundle, record["laa"], intermediate_layers=layers)
-        self.text = record["text"].to(bundle.device).float()
+        self.encoder = build_encoder(bundle, prompts.laa, intermediate_layers=layers)
+        self.text = prompts.text.to(bundle.device).float()
         self.logit_scale = float(bundle.model.logit_scale.exp())
         self.scoring = scoring
 
     @classmethod
-    def from_record(cls, bundle: ClipBundle, record: dict[str, Any], scoring: ScoringConfig) -> Detector:
-        """The detector a prompts record describes, with the visual memory stored in it (if any)."""
-        return cls(bundle, record, scoring, memory=memory_from_record(record))
+    def from_prompts(cls, bundle: ClipBundle, prompts: PromptsFile, scoring: ScoringConfig) -> Detector:
+        """The detector learned prompts describe, with the visual memory stored with them (if any)."""
+        memory = VisualMemory.from_record(prompts.memory) if prompts.memory is not None else None
+        return cls(bundle, prompts, scoring, memory=memory)
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor, size: Sequence[int]) -> Detection:

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -16,19 +16,8 @@ if TYPE_CHECKING:  # stack_images serves predict's ONNX backend, which runs with
     from mpad.clip import ClipBundle
 
 
-def build_encoder(
-    bundle: ClipBundle, laa: LaaConfig | Mapping[str, Any], intermediate_layers: Sequence[int] = ()
-) -> LocalityAwareEncoder:
-    """The LAA encoder (eq. 11-12) for `bundle`: `laa` is the `LaaConfig`, or the settings mapping
-    {attention, k, layers, cls} a prompts file stores (`LaaConfig.as_dict`)."""
-    if isinstance(laa, Mapping):
-        k = laa.get("k")
-        laa = LaaConfig(
-            attention=str(laa["attention"]),
-            k=None if k is None else float(k),
-            layers=int(laa["layers"]),
-            cls=str(laa.get("cls", "neighbor-cls")),
-        )
+def build_encoder(bundle: ClipBundle, laa: LaaConfig, intermediate_layers: Sequence[int] = ()) -> LocalityAwareEncoder:
+    """The LAA encoder (eq. 11-12) for `bundle` with the settings `laa` (params, or a prompts file's)."""
     encoder = LocalityAwareEncoder(
         bundle.model.visual,
         layers=int(laa.layers),

@@ -12,7 +12,7 @@ evaluate and predict rebuild exactly what train built.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -137,7 +137,7 @@ class VisualMemory:
 
 def build_memory(
     bundle: ClipBundle,
-    laa: LaaConfig | Mapping[str, Any],
+    laa: LaaConfig,
     images: torch.Tensor,
     layers: Sequence[int],
     fusion: str = "harmonic",
@@ -145,7 +145,7 @@ def build_memory(
 ) -> VisualMemory:
     """The memory of the shot images (K, 3, H, W) in [0, 1] at `layers` (1-based blocks) of `bundle`.
 
-    `laa`: the encoder settings (`LaaConfig` or its stored mapping); the memory reads only the original
+    `laa`: the encoder settings; the memory reads only the original
     path, so it does not depend on them, but the same encoder code path is used as at inference.
     ValueError when a layer is outside the model's blocks (e.g. [6, 9, 12] on the 4-block mpad-tiny).
     """
@@ -157,9 +157,3 @@ def build_memory(
     encoder = build_encoder(bundle, laa, intermediate_layers=layers)
     tokens = encode_batched(encoder, bundle, images, batch_size).intermediates
     return VisualMemory.build([t.cpu() for t in tokens], layers, fusion)  # banks built on the CPU
-
-
-def memory_from_record(record: dict[str, Any]) -> VisualMemory | None:
-    """The visual memory stored with the prompts (key "memory"), or None when it was built without one."""
-    stored = record.get("memory")
-    return VisualMemory.from_record(stored) if stored else None

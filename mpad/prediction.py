@@ -22,7 +22,7 @@ import torch
 from mpad.data.mvtec import DatasetError, load_image
 from mpad.features import stack_images
 from mpad.io import write_csv, write_json, write_png
-from mpad.prompt_file import PromptFileError, check_backbone
+from mpad.prompt_file import PromptFileError, PromptsFile
 from mpad.visualize import render_map
 
 if TYPE_CHECKING:
@@ -35,26 +35,26 @@ COLUMNS = ("path", "image_score", "max_pixel_score", "threshold", "decision", "s
 
 
 def load_backbone(
-    record: dict[str, Any], path: Path, device: str = "auto", precision: str = "fp32", weights: str | None = None
+    prompts: PromptsFile, path: Path, device: str = "auto", precision: str = "fp32", weights: str | None = None
 ) -> ClipBundle:
-    """The backbone prompts record `record` (read from `path`) names, with its stored weights or `weights`.
+    """The backbone `prompts` (read from `path`) name, with their stored weights or `weights`.
 
-    Raises PromptFileError when the record names no model or the backbone is not the one it was made for
+    Raises PromptFileError when the file names no model or the backbone is not the one it was made for
     (a checkpoint file named as the stored one counts as the same), mpad.clip.ModelLoadError when the
     model cannot be built.
     """
     from mpad.clip import load_clip, model_fingerprint  # open_clip: the torch backend only
 
-    made = record.get("model")
-    if not isinstance(made, dict) or "name" not in made:
+    made = prompts.model
+    if "name" not in made:
         raise PromptFileError(f"{path}: the prompts file does not say which model it was made for")
     bundle = load_clip(str(made["name"]), weights if weights is not None else made.get("pretrained"), device, precision)
     fingerprint = model_fingerprint(bundle)
     stored = str(made.get("pretrained"))
     if weights is not None and Path(weights).is_file() and Path(weights).name == Path(stored).name:
         fingerprint["pretrained"] = stored  # the same checkpoint file, moved elsewhere
-    check_backbone(record, fingerprint, path)
-    text_dim = int(record["text"].shape[-1])
+    prompts.check_backbone(fingerprint, path)
+    text_dim = int(prompts.text.shape[-1])
     if text_dim != fingerprint["embed_dim"]:
         raise PromptFileError(
             f"{path}: its text embeddings have {text_dim} dimensions, {bundle.name} embeds in "

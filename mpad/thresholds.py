@@ -24,9 +24,9 @@ import torch
 
 from mpad import layout
 from mpad.config import ConfigError, EvaluateConfig, ScoringConfig
-from mpad.io import read_json_object, sha256_file, write_json
+from mpad.io import read_json_object, write_json
 from mpad.metrics import f1_max_threshold
-from mpad.prompt_file import load_prompts
+from mpad.prompt_file import PromptsFile
 
 if TYPE_CHECKING:  # mpad.evaluation pulls in the model code; reading a record needs none of it
     from mpad.evaluation import CategoryResult
@@ -151,12 +151,11 @@ def pair_thresholds(
     return Pairing(thresholds_file, info, tuple(warnings))
 
 
-def load_paired(prompts: Path, thresholds_file: Path | None, force: bool) -> tuple[dict[str, Any], str, Pairing]:
-    """The prompts record of `prompts`, its SHA-256 and its thresholds pairing (`pair_thresholds`);
-    PromptFileError / ThresholdsFileError when either is unusable."""
-    record = load_prompts(prompts)
-    identity = sha256_file(prompts)
-    return record, identity, pair_thresholds(prompts, str(record["category"]), identity, thresholds_file, force)
+def load_paired(path: Path, thresholds_file: Path | None, force: bool) -> tuple[PromptsFile, Pairing]:
+    """The prompts file at `path` and its thresholds pairing (`pair_thresholds`); PromptFileError /
+    ThresholdsFileError when either is unusable."""
+    prompts = PromptsFile.load(path)
+    return prompts, pair_thresholds(path, prompts.category, prompts.sha256, thresholds_file, force)
 
 
 def check_pairing(

@@ -20,7 +20,7 @@ from mpad.config import LaaConfig, MemoryConfig, MptsConfig, PromptsConfig
 from mpad.features import build_encoder, encode_batched, stack_images
 from mpad.memory import build_memory
 from mpad.mpts import TrainResult, anomaly_loss, score_maps, train_prompts
-from mpad.prompt_file import prompt_record
+from mpad.prompt_file import PromptsFile
 from mpad.prompts import PromptLearner, TextEncoder, meta_text_embeddings
 from mpad.text_cache import TextCache
 
@@ -108,7 +108,7 @@ def shot_memory(bundle: ClipBundle, laa: LaaConfig, memory: MemoryConfig, shots:
     return build_memory(bundle, laa, images, memory.layers, memory.fusion).to_record()
 
 
-def prompts_record(
+def learned_file(
     bundle: ClipBundle,
     category: str,
     learned: LearnedPrompts,
@@ -116,13 +116,11 @@ def prompts_record(
     prompts: PromptsConfig,
     mpts: MptsConfig,
     memory: dict | None = None,
-) -> dict[str, Any]:
-    """The record `mpad.prompt_file.save_prompts` writes: the learned vectors and text embeddings, what
-    rebuilds them (backbone, sizes, encoder settings), the memory record when given, and a summary of the
-    training under "train"."""
+) -> PromptsFile:
+    """What train saves: the learned vectors and text embeddings, what rebuilds them (backbone, sizes,
+    encoder settings), the memory record when given, and a summary of the training."""
     learner, result = learned.learner, learned.result
-    extra: dict[str, Any] = {"memory": memory} if memory is not None else {}
-    extra["train"] = {
+    train = {
         "final_loss": result.final_loss,
         "steps": mpts.meta_epochs * mpts.steps,
         "meta_epochs": mpts.meta_epochs,
@@ -132,12 +130,17 @@ def prompts_record(
         "images": learned.images,
         "random_weights": bundle.random_weights,
     }
-    return prompt_record(
+    return PromptsFile(
         category=category,
         model=model_fingerprint(bundle),
         sizes=prompts.sizes,
-        vectors={"general": learner.general, "normal": learner.normal, "anomaly": learner.anomaly},
-        text=result.text,
-        laa=laa.as_dict(),
-        extra=extra,
+        vectors={
+            "general": learner.general.detach(),
+            "normal": learner.normal.detach(),
+            "anomaly": learner.anomaly.detach(),
+        },  # fmt: skip
+        text=result.text.detach(),
+        laa=laa,
+        memory=memory,
+        train=train,
     )

@@ -24,10 +24,10 @@ from mpad.clip import ModelLoadError, load_clip, model_fingerprint
 from mpad.data import DatasetError, list_split
 from mpad.detector import Detector
 from mpad.evaluation import CURVES, category_metrics, curve_rows, run_detector, unmeasured
-from mpad.io import sha256_file, write_csv
+from mpad.io import write_csv
 from mpad.notes import RANDOM_WEIGHTS_NOTE
 from mpad.overlays import pick_overlays, save_overlays
-from mpad.prompt_file import PromptFileError, load_prompts
+from mpad.prompt_file import PromptFileError, PromptsFile
 from mpad.summary import save_category_metrics
 from mpad.thresholds import save_thresholds, thresholds_record
 from stages.common import PARAMS_OPTION, StageProgress, fail, load_config
@@ -42,15 +42,14 @@ def main(
     torch.manual_seed(0)
     try:
         bundle = load_clip(model.name, model.pretrained, model.device, model.precision)
-        prompts = layout.prompts_file(category)
-        record = load_prompts(prompts, expect_model=model_fingerprint(bundle))
+        prompts = PromptsFile.load(layout.prompts_file(category), expect_model=model_fingerprint(bundle))
         samples = list_split(dataset.path, category, "test")
-        detector = Detector.from_record(bundle, record, scoring)
+        detector = Detector.from_prompts(bundle, prompts, scoring)
         with StageProgress(total=len(samples), desc=f"evaluate {category}", unit="img") as bar:
             result = run_detector(
                 detector, samples, settings.resolution, settings.batch_size, settings.workers, bar.update
             )
-        thresholds = thresholds_record(result, scoring, category, sha256_file(prompts))
+        thresholds = thresholds_record(result, scoring, category, str(prompts.sha256))
         picks = pick_overlays([s.defect for s in samples], settings.overlays)
         shown_range = (thresholds["map_low"], thresholds["map_high"])
         save_overlays(layout.overlays_dir(category), samples, result.maps, picks, shown_range)

@@ -52,13 +52,13 @@ def main(
     if out.suffix != ".onnx":
         fail(f"--out {out}: name the model file <name>.onnx")
     try:
-        record, identity, pairing = load_paired(prompts, thresholds_file, force)
+        learned, pairing = load_paired(prompts, thresholds_file, force)
         for message in pairing.warnings:
             warn(message)
-        info, thresholds_file, category = pairing.info, pairing.path, str(record["category"])
+        info, thresholds_file, category = pairing.info, pairing.path, learned.category
         scoring, resolution = scoring_of(info), resolution_of(info)
-        bundle = load_backbone(record, prompts, "cpu", "fp32", weights=model_pretrained)
-        detector = Detector.from_record(bundle, record, scoring)
+        bundle = load_backbone(learned, prompts, "cpu", "fp32", weights=model_pretrained)
+        detector = Detector.from_prompts(bundle, learned, scoring)
         diff = export_onnx(detector, resolution, out)
     except (PromptFileError, ModelLoadError, ThresholdsFileError, DeployFileError) as err:
         fail(str(err))
@@ -66,8 +66,8 @@ def main(
         fail(f"{prompts}: cannot export it: {err}")
     low, high = colour_range(info)
     sidecar = save_sidecar(out, {
-        "category": category, "model": record["model"], "random_weights": bundle.random_weights,
-        "prompts": str(prompts), "prompts_sha256": identity,
+        "category": category, "model": learned.model, "random_weights": bundle.random_weights,
+        "prompts": str(prompts), "prompts_sha256": learned.sha256,
         "thresholds_file": None if thresholds_file is None else str(thresholds_file),
         "thresholds_sha256": None if thresholds_file is None else sha256_file(thresholds_file),
         "input_size": list(bundle.image_size), "mean": list(bundle.mean), "std": list(bundle.std),

@@ -198,27 +198,27 @@ def _torch_setup(
     model_pretrained: str | None, resolution: int | None,
 ) -> Setup:  # fmt: skip
     """The prompts file's Detector on its backbone; its thresholds file (mpad.thresholds.pair_thresholds)."""
-    from mpad.clip import ModelLoadError, is_random  # open_clip and the model code: this backend only
+    from mpad.clip import ModelLoadError  # open_clip and the model code: this backend only
     from mpad.detector import Detector
     from mpad.prediction import load_backbone, torch_scorer
 
     try:  # the cheap checks first: the model loads only when prompts and thresholds are usable
-        record, identity, pairing = load_paired(prompts, thresholds_file, force)
+        learned, pairing = load_paired(prompts, thresholds_file, force)
         for message in pairing.warnings:
             warn(message)
-        info, thresholds_file, category = pairing.info, pairing.path, str(record["category"])
+        info, thresholds_file, category = pairing.info, pairing.path, learned.category
         scoring = scoring_of(info)
-        bundle = load_backbone(record, prompts, device, precision, weights=model_pretrained)
-        if bundle.random_weights or is_random(record["model"].get("pretrained")):
+        bundle = load_backbone(learned, prompts, device, precision, weights=model_pretrained)
+        if bundle.random_weights or learned.random_weights:
             warn(RANDOM_WEIGHTS_NOTE, "note")
     except (PromptFileError, ModelLoadError, ThresholdsFileError) as err:
         fail(str(err))
     size = resolution or resolution_of(info)
     try:
-        detector = Detector.from_record(bundle, record, scoring)
+        detector = Detector.from_prompts(bundle, learned, scoring)
     except (ValueError, KeyError) as err:
         fail(f"{prompts}: cannot build the detector from it: {err}")
-    header = {"prompts": str(prompts), "prompts_sha256": identity, "category": category, "model": record["model"],
+    header = {"prompts": str(prompts), "prompts_sha256": learned.sha256, "category": category, "model": learned.model,
               "random_weights": bundle.random_weights, "memory": detector.memory is not None,
               "scoring": dataclasses.asdict(scoring), "resolution": size}  # fmt: skip
     return torch_scorer(detector, size), bundle.image_size, header, info, thresholds_file

@@ -25,10 +25,9 @@ from mpad.config import LaaConfig, MemoryConfig, ModelConfig, MptsConfig
 from mpad.data import DatasetError, load_image
 from mpad.io import atomic_path
 from mpad.notes import RANDOM_WEIGHTS_NOTE
-from mpad.prompt_file import save_prompts
 from mpad.synth_set import SynthSetError, read_synth_set
 from mpad.text_cache import TextCache
-from mpad.training import learn_prompts, prompts_record, seed_everything, shot_memory
+from mpad.training import learn_prompts, learned_file, seed_everything, shot_memory
 from stages.common import PARAMS_OPTION, StageProgress, fail, load_config, read_shots
 
 
@@ -69,7 +68,7 @@ def main(
             except ValueError as err:  # settings the model cannot take, e.g. laa.layers beyond its depth
                 fail(str(err))
         out = layout.prompts_file(category)
-        save_prompts(out, prompts_record(bundle, category, learned, laa, prompts, mpts, bank))
+        learned_file(bundle, category, learned, laa, prompts, mpts, bank).save(out)
     steps = mpts.meta_epochs * mpts.steps
     typer.echo(f"{category}: {steps} optimiser steps, final loss {learned.result.final_loss:.4f} -> {out}")
 

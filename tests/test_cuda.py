@@ -16,14 +16,14 @@ import pytest
 import torch
 
 from mpad.clip import load_clip
-from mpad.config import MptsConfig
+from mpad.config import LaaConfig, MptsConfig
 from mpad.features import build_encoder, encode, stack_images
 from mpad.mpts import train_prompts
 from mpad.prompts import PromptLearner, TextEncoder, meta_text_embeddings
 
 DEVICE = os.environ.get("MPAD_CUDA_TEST_DEVICE", "cuda")
 HALF = "fp16" if DEVICE.startswith("cuda") else "bf16"  # CPUs run bf16, not fp16, at speed
-LAA = {"attention": "vv", "k": 2, "layers": 2, "cls": "neighbor-cls"}
+LAA = LaaConfig(attention="vv", k=2, layers=2, cls="neighbor-cls")
 
 pytestmark = pytest.mark.cuda
 

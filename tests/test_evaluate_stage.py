@@ -2,23 +2,21 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 import pytest
 import yaml
+from tiny_records import meta_prompts
 from typer.testing import CliRunner
 
-from mpad.clip import model_fingerprint
 from mpad.config import ScoringConfig
 from mpad.data.synthetic import generate
-from mpad.prompt_file import prompt_record, save_prompts
-from mpad.prompts import meta_text_embeddings
 from mpad.thresholds import load_thresholds, scoring_of
 from stages.cli import app
 
 ROOT = Path(__file__).resolve().parents[1]
-LAA = {"attention": "vv", "k": 2, "layers": 2, "cls": "neighbor-cls"}
 PARAMS = {
     "dataset": {"root": "ds"},
     "model": {"name": "mpad-tiny", "pretrained": "none", "device": "cpu", "precision": "fp32"},
@@ -32,11 +30,7 @@ def project(tmp_path, monkeypatch, tiny_clip):
     monkeypatch.chdir(tmp_path)
     generate(tmp_path / "ds", seed=0, n_train=2, n_test=6)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(PARAMS))
-    text = meta_text_embeddings(tiny_clip.model, tiny_clip.tokenizer, "disc")
-    record = prompt_record(
-        category="disc", model=model_fingerprint(tiny_clip), sizes=(0, 1, 1), vectors={}, text=text, laa=LAA
-    )
-    save_prompts(tmp_path / "data" / "prompts" / "disc.pt", record)
+    meta_prompts(tiny_clip).save(tmp_path / "data" / "prompts" / "disc.pt")
     return tmp_path
 
 
@@ -63,17 +57,10 @@ def test_missing_prompts_file_is_named(project):
 
 
 def test_prompts_of_another_backbone_are_refused(project, tiny_clip):
-    record = prompt_record(
-        category="disc",
-        model={**model_fingerprint(tiny_clip), "name": "ViT-B-16"},
-        sizes=(0, 1, 1),
-        vectors={},
-        text=meta_text_embeddings(tiny_clip.model, tiny_clip.tokenizer, "disc"),
-        laa=LAA,
-    )
-    save_prompts(project / "data" / "prompts" / "disc.pt", record)
+    other = meta_prompts(tiny_clip)
+    dataclasses.replace(other, model={**other.model, "name": "ViT-B-16"}).save(project / "data/prompts/disc.pt")
     result = CliRunner().invoke(app, ["evaluate", "--category", "disc"])
-    assert result.exit_code == 1 and "learned for ViT-B-16" in result.output
+    assert result.exit_code == 1 and "name 'ViT-B-16' vs 'mpad-tiny'" in " ".join(result.output.split())
 
 
 def test_missing_params_are_named(project):

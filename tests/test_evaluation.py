@@ -3,6 +3,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from tiny_records import meta_prompts
 
 from mpad.config import ScoringConfig
 from mpad.data import DatasetError, list_split
@@ -10,11 +11,8 @@ from mpad.data.synthetic import generate
 from mpad.detector import Detector
 from mpad.evaluation import CategoryResult, category_metrics, curve_rows, resize_mask, run_detector, unmeasured
 from mpad.overlays import pick_overlays
-from mpad.prompts import meta_text_embeddings
 from mpad.summary import markdown_table, summarize
 from mpad.visualize import heatmap, overlay_panel
-
-LAA = {"attention": "vv", "k": 2, "layers": 2, "cls": "neighbor-cls"}
 
 
 @pytest.fixture(scope="module")
@@ -25,8 +23,9 @@ def dataset(tmp_path_factory):
 
 
 def detector(tiny_clip, sigma=1.0):
-    record = {"laa": LAA, "text": meta_text_embeddings(tiny_clip.model, tiny_clip.tokenizer, "disc")}
-    return Detector(tiny_clip, record, ScoringConfig(smoothing_sigma=sigma, image_score="max", topk=0.01))
+    return Detector(
+        tiny_clip, meta_prompts(tiny_clip), ScoringConfig(smoothing_sigma=sigma, image_score="max", topk=0.01)
+    )
 
 
 def test_run_detector_keeps_order_and_masks(tiny_clip, dataset):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import subprocess
 import sys
@@ -22,7 +23,7 @@ from mpad.detector import Detector
 from mpad.features import stack_images
 from mpad.io import sha256_file
 from mpad.memory import build_memory
-from mpad.prompt_file import load_prompts, save_prompts
+from mpad.prompt_file import PromptsFile
 from stages.cli import app
 
 THRESHOLDS = {
@@ -53,7 +54,7 @@ def project(tmp_path_factory, tiny_clip) -> Path:
     (root / "data/thresholds").mkdir()
     for name, memory in (("disc", True), ("plain", False)):
         record = tiny_record(tiny_clip, name, memory)
-        save_prompts(root / f"data/prompts/{name}.pt", record)
+        record.save(root / f"data/prompts/{name}.pt")
         (root / f"data/thresholds/{name}.json").write_text(json.dumps({**THRESHOLDS, "category": name}))
     return root
 
@@ -82,13 +83,13 @@ def _rows(out: Path) -> list[dict[str, str]]:
 def test_onnx_equals_torch_detector(project, dataset, tiny_clip, tmp_path, name):
     model = _export(project, name, tmp_path / f"{name}.onnx")
     info = load_sidecar(model)
-    record = load_prompts(project / f"data/prompts/{name}.pt")
+    record = PromptsFile.load(project / f"data/prompts/{name}.pt")
     assert info["input_size"] == [64, 64] and info["resolution"] == 32 and info["image_threshold"] == 0.5
-    assert info["category"] == name and info["model"] == record["model"] and info["memory"] is (name == "disc")
+    assert info["category"] == name and info["model"] == record.model and info["memory"] is (name == "disc")
     assert info["scoring"] == {"smoothing_sigma": 1.0, "image_score": "topk_mean", "topk": 0.05}
     paths = sorted((dataset / "disc/test").glob("*/*.png"))
     images = stack_images([load_image(p) for p in paths], tiny_clip.image_size)
-    detector = Detector.from_record(tiny_clip, record, ScoringConfig(1.0, "topk_mean", 0.05))
+    detector = Detector.from_prompts(tiny_clip, record, ScoringConfig(1.0, "topk_mean", 0.05))
     assert (detector.memory is not None) is (name == "disc")
     want = detector(images, (32, 32))
     maps, scores = OnnxScorer(model)(images)  # 6 images: another batch size than the traced one
@@ -146,7 +147,7 @@ def test_decisions_equal_on_a_whole_test_split(tiny_clip, tmp_path):
     prompts = tmp_path / "data/prompts/disc.pt"
     shot = stack_images([load_image(p) for p in (tmp_path / "ds/disc/train/good").glob("*.png")], (64, 64))
     memory = build_memory(tiny_clip, LAA, shot, [2, 4], "harmonic").to_record()
-    save_prompts(prompts, {**tiny_record(tiny_clip, "disc", memory=False), "memory": memory})
+    dataclasses.replace(tiny_record(tiny_clip, "disc", memory=False), memory=memory).save(prompts)
     assert _invoke("evaluate", ["--category", "disc"]).exit_code == 0
     thresholds = tmp_path / "data/thresholds/disc.json"
     model = _export(tmp_path, "disc", tmp_path / "disc.onnx")
@@ -188,8 +189,8 @@ def test_refusals(project, dataset, tmp_path, monkeypatch):
     prompts = project / "data/prompts/disc.pt"
     result = _invoke("export", ["--prompts", prompts, "--out", tmp_path / "model.bin"])
     assert result.exit_code == 1 and "name the model file <name>.onnx" in result.stderr
-    record = load_prompts(prompts)
-    save_prompts(tmp_path / "deep.pt", dict(record, laa=dict(LAA, layers=9)))
+    record = PromptsFile.load(prompts)
+    dataclasses.replace(record, laa=dataclasses.replace(LAA, layers=9)).save(tmp_path / "deep.pt")
     result = _invoke("export", ["--prompts", tmp_path / "deep.pt", "--out", tmp_path / "deep.onnx"])
     assert result.exit_code == 1 and "cannot export it: laa.layers must be in 1..4" in result.stderr
     monkeypatch.setattr("mpad.export._CHUNK_ELEMENTS", 1000)

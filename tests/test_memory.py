@@ -7,13 +7,13 @@ import io
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny_records import meta_prompts
 
-from mpad.config import ScoringConfig
+from mpad.config import LaaConfig, ScoringConfig
 from mpad.detector import Detector
-from mpad.memory import VisualMemory, build_memory, fuse_maps, memory_from_record, nearest_distance
-from mpad.prompts import meta_text_embeddings
+from mpad.memory import VisualMemory, build_memory, fuse_maps, nearest_distance
 
-LAA = {"attention": "vv", "k": 2, "layers": 2, "cls": "neighbor-cls"}
+LAA = LaaConfig(attention="vv", k=2, layers=2, cls="neighbor-cls")
 LAYERS = [2, 4]
 
 
@@ -91,12 +91,11 @@ def test_record_roundtrip(memory, tiny_clip):
     torch.save({"memory": memory.to_record()}, buffer)
     buffer.seek(0)
     record = torch.load(buffer, weights_only=True)
-    rebuilt = memory_from_record(record)
+    rebuilt = VisualMemory.from_record(record["memory"])
     assert isinstance(rebuilt, VisualMemory)
     assert rebuilt.layers == memory.layers and rebuilt.fusion == memory.fusion
     tokens = _tokens(tiny_clip, _images(3, n=2))
     assert torch.equal(rebuilt.memory_map(tokens), memory.memory_map(tokens))
-    assert memory_from_record({"text": None}) is None
 
 
 def test_build_sorts_layers(tiny_clip):
@@ -110,7 +109,7 @@ def test_build_sorts_layers(tiny_clip):
 
 
 def test_detector_with_memory_differs(memory, tiny_clip):
-    record = {"laa": LAA, "text": meta_text_embeddings(tiny_clip.model, tiny_clip.tokenizer, "stripes")}
+    record = meta_prompts(tiny_clip, "stripes", LAA)
     scoring = ScoringConfig(smoothing_sigma=1.0, image_score="max")
     images = _images(9, n=2)
     plain = Detector(tiny_clip, record, scoring)(images, (48, 48))

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from sklearn.metrics import roc_auc_score
 
+from mpad.config import LaaConfig
 from mpad.features import build_encoder, encode, stack_images
 from mpad.mpts import (
     MptsConfig,
@@ -29,7 +30,7 @@ from mpad.mpts import (
 from mpad.prompts import PromptLearner, TextEncoder, learned_text_embeddings, meta_text_embeddings
 from mpad.scoring import anomaly_maps, upsample
 
-LAA = {"attention": "vv", "k": 2, "layers": 2, "cls": "neighbor-cls"}
+LAA = LaaConfig(attention="vv", k=2, layers=2, cls="neighbor-cls")
 
 
 # ---------------------------------------------------------------- generated data

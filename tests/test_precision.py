@@ -26,7 +26,7 @@ from mpad.config import ScoringConfig
 from mpad.data import list_split, load_image
 from mpad.detector import Detector
 from mpad.features import stack_images
-from mpad.prompt_file import load_prompts
+from mpad.prompt_file import PromptsFile
 from stages.cli import app
 
 pytestmark = pytest.mark.slow  # runs the offline preset's stages twice (about a minute)
@@ -83,7 +83,7 @@ def test_bf16_train_and_evaluate_match_fp32(runs):
         # 12 test images: one good/defect pair ranked the other way moves image AUROC by 100 / (6 * 6) points.
         pair = 100.0 / (fp32["n_defect"] * (fp32["n_test"] - fp32["n_defect"]))
         assert abs(bf16["image_auroc"] - fp32["image_auroc"]) <= 4 * pair + 0.01, category  # + rounding
-        text = {p: load_prompts(base / p / "data" / "prompts" / f"{category}.pt")["text"] for p in ("fp32", "bf16")}
+        text = {p: PromptsFile.load(base / p / "data" / "prompts" / f"{category}.pt").text for p in ("fp32", "bf16")}
         assert text["bf16"].dtype == torch.float32  # learned vectors and embeddings are kept in fp32
         assert torch.nn.functional.cosine_similarity(text["fp32"], text["bf16"]).min() > 0.98
 
@@ -91,13 +91,13 @@ def test_bf16_train_and_evaluate_match_fp32(runs):
 def test_bf16_maps_match_fp32_maps_for_the_same_prompts(runs):
     base, _ = runs
     params = offline_params()
-    record = load_prompts(base / "fp32" / "data" / "prompts" / "disc.pt")
+    record = PromptsFile.load(base / "fp32" / "data" / "prompts" / "disc.pt")
     samples = list_split(base / "fp32" / "data" / "synthetic", "disc", "test")
     maps, scoring = {}, ScoringConfig.from_params(params["scoring"])
     for precision in ("fp32", "bf16"):
         bundle = load_clip("mpad-tiny", "none", "cpu", precision)
         images = stack_images([load_image(s.image) for s in samples], bundle.image_size)
-        maps[precision] = Detector.from_record(bundle, record, scoring)(images, (64, 64))
+        maps[precision] = Detector.from_prompts(bundle, record, scoring)(images, (64, 64))
     diff = (maps["bf16"].maps - maps["fp32"].maps).abs()
     assert maps["bf16"].maps.dtype == torch.float32
     assert diff.mean() < 0.02 and diff.max() < 0.2

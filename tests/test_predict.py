@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -15,7 +16,7 @@ from typer.testing import CliRunner
 
 from mpad.data.synthetic import generate
 from mpad.io import sha256_file
-from mpad.prompt_file import PromptFileError, load_prompts, save_prompts
+from mpad.prompt_file import PromptFileError, PromptsFile
 from mpad.visualize import output_size
 from stages.cli import app
 from stages.predict import expand_images
@@ -35,7 +36,7 @@ def files(tmp_path_factory, tiny_clip, dataset) -> dict[str, Path]:
     """A prompts file (learned prompts at init, with a memory), a thresholds file, three test images."""
     tmp = tmp_path_factory.mktemp("predict")
     record = tiny_record(tiny_clip)
-    save_prompts(tmp / "disc.pt", record)
+    record = record.save(tmp / "disc.pt")
     thresholds = {
         "category": "disc",
         "prompts_sha256": sha256_file(tmp / "disc.pt"),
@@ -147,14 +148,13 @@ def test_no_image_exit_2(files, tmp_path):
 
 
 def test_other_backbone_refused(files, tmp_path, tiny_clip):
-    record = dict(files["record"], model=dict(files["record"]["model"], embed_dim=999))
-    save_prompts(tmp_path / "other.pt", record)
+    record = files["record"]
+    dataclasses.replace(record, model={**record.model, "embed_dim": 999}).save(tmp_path / "other.pt")
     result = _invoke(["--prompts", tmp_path / "other.pt", files["good"], "--out", tmp_path / "out"])
     assert result.exit_code == 1
     assert "learned for another backbone than this one: embed_dim 999 vs 64" in result.stderr.replace("\n", "")
     # Weights the record names that cannot be had here: a clear error, exit 1.
-    record = dict(files["record"], model=dict(files["record"]["model"], pretrained="laion400m_e32"))
-    save_prompts(tmp_path / "tagged.pt", record)
+    dataclasses.replace(record, model={**record.model, "pretrained": "laion400m_e32"}).save(tmp_path / "tagged.pt")
     result = _invoke(["--prompts", tmp_path / "tagged.pt", files["good"], "--out", tmp_path / "out"])
     assert result.exit_code == 1 and "laion400m_e32" in result.stderr
     # Other weights than the stored ones (record: random) are refused too.
@@ -175,8 +175,8 @@ def test_moved_checkpoint_accepted(files, tmp_path, tiny_clip):
     moved = tmp_path / "new_home" / "tiny.pt"
     moved.parent.mkdir()
     torch.save(tiny_clip.model.state_dict(), moved)
-    record = dict(files["record"], model=dict(files["record"]["model"], pretrained="/old/place/tiny.pt"))
-    save_prompts(tmp_path / "ckpt.pt", record)
+    record = files["record"]
+    dataclasses.replace(record, model={**record.model, "pretrained": "/old/place/tiny.pt"}).save(tmp_path / "ckpt.pt")
     args = ["--prompts", tmp_path / "ckpt.pt", files["good"], "--out", tmp_path / "out", "--threshold", "0.5"]
     assert _invoke(args).exit_code == 1  # the stored path is gone
     result = _invoke([*args, "--model-pretrained", moved])
@@ -259,7 +259,7 @@ def test_thresholds_of_other_prompts_need_force(files, tmp_path):
     copy.write_bytes(files["prompts"].read_bytes())
     retrained = tmp_path / "retrained" / "disc.pt"
     record = files["record"]
-    save_prompts(retrained, dict(record, vectors=dict(record["vectors"], anomaly=record["vectors"]["anomaly"] + 1)))
+    dataclasses.replace(record, vectors={**record.vectors, "anomaly": record.vectors["anomaly"] + 1}).save(retrained)
     pair = ["--thresholds-file", files["thresholds"], files["good"]]
     result = _invoke(["--prompts", copy, *pair, "--out", tmp_path / "copy_out"])
     assert result.exit_code == 0 and "warning" not in result.stderr, result.stderr
@@ -293,9 +293,10 @@ def test_scoring_settings_are_found_beside_the_prompts(files, tmp_path):
 
 
 def test_prompts_record_without_text_is_named(files, tmp_path):
-    save_prompts(tmp_path / "notext.pt", {k: v for k, v in files["record"].items() if k != "text"})
+    stored = files["record"].as_stored()
+    torch.save({k: v for k, v in stored.items() if k != "text"}, tmp_path / "notext.pt")
     with pytest.raises(PromptFileError, match="incomplete prompts file, it lacks text"):
-        load_prompts(tmp_path / "notext.pt")
-    save_prompts(tmp_path / "flat.pt", dict(files["record"], text=files["record"]["text"][0]))
+        PromptsFile.load(tmp_path / "notext.pt")
+    torch.save({**stored, "text": stored["text"][0]}, tmp_path / "flat.pt")
     result = _invoke(["--prompts", tmp_path / "flat.pt", files["good"], "--out", tmp_path / "out"])
     assert result.exit_code == 1 and "text must be the (2, D) [normal, anomaly] embeddings, not (64,)" in result.stderr

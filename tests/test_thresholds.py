@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
 import torch
+from tiny_records import meta_prompts
 from typer.testing import CliRunner
 
-from mpad.clip import model_fingerprint
 from mpad.config import ScoringConfig
 from mpad.evaluation import CategoryResult
-from mpad.prompt_file import prompt_record, save_prompts
 from mpad.thresholds import (
     ThresholdsFileError,
     colour_range,
@@ -96,13 +96,7 @@ def test_undefined_threshold_may_be_null(tmp_path):
 
 def test_predict_stops_on_a_bad_thresholds_file(tmp_path, tiny_clip):
     text = torch.nn.functional.normalize(torch.randn(2, tiny_clip.model.text_projection.shape[1]), dim=-1)
-    laa = {"attention": "vv", "k": 2, "layers": 2, "cls": "neighbor-cls"}
-    save_prompts(
-        tmp_path / "disc.pt",
-        prompt_record(
-            category="disc", model=model_fingerprint(tiny_clip), sizes=(0, 1, 1), vectors={}, text=text, laa=laa
-        ),
-    )
+    dataclasses.replace(meta_prompts(tiny_clip), text=text).save(tmp_path / "disc.pt")
     (tmp_path / "disc.json").write_text(json.dumps({"smoothing_sigma": -1}))
     (tmp_path / "a.png").write_bytes(b"")
     result = CliRunner().invoke(

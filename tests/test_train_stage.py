@@ -20,7 +20,7 @@ from mpad import layout
 from mpad.data import Sample
 from mpad.data.shots import save_shots
 from mpad.oagm import ObjectMask, SynthesizedSample
-from mpad.prompt_file import load_prompts
+from mpad.prompt_file import PromptsFile
 from mpad.synth_set import write_synth_set
 from stages.cli import app
 from stages.common import StageProgress
@@ -73,17 +73,17 @@ def test_train_stage_writes_prompts_and_curves(project):
     assert result.exit_code == 0, result.output
     assert "RANDOM WEIGHTS" in result.output
 
-    record = load_prompts(project / "data" / "prompts" / "carpet.pt")
-    assert record["category"] == "carpet"
-    assert record["model"]["name"] == "mpad-tiny" and record["model"]["pretrained"] == "none"
-    assert record["sizes"] == [3, 2, 1]
-    assert record["vectors"]["general"].shape == (3, 128)
-    assert record["vectors"]["normal"].shape == (2, 128)
-    assert record["vectors"]["anomaly"].shape == (1, 128)
-    assert record["text"].shape == (2, 64)
-    torch.testing.assert_close(record["text"].norm(dim=-1), torch.ones(2))
-    assert record["laa"] == PARAMS["laa"]
-    train = record["train"]
+    record = PromptsFile.load(project / "data" / "prompts" / "carpet.pt")
+    assert record.category == "carpet"
+    assert record.model["name"] == "mpad-tiny" and record.model["pretrained"] == "none"
+    assert record.sizes == (3, 2, 1)
+    assert record.vectors["general"].shape == (3, 128)
+    assert record.vectors["normal"].shape == (2, 128)
+    assert record.vectors["anomaly"].shape == (1, 128)
+    assert record.text.shape == (2, 64)
+    torch.testing.assert_close(record.text.norm(dim=-1), torch.ones(2))
+    assert record.laa.as_dict() == PARAMS["laa"]
+    train = record.train
     assert train["steps"] == 8 and train["random_weights"] is True and np.isfinite(train["final_loss"])
 
     live = project / "dvclive" / "train" / "carpet"
@@ -143,12 +143,12 @@ def test_same_params_same_prompts_file(project):
     runner = CliRunner()
     out = project / "data" / "prompts" / "carpet.pt"
     assert runner.invoke(app, ["train", "--category", "carpet"]).exit_code == 0
-    first = load_prompts(out)
+    first = PromptsFile.load(out)
     assert runner.invoke(app, ["train", "--category", "carpet"]).exit_code == 0
-    second = load_prompts(out)
+    second = PromptsFile.load(out)
     for key in ("general", "normal", "anomaly"):
-        assert torch.equal(first["vectors"][key], second["vectors"][key])
-    assert first["train"] == second["train"]
+        assert torch.equal(first.vectors[key], second.vectors[key])
+    assert first.train == second.train and first.sha256 == second.sha256  # the same bytes
 
 
 def test_missing_manifest_is_named(project):
@@ -208,7 +208,7 @@ def test_memory_branch_is_saved_with_the_prompts(project, monkeypatch):
     (project / "params.yaml").write_text(yaml.safe_dump(params))
     result = CliRunner().invoke(app, ["train", "--category", "carpet"])
     assert result.exit_code == 0, result.output
-    memory = load_prompts(project / "data" / "prompts" / "carpet.pt")["memory"]
+    memory = PromptsFile.load(project / "data" / "prompts" / "carpet.pt").memory
     assert memory["layers"] == [2, 4] and memory["fusion"] == "harmonic"
     assert [tuple(bank.shape) for bank in memory["banks"]] == [(64, 128), (64, 128)]  # one shot x 8x8 patches
 

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
 
 from mpad.config import LaaConfig, MptsConfig, PromptsConfig
 from mpad.features import build_encoder, encode, encode_batched
+from mpad.io import sha256_file
 from mpad.mpts import anomaly_loss, score_maps
+from mpad.prompt_file import PromptsFile
 from mpad.prompts import meta_text_embeddings
-from mpad.training import learn_prompts, prompts_record, synth_features
+from mpad.training import learn_prompts, learned_file, synth_features
 
 LAA = LaaConfig(attention="vv", k=2, layers=2, cls="neighbor-cls")
 PROMPTS = PromptsConfig(n_general=2, n_normal=1, n_anomaly=1)
@@ -35,11 +39,19 @@ def test_encode_batched_equals_one_pass(tiny_clip):
         torch.testing.assert_close(got, want)
 
 
-def test_build_encoder_reads_config_and_stored_mapping_alike(tiny_clip):
-    images = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(1))
-    from_config = encode(build_encoder(tiny_clip, LAA), tiny_clip, images).patch_features
-    from_record = encode(build_encoder(tiny_clip, LAA.as_dict()), tiny_clip, images).patch_features
-    assert torch.equal(from_config, from_record)
+def test_prompts_file_roundtrip_and_identity(tiny_clip, tmp_path):
+    """What is saved loads back equal (LAA settings included); the identity is the SHA-256 of the bytes, the
+    same for the same content saved twice, another for other content."""
+    learned = learn_prompts(tiny_clip, "disc", *_set(), LAA, PROMPTS, MptsConfig(meta_epochs=1, steps=1, batch_size=2))
+    prompts = learned_file(tiny_clip, "disc", learned, LAA, PROMPTS, MptsConfig(meta_epochs=1, steps=1))
+    saved = prompts.save(tmp_path / "a.pt")
+    again = prompts.save(tmp_path / "b.pt")
+    loaded = PromptsFile.load(tmp_path / "a.pt")
+    assert loaded.laa == LAA and loaded.sizes == (2, 1, 1) and loaded.train == prompts.train
+    assert torch.equal(loaded.text, prompts.text) and torch.equal(loaded.vectors["normal"], prompts.vectors["normal"])
+    assert saved.sha256 == again.sha256 == loaded.sha256 == sha256_file(tmp_path / "a.pt")
+    other = dataclasses.replace(prompts, laa=dataclasses.replace(LAA, layers=3)).save(tmp_path / "c.pt")
+    assert other.sha256 != saved.sha256
 
 
 def test_no_meta_epochs_is_the_hand_written_baseline(tiny_clip):
@@ -68,7 +80,8 @@ def test_learning_and_record(tiny_clip):
     learned = learn_prompts(tiny_clip, "disc", images, masks, LAA, PROMPTS, mpts, on_step=rows.append)
     assert [r["step"] for r in rows] == list(range(6)) and [r["meta_epoch"] for r in rows] == [0] * 3 + [1] * 3
     assert learned.calibrated_fraction == sum(r["calibrated"] for r in rows) / 6
-    record = prompts_record(tiny_clip, "disc", learned, LAA, PROMPTS, mpts, memory={"layers": [2]})
+    prompts = learned_file(tiny_clip, "disc", learned, LAA, PROMPTS, mpts, memory={"layers": [2]})
+    record = prompts.as_stored()
     assert list(record) == ["format", "category", "model", "sizes", "vectors", "text", "laa", "memory", "train"]
     assert record["sizes"] == [2, 1, 1] and record["laa"] == {
         "attention": "vv",
@@ -76,6 +89,7 @@ def test_learning_and_record(tiny_clip):
         "layers": 2,
         "cls": "neighbor-cls",
     }
+    assert prompts.laa == LAA and prompts.memory == {"layers": [2]}
     assert record["train"] == {
         "final_loss": rows[-1]["loss_ano"],
         "steps": 6,
