@@ -48,6 +48,7 @@ from mpad import oagm as oagm_module
 from mpad.clip import load_clip
 from mpad.config import LaaConfig, MptsConfig, OagmConfig, PromptsConfig
 from mpad.data import synthetic
+from mpad.data.catalog import SYNTHETIC_TEXTURES
 from mpad.data.shots import stable_hash
 from mpad.evaluation import resize_mask
 from mpad.features import build_encoder, encode_batched, stack_images
@@ -122,7 +123,7 @@ def oagm_set(
     """OAGM's (images, masks) from one shot, noise at the model's input size or at the shot's own size."""
     size = shot.shape[:2] if full_size else bundle.image_size
     image = stack_images([shot], size)
-    texture = category in synthetic.SYNTHETIC_TEXTURES + synthetic.HELD_OUT_CATEGORIES
+    texture = category in SYNTHETIC_TEXTURES + synthetic.HELD_OUT_CATEGORIES
     masks = object_masks(image, category, "border", 0.5, texture=texture)
     with blob_sizes(size_range):
         samples = [s for shot_samples in synthesize_set(image, masks, category, oagm) for s in shot_samples]

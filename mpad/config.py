@@ -16,9 +16,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, TypeVar
 
-from mpad.data.mvtec import MVTEC_CATEGORIES, MVTEC_TEXTURES
+from mpad.data.catalog import CATALOG, DATASETS, TABLE_ORDER, VISA_CATEGORIES
 
-DATASETS = ("mvtec", "visa", "folder", "synthetic")
 PRECISIONS = ("fp32", "fp16", "bf16")
 ATTENTIONS = ("vv", "qk")
 CLS_MODES = ("neighbor-cls", "neighbor")
@@ -28,38 +27,6 @@ TEXTURE_MASKS = ("mask_method", "whole")
 IMAGE_SCORES = ("max", "topk_mean", "global")
 FUSIONS = ("harmonic", "arithmetic")
 CALIBRATIONS = ("projection", "literal", "literal-rms")
-
-# MVTec AD's categories in the paper's Table 1 order: the textures, then the objects.
-TABLE_ORDER = MVTEC_TEXTURES + tuple(c for c in MVTEC_CATEGORIES if c not in MVTEC_TEXTURES)
-MVTEC_URL = (
-    "https://www.mydrive.ch/shares/38536/3830184030e49fe74747669442f0f282/download/420938113-1629952094/"
-    "mvtec_anomaly_detection.tar.xz"
-)
-MVTEC_SHA256 = "cf4313b13603bec67abb49ca959488f7eedce2a9f7795ec54446c649ac98cd3d"
-VISA_URL = "https://amazon-visual-anomaly.s3.us-west-2.amazonaws.com/VisA_20220922.tar"
-VISA_CATEGORIES = (
-    "candle",
-    "capsules",
-    "cashew",
-    "chewinggum",
-    "fryum",
-    "macaroni1",
-    "macaroni2",
-    "pcb1",
-    "pcb2",
-    "pcb3",
-    "pcb4",
-    "pipe_fryum",
-)
-# What a null dataset.root / url / sha256 stands for, per dataset.name: (root, url, sha256), so that one
-# `-S dataset.name=visa` (plus categories) switches datasets. VisA's sha256 is unknown to us: anomalib pins
-# the tar with an MD5 only (ef908989b6dc701fc218f643c127a4de), so no sha256 is checked unless you set one.
-DATASET_DEFAULTS: dict[str, tuple[str | None, str, str | None]] = {
-    "mvtec": ("data/mvtec", MVTEC_URL, MVTEC_SHA256),
-    "visa": ("data/visa", VISA_URL, None),
-    "synthetic": ("data/synthetic", "", None),
-    "folder": (None, "", None),  # the user's own tree: root must be given
-}
 
 
 class ConfigError(ValueError):
@@ -191,24 +158,29 @@ def _read(cls: type[S], section: str, values: Any, rules: dict[str, Rule]) -> S:
 class DatasetConfig:
     """`dataset`: which data, where. categories: a non-empty list (DVC's matrix cannot iterate null);
     textures None = the dataset's default texture categories. root / url / sha256 None = the dataset's own
-    (DATASET_DEFAULTS; sha256 only when url is also the dataset's own): they are resolved on construction."""
+    (mpad.data.catalog; sha256 only when url is also the dataset's own): they are resolved on construction."""
 
     name: str = "mvtec"
     root: str | None = None
     url: str | None = None
     sha256: str | None = None
     categories: list[str] = field(default_factory=lambda: list(TABLE_ORDER))
-    textures: list[str] | None = field(default_factory=lambda: list(MVTEC_TEXTURES))
+    textures: list[str] | None = field(default_factory=lambda: list(CATALOG["mvtec"].textures))
     seed: int = 0
 
     def __post_init__(self) -> None:
-        root, url, sha256 = DATASET_DEFAULTS.get(self.name, (None, "", None))
+        entry = CATALOG.get(self.name, CATALOG["folder"])
         if self.url is None:
-            object.__setattr__(self, "url", url)
+            object.__setattr__(self, "url", entry.url)
             if self.sha256 is None:
-                object.__setattr__(self, "sha256", sha256)
+                object.__setattr__(self, "sha256", entry.sha256)
         if self.root is None:
-            object.__setattr__(self, "root", root)
+            object.__setattr__(self, "root", entry.root)
+
+    @property
+    def texture_categories(self) -> tuple[str, ...]:
+        """dataset.textures, or when null the dataset's own texture categories (the catalog's)."""
+        return tuple(CATALOG[self.name].textures if self.textures is None else self.textures)
 
     @classmethod
     def from_params(cls, values: Any) -> DatasetConfig:

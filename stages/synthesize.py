@@ -19,24 +19,13 @@ import typer
 
 from mpad import layout
 from mpad.clip import ModelLoadError, load_clip
-from mpad.config import DatasetConfig
-from mpad.data.mvtec import MVTEC_TEXTURES, DatasetError, load_image
-from mpad.data.synthetic import SYNTHETIC_TEXTURES
+from mpad.data.mvtec import DatasetError, load_image
 from mpad.features import stack_images
 from mpad.notes import RANDOM_WEIGHTS_NOTE
 from mpad.oagm import shot_object_masks, synthesize_set
 from mpad.synth_set import write_synth_set
 from mpad.text_cache import TextCache
 from stages.common import PARAMS_OPTION, StageProgress, fail, load_config, read_shots
-
-DEFAULT_TEXTURES = {"mvtec": MVTEC_TEXTURES, "synthetic": SYNTHETIC_TEXTURES, "folder": ()}
-
-
-def _textures(dataset: DatasetConfig) -> set[str]:
-    """dataset.textures; null means the dataset's default (MVTec AD's five, the generated two, none)."""
-    if dataset.textures is None:
-        return set(DEFAULT_TEXTURES.get(dataset.name, ()))
-    return set(dataset.textures)
 
 
 def main(
@@ -49,7 +38,7 @@ def main(
     try:
         bundle = load_clip(model.name, model.pretrained, model.device, model.precision)
         images = stack_images([load_image(path) for _, path in shots], bundle.image_size)
-        texture = category in _textures(dataset)
+        texture = category in dataset.texture_categories
         masks = shot_object_masks(images, category, oagm, texture, bundle, TextCache.for_bundle(bundle))
     except (DatasetError, ModelLoadError, ValueError) as err:
         fail(str(err))

@@ -81,6 +81,8 @@ def test_deps_are_the_import_closure(stage):
     command = spec["cmd"].split()[1]
     used = closure(ROOT / "stages" / f"{command}.py")
     covered, listed = declared(spec["deps"])
+    repeated = sorted({dep for dep in spec["deps"] if spec["deps"].count(dep) > 1})
+    assert repeated == [], f"{stage}: listed more than once in deps"
     assert sorted(used - covered) == [], f"{stage}: imported but not in deps"
     unused = {dep for dep in listed if not (used & (declared([dep])[0]))}
     assert sorted(unused) == [], f"{stage}: in deps but not imported"

@@ -12,11 +12,10 @@ import pytest
 from PIL import Image
 
 from mpad.data import DatasetError, list_split, load_image, load_mask, summarize_category
+from mpad.data.catalog import SYNTHETIC_CATEGORIES, SYNTHETIC_TEXTURES
 from mpad.data.synthetic import (
     DEFECTS,
     MARKER,
-    SYNTHETIC_CATEGORIES,
-    SYNTHETIC_TEXTURES,
     generate,
     read_marker,
     render,

@@ -13,8 +13,9 @@ import pytest
 from PIL import Image
 from test_download import Server
 
-from mpad.config import MVTEC_SHA256, DatasetConfig
+from mpad.config import DatasetConfig
 from mpad.data import DatasetError, list_split, load_mask
+from mpad.data.catalog import MVTEC
 from mpad.data.prepare import prepare_dataset
 from mpad.data.visa import extracted_dir
 
@@ -149,6 +150,6 @@ def test_one_name_switches_the_dataset_defaults() -> None:
     visa = DatasetConfig.from_params({"name": "visa", "categories": ["candle"]})
     assert (visa.root, visa.sha256) == ("data/visa", None) and visa.url.endswith("/VisA_20220922.tar")
     mvtec = DatasetConfig.from_params({"name": "mvtec", "categories": ["screw"]})
-    assert mvtec.root == "data/mvtec" and mvtec.sha256 == MVTEC_SHA256
+    assert mvtec.root == "data/mvtec" and mvtec.sha256 == MVTEC.sha256
     own = DatasetConfig.from_params({"name": "mvtec", "url": "http://mirror/x.tar.xz", "categories": ["screw"]})
     assert own.sha256 is None  # another archive: the official pin would be wrong

@@ -3,9 +3,8 @@
 Importing this package does no I/O.
 """
 
+from mpad.data.catalog import MVTEC_CATEGORIES, MVTEC_TEXTURES
 from mpad.data.mvtec import (
-    MVTEC_CATEGORIES,
-    MVTEC_TEXTURES,
     DatasetError,
     Sample,
     image_size,

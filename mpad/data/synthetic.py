@@ -28,11 +28,10 @@ from typing import Any
 
 import numpy as np
 
+from mpad.data.catalog import SYNTHETIC_CATEGORIES
 from mpad.data.mvtec import DatasetError
 from mpad.io import atomic_path, save_png
 
-SYNTHETIC_CATEGORIES: tuple[str, ...] = ("stripes", "weave", "disc")
-SYNTHETIC_TEXTURES: tuple[str, ...] = ("stripes", "weave")
 SIZES: dict[str, tuple[int, int]] = {"stripes": (96, 96), "weave": (80, 112), "disc": (112, 96)}  # (H, W)
 DEFECTS: dict[str, tuple[str, ...]] = {
     "stripes": ("scratch", "hole", "stain"),

@@ -21,7 +21,6 @@ from mpad.data.download import download, safe_extract
 from mpad.data.mvtec import DatasetError
 from mpad.io import atomic_path
 
-ARCHIVE_NAME = "VisA_20220922.tar"
 SPLIT_CSV = PurePosixPath("split_csv/1cls.csv")
 COLUMNS = ["object", "split", "label", "image", "mask"]
 DEFECT = "bad"  # VisA names no defect types: one defect folder, as anomalib does
