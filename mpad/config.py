@@ -1,20 +1,22 @@
-"""Typed, validated settings: one frozen dataclass per section of params.yaml, checked once, in one place.
+"""Typed, validated settings: one frozen pydantic model per section of params.yaml, checked once, in one place.
 
 `Section.from_params(values)` reads a section's mapping: a missing key takes the field's default (the
 defaults are params.yaml's values; a test keeps the two equal), an unknown key or a bad value is a
-`ConfigError` whose message has one line per problem, naming the key, the value and what is allowed.
-Library functions take these objects, not dicts. Light module (numpy at most): no torch import (the stages that need no
-model use it too).
+`ConfigError` whose message has one line per problem, naming the key, the value and what is allowed (each
+field's `allowed` text). Types are strict: no string is read as a number, no boolean as an integer, no NaN
+or infinity as a value. `params_schema` is the JSON Schema of params.yaml (`mpad schema` writes it, with
+the descriptions of params.yaml's comments, to params.schema.json for YAML editors). Library functions take
+these objects, not dicts. Light module (pydantic, no torch): the stages that need no model use it too.
 """
 
 from __future__ import annotations
 
-import math
 import re
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, fields
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any, ClassVar, Literal
+
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 from mpad.data.catalog import CATALOG, DATASETS, TABLE_ORDER, VISA_CATEGORIES
 
@@ -27,114 +29,15 @@ TEXTURE_MASKS = ("mask_method", "whole")
 IMAGE_SCORES = ("max", "topk_mean", "global")
 FUSIONS = ("harmonic", "arithmetic")
 CALIBRATIONS = ("projection", "literal", "literal-rms")
+STOPS = ("fixed", "converged")
+RANDOM_WEIGHTS_NOTE = (
+    "RANDOM WEIGHTS (model.pretrained = none): these numbers exercise the pipeline and say nothing about the "
+    "method's real quality"
+)
 
 
 class ConfigError(ValueError):
     """Bad settings; the message has one line per problem."""
-
-
-_MISSING = object()
-
-
-class _Reader:
-    """Reads one section's keys, collecting one error line per bad value."""
-
-    def __init__(self, section: str, values: Any) -> None:
-        if not isinstance(values, Mapping):
-            raise ConfigError(f"section '{section}' missing or not a mapping of keys (got {values!r})")
-        self.section, self.values, self.errors = section, values, []
-
-    def get(self, key: str, default: Any, check: Callable[[Any], bool], allowed: str) -> Any:
-        value = self.values.get(key, _MISSING)
-        if value is _MISSING:
-            return default
-        if not check(value):
-            self.errors.append(f"{self.section}.{key} = {value!r}: {allowed}")
-            return default
-        return value
-
-    def done(self, known: tuple[str, ...]) -> None:
-        unknown = sorted(set(self.values) - set(known))
-        if unknown:
-            self.errors.append(
-                f"{self.section}: unknown key(s) {', '.join(map(str, unknown))} (known: {', '.join(known)})"
-            )
-        if self.errors:
-            raise ConfigError("\n".join(self.errors))
-
-
-def _is_int(low: int | None = None) -> Callable[[Any], bool]:
-    return lambda v: isinstance(v, int) and not isinstance(v, bool) and (low is None or v >= low)
-
-
-def _is_number(low: float, high: float = math.inf, open_low: bool = False) -> Callable[[Any], bool]:
-    def check(v: Any) -> bool:
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-            return False
-        return (v > low if open_low else v >= low) and v <= high
-
-    return check
-
-
-def _is_choice(choices: tuple[str, ...]) -> Callable[[Any], bool]:
-    return lambda v: isinstance(v, str) and v in choices
-
-
-def _is_names(v: Any) -> bool:
-    return isinstance(v, list) and all(isinstance(x, str) and x.strip() for x in v) and len(set(v)) == len(v)
-
-
-# A category is a folder name, a DVC matrix key (stage `sample@<name>`), a quoted shell word in dvc.yaml's
-# commands ('${item.category}') and part of output paths: letters, digits, _ . + - and single inner spaces.
-_CATEGORY = re.compile(r"[A-Za-z0-9_+-][A-Za-z0-9_.+-]*( [A-Za-z0-9_.+-]+)*")
-
-
-def _is_categories(v: Any) -> bool:
-    return _is_names(v) and bool(v) and all(_CATEGORY.fullmatch(x) for x in v)
-
-
-def _is_text(v: Any) -> bool:
-    return isinstance(v, str) and bool(v.strip())
-
-
-def _is_bool(v: Any) -> bool:
-    return isinstance(v, bool)
-
-
-def _is_device(v: Any) -> bool:
-    if not isinstance(v, str):
-        return False
-    kind, _, index = v.partition(":")
-    return v in ("auto", "cpu", "cuda") or (kind == "cuda" and index.isdigit())
-
-
-INT = "must be an integer"
-NAMES = "must be a list of distinct non-empty names"
-CATEGORIES = (
-    "must be a non-empty list of distinct names (letters, digits, _ . + -, single inner spaces); not null, which "
-    f"DVC cannot expand: write the list (mvtec: [{', '.join(TABLE_ORDER)}]; visa: [{', '.join(VISA_CATEGORIES)}]; "
-    "synthetic: [stripes, weave, disc]; folder: the category folders under dataset.root)"
-)
-Rule = tuple[Callable[[Any], bool], str]
-
-
-def _int(low: int) -> Rule:
-    return _is_int(low), f"{INT} >= {low}"
-
-
-def _choice(choices: tuple[str, ...]) -> Rule:
-    return _is_choice(choices), f"must be one of {', '.join(choices)}"
-
-
-def _fraction() -> Rule:
-    return _is_number(0, 1), "must be a number in [0, 1]"
-
-
-def _non_negative() -> Rule:
-    return _is_number(0), "must be a number >= 0"
-
-
-S = TypeVar("S")
 
 
 def is_random(pretrained: str | None) -> bool:
@@ -142,66 +45,132 @@ def is_random(pretrained: str | None) -> bool:
     return pretrained is None or str(pretrained).strip().lower() in ("", "none", "null", "random")
 
 
-def _read(cls: type[S], section: str, values: Any, rules: dict[str, Rule]) -> S:
-    """Build `cls` from `values` with one (check, allowed) rule per field; defaults from the dataclass."""
-    reader = _Reader(section, values)
-    defaults = cls()  # type: ignore[call-arg]
-    params = [f for f in fields(cls) if f.name in rules]  # type: ignore[arg-type]
-    kwargs = {
-        f.name: reader.get(f.metadata.get("key", f.name), getattr(defaults, f.name), *rules[f.name]) for f in params
-    }
-    reader.done(tuple(f.metadata.get("key", f.name) for f in params))
-    return cls(**kwargs)
+def _one_of(choices: tuple[str, ...]) -> str:
+    return f"must be one of {', '.join(choices)}"
 
 
-@dataclass(frozen=True)
-class DatasetConfig:
-    """`dataset`: which data, where. categories: a non-empty list (DVC's matrix cannot iterate null);
-    textures None = the dataset's default texture categories. root / url / sha256 None = the dataset's own
-    (mpad.data.catalog; sha256 only when url is also the dataset's own): they are resolved on construction."""
+def _check(test: Any) -> AfterValidator:
+    """A validator from a predicate (its message is the field's `allowed` text, not this one)."""
 
-    name: str = "mvtec"
-    root: str | None = None
-    url: str | None = None
-    sha256: str | None = None
-    categories: list[str] = field(default_factory=lambda: list(TABLE_ORDER))
-    textures: list[str] | None = field(default_factory=lambda: list(CATALOG["mvtec"].textures))
-    seed: int = 0
+    def check(value: Any) -> Any:
+        if not test(value):
+            raise ValueError("not allowed")
+        return value
 
-    def __post_init__(self) -> None:
-        entry = CATALOG.get(self.name, CATALOG["folder"])
-        if self.url is None:
-            object.__setattr__(self, "url", entry.url)
-            if self.sha256 is None:
-                object.__setattr__(self, "sha256", entry.sha256)
-        if self.root is None:
-            object.__setattr__(self, "root", entry.root)
+    return AfterValidator(check)
 
-    @property
-    def texture_categories(self) -> tuple[str, ...]:
-        """dataset.textures, or when null the dataset's own texture categories (the catalog's)."""
-        return tuple(CATALOG[self.name].textures if self.textures is None else self.textures)
+
+def knob(default: Any, allowed: str, **constraints: Any) -> Any:
+    """A params key: its default (= params.yaml's value), what a bad value is told (`allowed`) and its
+    pydantic constraints (ge, gt, le, alias...)."""
+    return Field(default, json_schema_extra={"allowed": allowed}, **constraints)
+
+
+# A category is a folder name, a DVC matrix key (stage `sample@<name>`), a quoted shell word in dvc.yaml's
+# commands ('${item.category}') and part of output paths: letters, digits, _ . + - and single inner spaces.
+_CATEGORY = re.compile(r"[A-Za-z0-9_+-][A-Za-z0-9_.+-]*( [A-Za-z0-9_.+-]+)*")
+NAMES = "must be a list of distinct non-empty names"
+CATEGORIES = (
+    "must be a non-empty list of distinct names (letters, digits, _ . + -, single inner spaces); not null, which "
+    f"DVC cannot expand: write the list (mvtec: [{', '.join(TABLE_ORDER)}]; visa: [{', '.join(VISA_CATEGORIES)}]; "
+    "synthetic: [stripes, weave, disc]; folder: the category folders under dataset.root)"
+)
+
+
+def _distinct(names: list[Any]) -> bool:
+    return len(set(names)) == len(names)
+
+
+Distinct = _check(_distinct)
+UNIQUE = Field(json_schema_extra={"uniqueItems": True})
+Text = Annotated[str, Field(pattern=r"\S")]  # not empty, not only blanks
+Names = Annotated[list[Text], UNIQUE, Distinct]
+Category = Annotated[str, Field(pattern=f"^{_CATEGORY.pattern}$")]
+Categories = Annotated[list[Category], Field(min_length=1), UNIQUE, Distinct]
+Sha256 = Annotated[str, Field(pattern=r"^[0-9a-fA-F]{64}$")]
+Device = Annotated[str, Field(pattern=r"^(auto|cpu|cuda(:[0-9]+)?)$")]
+Blocks = Annotated[list[Annotated[int, Field(ge=1)]], Field(min_length=1)]
+
+
+class Section(BaseModel):
+    """A section of params.yaml (SECTION: its name)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True, allow_inf_nan=False, populate_by_name=True)
+    SECTION: ClassVar[str]
+    NOT_PARAMS: ClassVar[tuple[str, ...]] = ()  # fields for library callers only, never read from params.yaml
 
     @classmethod
-    def from_params(cls, values: Any) -> DatasetConfig:
-        if isinstance(values, Mapping):  # an absent key means null (the dataset's own), not mvtec's value
-            values = {"root": None, "url": None, "sha256": None, **values}
-        rules = {
-            "name": _choice(DATASETS),
-            "root": (lambda v: v is None or _is_text(v), "must be a folder path (or null: data/<name>)"),
-            "url": (lambda v: v is None or isinstance(v, str), "must be a URL (or null: the official archive)"),
-            "sha256": (
-                lambda v: v is None or (isinstance(v, str) and len(v) == 64),
-                "must be 64 hex digits or null",
-            ),
-            "categories": (_is_categories, CATEGORIES),
-            "textures": (lambda v: v is None or _is_names(v), NAMES + " (or null: the dataset's default)"),
-            "seed": _int(0),
-        }
-        config = _read(cls, "dataset", values, rules)
-        if config.root is None:
-            raise ConfigError(f"dataset.root = None: must be set to your folder for dataset.name = {config.name}")
+    def from_params(cls, values: Any) -> Any:
+        """The section's settings from its params.yaml mapping; ConfigError (one line per problem) otherwise."""
+        if not isinstance(values, Mapping):
+            raise ConfigError(f"section '{cls.SECTION}' missing or not a mapping of keys (got {values!r})")
+        known = cls.params_keys()
+        unknown = sorted(str(key) for key in values if key not in known)
+        lines = [f"{cls.SECTION}: unknown key(s) {', '.join(unknown)} (known: {', '.join(known)})"] if unknown else []
+        try:
+            config = cls.model_validate({key: value for key, value in values.items() if key in known})
+        except ValidationError as err:
+            lines = _problems(cls, values, err) + lines
+        if lines:
+            raise ConfigError("\n".join(lines))
         return config
+
+    @classmethod
+    def params_keys(cls) -> tuple[str, ...]:
+        """The keys params.yaml may hold, in order."""
+        return tuple(f.alias or name for name, f in cls.model_fields.items() if name not in cls.NOT_PARAMS)
+
+
+def _problems(cls: type[Section], values: Mapping[str, Any], err: ValidationError) -> list[str]:
+    """One line per key that failed (a union type fails once per member: said once)."""
+    lines: dict[str, str] = {}
+    fields = {f.alias or name: f for name, f in cls.model_fields.items()}
+    for error in err.errors():
+        key = str(error["loc"][0]) if error["loc"] else ""
+        if key not in fields:  # a whole-model check: its message is the line
+            lines.setdefault(key, f"{cls.SECTION}.{error['msg'].removeprefix('Value error, ')}")
+            continue
+        extra = fields[key].json_schema_extra
+        allowed = extra.get("allowed") if isinstance(extra, dict) else error["msg"]
+        lines.setdefault(key, f"{cls.SECTION}.{key} = {values.get(key)!r}: {allowed}")
+    return list(lines.values())
+
+
+class DatasetConfig(Section):
+    """`dataset`: which data, where. categories: a non-empty list (DVC's matrix cannot iterate null);
+    textures None = the dataset's default texture categories. root / url / sha256 None (or absent) = the
+    dataset's own (mpad.data.catalog; sha256 only when url is also the dataset's own): resolved on
+    construction."""
+
+    SECTION: ClassVar[str] = "dataset"
+    name: Literal[DATASETS] = knob("mvtec", _one_of(DATASETS))  # type: ignore[valid-type]
+    root: Text | None = knob(None, "must be a folder path (or null: data/<name>)")
+    url: str | None = knob(None, "must be a URL (or null: the official archive)")
+    sha256: Sha256 | None = knob(None, "must be 64 hex digits or null")
+    categories: Categories = knob(list(TABLE_ORDER), CATEGORIES)
+    textures: Names | None = knob(list(CATALOG["mvtec"].textures), NAMES + " (or null: the dataset's default)")
+    seed: int = knob(0, "must be an integer >= 0", ge=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _the_datasets_own(cls, values: Any) -> Any:
+        if not isinstance(values, Mapping):
+            return values
+        entry = CATALOG.get(values.get("name", "mvtec"), CATALOG["folder"])
+        resolved = dict(values)
+        if resolved.get("url") is None:
+            resolved["url"] = entry.url
+            if resolved.get("sha256") is None:
+                resolved["sha256"] = entry.sha256
+        if resolved.get("root") is None:
+            resolved["root"] = entry.root
+        return resolved
+
+    @model_validator(mode="after")
+    def _root_known(self) -> DatasetConfig:
+        if self.root is None:
+            raise ValueError(f"root = None: must be set to your folder for dataset.name = {self.name}")
+        return self
 
     @property
     def path(self) -> Path:
@@ -211,225 +180,177 @@ class DatasetConfig:
 
         return data_root(self.root or "")
 
+    @property
+    def texture_categories(self) -> tuple[str, ...]:
+        """dataset.textures, or when null the dataset's own texture categories (the catalog's)."""
+        return tuple(CATALOG[self.name].textures if self.textures is None else self.textures)
 
-@dataclass(frozen=True)
-class ShotsConfig:
+
+class ShotsConfig(Section):
     """`shots`: k normal training images per category, drawn with seed."""
 
-    k: int = 1
-    seed: int = 0
-
-    @classmethod
-    def from_params(cls, values: Any) -> ShotsConfig:
-        return _read(cls, "shots", values, {"k": _int(1), "seed": _int(0)})
+    SECTION: ClassVar[str] = "shots"
+    k: int = knob(1, "must be an integer >= 1", ge=1)
+    seed: int = knob(0, "must be an integer >= 0", ge=0)
 
 
-@dataclass(frozen=True)
-class ModelConfig:
+class ModelConfig(Section):
     """`model`: the open_clip backbone, its weights (tag | checkpoint path | none), device and precision."""
 
-    name: str = "ViT-B-16-plus-240"
-    pretrained: str = "laion400m_e32"
-    device: str = "auto"
-    precision: str = "fp32"
-
-    @classmethod
-    def from_params(cls, values: Any) -> ModelConfig:
-        if isinstance(values, Mapping) and values.get("pretrained", "") is None:
-            values = {**values, "pretrained": "none"}  # YAML null: random weights, like 'none'
-        rules = {
-            "name": (_is_text, "must be an open_clip architecture name or mpad-tiny"),
-            "pretrained": (_is_text, "must be an open_clip tag, a checkpoint file path, or none"),
-            "device": (_is_device, "must be auto, cpu, cuda or cuda:N"),
-            "precision": _choice(PRECISIONS),
-        }
-        return _read(cls, "model", values, rules)
+    SECTION: ClassVar[str] = "model"
+    name: Text = knob("ViT-B-16-plus-240", "must be an open_clip architecture name or mpad-tiny")
+    pretrained: Annotated[Text, BeforeValidator(lambda v: "none" if v is None else v)] = knob(
+        "laion400m_e32", "must be an open_clip tag, a checkpoint file path, or none"
+    )  # YAML null: random weights, like 'none'
+    device: Device = knob("auto", "must be auto, cpu, cuda or cuda:N")
+    precision: Literal[PRECISIONS] = knob("fp32", _one_of(PRECISIONS))  # type: ignore[valid-type]
 
 
-@dataclass(frozen=True)
-class LaaConfig:
+class LaaConfig(Section):
     """`laa` (eq. 11-12): attention of the second path, neighbour distance k (None: no mask), the number of
     last blocks with the second path, and the CLS treatment."""
 
-    attention: str = "vv"
-    k: float | None = 2
-    layers: int = 6
-    cls: str = "neighbor-cls"
-
-    @classmethod
-    def from_params(cls, values: Any) -> LaaConfig:
-        rules = {
-            "attention": _choice(ATTENTIONS),
-            "k": (lambda v: v is None or _is_number(-math.inf)(v), "must be a number (<= 0 or null: no mask)"),
-            "layers": _int(1),
-            "cls": _choice(CLS_MODES),
-        }
-        config = _read(cls, "laa", values, rules)
-        return config
+    SECTION: ClassVar[str] = "laa"
+    attention: Literal[ATTENTIONS] = knob("vv", _one_of(ATTENTIONS))  # type: ignore[valid-type]
+    k: float | None = knob(2, "must be a number (<= 0 or null: no mask)")
+    layers: int = knob(6, "must be an integer >= 1", ge=1)
+    cls: Literal[CLS_MODES] = knob("neighbor-cls", _one_of(CLS_MODES))  # type: ignore[valid-type]
 
     def as_dict(self) -> dict[str, Any]:
         """What is stored with learned prompts."""
         return {"attention": self.attention, "k": self.k, "layers": self.layers, "cls": self.cls}
 
 
-@dataclass(frozen=True)
-class PromptsConfig:
+class PromptsConfig(Section):
     """`prompts` (eq. 1): learnable token counts of the shared prefix and the normal / anomaly suffixes."""
 
-    n_general: int = 4
-    n_normal: int = 2
-    n_anomaly: int = 2
-
-    @classmethod
-    def from_params(cls, values: Any) -> PromptsConfig:
-        return _read(cls, "prompts", values, {"n_general": _int(0), "n_normal": _int(1), "n_anomaly": _int(1)})
+    SECTION: ClassVar[str] = "prompts"
+    n_general: int = knob(4, "must be an integer >= 0", ge=0)
+    n_normal: int = knob(2, "must be an integer >= 1", ge=1)
+    n_anomaly: int = knob(2, "must be an integer >= 1", ge=1)
 
     @property
     def sizes(self) -> tuple[int, int, int]:
         return (self.n_general, self.n_normal, self.n_anomaly)
 
 
-@dataclass(frozen=True)
-class OagmConfig:
+FRACTION = "must be a number in [0, 1]"
+NON_NEGATIVE = "must be a number >= 0"
+
+
+class OagmConfig(Section):
     """`oagm` (sec. 3.4): synthesized anomalies."""
 
-    enabled: bool = True
-    region: str = "blobs"
-    samples: int = 32
-    sigma: float = 0.25
-    clean_fraction: float = 0.2
-    mask_method: str = "clip"
-    texture_mask: str = "mask_method"
-    mask_threshold: float = 0.5
-    mask_layers: int = 6
-    seed: int = 0
-
-    @classmethod
-    def from_params(cls, values: Any) -> OagmConfig:
-        rules = {
-            "enabled": (_is_bool, "must be true or false"),
-            "region": _choice(REGIONS),
-            "samples": _int(1),
-            "sigma": _non_negative(),
-            "clean_fraction": _fraction(),
-            "mask_method": _choice(MASK_METHODS),
-            "texture_mask": _choice(TEXTURE_MASKS),
-            "mask_threshold": _fraction(),
-            "mask_layers": _int(1),
-            "seed": _int(0),
-        }
-        return _read(cls, "oagm", values, rules)
+    SECTION: ClassVar[str] = "oagm"
+    enabled: bool = knob(True, "must be true or false")
+    region: Literal[REGIONS] = knob("blobs", _one_of(REGIONS))  # type: ignore[valid-type]
+    samples: int = knob(32, "must be an integer >= 1", ge=1)
+    sigma: float = knob(0.25, NON_NEGATIVE, ge=0)
+    clean_fraction: float = knob(0.2, FRACTION, ge=0, le=1)
+    mask_method: Literal[MASK_METHODS] = knob("clip", _one_of(MASK_METHODS))  # type: ignore[valid-type]
+    texture_mask: Literal[TEXTURE_MASKS] = knob("mask_method", _one_of(TEXTURE_MASKS))  # type: ignore[valid-type]
+    mask_threshold: float = knob(0.5, FRACTION, ge=0, le=1)
+    mask_layers: int = knob(6, "must be an integer >= 1", ge=1)
+    seed: int = knob(0, "must be an integer >= 0", ge=0)
 
 
-@dataclass(frozen=True)
-class ScoringConfig:
+class ScoringConfig(Section):
     """`scoring`: map smoothing (pixels at evaluate.resolution; 0 = off) and the image score."""
 
-    smoothing_sigma: float = 4.0
-    image_score: str = "max"
-    topk: float = 0.01
-
-    @classmethod
-    def from_params(cls, values: Any) -> ScoringConfig:
-        rules = {
-            "smoothing_sigma": _non_negative(),
-            "image_score": _choice(IMAGE_SCORES),
-            "topk": (_is_number(0, 1, open_low=True), "must be a fraction in (0, 1]"),
-        }
-        return _read(cls, "scoring", values, rules)
+    SECTION: ClassVar[str] = "scoring"
+    smoothing_sigma: float = knob(4.0, NON_NEGATIVE, ge=0)
+    image_score: Literal[IMAGE_SCORES] = knob("max", _one_of(IMAGE_SCORES))  # type: ignore[valid-type]
+    topk: float = knob(0.01, "must be a fraction in (0, 1]", gt=0, le=1)
 
 
-@dataclass(frozen=True)
-class EvaluateConfig:
+class EvaluateConfig(Section):
     """`evaluate`: map resolution, batch size, DataLoader workers, overlay count."""
 
-    resolution: int = 256
-    batch_size: int = 16
-    workers: int = 2
-    overlays: int = 6
-
-    @classmethod
-    def from_params(cls, values: Any) -> EvaluateConfig:
-        rules = {"resolution": _int(8), "batch_size": _int(1), "workers": _int(0), "overlays": _int(0)}
-        return _read(cls, "evaluate", values, rules)
+    SECTION: ClassVar[str] = "evaluate"
+    resolution: int = knob(256, "must be an integer >= 8", ge=8)
+    batch_size: int = knob(16, "must be an integer >= 1", ge=1)
+    workers: int = knob(2, "must be an integer >= 0", ge=0)
+    overlays: int = knob(6, "must be an integer >= 0", ge=0)
 
 
-@dataclass(frozen=True)
-class MemoryConfig:
+class MemoryConfig(Section):
     """`memory`: the few-shot visual memory branch (beyond the paper)."""
 
-    enabled: bool = False
-    layers: list[int] = field(default_factory=lambda: [6, 9, 12])
-    fusion: str = "harmonic"
-
-    @classmethod
-    def from_params(cls, values: Any) -> MemoryConfig:
-        rules = {
-            "enabled": (_is_bool, "must be true or false"),
-            "layers": (
-                lambda v: isinstance(v, list) and bool(v) and all(_is_int(1)(x) for x in v),
-                "must be a non-empty list of block numbers >= 1",
-            ),
-            "fusion": _choice(FUSIONS),
-        }
-        return _read(cls, "memory", values, rules)
+    SECTION: ClassVar[str] = "memory"
+    enabled: bool = knob(False, "must be true or false")
+    layers: Blocks = knob([6, 9, 12], "must be a non-empty list of block numbers >= 1")
+    fusion: Literal[FUSIONS] = knob("harmonic", _one_of(FUSIONS))  # type: ignore[valid-type]
 
 
-@dataclass(frozen=True)
-class MptsConfig:
+class MptsConfig(Section):
     """`mpts` (sec. 3.3): the MPTS loop.
 
     lam: guiding level lambda of eq. 10 (params key `lambda`; 0: plain BCE training).
     calibration: "projection", "literal" or "literal-rms", see `mpad.mpts.calibrate`.
     meta_epochs: number of rounds (0: no learning at all; the result is the initial meta prompt, i.e.
         the hand-written template ensemble: the paper's "human-semantic prompt" baseline of Table 1);
-        steps: Adam steps per round; lr: Adam learning rate.
+        steps: Adam steps per round (with stop "converged", the most a round takes); lr: Adam learning rate.
+    stop: "fixed" (every round takes `steps`) or "converged": a round also ends once the smoothed anomaly loss
+        has stopped improving: the mean of its last `window` steps is at most `tolerance` (relative) below
+        the mean of the `window` before (`mpad.mpts.converged`).
     batch_size: images per minibatch, drawn without replacement (reshuffled when exhausted) from a
         torch.Generator seeded by `seed`.
     divergence: not a params key. False skips the divergence loss and its gradient altogether (plain BCE
         training; the prompts are then bit-identical to a run with lam = 0).
     """
 
-    lam: float = field(default=1.0, metadata={"key": "lambda"})
-    calibration: str = "projection"
-    meta_epochs: int = 3
-    steps: int = 100
-    lr: float = 0.002
-    batch_size: int = 16
-    seed: int = 0
-    divergence: bool = True
+    SECTION: ClassVar[str] = "mpts"
+    NOT_PARAMS: ClassVar[tuple[str, ...]] = ("divergence",)
+    lam: float = knob(1.0, NON_NEGATIVE, ge=0, alias="lambda")
+    calibration: Literal[CALIBRATIONS] = knob("projection", _one_of(CALIBRATIONS))  # type: ignore[valid-type]
+    meta_epochs: int = knob(3, "must be an integer >= 0", ge=0)
+    steps: int = knob(100, "must be an integer >= 1", ge=1)
+    lr: float = knob(0.002, "must be a number > 0", gt=0)
+    stop: Literal[STOPS] = knob("fixed", _one_of(STOPS))  # type: ignore[valid-type]
+    tolerance: float = knob(0.01, FRACTION, ge=0, le=1)
+    window: int = knob(10, "must be an integer >= 1", ge=1)
+    batch_size: int = knob(16, "must be an integer >= 1", ge=1)
+    seed: int = knob(0, "must be an integer >= 0", ge=0)
+    divergence: bool = Field(True, exclude=True)
 
-    def __post_init__(self) -> None:  # guards for library callers; params are checked by from_params
-        if self.calibration not in CALIBRATIONS:
-            raise ValueError(f"mpts.calibration must be one of {CALIBRATIONS}, got {self.calibration!r}")
-        if self.meta_epochs < 0 or self.steps < 1 or self.batch_size < 1:
-            raise ValueError("mpts.meta_epochs must be >= 0, mpts.steps and mpts.batch_size >= 1")
-        if not self.lam >= 0:
-            raise ValueError(f"mpts.lambda must be >= 0, got {self.lam}")
-
-    @classmethod
-    def from_params(cls, values: Any) -> MptsConfig:
-        rules = {
-            "lam": _non_negative(),
-            "calibration": _choice(CALIBRATIONS),
-            "meta_epochs": _int(0),
-            "steps": _int(1),
-            "lr": (_is_number(0, open_low=True), "must be a number > 0"),
-            "batch_size": _int(1),
-            "seed": _int(0),
-        }
-        return _read(cls, "mpts", values, rules)
+    def params(self) -> dict[str, Any]:
+        """{params key: value}, as params.yaml spells them (for logs)."""
+        return self.model_dump(by_alias=True)
 
 
-SECTIONS: dict[str, Any] = {
-    "dataset": DatasetConfig,
-    "shots": ShotsConfig,
-    "model": ModelConfig,
-    "laa": LaaConfig,
-    "prompts": PromptsConfig,
-    "oagm": OagmConfig,
-    "mpts": MptsConfig,
-    "scoring": ScoringConfig,
-    "evaluate": EvaluateConfig,
-    "memory": MemoryConfig,
-}
+SECTIONS: dict[str, type[Section]] = {
+    cls.SECTION: cls
+    for cls in (
+        DatasetConfig, ShotsConfig, ModelConfig, LaaConfig, PromptsConfig, OagmConfig, MptsConfig, ScoringConfig,
+        EvaluateConfig, MemoryConfig,
+    )
+}  # fmt: skip
+
+
+def params_schema(descriptions: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """The JSON Schema (draft 2020-12) of params.yaml: one object per section, its keys, types, bounds and
+    defaults; `descriptions` ({"section.key": text}, e.g. params.yaml's comments) become their descriptions.
+    Extra top-level keys are allowed (DVC and the user may keep others); extra keys in a section are not."""
+    descriptions = descriptions or {}
+    properties = {}
+    for name, cls in SECTIONS.items():
+        schema = cls.model_json_schema(by_alias=True, mode="validation")
+        for key in list(schema.get("properties", {})):
+            prop = schema["properties"][key]
+            if key in cls.NOT_PARAMS:
+                del schema["properties"][key]
+                continue
+            prop.pop("title", None)
+            prop.pop("allowed", None)
+            if f"{name}.{key}" in descriptions:
+                prop["description"] = descriptions[f"{name}.{key}"]
+        schema.pop("title", None)
+        schema["description"] = " ".join((cls.__doc__ or "").split("\n\n")[0].split())
+        properties[name] = schema
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "title": "mpad params.yaml",
+        "type": "object",
+        "required": list(SECTIONS),
+        "properties": properties,
+    }

@@ -18,6 +18,7 @@ from typer.main import CommandInfo, get_command_from_info
 # command -> one-line summary shown by `mpad --help` (the full help is the stage's docstring).
 COMMANDS = {
     "check": "Validate params.yaml (every section) before DVC reads it.",
+    "schema": "Write params.schema.json (params.yaml's JSON Schema, for editors) from the models and comments.",
     "fetch": "Find or download the dataset and write data/manifest.json.",
     "sample": "Draw the k normal training images (shots) of a category.",
     "synthesize": "OAGM: synthesize anomalous training images and masks from the shots.",

@@ -21,11 +21,11 @@ import typer
 
 from mpad import layout
 from mpad.clip import ModelLoadError, load_clip, model_fingerprint
+from mpad.config import RANDOM_WEIGHTS_NOTE
 from mpad.data import DatasetError, list_split
 from mpad.detector import Detector
 from mpad.evaluation import CURVES, category_metrics, curve_rows, run_detector, unmeasured
 from mpad.io import write_csv
-from mpad.notes import RANDOM_WEIGHTS_NOTE
 from mpad.overlays import pick_overlays, save_overlays
 from mpad.prompt_file import PromptFileError, PromptsFile
 from mpad.summary import save_category_metrics

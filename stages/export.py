@@ -19,7 +19,6 @@ Exit status: 0 written; 1 the prompts, thresholds or model cannot be used or exp
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import typer
@@ -71,7 +70,7 @@ def main(
         "thresholds_file": None if thresholds_file is None else str(thresholds_file),
         "thresholds_sha256": None if thresholds_file is None else sha256_file(thresholds_file),
         "input_size": list(bundle.image_size), "mean": list(bundle.mean), "std": list(bundle.std),
-        "resolution": resolution, "scoring": dataclasses.asdict(scoring), "memory": detector.memory is not None,
+        "resolution": resolution, "scoring": scoring.model_dump(), "memory": detector.memory is not None,
         "image_threshold": info.get("image_threshold"), "map_range": [low, high], "opset": OPSET,
         "input": f"images (N, 3, {bundle.image_size[0]}, {bundle.image_size[1]}) float32 RGB in [0, 1], the whole "
                  "image resized (bicubic, antialiased); the model clamps and normalises",

@@ -51,7 +51,6 @@ could not be used, or the prompts were made for another backbone); 2 no image fo
 
 from __future__ import annotations
 
-import dataclasses
 import glob
 import math
 import os
@@ -62,9 +61,9 @@ from typing import Any, NoReturn
 import typer
 from tqdm import tqdm
 
+from mpad.config import RANDOM_WEIGHTS_NOTE
 from mpad.data import is_image_file
 from mpad.deploy import DeployFileError, OnnxScorer, load_sidecar, scoring_from, sidecar_path
-from mpad.notes import RANDOM_WEIGHTS_NOTE
 from mpad.prediction import Scorer, predict_images, save_predictions
 from mpad.prompt_file import PromptFileError
 from mpad.thresholds import (
@@ -220,7 +219,7 @@ def _torch_setup(
         fail(f"{prompts}: cannot build the detector from it: {err}")
     header = {"prompts": str(prompts), "prompts_sha256": learned.sha256, "category": category, "model": learned.model,
               "random_weights": bundle.random_weights, "memory": detector.memory is not None,
-              "scoring": dataclasses.asdict(scoring), "resolution": size}  # fmt: skip
+              "scoring": scoring.model_dump(), "resolution": size}  # fmt: skip
     return torch_scorer(detector, size), bundle.image_size, header, info, thresholds_file
 
 
@@ -244,7 +243,7 @@ def _onnx_setup(model: Path, thresholds_file: Path | None, force: bool, device: 
             if (scoring_of(info), resolution_of(info)) != (scoring, size):
                 raise ThresholdsFileError(
                     f"{thresholds_file}: made with other scoring settings or resolution than {model} bakes in "
-                    f"({dataclasses.asdict(scoring)}, {size} px); export again with this thresholds file"
+                    f"({scoring.model_dump()}, {size} px); export again with this thresholds file"
                 )
         scorer = OnnxScorer(model, device)
     except (DeployFileError, ThresholdsFileError) as err:
@@ -259,7 +258,7 @@ def _onnx_setup(model: Path, thresholds_file: Path | None, force: bool, device: 
         "model": sidecar["model"],
         "random_weights": bool(sidecar.get("random_weights")),
         "memory": bool(sidecar.get("memory")),
-        "scoring": dataclasses.asdict(scoring),
+        "scoring": scoring.model_dump(),
         "resolution": size,
     }
     return scorer, tuple(sidecar["input_size"]), header, info, thresholds_file

@@ -11,10 +11,10 @@ from pathlib import Path
 import typer
 
 from mpad import layout
+from mpad.config import RANDOM_WEIGHTS_NOTE
 from mpad.data.manifest import group_of, load_manifest
 from mpad.data.mvtec import DatasetError
 from mpad.io import write_json, write_text
-from mpad.notes import RANDOM_WEIGHTS_NOTE
 from mpad.summary import load_category_metrics, markdown_table, summarize
 from stages.common import PARAMS_OPTION, fail, load_config
 

@@ -19,9 +19,9 @@ import typer
 
 from mpad import layout
 from mpad.clip import ModelLoadError, load_clip
+from mpad.config import RANDOM_WEIGHTS_NOTE
 from mpad.data.mvtec import DatasetError, load_image
 from mpad.features import stack_images
-from mpad.notes import RANDOM_WEIGHTS_NOTE
 from mpad.oagm import shot_object_masks, synthesize_set
 from mpad.synth_set import write_synth_set
 from mpad.text_cache import TextCache

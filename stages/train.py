@@ -12,7 +12,6 @@ before the stage runs). The work is `mpad.training`'s.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +20,9 @@ from dvclive import Live
 
 from mpad import layout
 from mpad.clip import ClipBundle, ModelLoadError, load_clip
-from mpad.config import LaaConfig, MemoryConfig, ModelConfig, MptsConfig
+from mpad.config import RANDOM_WEIGHTS_NOTE, LaaConfig, MemoryConfig, ModelConfig, MptsConfig
 from mpad.data import DatasetError, load_image
 from mpad.io import atomic_path
-from mpad.notes import RANDOM_WEIGHTS_NOTE
 from mpad.synth_set import SynthSetError, read_synth_set
 from mpad.text_cache import TextCache
 from mpad.training import learn_prompts, learned_file, seed_everything, shot_memory
@@ -85,8 +83,7 @@ def _load_model(model: ModelConfig) -> ClipBundle:
 
 def _mpts_params(mpts: MptsConfig) -> dict[str, Any]:
     """mpts.<params key> -> value, for dvclive's params.yaml."""
-    keys = [(f.metadata.get("key", f.name), f.name) for f in fields(mpts) if f.name != "divergence"]
-    return {f"mpts.{key}": getattr(mpts, name) for key, name in keys}
+    return {f"mpts.{key}": value for key, value in mpts.params().items()}
 
 
 def _logger(live: Live, bar: StageProgress) -> Callable[[dict[str, float]], None]:

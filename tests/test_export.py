@@ -89,7 +89,7 @@ def test_onnx_equals_torch_detector(project, dataset, tiny_clip, tmp_path, name)
     assert info["scoring"] == {"smoothing_sigma": 1.0, "image_score": "topk_mean", "topk": 0.05}
     paths = sorted((dataset / "disc/test").glob("*/*.png"))
     images = stack_images([load_image(p) for p in paths], tiny_clip.image_size)
-    detector = Detector.from_prompts(tiny_clip, record, ScoringConfig(1.0, "topk_mean", 0.05))
+    detector = Detector.from_prompts(tiny_clip, record, ScoringConfig(smoothing_sigma=1.0, image_score="topk_mean", topk=0.05))
     assert (detector.memory is not None) is (name == "disc")
     want = detector(images, (32, 32))
     maps, scores = OnnxScorer(model)(images)  # 6 images: another batch size than the traced one
@@ -190,7 +190,7 @@ def test_refusals(project, dataset, tmp_path, monkeypatch):
     result = _invoke("export", ["--prompts", prompts, "--out", tmp_path / "model.bin"])
     assert result.exit_code == 1 and "name the model file <name>.onnx" in result.stderr
     record = PromptsFile.load(prompts)
-    dataclasses.replace(record, laa=dataclasses.replace(LAA, layers=9)).save(tmp_path / "deep.pt")
+    dataclasses.replace(record, laa=LAA.model_copy(update={"layers": 9})).save(tmp_path / "deep.pt")
     result = _invoke("export", ["--prompts", tmp_path / "deep.pt", "--out", tmp_path / "deep.onnx"])
     assert result.exit_code == 1 and "cannot export it: laa.layers must be in 1..4" in result.stderr
     monkeypatch.setattr("mpad.export._CHUNK_ELEMENTS", 1000)

@@ -364,5 +364,5 @@ def test_zero_meta_epochs_is_the_hand_written_baseline(tiny_clip, setup):
     learner, result = run(tiny_clip, setup, MptsConfig(meta_epochs=0), n=16)
     assert result.history == [] and torch.equal(result.text, setup["meta"])
     assert torch.equal(vectors(learner), vectors(make_learner(tiny_clip, 0)))  # nothing was learned
-    with pytest.raises(ValueError, match="meta_epochs must be >= 0"):
+    with pytest.raises(ValueError, match="meta_epochs\n  Input should be greater than or equal to 0"):
         MptsConfig(meta_epochs=-1)

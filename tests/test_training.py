@@ -50,7 +50,7 @@ def test_prompts_file_roundtrip_and_identity(tiny_clip, tmp_path):
     assert loaded.laa == LAA and loaded.sizes == (2, 1, 1) and loaded.train == prompts.train
     assert torch.equal(loaded.text, prompts.text) and torch.equal(loaded.vectors["normal"], prompts.vectors["normal"])
     assert saved.sha256 == again.sha256 == loaded.sha256 == sha256_file(tmp_path / "a.pt")
-    other = dataclasses.replace(prompts, laa=dataclasses.replace(LAA, layers=3)).save(tmp_path / "c.pt")
+    other = dataclasses.replace(prompts, laa=LAA.model_copy(update={"layers": 3})).save(tmp_path / "c.pt")
     assert other.sha256 != saved.sha256
 
 
