@@ -49,17 +49,6 @@ def _one_of(choices: tuple[str, ...]) -> str:
     return f"must be one of {', '.join(choices)}"
 
 
-def _check(test: Any) -> AfterValidator:
-    """A validator from a predicate (its message is the field's `allowed` text, not this one)."""
-
-    def check(value: Any) -> Any:
-        if not test(value):
-            raise ValueError("not allowed")
-        return value
-
-    return AfterValidator(check)
-
-
 def knob(default: Any, allowed: str, **constraints: Any) -> Any:
     """A params key: its default (= params.yaml's value), what a bad value is told (`allowed`) and its
     pydantic constraints (ge, gt, le, alias...)."""
@@ -77,11 +66,13 @@ CATEGORIES = (
 )
 
 
-def _distinct(names: list[Any]) -> bool:
-    return len(set(names)) == len(names)
+def _distinct(names: list[Any]) -> list[Any]:
+    if len(set(names)) != len(names):
+        raise ValueError("repeated names")  # the field's `allowed` text is what the user reads
+    return names
 
 
-Distinct = _check(_distinct)
+Distinct = AfterValidator(_distinct)
 UNIQUE = Field(json_schema_extra={"uniqueItems": True})
 Text = Annotated[str, Field(pattern=r"\S")]  # not empty, not only blanks
 Names = Annotated[list[Text], UNIQUE, Distinct]

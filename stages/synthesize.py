@@ -22,7 +22,8 @@ from mpad.clip import ModelLoadError, load_clip
 from mpad.config import RANDOM_WEIGHTS_NOTE
 from mpad.data.mvtec import DatasetError, load_image
 from mpad.features import stack_images
-from mpad.oagm import shot_object_masks, synthesize_set
+from mpad.oagm import synthesize_set
+from mpad.object_masks import shot_object_masks
 from mpad.synth_set import write_synth_set
 from mpad.text_cache import TextCache
 from stages.common import PARAMS_OPTION, StageProgress, fail, load_config, read_shots

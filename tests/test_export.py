@@ -89,7 +89,9 @@ def test_onnx_equals_torch_detector(project, dataset, tiny_clip, tmp_path, name)
     assert info["scoring"] == {"smoothing_sigma": 1.0, "image_score": "topk_mean", "topk": 0.05}
     paths = sorted((dataset / "disc/test").glob("*/*.png"))
     images = stack_images([load_image(p) for p in paths], tiny_clip.image_size)
-    detector = Detector.from_prompts(tiny_clip, record, ScoringConfig(smoothing_sigma=1.0, image_score="topk_mean", topk=0.05))
+    detector = Detector.from_prompts(
+        tiny_clip, record, ScoringConfig(smoothing_sigma=1.0, image_score="topk_mean", topk=0.05)
+    )
     assert (detector.memory is not None) is (name == "disc")
     want = detector(images, (32, 32))
     maps, scores = OnnxScorer(model)(images)  # 6 images: another batch size than the traced one

@@ -17,7 +17,8 @@ from mpad.data import synthetic
 from mpad.evaluation import resize_mask
 from mpad.features import build_encoder, encode_batched, stack_images
 from mpad.metrics import auroc
-from mpad.oagm import object_masks, synthesize_set
+from mpad.oagm import synthesize_set
+from mpad.object_masks import object_masks
 from mpad.prompts import meta_text_embeddings
 from mpad.scoring import anomaly_maps, gaussian_blur
 from mpad.training import learn_prompts

@@ -10,16 +10,13 @@ import torch
 
 from mpad.config import OagmConfig
 from mpad.data.shots import stable_hash
-from mpad.oagm import (
+from mpad.oagm import add_noise, random_blobs, synthesize, synthesize_set
+from mpad.object_masks import (
     ObjectMask,
-    add_noise,
     border_object_probability,
     clean_mask,
     clip_object_probability,
     object_masks,
-    random_blobs,
-    synthesize,
-    synthesize_set,
 )
 
 
@@ -235,7 +232,7 @@ def _stripes_shot(size: int = 64) -> torch.Tensor:
 def test_table3_texture_with_and_without_oagm_differ_under_mask_method(tiny_clip):
     """Table 3 on textures (README): with the texture's own M_obj, "with" and "without OAGM" sets differ;
     texture_mask = whole gives identical sets, bit-for-bit today's (whole-image M_obj) behaviour."""
-    from mpad.oagm import shot_object_masks
+    from mpad.object_masks import shot_object_masks
 
     images = _stripes_shot()
     base = dict(samples=6, sigma=0.25, clean_fraction=0.0, mask_method="clip", mask_layers=2, seed=0)
@@ -256,7 +253,7 @@ def test_table3_texture_with_and_without_oagm_differ_under_mask_method(tiny_clip
 
 
 def test_table3_object_with_and_without_oagm_differ():
-    from mpad.oagm import shot_object_masks
+    from mpad.object_masks import shot_object_masks
 
     image, _ = _disc_scene()
     for texture_mask in ("mask_method", "whole"):  # no effect on objects

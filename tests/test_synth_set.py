@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mpad.oagm import ObjectMask, SynthesizedSample
+from mpad.oagm import SynthesizedSample
+from mpad.object_masks import ObjectMask
 from mpad.synth_set import SynthSetError, read_synth_set, write_synth_set
 
 

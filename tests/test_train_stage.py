@@ -19,7 +19,8 @@ from typer.testing import CliRunner
 from mpad import layout
 from mpad.data import Sample
 from mpad.data.shots import save_shots
-from mpad.oagm import ObjectMask, SynthesizedSample
+from mpad.oagm import SynthesizedSample
+from mpad.object_masks import ObjectMask
 from mpad.prompt_file import PromptsFile
 from mpad.synth_set import write_synth_set
 from stages.cli import app
