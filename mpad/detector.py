@@ -13,8 +13,8 @@ import torch
 
 from mpad.clip import ClipBundle
 from mpad.config import ScoringConfig
-from mpad.encoder import EncoderOutput
 from mpad.features import build_encoder, encode
+from mpad.laa import EncoderOutput
 from mpad.memory import VisualMemory
 from mpad.prompt_file import PromptsFile
 from mpad.scoring import anomaly_maps, gaussian_blur, image_scores

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from mpad.config import LaaConfig
-from mpad.encoder import EncoderOutput, LocalityAwareEncoder
+from mpad.laa import EncoderOutput, LocalityAwareEncoder
 from mpad.transforms import model_input, to_tensor
 
 if TYPE_CHECKING:  # stack_images serves predict's ONNX backend, which runs without open_clip

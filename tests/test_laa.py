@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mpad.encoder import LocalityAwareEncoder, locality_mask, token_mask
+from mpad.laa import LocalityAwareEncoder, locality_mask, token_mask
 
 
 @pytest.mark.parametrize(("h", "w", "k"), [(3, 3, 1), (4, 5, 1.5), (5, 4, 2), (6, 6, 0.5), (2, 7, 10)])
