@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 from mpad.data.mvtec import DatasetError, Sample, load_image, load_mask
 from mpad.detector import Detector
 from mpad.features import stack_images
-from mpad.metrics import aupro, auroc, average_precision, f1_max_threshold, pro_curve, roc_curve
+from mpad.metrics import aupro, auroc, average_precision, both_classes, f1_max_threshold
 
 
 class TestImages(Dataset):
@@ -102,12 +102,12 @@ def category_metrics(result: CategoryResult, fpr_limit: float = 0.3) -> dict[str
     """
     out: dict[str, float | None] = dict.fromkeys(PIXEL_METRICS + IMAGE_METRICS)
     pixels, truth = result.maps, result.masks
-    if _both_classes(truth):
+    if both_classes(truth):
         out["pixel_auroc"] = auroc(pixels, truth)
         out["pixel_ap"] = average_precision(pixels, truth)
         out["pixel_f1_max"] = f1_max_threshold(pixels, truth)[0]
         out["aupro"] = aupro(pixels, truth, fpr_limit=fpr_limit)
-    if _both_classes(result.labels):
+    if both_classes(result.labels):
         out["image_auroc"] = auroc(result.scores, result.labels)
         out["image_ap"] = average_precision(result.scores, result.labels)
         out["image_f1_max"] = f1_max_threshold(result.scores, result.labels)[0]
@@ -117,34 +117,10 @@ def category_metrics(result: CategoryResult, fpr_limit: float = 0.3) -> dict[str
 def unmeasured(result: CategoryResult) -> list[str]:
     """Why the pixel / image metrics of `result` are undefined: one sentence each, [] when both are defined."""
     reasons = []
-    if not _both_classes(result.masks):
+    if not both_classes(result.masks):
         has = "no defect pixel (no defect image, or only empty masks)" if not result.masks.any() else "no normal pixel"
         reasons.append(f"pixel metrics: the test masks hold {has}")
-    if not _both_classes(result.labels):
+    if not both_classes(result.labels):
         has = "no defect image" if not result.labels.any() else "no good image"
         reasons.append(f"image metrics: the test split holds {has}")
     return reasons
-
-
-def _both_classes(labels: torch.Tensor) -> bool:
-    """True when `labels` (any shape, bool / 0-1) holds both classes."""
-    return 0 < int(labels.sum()) < labels.numel()
-
-
-CURVES = {"roc_pixel": ("fpr", "tpr"), "roc_image": ("fpr", "tpr"), "pro": ("fpr", "pro")}
-
-
-def curve_rows(result: CategoryResult, max_points: int = 500) -> dict[str, list[tuple[str, str]]]:
-    """{kind: rows} for each kind of CURVES: at most `max_points` (x, y) points as 6-decimal strings; no rows
-    when the split cannot define the curve (both classes needed: a defect and a normal pixel / image)."""
-    rows: dict[str, list[tuple[str, str]]] = {}
-    for kind, scores, labels in (("roc_pixel", result.maps, result.masks), ("roc_image", result.scores, result.labels)):
-        rows[kind] = []
-        if _both_classes(labels):
-            fpr, tpr, _ = roc_curve(scores, labels, max_points=max_points)
-            rows[kind] = [(f"{f:.6f}", f"{t:.6f}") for f, t in zip(fpr, tpr, strict=True)]
-    rows["pro"] = []
-    if _both_classes(result.masks):
-        fpr, pro = pro_curve(result.maps, result.masks, max_points=max_points)
-        rows["pro"] = [(f"{f:.6f}", f"{p:.6f}") for f, p in zip(fpr, pro, strict=True)]
-    return rows

@@ -22,10 +22,10 @@ import typer
 from mpad import layout
 from mpad.clip import ModelLoadError, load_clip, model_fingerprint
 from mpad.config import RANDOM_WEIGHTS_NOTE
+from mpad.curves import curve_points, save_curves
 from mpad.data import DatasetError, list_split
 from mpad.detector import Detector
-from mpad.evaluation import CURVES, category_metrics, curve_rows, run_detector, unmeasured
-from mpad.io import write_csv
+from mpad.evaluation import category_metrics, run_detector, unmeasured
 from mpad.overlays import pick_overlays, save_overlays
 from mpad.prompt_file import PromptFileError, PromptsFile
 from mpad.summary import save_category_metrics
@@ -68,8 +68,7 @@ def main(
     # not repeated in every category's column of `dvc exp show` / `dvc metrics diff`.
     metrics.update(n_test=len(samples), n_defect=int(result.labels.sum()), random_weights=bundle.random_weights)
     save_category_metrics(layout.metrics_file(category), metrics)
-    for kind, rows in curve_rows(result).items():  # one file per curve: DVC draws each file as one line
-        write_csv(layout.curve_file(kind, category), CURVES[kind], rows)
+    save_curves(category, curve_points(result))
     save_thresholds(layout.thresholds_file(category), thresholds)
     shown = ", ".join(f"{k} {v:.2f}" for k, v in metrics.items() if isinstance(v, float))
     typer.echo(f"{category}: {shown}" + (f"\n  {RANDOM_WEIGHTS_NOTE}" if bundle.random_weights else ""))

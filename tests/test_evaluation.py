@@ -1,15 +1,18 @@
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 from tiny_records import meta_prompts
 
 from mpad.config import ScoringConfig
+from mpad.curves import curve_points, read_curve, read_xy, save_curves
 from mpad.data import DatasetError, list_split
 from mpad.data.synthetic import generate
 from mpad.detector import Detector
-from mpad.evaluation import CategoryResult, category_metrics, curve_rows, resize_mask, run_detector, unmeasured
+from mpad.evaluation import CategoryResult, category_metrics, resize_mask, run_detector, unmeasured
 from mpad.overlays import pick_overlays
 from mpad.summary import markdown_table, summarize
 from mpad.visualize import heatmap, overlay_panel
@@ -137,16 +140,25 @@ def test_render_map_sizes_and_scaling():
     assert half[:, -1].min() == 128  # 1.0 on a 0..2 range
 
 
-def test_curve_rows_values():
+def test_curve_points_files_and_reading_by_column_name(tmp_path, monkeypatch):
     maps = torch.tensor([[0.1] * 4, [0.2, 0.2, 0.2, 0.9]]).reshape(2, 2, 2)
     masks = maps > 0.5
     result = CategoryResult(maps, masks, torch.tensor([0, 1]), torch.tensor([0.1, 0.9]))
-    rows = curve_rows(result)
-    assert rows["roc_image"] == [("0.000000", "0.000000"), ("0.000000", "1.000000"), ("1.000000", "1.000000")]
-    assert rows["roc_pixel"][:2] == [("0.000000", "0.000000"), ("0.000000", "1.000000")]
-    assert rows["pro"][0] == ("0.000000", "0.000000") and rows["pro"][-1] == ("1.000000", "1.000000")
+    points = curve_points(result)
+    assert points["roc_image"] == [(0.0, 0.0), (0.0, 1.0), (1.0, 1.0)]
+    assert points["roc_pixel"][:2] == [(0.0, 0.0), (0.0, 1.0)]
+    assert points["pro"][0] == (0.0, 0.0) and points["pro"][-1] == (1.0, 1.0)
     normal = CategoryResult(maps, torch.zeros_like(masks), torch.tensor([0, 0]), result.scores)
-    assert curve_rows(normal) == {"roc_pixel": [], "roc_image": [], "pro": []}
+    assert curve_points(normal) == {"roc_pixel": [], "roc_image": [], "pro": []}
+    monkeypatch.chdir(tmp_path)
+    save_curves("disc", points)
+    assert Path("plots/pro/disc.csv").read_text().startswith("fpr,pro\n0.000000,0.000000\n")
+    assert read_curve("roc_image", "disc") == points["roc_image"] and read_curve("pro", "absent") == []
+    swapped = tmp_path / "swapped.tsv"  # columns are found by name, not position
+    swapped.write_text("loss_ano\tstep\n0.5\t0\n0.25\t1\n")
+    assert read_xy(swapped, "step", "loss_ano", "\t") == [(0.0, 0.5), (1.0, 0.25)]
+    with pytest.raises(ValueError, match="swapped.tsv: expected columns step and cos"):
+        read_xy(swapped, "step", "cos", "\t")
 
 
 def test_pick_overlays_one_per_defect_type_in_turn():

@@ -6,6 +6,15 @@
 """
 
 from mpad.metrics.aupro import aupro, pro_curve
-from mpad.metrics.ranking import auroc, average_precision, f1_max, f1_max_threshold, roc_curve
+from mpad.metrics.ranking import auroc, average_precision, both_classes, f1_max, f1_max_threshold, roc_curve
 
-__all__ = ["auroc", "aupro", "average_precision", "f1_max", "f1_max_threshold", "pro_curve", "roc_curve"]
+__all__ = [
+    "auroc",
+    "aupro",
+    "average_precision",
+    "both_classes",
+    "f1_max",
+    "f1_max_threshold",
+    "pro_curve",
+    "roc_curve",
+]

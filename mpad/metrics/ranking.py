@@ -15,7 +15,14 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["auroc", "average_precision", "f1_max", "f1_max_threshold", "roc_curve", "thin_curve"]
+__all__ = ["auroc", "average_precision", "both_classes", "f1_max", "f1_max_threshold", "roc_curve", "thin_curve"]
+
+
+def both_classes(labels: Any) -> bool:
+    """True when `labels` (any shape, bool / 0-1, numpy or torch) holds both classes: the ranking metrics and
+    curves are defined."""
+    y = to_numpy(labels)
+    return 0 < int(y.sum()) < y.size
 
 
 def to_numpy(x: Any) -> np.ndarray:
