@@ -1,4 +1,6 @@
-"""Means over categories and the paper's Table 1 layout (one column a category, then the mean)."""
+"""The metrics files: a category's `metrics/<category>.json` (evaluate) and the run's `metrics.json` (means
+over categories and texture / object groups, categories left out of them, whether the weights were random)
+with `metrics.md` (the paper's Table 1 layout: one column a category, then the mean). Their one owner."""
 
 from __future__ import annotations
 
@@ -6,7 +8,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from mpad.io import read_json_object, write_json
+from mpad.config import RANDOM_WEIGHTS_NOTE
+from mpad.io import read_json_object, write_json, write_text
 
 METRIC_ORDER = ("pixel_auroc", "aupro", "pixel_f1_max", "pixel_ap", "image_auroc", "image_f1_max", "image_ap")
 LABELS = {
@@ -48,6 +51,20 @@ def unmeasured(per_category: Mapping[str, Mapping[str, Any]]) -> dict[str, str]:
         for c, m in per_category.items()
         if any(k in m and m[k] is None for k in METRIC_ORDER)
     }
+
+
+def save_summary(
+    per_category: Mapping[str, Mapping[str, Any]], groups: Mapping[str, str], json_path: Path, table_path: Path
+) -> dict[str, Any]:
+    """metrics.json (`summarize`, plus `random_weights`: whether any category's weights were random, and then
+    the note once) and metrics.md (`markdown_table`), written atomically; returns the record."""
+    summary: dict[str, Any] = summarize(per_category, groups)
+    summary["random_weights"] = any(m.get("random_weights") for m in per_category.values())
+    if summary["random_weights"]:
+        summary["note"] = RANDOM_WEIGHTS_NOTE
+    write_json(json_path, summary)
+    write_text(table_path, markdown_table(per_category, summary, summary.get("note", "")))
+    return summary
 
 
 def summarize(per_category: Mapping[str, Mapping[str, Any]], groups: Mapping[str, str]) -> dict[str, object]:

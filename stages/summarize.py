@@ -11,11 +11,9 @@ from pathlib import Path
 import typer
 
 from mpad import layout
-from mpad.config import RANDOM_WEIGHTS_NOTE
 from mpad.data.manifest import group_of, load_manifest
 from mpad.data.mvtec import DatasetError
-from mpad.io import write_json, write_text
-from mpad.summary import load_category_metrics, markdown_table, summarize
+from mpad.summary import load_category_metrics, save_summary
 from stages.common import PARAMS_OPTION, fail, load_config
 
 
@@ -31,18 +29,12 @@ def main(params: Path = PARAMS_OPTION) -> None:
         per_category = {c: load_category_metrics(layout.metrics_file(c)) for c in categories}
     except ValueError as err:
         fail(f"{err}; run the evaluate stage")
-    summary = summarize(per_category, {c: group_of(manifest, c) for c in categories})
+    groups = {c: group_of(manifest, c) for c in categories}
+    summary = save_summary(per_category, groups, layout.METRICS_JSON, layout.METRICS_MD)
     for category, why in summary.get("unmeasured", {}).items():
         typer.secho(
             f"warning: {category} cannot be fully measured ({why}): its null metrics are left out of the means",
             err=True,
             fg=typer.colors.YELLOW,
         )
-    random_weights = any(m.get("random_weights") for m in per_category.values())
-    summary["random_weights"] = random_weights
-    note = RANDOM_WEIGHTS_NOTE if random_weights else ""
-    if note:
-        summary["note"] = note
-    write_json(layout.METRICS_JSON, summary)
-    write_text(layout.METRICS_MD, markdown_table(per_category, summary, note))
-    typer.echo(markdown_table(per_category, summary, note))
+    typer.echo(layout.METRICS_MD.read_text())
