@@ -10,7 +10,8 @@ contract: mpad.serve.app. Concurrent requests are batched into one model call of
 waiting at most --max-wait-ms for a batch to fill (mpad.serve.batcher).
 
 Checked before it listens: the model and its sidecar (as predict checks them), --threshold finite, the
-address free. Exit status: 0 stopped (Ctrl-C); 1 the model, the extra or the address cannot be used.
+address free. Exit status: 1 the model, the extra or the address cannot be used; stopped by Ctrl-C or SIGTERM,
+it answers the requests in progress, then exits with 128 + the signal (130, 143).
 """
 
 from __future__ import annotations
