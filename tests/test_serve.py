@@ -220,7 +220,8 @@ def test_full_queue_answers_503_and_requests_stay_bounded_in_time(model, images)
 
 def test_batcher_gathers_waiting_images_up_to_max_batch():
     """Five images queued before the batcher wakes: batches of 3 and 2, each image answered with its own result;
-    a full queue refuses at once; a failed model call fails its own batch only."""
+    a failed model call fails its own batch only; a batch waits for images on their way, and only for them;
+    a full queue refuses at once."""
     calls: list[int] = []
 
     def scorer(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -240,6 +241,17 @@ def test_batcher_gathers_waiting_images_up_to_max_batch():
             await batcher.submit(torch.full((1, 3, 2, 2), -1.0))
         assert (await batcher.submit(inputs[2]))[1] == 2.0
         await batcher.stop()
+        patient = Batcher(scorer, max_batch=4, max_wait_s=3600.0, max_queue=5)
+        patient.start()
+        alone = await asyncio.wait_for(patient.submit(inputs[1]), 60)  # nobody on the way: it does not wait
+        with patient.on_the_way():  # one image still decoding: the batch waits for it, not for the hour
+            first = asyncio.ensure_future(patient.submit(inputs[3]))
+            for _ in range(5):
+                await asyncio.sleep(0)
+        second = await asyncio.wait_for(patient.submit(inputs[4]), 60)
+        assert alone[1] == 1.0 and (await first)[1] == 3.0 and second[1] == 4.0
+        assert patient.batch_sizes == {1: 1, 2: 1}
+        await patient.stop()
         full = Batcher(scorer, max_batch=1, max_wait_s=0.0, max_queue=2)  # not started: nothing leaves the queue
         pending = [asyncio.ensure_future(full.submit(x)) for x in inputs[:2]]
         await asyncio.sleep(0)

@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass
 from importlib.resources import files
 from typing import Any, TypeVar
 
+import numpy as np
 import torch
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
@@ -106,17 +107,23 @@ def create_app(model: ServedModel, limits: Limits = Limits()) -> FastAPI:
             raise Unavailable(f"overloaded: {limits.max_queue} requests (--max-queue) are already in progress")
         state["admitted"] += 1
         try:
-            data = await image_bytes(request, limits.max_bytes)
-            return await asyncio.wait_for(answer(data, with_map), limits.timeout_s)
+            return await asyncio.wait_for(answer(request, with_map), limits.timeout_s)
         except asyncio.TimeoutError:
             raise Unavailable(f"no answer within --timeout-s {limits.timeout_s:g}: the server is overloaded") from None
         finally:
             state["admitted"] -= 1
 
-    async def answer(data: bytes, with_map: bool) -> dict[str, Any]:
-        image = await on_pool(decode_image, data, limits.max_pixels)
-        amap, score = await batcher.submit(await on_pool(model.prepare, image))
-        return await on_pool(model.answer, image, amap, score, limits.max_size if with_map else None)
+    def prepare(data: bytes) -> tuple[np.ndarray, torch.Tensor]:
+        image = decode_image(data, limits.max_pixels)
+        return image, model.prepare(image)
+
+    async def answer(request: Request, with_map: bool) -> dict[str, Any]:
+        with batcher.on_the_way():
+            image, images = await on_pool(prepare, await image_bytes(request, limits.max_bytes))
+        amap, score = await batcher.submit(images)
+        if not with_map:  # no pixel work left: no hop to the pool
+            return model.answer(image, amap, score, None)
+        return await on_pool(model.answer, image, amap, score, limits.max_size)
 
     @app.get("/v1/model")
     async def describe() -> dict[str, Any]:

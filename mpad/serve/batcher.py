@@ -1,16 +1,19 @@
 """Dynamic batching: concurrent requests' images gathered into one model call.
 
 A batch starts with the oldest waiting image and closes at `max_batch` images or `max_wait_s` after it
-started, whichever comes first; it then runs on the model's own thread while the event loop keeps accepting,
-decoding and queueing. The queue is bounded: a full one refuses at once (Overloaded), so waiting stays
-bounded in time. One batch runs at a time: the model uses every core it was given.
+started, whichever comes first, or as soon as no other image is on its way (requests being read or decoded,
+counted by `on_the_way`): a lone request does not wait for company that is not coming. It then runs on the
+model's own thread while the event loop keeps accepting, decoding and queueing; requests that arrive
+meanwhile form the next batch. The queue is bounded: a full one refuses at once (Overloaded), so waiting
+stays bounded in time. One batch runs at a time: the model uses every core it was given.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -42,6 +45,7 @@ class Batcher:
         self.scorer, self.max_batch, self.max_wait_s = scorer, max_batch, max_wait_s
         self.queue: asyncio.Queue[_Waiting] = asyncio.Queue(max_queue)
         self.batch_sizes: dict[int, int] = {}
+        self.coming = 0  # images on their way to `submit` (see `on_the_way`)
         self._model_thread = ThreadPoolExecutor(1, thread_name_prefix="mpad-model")
         self._task: asyncio.Task[None] | None = None
 
@@ -53,6 +57,16 @@ class Batcher:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
         self._model_thread.shutdown(wait=True)
+
+    @contextmanager
+    def on_the_way(self) -> Iterator[None]:
+        """Around the work that precedes a `submit` (decoding): while it lasts, a batch waits for this image
+        (up to max_wait_s) instead of leaving without it."""
+        self.coming += 1
+        try:
+            yield
+        finally:
+            self.coming -= 1
 
     async def run_now(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """`scorer(images)` on the model's thread, outside the queue (the warm-up batch)."""
@@ -76,7 +90,7 @@ class Batcher:
                 batch.append(self.queue.get_nowait())
                 continue
             left = deadline - asyncio.get_running_loop().time()
-            if left <= 0:
+            if left <= 0 or self.coming == 0:
                 break
             try:
                 batch.append(await asyncio.wait_for(self.queue.get(), left))

@@ -42,7 +42,9 @@ def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         known = next((name for name, magics in FORMATS.items() if data.startswith(magics)), None)
         if known is not None:
-            raise BadImage(422, f"truncated or corrupt {known} image ({len(data)} bytes; {err})") from err
+            raise BadImage(
+                422, f"truncated or corrupt {known} image: its header cannot be read ({len(data)} bytes)"
+            ) from err
         raise BadImage(
             400, f"the body is not an image ({len(data)} bytes that no image reader knows); send {ACCEPTED}"
         ) from err
