@@ -6,7 +6,7 @@ LitServe reads JSON or a form (not a raw body), so clients send a multipart form
 decode_request runs in the inference worker, per batch, before the model call; a BadImage becomes an
 HTTPException with its status. Needs `pip install litserve` (not a project dependency).
 
-    python bench/serve_litserve.py MODEL PORT [--max-batch 8] [--max-wait-ms 10] [--max-pixels 25000000]
+    python bench/serve_litserve.py MODEL PORT [--max-batch 8] [--max-wait-ms 5] [--max-pixels 25000000]
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ def main() -> None:
     parser.add_argument("model")
     parser.add_argument("port", type=int)
     parser.add_argument("--max-batch", type=int, default=8)
-    parser.add_argument("--max-wait-ms", type=float, default=10.0)
+    parser.add_argument("--max-wait-ms", type=float, default=5.0)
     parser.add_argument("--max-pixels", type=int, default=25_000_000)
     args = parser.parse_args()
     api = MpadAPI(args.model, args.max_pixels, max_batch_size=args.max_batch, batch_timeout=args.max_wait_ms / 1000)

@@ -67,7 +67,7 @@ def mid_gap(scores: list[float]) -> float:
 @contextmanager
 def running(app: Any, timeout_s: float = 60.0) -> Iterator[str]:
     """Serve `app` on 127.0.0.1 (a free port) from a thread; yields the base URL once /readyz says ready."""
-    listener = socket.socket()
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)  # TCP_NODELAY: stages/serve.py
     listener.bind(("127.0.0.1", 0))
     url = f"http://127.0.0.1:{listener.getsockname()[1]}"
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))

@@ -51,7 +51,7 @@ class Limits:
     """The service's knobs (`mpad serve --help` says each)."""
 
     max_batch: int = 8
-    max_wait_ms: float = 10.0
+    max_wait_ms: float = 5.0
     max_queue: int = 64
     max_bytes: int = 32 * 2**20
     max_pixels: int = 25_000_000

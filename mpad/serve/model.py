@@ -97,7 +97,6 @@ def load_model(
     naming the file otherwise). The threshold: `threshold` when given, else the sidecar's image_threshold."""
     path = Path(path)
     sidecar = load_sidecar(path)
-
     scorer = OnnxScorer(path, device, threads, spinning=False)  # idle threads would spin on the decoders' cores
     if threshold is not None:
         used, source = float(threshold), "--threshold"
