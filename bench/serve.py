@@ -10,7 +10,7 @@ Good requests: generated parts, upscaled to --size px PNGs, `?map=false` unless 
 
 Prints per configuration: throughput of good requests, p50 / p95 / p99 latency, errors (a good request
 without 200, a bad one without its status, a failed connection: must be 0), the server's RSS after a warm-up
-and after all its requests, then the ratios. `--impl litserve` serves the same model with LitServe
+and after each round, then the ratios. `--impl litserve` serves the same model with LitServe
 (bench/serve_litserve.py; needs `pip install litserve`) beside `mpad serve`, both fed multipart forms.
 
     .venv/bin/python bench/serve.py [--backbone mpad-tiny] [--clients 8] [--requests 2000] [--rounds 2]
@@ -310,8 +310,7 @@ def main() -> None:
                         runs.setdefault((server.name, clients), []).append(result)
                         for error in sorted(set(result.errors))[:5]:
                             print(f"  {server.name}, {clients} clients: {error}")
-        for server in servers:
-            server.rss.append(server.memory_mib())
+                server.rss.append(server.memory_mib())
     finally:
         for server in servers:
             server.stop()
@@ -321,13 +320,13 @@ def main() -> None:
 def report(servers: list[Server], runs: dict, args: argparse.Namespace) -> None:
     print(f"load after: {os.getloadavg()[0]:.2f}")
     print(f"{'server':<18} {'clients':>7} {'good/s':>8} {'CPU ms/req':>10} {'p50 ms':>8} {'p95 ms':>8} "
-          f"{'p99 ms':>8} {'errors':>7} {'bad 4xx':>8} {'RSS MiB warm -> end':>20}")  # fmt: skip
+          f"{'p99 ms':>8} {'errors':>7} {'bad 4xx':>8} {'RSS MiB: warm, after each round':<32}")  # fmt: skip
     merged = {key: pooled(results) for key, results in runs.items()}
     for (name, clients), row in merged.items():
         server = next(s for s in servers if s.name == name)
-        rss = f"{server.rss[0]:.0f} -> {server.rss[-1]:.0f}"
+        rss = ", ".join(f"{mib:.0f}" for mib in server.rss)
         print(f"{name:<18} {clients:>7} {row['good_per_s']:>8.1f} {row['cpu_ms']:>10.2f} {row['p50']:>8.1f} "
-              f"{row['p95']:>8.1f} {row['p99']:>8.1f} {row['errors']:>7} {row['bad_ok']:>8} {rss:>20}")  # fmt: skip
+              f"{row['p95']:>8.1f} {row['p99']:>8.1f} {row['errors']:>7} {row['bad_ok']:>8}   {rss}")  # fmt: skip
     base = servers[0].name
     for other in (s.name for s in servers[1:]):
         if (base, args.clients) in merged and (other, args.clients) in merged:

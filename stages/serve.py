@@ -3,6 +3,7 @@
     mpad serve --model deploy/<category>.onnx [--host 127.0.0.1] [--port 8000] [--max-batch 8]
                [--max-wait-ms 5] [--max-queue 64] [--max-bytes 33554432] [--max-pixels 25000000]
                [--max-size 1024] [--timeout-s 30] [--decode-threads 2] [--threshold T] [--threads N]
+               [--device auto]
 
 Serves an `mpad export` model on onnxruntime (the optional extras `export` and `serve`), without open_clip
 or the checkpoint; scores, decisions and maps are `mpad predict --backend onnx`'s. Endpoints and the error
@@ -42,6 +43,7 @@ def main(
     decode_threads: int = typer.Option(2, "--decode-threads", min=1, help="Threads decoding and rendering images."),
     threshold: float | None = typer.Option(None, "--threshold", help="Image-score threshold; default: the sidecar's."),
     threads: int | None = typer.Option(None, "--threads", min=1, help="onnxruntime threads (default: one a core)."),
+    device: str = typer.Option("auto", "--device", help="auto (CUDA when onnxruntime has it) | cpu | cuda | cuda:N"),
 ) -> None:
     """Serve an exported model over HTTP: POST /v1/predict, GET /v1/model, /healthz, /readyz, and a page at /."""
     try:
@@ -54,7 +56,7 @@ def main(
     if threshold is not None and not math.isfinite(threshold):
         fail(f"--threshold {threshold}: not a finite number")
     try:
-        served = load_model(model, threshold, "cpu", threads)
+        served = load_model(model, threshold, device, threads)
     except DeployFileError as err:
         fail(str(err))
     if served.sidecar.get("random_weights"):
