@@ -65,8 +65,8 @@ def mid_gap(scores: list[float]) -> float:
 
 
 @contextmanager
-def running(app: Any, timeout_s: float = 60.0) -> Iterator[str]:
-    """Serve `app` on 127.0.0.1 (a free port) from a thread; yields the base URL once /readyz says ready."""
+def running(app: Any, timeout_s: float = 60.0, until: str = "/readyz") -> Iterator[str]:
+    """Serve `app` on 127.0.0.1 (a free port) from a thread; yields the base URL once `until` answers 200."""
     listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)  # TCP_NODELAY: stages/serve.py
     listener.bind(("127.0.0.1", 0))
     url = f"http://127.0.0.1:{listener.getsockname()[1]}"
@@ -75,7 +75,7 @@ def running(app: Any, timeout_s: float = 60.0) -> Iterator[str]:
     thread.start()
     try:
         deadline = time.monotonic() + timeout_s
-        while request(url + "/readyz")[0] != 200:
+        while request(url + until)[0] != 200:
             assert time.monotonic() < deadline and thread.is_alive(), "the server did not become ready"
             time.sleep(0.05)
         yield url

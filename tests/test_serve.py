@@ -218,6 +218,24 @@ def test_full_queue_answers_503_and_requests_stay_bounded_in_time(model, images)
         assert request(url + "/v1/predict?map=false", good)[0] == 200  # and it serves again
 
 
+def test_ready_only_after_the_warm_up_batch(model, images):
+    served = load_model(model)
+    gate = Gate(served.scorer)
+    gate.armed = True  # the warm-up batch is held
+    app = create_app(type(served)(served.path, served.sidecar, gate, None, None), Limits(max_batch=2))
+    with running(app, until="/healthz") as url:
+        assert gate.entered.wait(30)
+        status, got, headers = request(url + "/readyz")
+        assert status == 503 and headers["retry-after"] == "1" and got["error"].startswith("warming up")
+        assert request(url + "/v1/predict", images[0].read_bytes())[0] == 503
+        gate.armed = False
+        gate.release.set()
+        wait_until(lambda: request(url + "/readyz")[0] == 200)
+        status, got, _ = request(url + "/v1/predict?map=false", images[0].read_bytes())
+        assert status == 200 and got["decision"] == "n/a" and got["threshold"] is None
+        assert app.state.batcher.batch_sizes == {1: 1}  # the warm-up ran outside the queue (sizes 2 and 1)
+
+
 def test_batcher_gathers_waiting_images_up_to_max_batch():
     """Five images queued before the batcher wakes: batches of 3 and 2, each image answered with its own result;
     a failed model call fails its own batch only; a batch waits for images on their way, and only for them;
