@@ -28,7 +28,7 @@ ABLATIONS := \
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || python3 -m venv $(VENV)
-	$(BIN)/python -m pip install -q -e '.[dev,export]'
+	$(BIN)/python -m pip install -q -e '.[dev,export,serve]'
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -81,9 +81,13 @@ class OnnxScorer:
 
     device: "cpu", "auto" (CUDA when onnxruntime has it, else CPU) or "cuda"/"cuda:N".
     threads: intra-op threads (None: onnxruntime's default, one per physical core).
+    spinning: whether idle intra-op threads spin-wait for the next call (onnxruntime's default: the fastest
+    alone, but spinning threads take the cores from the process's other threads, such as a server's decoding).
     """
 
-    def __init__(self, model: str | Path, device: str = "cpu", threads: int | None = None) -> None:
+    def __init__(
+        self, model: str | Path, device: str = "cpu", threads: int | None = None, spinning: bool = True
+    ) -> None:
         try:
             import onnxruntime as ort  # optional: `pip install -e '.[export]'`
         except ImportError as err:
@@ -100,6 +104,8 @@ class OnnxScorer:
             options = ort.SessionOptions()
             if threads is not None:
                 options.intra_op_num_threads = threads
+            if not spinning:
+                options.add_session_config_entry("session.intra_op.allow_spinning", "0")
             self.session = ort.InferenceSession(str(model), options, providers=providers)
         except Exception as err:  # onnxruntime raises its own exception types for a bad file
             raise DeployFileError(f"{model}: onnxruntime cannot load it ({err})") from err

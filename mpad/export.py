@@ -4,7 +4,8 @@ The graph is `Detector.score` after the LAA encoder, traced by torch.onnx (Torch
 OPSET): images (N, 3, H, W) float in [0, 1] at the backbone's input size -> clamp to [0, 1] and normalise
 with the backbone's mean / std (in the graph) -> encoder -> text maps -> memory fusion -> Gaussian blur ->
 image score. The text embeddings, the LAA mask, the memory banks and the scoring settings are constants.
-Outputs: maps (N, R, R) at the evaluation resolution R, scores (N,). The batch size is dynamic. The caller
+Outputs: maps (N, R, R) at the evaluation resolution R, scores (N,), declared so in the graph (R fixed, the
+batch size N dynamic). The caller
 resizes (mpad.features.stack_images: bicubic, antialiased, whole image, no crop) and nothing else.
 """
 
@@ -69,6 +70,27 @@ def check_exportable(detector: Detector) -> None:
             )
 
 
+def declare_shapes(path: str | Path, size: tuple[int, int], resolution: int) -> None:
+    """Declare the graph's input and output shapes as it computes them: images (batch, 3, H, W), maps
+    (batch, R, R), scores (batch,). The tracer's shape inference declares maps as ['batch', 'batch',
+    'Squeezemaps_dim_2'], which passes onnx.checker but misleads a reader of declared shapes (a server that
+    allocates from them). ONNX's strict shape inference then checks the declaration against the graph."""
+    import onnx  # the optional extra `export`, like onnxruntime
+    from onnx.tools.update_model_dims import update_inputs_outputs_dims
+
+    maps, scores = OUTPUT_NAMES
+    model = update_inputs_outputs_dims(
+        onnx.load(str(path)),
+        {INPUT_NAME: ["batch", 3, *size]},
+        {maps: ["batch", resolution, resolution], scores: ["batch"]},
+    )
+    try:
+        onnx.checker.check_model(model, full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as err:
+        raise ExportError(f"ONNX's shape inference rejects the declared shapes: {err}") from err
+    onnx.save(model, str(path))
+
+
 @torch.no_grad()
 def export_onnx(detector: Detector, resolution: int, out: str | Path) -> float:
     """Write the detector's graph (see module docstring) to `out` atomically, then run it on onnxruntime
@@ -98,6 +120,7 @@ def export_onnx(detector: Detector, resolution: int, out: str | Path) -> float:
                 )
         finally:
             torch.backends.mha.set_fastpath_enabled(fastpath)
+        declare_shapes(tmp, size, resolution)
         check = torch.rand(CHECK_BATCH, 3, *size, generator=torch.Generator().manual_seed(1))
         got = OnnxScorer(tmp)(check)
         want = graph(check)

@@ -95,12 +95,17 @@ def write_json(path: str | os.PathLike[str], obj: Any) -> None:
     write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
-def write_png(path: str | os.PathLike[str], pixels: np.ndarray) -> None:
-    """Write pixels (H, W) or (H, W, 3) uint8 as a PNG to `path` atomically; no metadata and fixed settings,
-    so the bytes depend on the pixels only."""
+def png_bytes(pixels: np.ndarray) -> bytes:
+    """Pixels (H, W) or (H, W, 3) uint8 as PNG bytes; no metadata and fixed settings, so the bytes depend on
+    the pixels only."""
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, format="PNG", optimize=False, compress_level=6)
-    write_bytes(path, buffer.getvalue())
+    return buffer.getvalue()
+
+
+def write_png(path: str | os.PathLike[str], pixels: np.ndarray) -> None:
+    """Write `png_bytes(pixels)` to `path` atomically."""
+    write_bytes(path, png_bytes(pixels))
 
 
 def write_csv(path: str | os.PathLike[str], header: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:

@@ -27,6 +27,7 @@ COMMANDS = {
     "summarize": "Gather per-category metrics into metrics.json and metrics.md.",
     "predict": "Score new images with learned prompts: maps, overlays, decisions.",
     "export": "Export the learned detector as one ONNX model (+ sidecar JSON) for deployment.",
+    "serve": "Serve an exported model over HTTP, with dynamic batching and a page to try it.",
 }
 
 

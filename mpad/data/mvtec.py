@@ -165,12 +165,17 @@ def load_image(path: Path) -> np.ndarray:
     palette images are expanded; 16-bit grayscale is scaled to 8 bits; 32-bit float (e.g. a float TIFF)
     with values in 0..1 is scaled by 255, other float values are refused (DatasetError: no range to assume).
     """
-    im = _open(Path(path))
+    return image_array(_open(Path(path)), path)
+
+
+def image_array(im: Image.Image, name: object) -> np.ndarray:
+    """A decoded PIL image -> uint8 RGB (H, W, 3), converted as `load_image` says; `name` (a path, or what an
+    uploaded image is called) goes into the DatasetError of a float image out of range."""
     if im.mode == "F":  # PIL's own conversion clips at 0..255, so 0..1 data would read as black
         arr = np.asarray(im, dtype=np.float64)
         if not (np.isfinite(arr).all() and arr.min() >= 0.0 and arr.max() <= 1.0):
             raise DatasetError(
-                f"{path}: float image with values {arr.min():g}..{arr.max():g}; only 0..1 is read "
+                f"{name}: float image with values {arr.min():g}..{arr.max():g}; only 0..1 is read "
                 "(scaled to 0..255): convert it to 8 or 16 bits"
             )
         im = Image.fromarray(np.rint(arr * 255.0).astype(np.uint8), "L")
