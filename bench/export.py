@@ -2,7 +2,7 @@
 
 For mpad-tiny and ViT-B-16-plus-240 with random weights (speed does not depend on them): exports a
 detector (random (2, D) text embeddings, LAA as bench/encoder.py, default scoring, maps at 256 px, with
-`--memory` a 1-shot visual memory) with `mpad.export.export_onnx`, then prints images/second of both
+`--memory` a 1-shot visual memory) with `mpad.deploy.graph.export_onnx`, then prints images/second of both
 backends on the same batch (the full path: encoder, maps, fusion, smoothing, scores), their ratio
 (onnxruntime / torch throughput; goal >= 1.0x) and the model file's size. Both use the same number of
 threads, timed in one process, interleaved, best of several repeats, so the ratio is robust to load.
@@ -22,9 +22,9 @@ from encoder import best_time  # bench/encoder.py: python puts bench/ first on t
 
 from mpad.clip import load_clip
 from mpad.config import ScoringConfig
-from mpad.deploy import OnnxScorer
+from mpad.deploy.graph import export_onnx
+from mpad.deploy.runtime import OnnxScorer
 from mpad.detector import Detector
-from mpad.export import export_onnx
 from mpad.memory import build_memory
 from mpad.prediction import torch_scorer
 

@@ -61,7 +61,7 @@ class Detector:
     def score(self, out: EncoderOutput, size: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """The encoder's outputs for B images -> (maps (B, *size), scores (B,)), on the encoder's device.
 
-        The maths after the encoder, shared with the exported ONNX graph (mpad.export.DetectorGraph).
+        The maths after the encoder, shared with the exported ONNX graph (mpad.deploy.graph.DetectorGraph).
         """
         maps = anomaly_maps(out.patch_features, self.text, self.logit_scale, size)
         if self.memory is not None:

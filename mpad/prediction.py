@@ -6,7 +6,7 @@ the image's size with the longer side capped at max_size; `predictions.csv` (one
 and `predictions.json` (the same rows under a header saying how they were made).
 
 The scoring is a callable (`Scorer`): the torch `Detector` (`torch_scorer`) or the exported model on
-ONNX Runtime (mpad.deploy.OnnxScorer); the outputs are written by the same code either way. This module
+ONNX Runtime (mpad.deploy.runtime.OnnxScorer); the outputs are written by the same code either way. This module
 imports open_clip only when `load_backbone` runs, so that the onnx backend works without it.
 """
 

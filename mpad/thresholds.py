@@ -109,6 +109,12 @@ def resolution_of(record: dict[str, Any]) -> int:
     return int(record.get("resolution", EvaluateConfig().resolution))
 
 
+def image_threshold_of(record: dict[str, Any]) -> float | None:
+    """The F1-max image threshold of a record; None when it has none (the test split defined none)."""
+    value = record.get("image_threshold")
+    return None if value is None else float(value)
+
+
 def colour_range(record: dict[str, Any]) -> tuple[float, float]:
     """(map_low, map_high) of a record; (0, 1) when it has none or an empty range."""
     low, high = float(record.get("map_low", 0.0)), float(record.get("map_high", 1.0))

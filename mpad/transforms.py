@@ -29,7 +29,7 @@ def model_input(images: torch.Tensor, size: Sequence[int], mean: Sequence[float]
 def normalise(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     """(B, 3, H, W) -> the same clamped to [0, 1] (bicubic overshoots) and normalised with per-channel mean/std.
 
-    The exported ONNX model starts with this step (mpad.export), so its callers resize only.
+    The exported ONNX model starts with this step (mpad.deploy.graph), so its callers resize only.
     """
     mean_t = torch.tensor(mean, dtype=images.dtype, device=images.device).view(1, 3, 1, 1)
     std_t = torch.tensor(std, dtype=images.dtype, device=images.device).view(1, 3, 1, 1)

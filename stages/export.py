@@ -3,7 +3,7 @@
     mpad export --prompts data/prompts/<category>.pt --out <file>.onnx
                 [--thresholds-file data/thresholds/<category>.json] [--force] [--model-pretrained PATH]
 
-Bakes into the graph (mpad.export) the backbone's weights, the LAA settings, the text embeddings, the visual
+Bakes into the graph (mpad.deploy.graph) the backbone's weights, the LAA settings, the text embeddings, the visual
 memory if the prompts have one, the normalisation (mean / std) and the scoring settings and map resolution
 of the thresholds file, found as `mpad predict` finds it (beside the prompts file, else data/thresholds/).
 Writes <file>.onnx and <file>.onnx.json (input size, resolution, scoring, image_threshold and colour range,
@@ -24,13 +24,20 @@ from pathlib import Path
 import typer
 
 from mpad.clip import ModelLoadError
-from mpad.deploy import DeployFileError, save_sidecar
+from mpad.deploy.graph import OPSET, ExportError, export_onnx
+from mpad.deploy.sidecar import DeployFileError, Sidecar
 from mpad.detector import Detector
-from mpad.export import OPSET, ExportError, export_onnx
 from mpad.io import sha256_file
 from mpad.prediction import load_backbone
 from mpad.prompt_file import PromptFileError
-from mpad.thresholds import ThresholdsFileError, colour_range, load_paired, resolution_of, scoring_of
+from mpad.thresholds import (
+    ThresholdsFileError,
+    colour_range,
+    image_threshold_of,
+    load_paired,
+    resolution_of,
+    scoring_of,
+)
 from stages.common import fail, warn
 
 
@@ -63,19 +70,14 @@ def main(
         fail(str(err))
     except (ExportError, ValueError, KeyError) as err:
         fail(f"{prompts}: cannot export it: {err}")
-    low, high = colour_range(info)
-    sidecar = save_sidecar(out, {
-        "category": category, "model": learned.model, "random_weights": bundle.random_weights,
-        "prompts": str(prompts), "prompts_sha256": learned.sha256,
-        "thresholds_file": None if thresholds_file is None else str(thresholds_file),
-        "thresholds_sha256": None if thresholds_file is None else sha256_file(thresholds_file),
-        "input_size": list(bundle.image_size), "mean": list(bundle.mean), "std": list(bundle.std),
-        "resolution": resolution, "scoring": scoring.model_dump(), "memory": detector.memory is not None,
-        "image_threshold": info.get("image_threshold"), "map_range": [low, high], "opset": OPSET,
-        "input": f"images (N, 3, {bundle.image_size[0]}, {bundle.image_size[1]}) float32 RGB in [0, 1], the whole "
-                 "image resized (bicubic, antialiased); the model clamps and normalises",
-        "outputs": f"maps (N, {resolution}, {resolution}) anomaly maps in [0, 1]; scores (N,) image scores",
-    })  # fmt: skip
+    sidecar = Sidecar(
+        category=category, model=learned.model, random_weights=bundle.random_weights, prompts=str(prompts),
+        prompts_sha256=learned.sha256, thresholds_file=None if thresholds_file is None else str(thresholds_file),
+        thresholds_sha256=None if thresholds_file is None else sha256_file(thresholds_file),
+        input_size=bundle.image_size, mean=tuple(bundle.mean), std=tuple(bundle.std), resolution=resolution,
+        scoring=scoring, memory=detector.memory is not None, image_threshold=image_threshold_of(info),
+        map_range=colour_range(info), opset=OPSET,
+    ).save(out)  # fmt: skip
     size_mb = out.stat().st_size / 2**20
     typer.echo(
         f"wrote {out} ({size_mb:.1f} MiB, opset {OPSET}) and {sidecar}; onnxruntime matches torch within "

@@ -63,13 +63,15 @@ from tqdm import tqdm
 
 from mpad.config import RANDOM_WEIGHTS_NOTE
 from mpad.data import is_image_file
-from mpad.deploy import DeployFileError, OnnxScorer, load_sidecar, scoring_from, sidecar_path
+from mpad.deploy.runtime import OnnxScorer
+from mpad.deploy.sidecar import DeployFileError, Sidecar, sidecar_path
 from mpad.prediction import Scorer, predict_images, save_predictions
 from mpad.prompt_file import PromptFileError
 from mpad.thresholds import (
     ThresholdsFileError,
     check_pairing,
     colour_range,
+    image_threshold_of,
     load_paired,
     load_thresholds,
     resolution_of,
@@ -145,9 +147,8 @@ def main(
         setup = _onnx_setup(model, thresholds_file, force, device, resolution)
     else:
         setup = _torch_setup(prompts, thresholds_file, force, device, precision, model_pretrained, resolution)
-    score, input_size, header, info, thresholds_file = setup
-    used, source = _pick_threshold(threshold, info, thresholds_file)
-    low_high = colour_range(info)
+    score, input_size, header, stored, low_high, thresholds_file = setup
+    used, source = _pick_threshold(threshold, stored, thresholds_file)
     out.mkdir(parents=True, exist_ok=True)
     with StageProgress(total=len(paths), desc="predict", unit="img") as bar:
         rows = predict_images(
@@ -170,8 +171,9 @@ def main(
     _report(rows, out)
 
 
-# (scorer, input size (H, W), header of predictions.json, thresholds record, the file it came from)
-Setup = tuple[Scorer, tuple[int, int], dict[str, Any], dict[str, Any], Path | None]
+# (scorer, input size (H, W), header of predictions.json, the stored image threshold (None: none), the colour
+# range, the file they came from)
+Setup = tuple[Scorer, tuple[int, int], dict[str, Any], float | None, tuple[float, float], Path | None]
 
 
 def _check_backend_options(
@@ -220,26 +222,25 @@ def _torch_setup(
     header = {"prompts": str(prompts), "prompts_sha256": learned.sha256, "category": category, "model": learned.model,
               "random_weights": bundle.random_weights, "memory": detector.memory is not None,
               "scoring": scoring.model_dump(), "resolution": size}  # fmt: skip
-    return torch_scorer(detector, size), bundle.image_size, header, info, thresholds_file
+    stored = image_threshold_of(info)
+    return torch_scorer(detector, size), bundle.image_size, header, stored, colour_range(info), thresholds_file
 
 
 def _onnx_setup(model: Path, thresholds_file: Path | None, force: bool, device: str, resolution: int | None) -> Setup:
     """The exported model on onnxruntime; threshold and colour range from its sidecar, or from --thresholds-file
     when its scoring settings and resolution are those baked into the model."""
     try:
-        sidecar = load_sidecar(model)
-        category, size = str(sidecar["category"]), int(sidecar["resolution"])
+        sidecar = Sidecar.load(model)
+        size, scoring = sidecar.resolution, sidecar.scoring
         if resolution is not None and resolution != size:
             _usage_error(f"--resolution {resolution}: {model} makes maps of {size} px (export again for another)")
-        scoring = scoring_from(sidecar)
         if thresholds_file is None:
-            low, high = sidecar["map_range"]
-            info = {"image_threshold": sidecar["image_threshold"], "map_low": low, "map_high": high}
-            thresholds_file = sidecar_path(model)
+            stored, low_high, thresholds_file = sidecar.image_threshold, sidecar.map_range, sidecar_path(model)
         else:
             info = load_thresholds(thresholds_file)
-            for message in check_pairing(info, thresholds_file, category, sidecar.get("prompts_sha256"), force):
+            for message in check_pairing(info, thresholds_file, sidecar.category, sidecar.prompts_sha256, force):
                 warn(message)
+            stored, low_high = image_threshold_of(info), colour_range(info)
             if (scoring_of(info), resolution_of(info)) != (scoring, size):
                 raise ThresholdsFileError(
                     f"{thresholds_file}: made with other scoring settings or resolution than {model} bakes in "
@@ -248,20 +249,20 @@ def _onnx_setup(model: Path, thresholds_file: Path | None, force: bool, device: 
         scorer = OnnxScorer(model, device)
     except (DeployFileError, ThresholdsFileError) as err:
         fail(str(err))
-    if sidecar.get("random_weights"):
+    if sidecar.random_weights:
         warn(RANDOM_WEIGHTS_NOTE, "note")
     header = {
         "onnx_model": str(model),
-        "prompts": sidecar.get("prompts"),
-        "prompts_sha256": sidecar.get("prompts_sha256"),
-        "category": category,
-        "model": sidecar["model"],
-        "random_weights": bool(sidecar.get("random_weights")),
-        "memory": bool(sidecar.get("memory")),
+        "prompts": sidecar.prompts,
+        "prompts_sha256": sidecar.prompts_sha256,
+        "category": sidecar.category,
+        "model": sidecar.model,
+        "random_weights": sidecar.random_weights,
+        "memory": sidecar.memory,
         "scoring": scoring.model_dump(),
         "resolution": size,
     }
-    return scorer, tuple(sidecar["input_size"]), header, info, thresholds_file
+    return scorer, sidecar.input_size, header, stored, low_high, thresholds_file
 
 
 def expand_images(args: list[str]) -> tuple[list[Path], list[str]]:
@@ -298,13 +299,13 @@ def _images_or_exit(args: list[str]) -> list[Path]:
 
 
 def _pick_threshold(
-    threshold: float | None, info: dict[str, Any], thresholds_file: Path | None
+    threshold: float | None, stored: float | None, thresholds_file: Path | None
 ) -> tuple[float | None, str | None]:
     """(threshold, where it came from), announced on stdout; (None, None) with a warning when there is none."""
     if threshold is not None:
         used, source = float(threshold), "--threshold"
-    elif info.get("image_threshold") is not None:
-        used, source = float(info["image_threshold"]), f"{thresholds_file} (image_threshold)"
+    elif stored is not None:
+        used, source = stored, f"{thresholds_file} (image_threshold)"
     else:
         typer.secho(
             "warning: no threshold (no --threshold, and no image_threshold in a thresholds file): "

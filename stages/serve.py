@@ -25,7 +25,7 @@ from pathlib import Path
 import typer
 
 from mpad.config import RANDOM_WEIGHTS_NOTE
-from mpad.deploy import DeployFileError
+from mpad.deploy.sidecar import DeployFileError
 from stages.common import fail
 
 
@@ -59,13 +59,13 @@ def main(
         served = load_model(model, threshold, device, threads)
     except DeployFileError as err:
         fail(str(err))
-    if served.sidecar.get("random_weights"):
+    if served.sidecar.random_weights:
         typer.secho(f"note: {RANDOM_WEIGHTS_NOTE}", err=True, fg=typer.colors.YELLOW)
     limits = Limits(max_batch, max_wait_ms, max_queue, max_bytes, max_pixels, max_size, timeout_s, decode_threads)
     listener = _listen(host, port)
     _quiet_decoders()
     typer.echo(
-        f"serving {model} ({served.sidecar['category']}, threshold {served.threshold}) at "
+        f"serving {model} ({served.sidecar.category}, threshold {served.threshold}) at "
         f"http://{_url_host(host)}:{listener.getsockname()[1]}/",
     )
     config = uvicorn.Config(create_app(served, limits), log_level="info", access_log=False)

@@ -18,7 +18,8 @@ from typer.testing import CliRunner
 from mpad.config import ScoringConfig
 from mpad.data.mvtec import load_image
 from mpad.data.synthetic import generate
-from mpad.deploy import OnnxScorer, load_sidecar
+from mpad.deploy.runtime import OnnxScorer
+from mpad.deploy.sidecar import Sidecar
 from mpad.detector import Detector
 from mpad.features import stack_images
 from mpad.io import sha256_file
@@ -82,11 +83,12 @@ def _rows(out: Path) -> list[dict[str, str]]:
 @pytest.mark.parametrize("name", ["disc", "plain"])
 def test_onnx_equals_torch_detector(project, dataset, tiny_clip, tmp_path, name):
     model = _export(project, name, tmp_path / f"{name}.onnx")
-    info = load_sidecar(model)
+    info = Sidecar.load(model)
     record = PromptsFile.load(project / f"data/prompts/{name}.pt")
-    assert info["input_size"] == [64, 64] and info["resolution"] == 32 and info["image_threshold"] == 0.5
-    assert info["category"] == name and info["model"] == record.model and info["memory"] is (name == "disc")
-    assert info["scoring"] == {"smoothing_sigma": 1.0, "image_score": "topk_mean", "topk": 0.05}
+    assert info.input_size == (64, 64) and info.resolution == 32 and info.image_threshold == 0.5
+    assert info.category == name and info.model == record.model and info.memory is (name == "disc")
+    assert info.scoring.model_dump() == {"smoothing_sigma": 1.0, "image_score": "topk_mean", "topk": 0.05}
+    assert Sidecar.load(model) == info and info.sha256 == sha256_file(model)  # what was saved loads back
     paths = sorted((dataset / "disc/test").glob("*/*.png"))
     images = stack_images([load_image(p) for p in paths], tiny_clip.image_size)
     detector = Detector.from_prompts(
@@ -153,8 +155,8 @@ def test_decisions_equal_on_a_whole_test_split(tiny_clip, tmp_path):
     assert _invoke("evaluate", ["--category", "disc"]).exit_code == 0
     thresholds = tmp_path / "data/thresholds/disc.json"
     model = _export(tmp_path, "disc", tmp_path / "disc.onnx")
-    info = load_sidecar(model)
-    assert info["prompts_sha256"] == sha256_file(prompts) and info["thresholds_sha256"] == sha256_file(thresholds)
+    info = Sidecar.load(model)
+    assert info.prompts_sha256 == sha256_file(prompts) and info.thresholds_sha256 == sha256_file(thresholds)
     images = str(tmp_path / "ds/disc/test/*/*.png")
     rows = {}
     for backend, source in {"torch": ["--prompts", prompts], "onnx": ["--model", model]}.items():
@@ -195,7 +197,7 @@ def test_refusals(project, dataset, tmp_path, monkeypatch):
     dataclasses.replace(record, laa=LAA.model_copy(update={"layers": 9})).save(tmp_path / "deep.pt")
     result = _invoke("export", ["--prompts", tmp_path / "deep.pt", "--out", tmp_path / "deep.onnx"])
     assert result.exit_code == 1 and "cannot export it: laa.layers must be in 1..4" in result.stderr
-    monkeypatch.setattr("mpad.export._CHUNK_ELEMENTS", 1000)
+    monkeypatch.setattr("mpad.deploy.graph._CHUNK_ELEMENTS", 1000)
     result = _invoke("export", ["--prompts", prompts, "--out", tmp_path / "big.onnx"])
     assert result.exit_code == 1 and "memory bank of 64 patches is too large to export" in result.stderr
     assert not (tmp_path / "big.onnx").exists()

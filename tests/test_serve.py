@@ -26,8 +26,8 @@ import torch
 from PIL import Image
 from serving import invoke, mid_gap, multipart, predict_rows, request, running, tiny_export
 
-from mpad.deploy import load_sidecar
-from mpad.export import TOLERANCE
+from mpad.deploy.graph import TOLERANCE
+from mpad.deploy.sidecar import Sidecar
 from mpad.serve.app import Limits, create_app
 from mpad.serve.batcher import Batcher, Overloaded
 from mpad.serve.model import load_model
@@ -76,7 +76,7 @@ def test_endpoints(server, model, reference):
     assert request(url + "/healthz")[:2] == (200, {"status": "ok"})
     assert request(url + "/readyz")[:2] == (200, {"status": "ready"})
     status, info, _ = request(url + "/v1/model")
-    sidecar = load_sidecar(model)
+    sidecar = Sidecar.load(model).as_json()
     assert status == 200 and info["threshold"] == reference[0] and info["threshold_source"] == "--threshold"
     assert info["input_size"] == [64, 64] and info["resolution"] == 32 and info["limits"]["max_batch"] == 4
     keys = ("category", "model", "random_weights", "sha256", "prompts_sha256", "thresholds_sha256")
@@ -100,8 +100,7 @@ def test_answers_equal_predict(server, images, reference):
         assert base64.b64decode(got["map_png"]) == (out / row["map"]).read_bytes()
         assert base64.b64decode(got["overlay_png"]) == (out / row["overlay"]).read_bytes()
         assert (
-            got["map_size"] == [112, 96]
-            and got["model"]["sha256"] == load_sidecar(server[1].state.model.path)["sha256"]
+            got["map_size"] == [112, 96] and got["model"]["sha256"] == Sidecar.load(server[1].state.model.path).sha256
         )
     body, headers = multipart(images[0].read_bytes())
     status, got, _ = request(url + "/v1/predict?map=false", body, headers)

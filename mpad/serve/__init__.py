@@ -1,4 +1,4 @@
-"""`mpad serve`: an exported model (mpad.export) as an HTTP service with dynamic batching and a page.
+"""`mpad serve`: an exported model (mpad.deploy) as an HTTP service with dynamic batching and a page.
 
 mpad.serve.app (routes, limits, errors), mpad.serve.batcher (dynamic batching), mpad.serve.images (request
 bodies -> images), mpad.serve.model (the model, its identity, the per-image answer), page.html (the page).

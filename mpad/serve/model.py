@@ -1,9 +1,9 @@
 """The model a server serves: an `mpad export` file on onnxruntime, read and checked as `mpad predict
 --backend onnx` reads it, and the per-image work around the model call, done as predict does it.
 
-Identity: what the sidecar says the model is (category, backbone fingerprint, random_weights, the .onnx
-file's SHA-256, and every other `*identity` / `*_sha256` field it records, such as the prompts' and the
-thresholds'), returned with every answer so that a decision can be traced to the files that made it.
+Identity: what the sidecar says the model is (`Sidecar.identity`: category, backbone, random_weights, the
+SHA-256 of the .onnx file and of the prompts and thresholds files it was made from), returned with every
+answer so that a decision can be traced to the files that made it.
 """
 
 from __future__ import annotations
@@ -16,21 +16,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from mpad.deploy import OnnxScorer, load_sidecar
+from mpad.deploy.runtime import OnnxScorer
+from mpad.deploy.sidecar import Sidecar
 from mpad.features import stack_images
 from mpad.io import png_bytes
 from mpad.prediction import Scorer, decide
-from mpad.thresholds import colour_range
 from mpad.visualize import render_map
-
-IDENTITY_KEYS = ("category", "model", "random_weights", "sha256")
-
-
-def identity_of(sidecar: dict[str, Any]) -> dict[str, Any]:
-    """The sidecar's identity fields (module docstring)."""
-    return {
-        key: value for key, value in sidecar.items() if key in IDENTITY_KEYS or key.endswith(("identity", "_sha256"))
-    }
 
 
 @dataclass(frozen=True)
@@ -38,29 +29,27 @@ class ServedModel:
     """An exported model, its sidecar and the decision threshold in use (None: decisions are "n/a")."""
 
     path: Path
-    sidecar: dict[str, Any]
+    sidecar: Sidecar
     scorer: Scorer
     threshold: float | None
     threshold_source: str | None
 
     @property
     def input_size(self) -> tuple[int, int]:
-        height, width = self.sidecar["input_size"]
-        return int(height), int(width)
+        return self.sidecar.input_size
 
     @property
     def colour_range(self) -> tuple[float, float]:
-        low, high = self.sidecar["map_range"]
-        return colour_range({"map_low": low, "map_high": high})
+        return self.sidecar.map_range
 
     @property
     def identity(self) -> dict[str, Any]:
-        return identity_of(self.sidecar)
+        return self.sidecar.identity()
 
     def describe(self) -> dict[str, Any]:
         """GET /v1/model: the sidecar, the threshold in use and where it came from, the identity."""
         return {
-            **self.sidecar,
+            **self.sidecar.as_json(),
             "onnx_model": str(self.path),
             "threshold": self.threshold,
             "threshold_source": self.threshold_source,
@@ -93,15 +82,15 @@ class ServedModel:
 def load_model(
     path: str | Path, threshold: float | None = None, device: str = "cpu", threads: int | None = None
 ) -> ServedModel:
-    """The exported model at `path` on onnxruntime, after load_sidecar's checks (mpad.deploy.DeployFileError
+    """The exported model at `path` on onnxruntime, after Sidecar.load's checks (mpad.deploy.sidecar.DeployFileError
     naming the file otherwise). The threshold: `threshold` when given, else the sidecar's image_threshold."""
     path = Path(path)
-    sidecar = load_sidecar(path)
+    sidecar = Sidecar.load(path)
     scorer = OnnxScorer(path, device, threads, spinning=False)  # idle threads would spin on the decoders' cores
     if threshold is not None:
         used, source = float(threshold), "--threshold"
-    elif sidecar["image_threshold"] is not None:
-        used, source = float(sidecar["image_threshold"]), "sidecar image_threshold"
+    elif sidecar.image_threshold is not None:
+        used, source = sidecar.image_threshold, "sidecar image_threshold"
     else:
         used, source = None, None
     return ServedModel(path, sidecar, scorer, used, source)

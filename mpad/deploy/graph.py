@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from mpad.deploy import INPUT_NAME, OUTPUT_NAMES, OnnxScorer
+from mpad.deploy.runtime import INPUT_NAME, OUTPUT_NAMES, OnnxScorer
 from mpad.detector import Detector
 from mpad.io import atomic_path
 from mpad.memory import _CHUNK_ELEMENTS
