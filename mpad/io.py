@@ -117,15 +117,6 @@ def write_csv(path: str | os.PathLike[str], header: Sequence[str], rows: Iterabl
     write_text(path, buffer.getvalue())
 
 
-def save_png(path: str | os.PathLike[str], pixels: np.ndarray) -> None:
-    """(H, W) or (H, W, 3) uint8 -> PNG at `path` (parents created). No metadata and fixed settings: the
-    bytes depend on the pixels only, so DVC sees a change only when the pixels change. Not atomic by itself:
-    callers write into an `atomic_path` folder."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(pixels).save(path, format="PNG", optimize=False, compress_level=6)
-
-
 def read_json_object(path: str | os.PathLike[str], error: type[Exception], what: str) -> dict[str, Any]:
     """The JSON object in `path`; `error` naming the file and `what` it should be when unreadable or not an object."""
     try:

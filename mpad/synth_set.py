@@ -23,7 +23,7 @@ from typing import Any, Protocol
 import numpy as np
 from PIL import Image
 
-from mpad.io import atomic_path, save_png
+from mpad.io import atomic_path, write_png
 
 MANIFEST = "manifest.json"
 
@@ -71,13 +71,13 @@ def write_synth_set(
         tmp.mkdir()
         for index, (shot, obj, drawn) in enumerate(zip(shots, object_masks, synthesized, strict=True)):
             mask_name = f"object_masks/{index}.png"
-            save_png(tmp / mask_name, obj.mask.astype(np.uint8) * 255)
+            write_png(tmp / mask_name, obj.mask.astype(np.uint8) * 255)
             objects.append({"shot": shot, "mask": mask_name, "fraction": obj.fraction, "fallback": obj.fallback})
             for sample in drawn:
                 n = len(samples)
                 image_name, sample_mask = f"images/{n:04d}.png", f"masks/{n:04d}.png"
-                save_png(tmp / image_name, sample.image)
-                save_png(tmp / sample_mask, sample.mask.astype(np.uint8) * 255)
+                write_png(tmp / image_name, sample.image)
+                write_png(tmp / sample_mask, sample.mask.astype(np.uint8) * 255)
                 samples.append(
                     {
                         "image": image_name,

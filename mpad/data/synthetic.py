@@ -30,7 +30,7 @@ import numpy as np
 
 from mpad.data.catalog import SYNTHETIC_CATEGORIES
 from mpad.data.mvtec import DatasetError
-from mpad.io import atomic_path, save_png
+from mpad.io import atomic_path, write_png
 
 SIZES: dict[str, tuple[int, int]] = {"stripes": (96, 96), "weave": (80, 112), "disc": (112, 96)}  # (H, W)
 DEFECTS: dict[str, tuple[str, ...]] = {
@@ -244,10 +244,10 @@ def read_marker(root: Path) -> dict[str, Any] | None:
 
 def _write_category(cat_dir: Path, category: str, rng: np.random.Generator, n_train: int, n_test: int) -> None:
     for i in range(n_train):
-        save_png(cat_dir / "train" / "good" / f"{i:03d}.png", render(category, rng).image)
+        write_png(cat_dir / "train" / "good" / f"{i:03d}.png", render(category, rng).image)
     n_good = n_test // 2
     for i in range(n_good):
-        save_png(cat_dir / "test" / "good" / f"{i:03d}.png", render(category, rng).image)
+        write_png(cat_dir / "test" / "good" / f"{i:03d}.png", render(category, rng).image)
     kinds = DEFECTS[category]
     counters = dict.fromkeys(kinds, 0)
     for j in range(n_test - n_good):
@@ -257,8 +257,8 @@ def _write_category(cat_dir: Path, category: str, rng: np.random.Generator, n_tr
             r = render(category, rng, kind)
         idx = counters[kind]
         counters[kind] += 1
-        save_png(cat_dir / "test" / kind / f"{idx:03d}.png", r.image)
-        save_png(cat_dir / "ground_truth" / kind / f"{idx:03d}_mask.png", r.mask.astype(np.uint8) * 255)
+        write_png(cat_dir / "test" / kind / f"{idx:03d}.png", r.image)
+        write_png(cat_dir / "ground_truth" / kind / f"{idx:03d}_mask.png", r.mask.astype(np.uint8) * 255)
 
 
 def generate(root: Path, seed: int, n_train: int = 8, n_test: int = 12) -> None:
