@@ -54,10 +54,11 @@ def test_each_worker_gets_its_share_of_the_cores_and_its_own_gpu():
     assert subprocess.run(probe, env=env, capture_output=True, text=True, check=True).stdout.strip() == "1"
 
 
-FAKE_DVC = """#!/bin/sh
+FAKE_STAGES = "fetch sample@ok sample@bad sample@fine train@ok train@bad train@fine summarize"
+FAKE_DVC = f"""#!/bin/sh
 echo "$*" >> calls.txt
 case "$*" in
-  "stage list --name-only") printf 'fetch\\nsample@ok\\nsample@bad\\nsample@fine\\ntrain@ok\\ntrain@bad\\ntrain@fine\\nsummarize\\n' ;;
+  "stage list --name-only") for s in {FAKE_STAGES}; do echo $s; done ;;
   *@bad*) echo "ERROR: failed to reproduce 'sample@bad'"; exit 1 ;;
   *) echo "OMP_NUM_THREADS=$OMP_NUM_THREADS" ;;
 esac
