@@ -28,6 +28,7 @@ TEXTURE_MASKS = ("mask_method", "whole")
 IMAGE_SCORES = ("max", "topk_mean", "global")
 FUSIONS = ("harmonic", "arithmetic")
 CALIBRATIONS = ("projection", "literal", "literal-rms")
+STOPS = ("fixed", "converged")
 
 # MVTec AD's categories in the paper's Table 1 order: the textures, then the objects.
 TABLE_ORDER = MVTEC_TEXTURES + tuple(c for c in MVTEC_CATEGORIES if c not in MVTEC_TEXTURES)
@@ -406,7 +407,10 @@ class MptsConfig:
     calibration: "projection", "literal" or "literal-rms", see `mpad.mpts.calibrate`.
     meta_epochs: number of rounds (0: no learning at all; the result is the initial meta prompt, i.e.
         the hand-written template ensemble: the paper's "human-semantic prompt" baseline of Table 1);
-        steps: Adam steps per round; lr: Adam learning rate.
+        steps: Adam steps per round (with stop "converged", the most a round takes); lr: Adam learning rate.
+    stop: "fixed" (every round takes `steps`) or "converged": a round also ends once the smoothed anomaly loss
+        has stopped improving: the mean of its last `window` steps is at most `tolerance` (relative) below
+        the mean of the `window` before (`mpad.mpts.converged`).
     batch_size: images per minibatch, drawn without replacement (reshuffled when exhausted) from a
         torch.Generator seeded by `seed`.
     divergence: not a params key. False skips the divergence loss and its gradient altogether (plain BCE
@@ -418,6 +422,9 @@ class MptsConfig:
     meta_epochs: int = 3
     steps: int = 100
     lr: float = 0.002
+    stop: str = "fixed"
+    tolerance: float = 0.01
+    window: int = 10
     batch_size: int = 16
     seed: int = 0
     divergence: bool = True
@@ -425,8 +432,10 @@ class MptsConfig:
     def __post_init__(self) -> None:  # guards for library callers; params are checked by from_params
         if self.calibration not in CALIBRATIONS:
             raise ValueError(f"mpts.calibration must be one of {CALIBRATIONS}, got {self.calibration!r}")
-        if self.meta_epochs < 0 or self.steps < 1 or self.batch_size < 1:
-            raise ValueError("mpts.meta_epochs must be >= 0, mpts.steps and mpts.batch_size >= 1")
+        if self.meta_epochs < 0 or self.steps < 1 or self.batch_size < 1 or self.window < 1:
+            raise ValueError("mpts.meta_epochs must be >= 0, mpts.steps, mpts.batch_size and mpts.window >= 1")
+        if self.stop not in STOPS:
+            raise ValueError(f"mpts.stop must be one of {STOPS}, got {self.stop!r}")
         if not self.lam >= 0:
             raise ValueError(f"mpts.lambda must be >= 0, got {self.lam}")
 
@@ -438,6 +447,9 @@ class MptsConfig:
             "meta_epochs": _int(0),
             "steps": _int(1),
             "lr": (_is_number(0, open_low=True), "must be a number > 0"),
+            "stop": _choice(STOPS),
+            "tolerance": _fraction(),
+            "window": _int(1),
             "batch_size": _int(1),
             "seed": _int(0),
         }

@@ -124,7 +124,7 @@ def prompts_record(
     extra: dict[str, Any] = {"memory": memory} if memory is not None else {}
     extra["train"] = {
         "final_loss": result.final_loss,
-        "steps": mpts.meta_epochs * mpts.steps,
+        "steps": sum(result.round_steps),
         "meta_epochs": mpts.meta_epochs,
         "lambda": float(mpts.lam),  # float as before, even when params.yaml says `lambda: 1`
         "calibration": mpts.calibration,

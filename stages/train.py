@@ -68,7 +68,7 @@ def main(
         bank = _memory(bundle, laa, memory, category, params) if memory.enabled else None
         out = layout.prompts_file(category)
         save_prompts(out, prompts_record(bundle, category, learned, laa, prompts, mpts, bank))
-    steps = mpts.meta_epochs * mpts.steps
+    steps = sum(learned.result.round_steps)
     typer.echo(f"{category}: {steps} optimiser steps, final loss {learned.result.final_loss:.4f} -> {out}")
 
 
