@@ -2,8 +2,7 @@
 
 The initial meta prompts (21 templates x 12 state words) and OAGM's object / background prompts are the
 same for every stage process and category that uses one backbone; computed once, they are read back in
-milliseconds instead of running the text tower over some 250 sentences per process (~15 s on 2 CPU cores
-for ViT-B-16-plus-240).
+milliseconds instead of running the text tower over some 250 sentences per process.
 
 The key is a hash of everything the embeddings depend on (`model_identity`): architecture and its config,
 weights (an open_clip tag, or a checkpoint file's resolved path, size and modification time; random
@@ -44,6 +43,7 @@ def model_identity(bundle: ClipBundle) -> dict[str, Any]:
         "device": bundle.device.type,
         "open_clip": open_clip.__version__,
         "torch": torch.__version__,
+        "text_encoder": "to-end-token",  # mpad.prompts.encode_tokens (entries before it: encode_text's rounding)
     }
     if bundle.random_weights:
         identity["seed"] = RANDOM_INIT_SEED
