@@ -25,6 +25,7 @@ with `dvc exp save`.
 from __future__ import annotations
 
 import argparse
+import glob
 import os
 import queue
 import subprocess
@@ -59,8 +60,10 @@ def worker_env(slot: int, jobs: int, cores: int, gpus: Sequence[str], base: Mapp
 
 
 def visible_gpus(env: Mapping[str, str]) -> list[str]:
-    """CUDA_VISIBLE_DEVICES values of the GPUs torch sees here ([] without one). torch is asked in a child
-    process, so this one does not keep it loaded (~4 s, once)."""
+    """CUDA_VISIBLE_DEVICES values of the GPUs torch sees here ([] without one). Without an NVIDIA device node
+    there is none; else torch is asked in a child process, so that this one does not keep it loaded (~4 s)."""
+    if not glob.glob("/dev/nvidia[0-9]*"):
+        return []
     probe = [sys.executable, "-c", "import torch; print(torch.cuda.device_count())"]
     count = int(subprocess.run(probe, env=dict(env), capture_output=True, text=True, check=True).stdout)
     listed = env.get("CUDA_VISIBLE_DEVICES")
