@@ -44,7 +44,7 @@ def category_chains(stage_names: Sequence[str]) -> dict[str, list[str]]:
     """`dvc stage list --name-only` lines -> {category: its `<stage>@<category>` names, in listed order}."""
     chains: dict[str, list[str]] = {}
     for name in stage_names:
-        stage, at, category = name.partition("@")
+        _, at, category = name.partition("@")
         if at:
             chains.setdefault(category, []).append(name)
     return chains

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
@@ -15,7 +16,7 @@ import yaml
 from test_pipeline import ROOT, copy_project, preset_overrides, run
 
 from mpad import layout
-from mpad.parallel import category_chains, main, worker_env
+from mpad.parallel import category_chains, main, visible_gpus, worker_env
 
 STAGES = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
 # The offline preset, cut to what still runs every stage of two categories (a texture and an object).
@@ -48,6 +49,8 @@ def test_each_worker_gets_its_share_of_the_cores_and_its_own_gpu():
     assert worker_env(1, 4, 2, ["0"], base)["OMP_NUM_THREADS"] == "1"  # never 0 threads
     assert "CUDA_VISIBLE_DEVICES" not in worker_env(1, 2, 8, ["3"], base)  # one GPU: all workers share it
     assert [worker_env(s, 3, 8, ["2", "5"], base)["CUDA_VISIBLE_DEVICES"] for s in range(3)] == ["2", "5", "2"]
+    if not glob.glob("/dev/nvidia[0-9]*"):  # no NVIDIA device: no GPU, and torch is not even asked
+        assert visible_gpus({"CUDA_VISIBLE_DEVICES": "0,1"}) == []
     # torch takes its thread count from OMP_NUM_THREADS
     probe = [sys.executable, "-c", "import torch; print(torch.get_num_threads())"]
     env = worker_env(0, 2, 2, [], os.environ)
