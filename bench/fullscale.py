@@ -20,9 +20,11 @@ each model stage split into imports, model build, weight read, prompt ensembles,
 (bench/phases.py). Then the projected time of the full MVTec AD 1-shot run (15 categories, 1725 test
 images): measured categories with their own costs, the others with the measured means; with --jobs N the
 categories' chains are dealt to N workers in params order, the next one to the first free worker, as
-mpad/parallel.py does. Train and synthesize do the same work per category at any fraction; evaluate's
-loop scales with the category's test images, its tail is counted as fixed (its metrics grow with the
-images but take seconds: see bench/metrics.py). Dataset generation is timed apart, outside the stage timings.
+mpad/parallel.py does. Synthesize does the same work per category at any fraction; evaluate's loop scales
+with the category's test images, its tail is counted as fixed (its metrics grow with the images but take
+seconds: see bench/metrics.py); train's loop scales with params.yaml's meta_epochs x steps, so that
+`--set mpts.steps=20` measures the cost per step in a shorter run. Dataset generation is timed apart,
+outside the stage timings.
 """
 
 from __future__ import annotations
@@ -47,7 +49,6 @@ from mpad.config import TABLE_ORDER
 from mpad.data import MVTEC_CATEGORIES, MVTEC_TEXTURES
 
 STAGES = ("fetch", "sample", "synthesize", "train", "evaluate", "summarize")
-SCALES_WITH_TEST = ("evaluate",)
 MODEL_STAGES = ("synthesize", "train", "evaluate")
 PHASES = ("imports", "build", "weights", "ensemble", "features", "other")
 PHASE_LABELS = ("imports", "model build", "weight read", "prompt ensemble", "feature pass", "other")
@@ -108,22 +109,25 @@ def summarize_stages(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return out
 
 
-def per_category(runs: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
-    """Projected seconds of each category's stages in the full 1-shot run on MVTec AD: {category: {stage: s}}."""
+def per_category(runs: list[dict[str, Any]], full_steps: int) -> dict[str, dict[str, float]]:
+    """Projected seconds of each category's stages in the full 1-shot run on MVTec AD: {category: {stage: s}}.
+    Evaluate's loop scales with the category's test images, train's with `full_steps` optimiser steps (so a
+    run with fewer steps projects params.yaml's), the other stages take what they took (or the mean)."""
     full = {c: sum(standin.TEST[c]) for c in TABLE_ORDER}
+    items = {"evaluate": full, "train": dict.fromkeys(full, full_steps)}
     out: dict[str, dict[str, float]] = {c: {} for c in full}
     for stage in stagerun.CATEGORY_STAGES:
         rs = {r["args"][2]: r for r in runs if r["stage"] == stage}
-        if stage not in SCALES_WITH_TEST:
+        if stage not in items:
             mean = statistics.mean(r["wall"] for r in rs.values())
             for c in full:
                 out[c][stage] = rs[c]["wall"] if c in rs else mean
             continue
-        # s / test image; unknown where every image came in the first batch (too few test images)
+        # s / item; unknown where every item came in the first batch (evaluate: too few test images)
         rates = [r["per_item"] for r in rs.values() if r["per_item"] is not None]
         rate = statistics.mean(rates) if rates else float("nan")
         fixed = statistics.mean(r["fixed"] + r["tail"] for r in rs.values())
-        for c, n in full.items():
+        for c, n in items[stage].items():
             own = rs.get(c)
             out[c][stage] = own["fixed"] + own["tail"] + (own["per_item"] or rate) * n if own else fixed + rate * n
     return out
@@ -137,10 +141,10 @@ def makespan(durations: list[float], jobs: int) -> float:
     return max(free)
 
 
-def project(runs: list[dict[str, Any]], jobs: int = 1) -> dict[str, float]:
+def project(runs: list[dict[str, Any]], full_steps: int, jobs: int = 1) -> dict[str, float]:
     """Projected seconds per stage of the full 1-shot run on MVTec AD (all 15 categories; with jobs > 1 the
     per-category stages' sums are worker-seconds) and "total": its wall time with `jobs` workers."""
-    categories = per_category(runs)
+    categories = per_category(runs, full_steps)
     once = {s: next(r["wall"] for r in runs if r["stage"] == s) for s in ("fetch", "summarize")}
     out = {s: once[s] if s in once else sum(c[s] for c in categories.values()) for s in STAGES}
     out["total"] = once["fetch"] + makespan([sum(c.values()) for c in categories.values()], jobs) + once["summarize"]
@@ -250,7 +254,8 @@ def main() -> None:
         by_pid, phases = stagerun.read_timings(timings), stagerun.read_timings(stagerun.phases_file(timings))
         runs = [split(r, by_pid.get(r["pid"]), phases.get(r["pid"])) for r in runs]
         stages = summarize_stages(runs)
-        projection = project(runs, args.jobs)
+        full_steps = stagerun.PAPER["mpts"]["meta_epochs"] * stagerun.PAPER["mpts"]["steps"]
+        projection = project(runs, full_steps, args.jobs)
         print(
             f"\n{params['model']['name']} on {args.device} {args.precision}, {weights}, categories "
             f"{', '.join(categories)}, fraction {args.fraction}, {args.jobs} job(s), "

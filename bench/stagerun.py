@@ -27,6 +27,7 @@ from mpad.parallel import worker_env
 
 REPO = Path(__file__).resolve().parents[1]
 CATEGORY_STAGES = ("sample", "synthesize", "train", "evaluate")
+PAPER = yaml.safe_load((REPO / "params.yaml").read_text())  # this checkout's params.yaml, before any override
 
 
 def preset(name: str) -> list[str]:
