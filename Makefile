@@ -35,14 +35,19 @@ setup: $(STAMP)
 
 # The main job: the pipeline with params.yaml as it is (by default the paper's setting where the paper gives one).
 # `mpad check` first: a value DVC cannot expand (dataset.categories: null) would stop DVC with its own traceback.
+# JOBS=1 (default): `dvc repro`. JOBS=N > 1: the categories' stages in N concurrent `dvc repro` processes,
+# fetch once before and summarize once after (mpad/parallel.py).
 run: $(STAMP)
 	$(BIN)/mpad check
-	$(BIN)/dvc repro
+	$(if $(filter-out 1,$(JOBS)),$(BIN)/python -m mpad.parallel --jobs $(JOBS),$(BIN)/dvc repro)
 
-# The offline preset as a DVC experiment (generated data, tiny random-weight model; no network).
+# The offline preset as a DVC experiment (generated data, tiny random-weight model; no network). JOBS=N > 1:
+# the preset written to params.yaml as `dvc exp run -S` does, the run of `make run JOBS=N`, then `dvc exp save`.
+OFFLINE_SETS = $(foreach p,$(shell grep -v '^\#' presets/offline.txt),-S '$(p)')
 offline: $(STAMP)
 	-$(BIN)/dvc exp remove -q offline 2>/dev/null
-	$(BIN)/dvc exp run -n offline $(foreach p,$(shell grep -v '^\#' presets/offline.txt),-S '$(p)')
+	$(if $(filter-out 1,$(JOBS)),$(BIN)/python -m mpad.parallel --jobs $(JOBS) $(OFFLINE_SETS) && \
+	  $(BIN)/dvc exp save -f -n offline,$(BIN)/dvc exp run -n offline $(OFFLINE_SETS))
 	cat metrics.md
 
 # The ablations as named DVC experiments. JOBS=1 (default): one after another in the workspace. JOBS=N > 1: queued

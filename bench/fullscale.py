@@ -1,30 +1,41 @@
 """The paper-setting pipeline at MVTec AD's scale on a stand-in dataset: where the time of a full run goes.
 
 Run: .venv/bin/python bench/fullscale.py [--fraction 0.1] [--categories carpet,screw] [--device cpu|cuda]
-     [--precision fp32|fp16|bf16] [--set key=value ...] [--out results.json] [--keep]
+     [--precision fp32|fp16|bf16] [--jobs N] [--weights checkpoint|none] [--set key=value ...]
+     [--out results.json] [--keep]
 
 Generates an MVTec-shaped stand-in (bench/standin.py: the 15 categories' names, image sizes and
 test-split proportions times --fraction) in a temporary project folder, whose params.yaml is this
-checkout's (the paper's setting: ViT-B-16-plus-240, 1 shot, 3x100 MPTS steps) with `model.pretrained:
-none` (random weights: no download), `dataset.name: folder` on the stand-in, the device and precision;
---set adds overrides. Each stage command runs as its own process (bench/stagerun.py, no DVC). Per stage
-it prints the wall time split into a fixed cost (process start to the first item, less that item), a
-per-item cost (train: optimiser step, evaluate: test image, synthesize: shot) and a tail (after the
-loop: writing outputs, evaluate's overlays and metrics), items/s, peak RSS of the process, on CUDA
-torch's peak allocated GPU memory, and the machine's load average as the stages ended (other work on
-the machine slows them). Then the projected time of the full MVTec AD 1-shot run (15 categories, 1725
-test images): measured categories with their own costs, the others with the measured means. Train and
-synthesize do the same work per category at any fraction; evaluate's loop scales with the category's
-test images, its tail is counted as fixed (its metrics grow with the images but take seconds: see
-bench/metrics.py). Dataset generation is timed apart, outside the stage timings.
+checkout's (the paper's setting: ViT-B-16-plus-240, 1 shot, 3x100 MPTS steps) with random weights (no
+download): by default saved once as a checkpoint file that `model.pretrained` names, so that every stage
+reads its weights from disk as a real run does (`--weights none`: built from the seed, no read),
+`dataset.name: folder` on the stand-in, the device and precision; --set adds overrides. Each stage command
+runs as its own process (bench/stagerun.py, no DVC); `--jobs N` runs the categories' chains N at a time
+with cores // N threads each, as `make run JOBS=N` does. Per stage it prints the wall time split into a
+fixed cost (process start to the first item, less that item), a per-item cost (train: optimiser step,
+evaluate: test image, synthesize: shot) and a tail (after the loop: writing outputs, evaluate's overlays
+and metrics), items/s, peak RSS of the process, on CUDA torch's peak allocated GPU memory, and the
+machine's load average as the stages ended (other work on the machine slows them); then the fixed cost of
+each model stage split into imports, model build, weight read, prompt ensembles, feature pass and the rest
+(bench/phases.py). Then the projected time of the full MVTec AD 1-shot run (15 categories, 1725 test
+images): measured categories with their own costs, the others with the measured means; with --jobs N the
+categories' chains are dealt to N workers in params order, the next one to the first free worker, as
+mpad/parallel.py does. Synthesize does the same work per category at any fraction; evaluate's loop scales
+with the category's test images, its tail is counted as fixed (its metrics grow with the images but take
+seconds: see bench/metrics.py); train's loop scales with params.yaml's meta_epochs x steps, so that
+`--set mpts.steps=20` measures the cost per step in a shorter run. Dataset generation is timed apart,
+outside the stage timings.
 """
 
 from __future__ import annotations
 
 import argparse
+import heapq
 import json
+import os
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -34,25 +45,39 @@ from typing import Any
 import stagerun
 import standin
 
+from mpad.config import TABLE_ORDER
 from mpad.data import MVTEC_CATEGORIES, MVTEC_TEXTURES
 
 STAGES = ("fetch", "sample", "synthesize", "train", "evaluate", "summarize")
-SCALES_WITH_TEST = ("evaluate",)
+MODEL_STAGES = ("synthesize", "train", "evaluate")
+PHASES = ("imports", "build", "weights", "ensemble", "features", "other")
+PHASE_LABELS = ("imports", "model build", "weight read", "prompt ensemble", "feature pass", "other")
 
 
-def split(run: dict[str, Any], timing: dict[str, Any] | None) -> dict[str, Any]:
-    """Add fixed / per-item / tail seconds to a run from its StageProgress line (if the stage has a bar)."""
+def split(run: dict[str, Any], timing: dict[str, Any] | None, phases: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Add fixed / per-item / tail seconds to a run from its StageProgress line (if the stage has a bar), and
+    the fixed cost's phases from its bench/phases.py line (calls that ended before the first item)."""
     if timing is None:  # no progress bar: all of it is fixed cost
         return {**run, "items": 0, "fixed": run["wall"], "per_item": None, "tail": 0.0, "loop_items": 0, "loop": 0.0}
     n, first_n = timing["n"], timing.get("first_n", 1)
     loop_items, loop = n - first_n, timing["end"] - timing["first"]
     per_item = loop / loop_items if loop_items > 0 else None
     fixed = timing["first"] - run["spawn"] - (first_n * per_item if per_item else 0.0)
+    split_phases = None
+    if phases is not None:
+        spent = {
+            p: sum(end - start for name, start, end in phases["calls"] if name == p and end <= timing["first"])
+            for p in ("build", "weights", "ensemble", "features")
+        }
+        spent["build"] -= spent["weights"]  # the weight read happens inside create_model
+        split_phases = {"imports": phases["imported"] - run["spawn"], **spent}
+        split_phases["other"] = fixed - sum(split_phases.values())
     return {
         **run,
         "unit": timing["unit"],
         "items": n,
         "fixed": fixed,
+        "phases": split_phases,
         "per_item": per_item,
         "tail": run["exit"] - timing["end"],
         "loop_items": loop_items,
@@ -84,29 +109,45 @@ def summarize_stages(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return out
 
 
-def project(runs: list[dict[str, Any]]) -> dict[str, float]:
-    """Projected seconds per stage of the full 1-shot run on MVTec AD (all 15 categories)."""
-    full = {c: sum(standin.TEST[c]) for c in MVTEC_CATEGORIES}
-    out: dict[str, float] = {}
-    for stage in STAGES:
-        rs = {r["args"][2] if len(r["args"]) > 2 else None: r for r in runs if r["stage"] == stage}
-        if None in rs:  # fetch, summarize: once
-            out[stage] = rs[None]["wall"]
-            continue
-        if stage not in SCALES_WITH_TEST:
+def per_category(runs: list[dict[str, Any]], full_steps: int) -> dict[str, dict[str, float]]:
+    """Projected seconds of each category's stages in the full 1-shot run on MVTec AD: {category: {stage: s}}.
+    Evaluate's loop scales with the category's test images, train's with `full_steps` optimiser steps (so a
+    run with fewer steps projects params.yaml's), the other stages take what they took (or the mean)."""
+    full = {c: sum(standin.TEST[c]) for c in TABLE_ORDER}
+    items = {"evaluate": full, "train": dict.fromkeys(full, full_steps)}
+    out: dict[str, dict[str, float]] = {c: {} for c in full}
+    for stage in stagerun.CATEGORY_STAGES:
+        rs = {r["args"][2]: r for r in runs if r["stage"] == stage}
+        if stage not in items:
             mean = statistics.mean(r["wall"] for r in rs.values())
-            out[stage] = sum(rs[c]["wall"] if c in rs else mean for c in full)
+            for c in full:
+                out[c][stage] = rs[c]["wall"] if c in rs else mean
             continue
-
-        # s / test image; unknown where every image came in the first batch (too few test images)
+        # s / item; unknown where every item came in the first batch (evaluate: too few test images)
         rates = [r["per_item"] for r in rs.values() if r["per_item"] is not None]
         rate = statistics.mean(rates) if rates else float("nan")
         fixed = statistics.mean(r["fixed"] + r["tail"] for r in rs.values())
-        out[stage] = sum(
-            rs[c]["fixed"] + rs[c]["tail"] + (rs[c]["per_item"] or rate) * n if c in rs else fixed + rate * n
-            for c, n in full.items()
-        )
-    out["total"] = sum(out.values())
+        for c, n in items[stage].items():
+            own = rs.get(c)
+            out[c][stage] = own["fixed"] + own["tail"] + (own["per_item"] or rate) * n if own else fixed + rate * n
+    return out
+
+
+def makespan(durations: list[float], jobs: int) -> float:
+    """Wall time of `durations` dealt in order to `jobs` workers, each to the first free one (mpad/parallel.py)."""
+    free = [0.0] * jobs
+    for duration in durations:
+        heapq.heappush(free, heapq.heappop(free) + duration)
+    return max(free)
+
+
+def project(runs: list[dict[str, Any]], full_steps: int, jobs: int = 1) -> dict[str, float]:
+    """Projected seconds per stage of the full 1-shot run on MVTec AD (all 15 categories; with jobs > 1 the
+    per-category stages' sums are worker-seconds) and "total": its wall time with `jobs` workers."""
+    categories = per_category(runs, full_steps)
+    once = {s: next(r["wall"] for r in runs if r["stage"] == s) for s in ("fetch", "summarize")}
+    out = {s: once[s] if s in once else sum(c[s] for c in categories.values()) for s in STAGES}
+    out["total"] = once["fetch"] + makespan([sum(c.values()) for c in categories.values()], jobs) + once["summarize"]
     return out
 
 
@@ -114,7 +155,7 @@ def fmt(value: float | None, spec: str = ".2f") -> str:
     return "-" if value is None else format(value, spec)
 
 
-def table(stages: dict[str, dict[str, Any]], projection: dict[str, float]) -> str:
+def table(stages: dict[str, dict[str, Any]], projection: dict[str, float], wall: float, jobs: int) -> str:
     rows = [
         "| stage | runs | items | wall s | fixed s (mean) | s / item | items/s | tail s (mean) | peak RSS MiB "
         "| peak GPU MiB | load | projected full run s |",
@@ -128,12 +169,38 @@ def table(stages: dict[str, dict[str, Any]], projection: dict[str, float]) -> st
             f"{s['peak_rss_mib']:.0f} | {fmt(s['cuda_max_mib'], '.0f')} | {s['load1_mean']:.1f} | "
             f"{projection[stage]:.0f} |"
         )
-    total = sum(s["wall"] for s in stages.values())
     rows.append(
-        f"| **total** | | | {total:.1f} | | | | | | | | **{projection['total']:.0f}** "
+        f"| **total** | | | {wall:.1f} | | | | | | | | **{projection['total']:.0f}** "
         f"({projection['total'] / 60:.1f} min) |"
     )
+    if jobs > 1:
+        rows.append(
+            f"\n{jobs} jobs: the stage rows are process-seconds (their sum exceeds the wall time); the total row "
+            "is the pipeline's wall time, and the projection's with the categories dealt to the workers"
+        )
     return "\n".join(rows)
+
+
+def phase_table(runs: list[dict[str, Any]]) -> str:
+    """Mean fixed cost of each model stage, split into its phases (bench/phases.py)."""
+    rows = ["| stage | " + " | ".join(f"{label} s" for label in PHASE_LABELS) + " | fixed s |", "|---" * 8 + "|"]
+    for stage in MODEL_STAGES:
+        rs = [r for r in runs if r["stage"] == stage and r.get("phases")]
+        if rs:
+            means = [statistics.mean(r["phases"][p] for r in rs) for p in PHASES]
+            fixed = statistics.mean(r["fixed"] for r in rs)
+            rows.append(f"| {stage} | " + " | ".join(f"{m:.1f}" for m in means) + f" | {fixed:.1f} |")
+    return "\n".join(rows)
+
+
+def save_random_checkpoint(name: str, path: Path) -> None:
+    """The model's random weights (mpad.clip's seed) as a state-dict file, in a child process."""
+    code = (
+        "import sys, torch; from mpad.clip import load_clip; "
+        "torch.save(load_clip(sys.argv[1], 'none').model.state_dict(), sys.argv[2])"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(stagerun.REPO), os.environ.get("PYTHONPATH", "")])}
+    subprocess.run([sys.executable, "-c", code, name, str(path)], env=env, check=True, capture_output=True)
 
 
 def main() -> None:
@@ -142,6 +209,10 @@ def main() -> None:
     parser.add_argument("--categories", default=",".join(MVTEC_CATEGORIES), help="comma-separated subset")
     parser.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     parser.add_argument("--precision", default="fp32", choices=("fp32", "fp16", "bf16"))
+    parser.add_argument("--jobs", type=int, default=1, help="categories at a time (make run JOBS=N)")
+    parser.add_argument(
+        "--weights", default="checkpoint", choices=("checkpoint", "none"), help="random weights read from a file"
+    )
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra params override")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     parser.add_argument("--keep", action="store_true", help="keep the temporary project folder")
@@ -163,33 +234,47 @@ def main() -> None:
             "dataset.root=data/standin",
             f"dataset.categories=[{','.join(categories)}]",
             f"dataset.textures=[{','.join(textures)}]",
-            "model.pretrained=none",
             f"model.device={args.device}",
             f"model.precision={args.precision}",
             *args.set,
         ]
         params = stagerun.make_project(folder, overrides)
+        if args.weights == "checkpoint":
+            checkpoint = folder / "random-weights.pt"
+            save_random_checkpoint(params["model"]["name"], checkpoint)
+            params = stagerun.make_project(folder, [*overrides, f"model.pretrained={checkpoint}"])
+            weights = f"random weights read from a {checkpoint.stat().st_size / 2**20:.0f} MiB checkpoint file"
+        else:
+            params = stagerun.make_project(folder, [*overrides, "model.pretrained=none"])
+            weights = "random weights built from the seed (no weight read)"
         timings = folder / "timings.jsonl"
-        runs = stagerun.run_pipeline(folder, categories, timings)
-        by_pid = stagerun.read_timings(timings)
-        runs = [split(r, by_pid.get(r["pid"])) for r in runs]
+        start = time.perf_counter()
+        runs = stagerun.run_pipeline(folder, categories, timings, jobs=args.jobs)
+        wall = time.perf_counter() - start
+        by_pid, phases = stagerun.read_timings(timings), stagerun.read_timings(stagerun.phases_file(timings))
+        runs = [split(r, by_pid.get(r["pid"]), phases.get(r["pid"])) for r in runs]
         stages = summarize_stages(runs)
-        projection = project(runs)
+        full_steps = stagerun.PAPER["mpts"]["meta_epochs"] * stagerun.PAPER["mpts"]["steps"]
+        projection = project(runs, full_steps, args.jobs)
         print(
-            f"\n{params['model']['name']} on {args.device} {args.precision}, categories {', '.join(categories)}, "
-            f"fraction {args.fraction}:\n"
+            f"\n{params['model']['name']} on {args.device} {args.precision}, {weights}, categories "
+            f"{', '.join(categories)}, fraction {args.fraction}, {args.jobs} job(s), "
+            f"{len(os.sched_getaffinity(0))} cores:\n"
         )
-        print(table(stages, projection))
+        print(table(stages, projection, wall, args.jobs))
+        print("\nfixed cost per model stage process (mean s), split:\n")
+        print(phase_table(runs))
         if any(s != s for s in projection.values()):
             print(
                 "\nwarning: no per-image time measured (each category's test images all came in the first batch):"
                 " raise --fraction or lower evaluate.batch_size"
             )
         dominant = max(STAGES, key=lambda s: projection[s])
+        work = sum(projection[s] for s in STAGES)
+        shares = ", ".join(f"{s} {100 * projection[s] / work:.0f} %" for s in STAGES if projection[s] >= 0.005 * work)
         print(
-            f"\nprojected full MVTec AD 1-shot run (15 categories, 1725 test images): {projection['total']:.0f} s "
-            f"= {projection['total'] / 60:.1f} min; {dominant} dominates "
-            f"({100 * projection[dominant] / projection['total']:.0f} %)"
+            f"\nprojected full MVTec AD 1-shot run (15 categories, 1725 test images, {args.jobs} job(s)): "
+            f"{projection['total']:.0f} s = {projection['total'] / 60:.1f} min; of the process time: {shares}"
         )
         if args.out:
             args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -198,6 +283,7 @@ def main() -> None:
                 "model": params["model"],
                 "counts": counts,
                 "generation_s": generation,
+                "wall_s": wall,
                 "runs": runs,
                 "stages": stages,
                 "projection_s": projection,

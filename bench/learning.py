@@ -1,11 +1,13 @@
 """Do the learned prompts generalise? Hand-written vs learned prompts vs the memory branch on generated data.
 
 Run: .venv/bin/python bench/learning.py [--seeds 0 1 2] [--steps 50] [--threads 1]
+     [--stop fixed|converged] [--tolerance 0.01] [--window 10]
 
 Offline-preset settings (mpad-tiny, random weights, 64 px input, LAA vv k=2 on the last 2 blocks, OAGM
-blobs sigma 0.25, 32 samples, MPTS lambda 1, 3 meta-epochs x `--steps`, memory layers [2, 4], maps at
-96 px smoothed with sigma 1.5). Per case (a generated category and its defect kinds) and seed: one
-normal shot, 10 good and 12 defective test images drawn at the category's full size, then:
+blobs sigma 0.25, 32 samples, MPTS lambda 1, 3 meta-epochs x `--steps` (with `--stop converged`: at most,
+each ending once its smoothed loss stops improving, `--tolerance` / `--window` as mpts.tolerance / window),
+memory layers [2, 4], maps at 96 px smoothed with sigma 1.5). Per case (a generated category and its defect
+kinds) and seed: one normal shot, 10 good and 12 defective test images drawn at the category's full size, then:
 
 - `hand`: the hand-written prompt ensembles (the initial meta prompts; Table 1's baseline);
 - `learned`: MPTS on OAGM's set, noise added at the model's input size (the pipeline);
@@ -168,13 +170,13 @@ def scores(maps: torch.Tensor, gt: torch.Tensor, labels: np.ndarray) -> tuple[fl
     return auroc(maps.flatten(), gt.flatten()), auroc(maps.flatten(1).amax(1), labels)
 
 
-def run_case(bundle, encoder, category: str, tag: str, kinds, seed: int, steps: int) -> dict:
+def run_case(bundle, encoder, category: str, tag: str, kinds, seed: int, steps: int, stop: dict) -> dict:
     shot, (images, masks, labels), (o_images, o_masks, _) = draw_case(category, kinds, seed, tag)
     gt = torch.stack([resize_mask(m, RESOLUTION) for m in masks])
     test = encode_batched(encoder, bundle, stack_images(images, bundle.image_size), 32)
     scale = float(bundle.model.logit_scale.exp())
     oagm = OagmConfig(samples=32, sigma=0.25, clean_fraction=0.2, seed=seed)
-    mpts = MptsConfig(meta_epochs=3, steps=steps, lr=0.002, batch_size=16, seed=seed)
+    mpts = MptsConfig(meta_epochs=3, steps=steps, lr=0.002, batch_size=16, seed=seed, **stop)
     prompts = PromptsConfig()
     maps: dict[str, torch.Tensor] = {}
     maps["hand"] = maps_at(test.patch_features, meta_text_embeddings(bundle.model, bundle.tokenizer, category), scale)
@@ -189,6 +191,7 @@ def run_case(bundle, encoder, category: str, tag: str, kinds, seed: int, steps: 
         learned = learn_prompts(bundle, category, syn_images, syn_masks, LAA, prompts, mpts)
         maps[name] = maps_at(test.patch_features, learned.result.text.float(), scale)
         info[f"{name}_loss"] = learned.result.final_loss
+        info[f"{name}_steps"] = sum(learned.result.round_steps)
         if name == "learned":
             syn_features = encode_batched(encoder, bundle, stack_images(syn_images, bundle.image_size), 32)
             wv, b = fit_probe(syn_features.patch_features, torch.from_numpy(np.stack(syn_masks)))
@@ -219,14 +222,18 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=50, help="MPTS steps per meta-epoch (offline preset: 50)")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--stop", choices=("fixed", "converged"), default="fixed", help="as mpts.stop")
+    parser.add_argument("--tolerance", type=float, default=0.01, help="as mpts.tolerance")
+    parser.add_argument("--window", type=int, default=10, help="as mpts.window")
     args = parser.parse_args()
+    stop = {"stop": args.stop, "tolerance": args.tolerance, "window": args.window}
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
     bundle = load_clip(MODEL, "none", device="cpu")
     encoder = build_encoder(bundle, LAA, intermediate_layers=MEMORY_LAYERS)
     rows = []
     for category, tag, kinds in CASES:
-        runs = [run_case(bundle, encoder, category, tag, kinds, seed, args.steps) for seed in args.seeds]
+        runs = [run_case(bundle, encoder, category, tag, kinds, seed, args.steps, stop) for seed in args.seeds]
         rows.append((category, tag, runs))
         print(
             f"[{time.perf_counter() - start:.0f} s] {category}/{tag}: "
@@ -234,17 +241,26 @@ def main() -> None:
             flush=True,
         )
     elapsed = time.perf_counter() - start
+    steps = f"3 x {args.steps} MPTS steps"
+    if args.stop == "converged":
+        steps += f" at most (stop converged, tolerance {args.tolerance}, window {args.window})"
     print(
         f"\npixel AUROC, mean (min-max) over seeds {args.seeds}; {MODEL}, random weights, "
-        f"{3 * args.steps} MPTS steps; {elapsed:.0f} s, load average {os.getloadavg()[0]:.1f}\n"
+        f"{steps}; {elapsed:.0f} s, load average {os.getloadavg()[0]:.1f}\n"
     )
-    print("| category | defects | " + " | ".join(METHODS) + " | learned - hand (min) | memory - learned (max) |")
-    print("|" + "---|" * (len(METHODS) + 4))
+    print(
+        "| category | defects | "
+        + " | ".join(METHODS)
+        + " | learned - hand (min) | memory - learned (max) | learned steps |"
+    )
+    print("|" + "---|" * (len(METHODS) + 5))
     for category, tag, runs in rows:
         gain = min(r["pixel"]["learned"] - r["pixel"]["hand"] for r in runs)
         gap = max(r["pixel"]["memory"] - r["pixel"]["learned"] for r in runs)
         cells = " | ".join(span([r["pixel"][m] for r in runs]) for m in METHODS)
-        print(f"| {category} | {tag} | {cells} | {gain:+.2f} | {gap:+.2f} |")
+        used = [r["learned_steps"] for r in runs]
+        steps_cell = f"{np.mean(used):.0f} ({min(used)}-{max(used)})"
+        print(f"| {category} | {tag} | {cells} | {gain:+.2f} | {gap:+.2f} | {steps_cell} |")
     print("\nper seed, pixel AUROC: hand / learned / oracle / memory\n")
     print("| category | defects | " + " | ".join(f"seed {seed}" for seed in args.seeds) + " |")
     print("|" + "---|" * (len(args.seeds) + 2))

@@ -63,7 +63,7 @@ def _run_config(config: str, folder: Path, extra: list[str]) -> dict[str, Any]:
 
 def maps(run: dict[str, Any]) -> dict[str, torch.Tensor]:
     """The anomaly maps of every test image, by category, from the run's learned prompts."""
-    from mpad.clip import load_clip, model_fingerprint
+    from mpad.clip import backbone_identity, load_clip
     from mpad.config import ScoringConfig
     from mpad.data import list_split
     from mpad.detector import Detector
@@ -75,7 +75,7 @@ def maps(run: dict[str, Any]) -> dict[str, torch.Tensor]:
     bundle = load_clip(model["name"], model["pretrained"], model["device"], model["precision"])
     out = {}
     for category in run["categories"]:
-        record = PromptsFile.load(project / "data/prompts" / f"{category}.pt", expect_model=model_fingerprint(bundle))
+        record = PromptsFile.load(project / "data/prompts" / f"{category}.pt", expect_model=backbone_identity(bundle))
         detector = Detector.from_prompts(bundle, record, ScoringConfig.from_params(params["scoring"]))
         samples = list_split(project / params["dataset"]["root"], category, "test")
         out[category] = run_detector(detector, samples, params["evaluate"]["resolution"], 8).maps

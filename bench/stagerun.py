@@ -2,8 +2,11 @@
 
 Each stage is `python -m stages <command> ...` in its own process, with this checkout first on PYTHONPATH,
 the stages' prompt-ensemble cache in the project (MPAD_CACHE_DIR: empty at first, shared by its stages
-as on a new machine) and MPAD_TIMINGS naming a file where `stages.common.StageProgress` records its
-loop's first-item and end times. Peak RSS comes from os.wait4's rusage of that child.
+as on a new machine). With a timings file, MPAD_TIMINGS names it (`stages.common.StageProgress` records its
+loop's first-item and end times there) and the command is `python bench/phases.py <command> ...`, which
+records the start-up phases in MPAD_PHASES (the timings file's sibling phases.jsonl). Peak RSS comes from
+os.wait4's rusage of that child. `run_pipeline(..., jobs=N)` runs the categories' chains N at a time, as
+`make run JOBS=N` does (threads per worker: mpad.parallel.worker_env).
 """
 
 from __future__ import annotations
@@ -12,13 +15,19 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import yaml
+from phases import PHASES_ENV
+
+from mpad.parallel import worker_env
 
 REPO = Path(__file__).resolve().parents[1]
+CATEGORY_STAGES = ("sample", "synthesize", "train", "evaluate")
+PAPER = yaml.safe_load((REPO / "params.yaml").read_text())  # this checkout's params.yaml, before any override
 
 
 def preset(name: str) -> list[str]:
@@ -43,24 +52,28 @@ def make_project(folder: Path, overrides: list[str]) -> dict[str, Any]:
     return params
 
 
-def run_stage(project: Path, args: list[str], timings: Path | None = None) -> dict[str, Any]:
-    """Run `mpad ARGS` in `project`; return {stage, args, spawn, exit, wall, peak_rss_mib, pid, load1} (load1:
-    the machine's 1-minute load average at its end: other work on the machine slows every stage).
-    Its output goes to project/logs/; a failure raises with the log's tail."""
+def run_stage(
+    project: Path, args: list[str], timings: Path | None = None, env: dict[str, str] | None = None
+) -> dict[str, Any]:
+    """Run `mpad ARGS` in `project` (environment `env`, default os.environ); return {stage, args, spawn, exit,
+    wall, peak_rss_mib, pid, load1} (load1: the machine's 1-minute load average at its end: other work on the
+    machine slows every stage). Its output goes to project/logs/; a failure raises with the log's tail."""
+    base = os.environ if env is None else env
     env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+        **base,
+        "PYTHONPATH": os.pathsep.join([str(REPO), base.get("PYTHONPATH", "")]),
         "MPAD_CACHE_DIR": str(project / ".mpad-cache"),
     }
+    command = [sys.executable, "-m", "stages", *args]
     if timings is not None:
         env["MPAD_TIMINGS"] = str(timings)
+        env[PHASES_ENV] = str(phases_file(timings))
+        command = [sys.executable, str(REPO / "bench" / "phases.py"), *args]
     log = project / "logs" / ("_".join(args[:1] + args[2:3]) + ".log")
     log.parent.mkdir(exist_ok=True)
     with open(log, "w") as out:
         spawn = time.time()
-        child = subprocess.Popen(
-            [sys.executable, "-m", "stages", *args], cwd=project, env=env, stdout=out, stderr=subprocess.STDOUT
-        )
+        child = subprocess.Popen(command, cwd=project, env=env, stdout=out, stderr=subprocess.STDOUT)
         _, status, usage = os.wait4(child.pid, 0)
         end = time.time()
         child.returncode = os.waitstatus_to_exitcode(status)
@@ -81,20 +94,54 @@ def run_stage(project: Path, args: list[str], timings: Path | None = None) -> di
 
 
 def run_pipeline(
-    project: Path, categories: list[str], timings: Path | None = None, echo: bool = True
+    project: Path, categories: list[str], timings: Path | None = None, echo: bool = True, jobs: int = 1
 ) -> list[dict[str, Any]]:
-    """fetch, then sample / synthesize / train / evaluate for every category (stage by stage, as DVC's
-    order would), then summarize. Returns run_stage's records."""
-    commands = [["fetch"]]
-    for stage in ("sample", "synthesize", "train", "evaluate"):
-        commands += [[stage, "--category", c] for c in categories]
-    commands.append(["summarize"])
-    runs = []
-    for args in commands:
-        runs.append(run_stage(project, args, timings))
-        if echo:
-            print(f"  {' '.join(args):<36} {runs[-1]['wall']:8.1f} s  (load {runs[-1]['load1']:.1f})", flush=True)
+    """fetch, then the stages of every category, then summarize. Returns run_stage's records.
+    jobs 1: stage by stage (sample of every category, then synthesize...), as DVC's order would; jobs N > 1:
+    each category's sample, synthesize, train, evaluate in a row, N categories at a time with
+    cores // N threads each, as `make run JOBS=N` does."""
+    runs = [run_stage(project, ["fetch"], timings)]
+    if echo:
+        _echo(runs[-1])
+    chains = {c: [[stage, "--category", c] for stage in CATEGORY_STAGES] for c in categories}
+    if jobs == 1:
+        for stage in range(len(CATEGORY_STAGES)):
+            for chain in chains.values():
+                runs.append(run_stage(project, chain[stage], timings))
+                if echo:
+                    _echo(runs[-1])
+    else:
+        todo, cores, lock = list(chains), len(os.sched_getaffinity(0)), threading.Lock()
+
+        def worker(slot: int) -> None:
+            env = worker_env(slot, jobs, cores, [], os.environ)
+            while True:
+                with lock:
+                    if not todo:
+                        return
+                    category = todo.pop(0)
+                for args in chains[category]:
+                    record = run_stage(project, args, timings, env)
+                    with lock:
+                        runs.append(record)
+                        if echo:
+                            _echo(record)
+
+        threads = [threading.Thread(target=worker, args=(slot,)) for slot in range(min(jobs, len(chains)))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        if len(runs) != 1 + len(CATEGORY_STAGES) * len(categories):
+            raise RuntimeError("a stage failed (its error is printed above)")
+    runs.append(run_stage(project, ["summarize"], timings))
+    if echo:
+        _echo(runs[-1])
     return runs
+
+
+def _echo(run: dict[str, Any]) -> None:
+    print(f"  {' '.join(run['args']):<36} {run['wall']:8.1f} s  (load {run['load1']:.1f})", flush=True)
 
 
 def read_timings(path: Path) -> dict[int, dict[str, Any]]:
@@ -102,3 +149,7 @@ def read_timings(path: Path) -> dict[int, dict[str, Any]]:
     if not path.is_file():
         return {}
     return {rec["pid"]: rec for rec in map(json.loads, path.read_text().splitlines())}
+
+
+def phases_file(timings: Path) -> Path:
+    return timings.with_name("phases.jsonl")

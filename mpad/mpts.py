@@ -44,14 +44,17 @@ G_div for "projection" with lambda = 1) holds for the gradient handed to Adam, n
 
 Meta-epochs: round 0's meta prompt is the hand-written template ensemble (`meta_text_embeddings`);
 after each round of `steps` optimiser steps the meta prompt becomes a detached copy of the learned
-prompts' text embeddings (LAP^{t+1} / LNP^{t+1}). One Adam optimiser serves all rounds: its moment
-estimates are kept across rounds, since the parameters and the task are the same and only the
-regulariser's anchor moves.
+prompts' text embeddings (LAP^{t+1} / LNP^{t+1}). The paper runs "until the loss converges"; with
+`stop = "converged"` a round ends early once its smoothed anomaly loss has stopped improving
+(`converged`; `steps` is then the cap). The anomaly loss is the one watched: it is what the step
+descends, while the divergence loss only calibrates it and restarts from 0 in every round. One Adam
+optimiser serves all rounds: its moment estimates are kept across rounds, since the parameters and the
+task are the same and only the regulariser's anchor moves.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -116,12 +119,14 @@ class TrainResult:
         the divergence is off), calibrated (1 when cos < 0 and lam > 0, i.e. eq. 10's first case applied).
     meta_texts: the (2, D) meta text embeddings used in each round (round 0: the given `meta_text`).
     round_texts: the (2, D) learned text embeddings at the end of each round.
+    round_steps: the optimiser steps each round took (`steps`, or fewer with stop "converged").
     text: (2, D) final learned text embeddings [normal, anomaly], detached.
     """
 
     history: list[dict[str, float]] = field(default_factory=list)
     meta_texts: list[torch.Tensor] = field(default_factory=list)
     round_texts: list[torch.Tensor] = field(default_factory=list)
+    round_steps: list[int] = field(default_factory=list)
     text: torch.Tensor | None = None
 
     @property
@@ -186,6 +191,17 @@ def score_maps(
     return log_upsample(patch_log_probabilities(features, text, logit_scale), size)
 
 
+def converged(losses: Sequence[float], window: int, tolerance: float) -> bool:
+    """Whether a round's per-step losses have stopped improving: the mean of the last `window` is at most
+    `tolerance` (relative) below the mean of the `window` before them. False before 2 * window losses.
+    Minibatch losses are noisy; the window means smooth them."""
+    if len(losses) < 2 * window:
+        return False
+    before = sum(losses[-2 * window : -window]) / window
+    last = sum(losses[-window:]) / window
+    return before - last <= tolerance * abs(before)
+
+
 def _batches(n: int, batch_size: int, generator: torch.Generator):
     """Endless minibatch indices: random permutations of range(n), cut into batches of `batch_size`."""
     size = min(batch_size, n)
@@ -218,7 +234,8 @@ def train_prompts(
 
     Every step: S' of the minibatch, L_ano (eq. 3-5) and, unless `config.divergence` is False, L_div
     (eq. 6-7) against the round's meta maps; G_ano, G_div by autograd (eq. 8-9), flattened over all
-    vectors; G_ano calibrated (eq. 10) and applied by Adam.
+    vectors; G_ano calibrated (eq. 10) and applied by Adam. A round takes `config.steps` steps, or with
+    `config.stop` "converged" ends after the step where `converged` holds for its L_ano values.
     """
     device = features.device
     features = features.detach()
@@ -236,6 +253,7 @@ def train_prompts(
     step = 0
     for round_index in range(config.meta_epochs):
         result.meta_texts.append(meta.cpu().clone())
+        round_losses: list[float] = []
         for _ in range(config.steps):
             index = next(batches).to(device)
             text = learned_text_embeddings(learner, text_encoder)
@@ -266,6 +284,10 @@ def train_prompts(
             if on_step is not None:
                 on_step(record)
             step += 1
+            round_losses.append(record["loss_ano"])
+            if config.stop == "converged" and converged(round_losses, config.window, config.tolerance):
+                break
+        result.round_steps.append(len(round_losses))
         with torch.no_grad():
             end_text = learned_text_embeddings(learner, text_encoder).detach().clone()
         result.round_texts.append(end_text.cpu().clone())

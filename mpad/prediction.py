@@ -43,22 +43,22 @@ def load_backbone(
     (a checkpoint file named as the stored one counts as the same), mpad.clip.ModelLoadError when the
     model cannot be built.
     """
-    from mpad.clip import load_clip, model_fingerprint  # open_clip: the torch backend only
+    from mpad.clip import backbone_identity, load_clip  # open_clip: the torch backend only
 
     made = prompts.model
     if "name" not in made:
         raise PromptFileError(f"{path}: the prompts file does not say which model it was made for")
     bundle = load_clip(str(made["name"]), weights if weights is not None else made.get("pretrained"), device, precision)
-    fingerprint = model_fingerprint(bundle)
+    identity = backbone_identity(bundle)
     stored = str(made.get("pretrained"))
     if weights is not None and Path(weights).is_file() and Path(weights).name == Path(stored).name:
-        fingerprint["pretrained"] = stored  # the same checkpoint file, moved elsewhere
-    prompts.check_backbone(fingerprint, path)
+        identity["pretrained"] = stored  # the same checkpoint file, moved elsewhere
+    prompts.check_backbone(identity, path)
     text_dim = int(prompts.text.shape[-1])
-    if text_dim != fingerprint["embed_dim"]:
+    if text_dim != identity["embed_dim"]:
         raise PromptFileError(
             f"{path}: its text embeddings have {text_dim} dimensions, {bundle.name} embeds in "
-            f"{fingerprint['embed_dim']}; the file is inconsistent or made for another model"
+            f"{identity['embed_dim']}; the file is inconsistent or made for another model"
         )
     return bundle
 

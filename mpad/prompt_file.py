@@ -1,7 +1,7 @@
 """The learned-prompt file `data/prompts/<category>.pt` and its one owner, `PromptsFile`: self-describing,
 machine-independent.
 
-It holds the learned vectors, everything needed to rebuild the prompts (backbone fingerprint, class name,
+It holds the learned vectors, everything needed to rebuild the prompts (backbone identity, class name,
 prompt sizes), the LAA settings they were learned with, the (2, D) text embeddings [normal, anomaly] ready
 for scoring, the visual memory (mpad.memory's record) when the memory branch was on, and a summary of the
 training. Tensors are saved on the CPU; no paths or devices inside. On disk it is a torch.save'd mapping
@@ -39,7 +39,7 @@ class PromptFileError(ValueError):
 class PromptsFile:
     """Learned prompts of one category.
 
-    model: the backbone fingerprint (`mpad.clip.model_fingerprint`: name, pretrained, embed_dim, image_size);
+    model: the backbone identity (`mpad.clip.backbone_identity`: name, pretrained, embed_dim, image_size);
     sizes: (n_general, n_normal, n_anomaly); vectors: {"general", "normal", "anomaly"} learned context
     (n, width) tensors; text: (2, D) normalised embeddings [normal, anomaly]; laa: the encoder settings;
     memory: `mpad.memory.VisualMemory.to_record()` or None; train: a summary of the training (steps, final
@@ -69,7 +69,7 @@ class PromptsFile:
 
     @classmethod
     def load(cls, path: str | Path, expect_model: dict[str, Any] | None = None) -> PromptsFile:
-        """Read and check a prompts file; with `expect_model` (a fingerprint), refuse one made for another
+        """Read and check a prompts file; with `expect_model` (a backbone identity), refuse one made for another
         backbone. Any problem is a PromptFileError naming `path`."""
         path = Path(path)
         if not path.is_file():

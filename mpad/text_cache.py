@@ -2,10 +2,9 @@
 
 The initial meta prompts (21 templates x 12 state words) and OAGM's object / background prompts are the
 same for every stage process and category that uses one backbone; computed once, they are read back in
-milliseconds instead of running the text tower over some 250 sentences per process (~15 s on 2 CPU cores
-for ViT-B-16-plus-240).
+milliseconds instead of running the text tower over some 250 sentences per process.
 
-The key is a hash of everything the embeddings depend on (`model_identity`): architecture and its config,
+The key is a hash of everything the embeddings depend on (`embedding_inputs`): architecture and its config,
 weights (an open_clip tag, or a checkpoint file's resolved path, size and modification time; random
 weights: their seed), precision, device type, and the open_clip and torch versions. Anything else gives
 another file, so a stale entry is never read. A file that cannot be read is ignored and rewritten.
@@ -34,7 +33,7 @@ from mpad.io import write_bytes
 CACHE_ENV = "MPAD_CACHE_DIR"
 
 
-def model_identity(bundle: ClipBundle) -> dict[str, Any]:
+def embedding_inputs(bundle: ClipBundle) -> dict[str, Any]:
     """What the text embeddings of `bundle` depend on (its hash names the cache file)."""
     identity: dict[str, Any] = {
         "name": bundle.name,
@@ -44,6 +43,7 @@ def model_identity(bundle: ClipBundle) -> dict[str, Any]:
         "device": bundle.device.type,
         "open_clip": open_clip.__version__,
         "torch": torch.__version__,
+        "text_encoder": "to-end-token",  # mpad.prompts.encode_tokens (entries before it: encode_text's rounding)
     }
     if bundle.random_weights:
         identity["seed"] = RANDOM_INIT_SEED
@@ -66,7 +66,7 @@ class TextCache:
         the project, so that every stage, category and experiment (queued DVC experiments run in temporary
         copies) shares it."""
         root = root or os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "mpad"
-        key = hashlib.sha256(json.dumps(model_identity(bundle), sort_keys=True, default=str).encode()).hexdigest()
+        key = hashlib.sha256(json.dumps(embedding_inputs(bundle), sort_keys=True, default=str).encode()).hexdigest()
         return cls(Path(root) / f"text-{bundle.name}-{key[:16]}.pt")
 
     def ensemble(self, sentences: Sequence[str], compute: Callable[[list[str]], torch.Tensor]) -> torch.Tensor:

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mpad.clip import ClipBundle, model_fingerprint
+from mpad.clip import ClipBundle, backbone_identity
 from mpad.config import LaaConfig, MemoryConfig, MptsConfig, PromptsConfig
 from mpad.features import build_encoder, encode_batched, stack_images
 from mpad.memory import build_memory
@@ -122,7 +122,7 @@ def learned_file(
     learner, result = learned.learner, learned.result
     train = {
         "final_loss": result.final_loss,
-        "steps": mpts.meta_epochs * mpts.steps,
+        "steps": sum(result.round_steps),
         "meta_epochs": mpts.meta_epochs,
         "lambda": float(mpts.lam),  # float as before, even when params.yaml says `lambda: 1`
         "calibration": mpts.calibration,
@@ -132,7 +132,7 @@ def learned_file(
     }
     return PromptsFile(
         category=category,
-        model=model_fingerprint(bundle),
+        model=backbone_identity(bundle),
         sizes=prompts.sizes,
         vectors={
             "general": learner.general.detach(),

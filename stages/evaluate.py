@@ -20,7 +20,7 @@ import torch
 import typer
 
 from mpad import layout
-from mpad.clip import ModelLoadError, load_clip, model_fingerprint
+from mpad.clip import ModelLoadError, backbone_identity, load_clip
 from mpad.config import RANDOM_WEIGHTS_NOTE
 from mpad.curves import curve_points, save_curves
 from mpad.data import DatasetError, list_split
@@ -42,7 +42,7 @@ def main(
     torch.manual_seed(0)
     try:
         bundle = load_clip(model.name, model.pretrained, model.device, model.precision)
-        prompts = PromptsFile.load(layout.prompts_file(category), expect_model=model_fingerprint(bundle))
+        prompts = PromptsFile.load(layout.prompts_file(category), expect_model=backbone_identity(bundle))
         samples = list_split(dataset.path, category, "test")
         detector = Detector.from_prompts(bundle, prompts, scoring)
         with StageProgress(total=len(samples), desc=f"evaluate {category}", unit="img") as bar:

@@ -7,7 +7,7 @@ Bakes into the graph (mpad.deploy.graph) the backbone's weights, the LAA setting
 memory if the prompts have one, the normalisation (mean / std) and the scoring settings and map resolution
 of the thresholds file, found as `mpad predict` finds it (beside the prompts file, else data/thresholds/).
 Writes <file>.onnx and <file>.onnx.json (input size, resolution, scoring, image_threshold and colour range,
-category, backbone fingerprint, the SHA-256 of the model, of the prompts file and of the thresholds file),
+category, backbone identity, the SHA-256 of the model, of the prompts file and of the thresholds file),
 then checks the model on onnxruntime against torch.
 
 Model input: images (N, 3, H, W) float32 in [0, 1], RGB, resized as a whole (no crop) to the sidecar's

@@ -67,7 +67,7 @@ def main(
                 fail(str(err))
         out = layout.prompts_file(category)
         learned_file(bundle, category, learned, laa, prompts, mpts, bank).save(out)
-    steps = mpts.meta_epochs * mpts.steps
+    steps = sum(learned.result.round_steps)
     typer.echo(f"{category}: {steps} optimiser steps, final loss {learned.result.final_loss:.4f} -> {out}")
 
 

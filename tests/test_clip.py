@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mpad.clip import ModelLoadError, load_clip, model_fingerprint
+from mpad.clip import ModelLoadError, backbone_identity, load_clip
 
 
 def test_tiny_model_is_registered_and_small(tiny_clip):
@@ -36,7 +36,7 @@ def test_checkpoint_file_roundtrip(tmp_path, tiny_clip):
         assert torch.equal(loaded.model.encode_image(images), model.encode_image(images))
         assert torch.equal(loaded.model.encode_text(tokens), model.encode_text(tokens))
         assert not torch.allclose(loaded.model.encode_image(images), tiny_clip.model.encode_image(images))
-    assert model_fingerprint(loaded)["name"] == "mpad-tiny"
+    assert backbone_identity(loaded)["name"] == "mpad-tiny"
 
 
 def test_unknown_names_and_tags_fail_clearly(tmp_path):

@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mpad.prompts import PromptLearner, TextEncoder, learned_text_embeddings, meta_text_embeddings
+from mpad.prompts import PromptLearner, TextEncoder, encode_tokens, learned_text_embeddings, meta_text_embeddings
 
 
 @pytest.mark.parametrize("category", ["screw", "metal_nut"])
@@ -38,6 +38,15 @@ def test_same_generator_same_init(tiny_clip):
     )
     assert torch.equal(make(3).general, make(3).general)
     assert not torch.equal(make(3).general, make(4).general)
+
+
+def test_encode_tokens_equals_encode_text(tiny_clip):
+    """Ensembles run only the tokens up to the longest sentence's end token: encode_text's values."""
+    sentences = ["a photo of a metal nut.", "a jpeg corrupted photo of the metal nut for anomaly detection."]
+    tokens = tiny_clip.tokenizer(sentences)
+    with torch.no_grad():
+        got, expected = encode_tokens(tiny_clip.model, tokens), tiny_clip.model.encode_text(tokens)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_meta_prompts_are_normalised_ensembles(tiny_clip):

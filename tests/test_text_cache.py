@@ -6,6 +6,7 @@ import os
 
 import torch
 
+from mpad import prompts
 from mpad.clip import load_clip
 from mpad.prompts import meta_text_embeddings
 from mpad.text_cache import TextCache
@@ -13,13 +14,13 @@ from mpad.text_cache import TextCache
 
 def _counting(bundle, monkeypatch) -> list[int]:
     calls: list[int] = []
-    original = bundle.model.encode_text
+    original = prompts.encode_tokens
 
-    def encode_text(tokens, *args, **kwargs):
+    def encode_tokens(model, tokens):
         calls.append(len(tokens))
-        return original(tokens, *args, **kwargs)
+        return original(model, tokens)
 
-    monkeypatch.setattr(bundle.model, "encode_text", encode_text)
+    monkeypatch.setattr(prompts, "encode_tokens", encode_tokens)
     return calls
 
 

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from mpad.clip import ClipBundle, model_fingerprint
+from mpad.clip import ClipBundle, backbone_identity
 from mpad.config import LaaConfig
 from mpad.memory import build_memory
 from mpad.prompt_file import PromptsFile
@@ -30,12 +30,12 @@ def tiny_record(bundle: ClipBundle, category: str = "disc", memory: bool = True)
         "normal": learner.normal.detach(),
         "anomaly": learner.anomaly.detach(),
     }
-    return PromptsFile(category=category, model=model_fingerprint(bundle), sizes=(2, 1, 1), vectors=vectors,
+    return PromptsFile(category=category, model=backbone_identity(bundle), sizes=(2, 1, 1), vectors=vectors,
                        text=text, laa=LAA, memory=stored)  # fmt: skip
 
 
 def meta_prompts(bundle: ClipBundle, category: str = "disc", laa: LaaConfig = LAA, **fields: Any) -> PromptsFile:
     """The hand-written template ensemble of `category` as a prompts file (no learned vectors)."""
     text = meta_text_embeddings(bundle.model, bundle.tokenizer, category)
-    return PromptsFile(category=category, model=model_fingerprint(bundle), sizes=(0, 1, 1), vectors={}, text=text,
+    return PromptsFile(category=category, model=backbone_identity(bundle), sizes=(0, 1, 1), vectors={}, text=text,
                        laa=laa, **fields)  # fmt: skip

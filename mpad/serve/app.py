@@ -9,7 +9,8 @@
     GET  /                        the page (mpad/serve/page.html: no other file, nothing from elsewhere)
 
 Every error is JSON {"error": one line} with a 4xx status naming the problem (mpad.serve.images for the
-image checks; 413 for a body over max_bytes, read no further), or 503 with Retry-After while warming up,
+image checks; 413 for a body over max_bytes, kept by no one: the rest is
+read and dropped up to 8x max_bytes so that the client hears the answer), or 503 with Retry-After while warming up,
 when `max_queue` requests are already admitted, or when an answer takes longer than `timeout_s`. An
 unexpected fault is a JSON 500 without a traceback (the server's log has it).
 
@@ -147,16 +148,33 @@ def create_app(model: ServedModel, limits: Limits = Limits()) -> FastAPI:
     return app
 
 
+# A refused body is still read (and dropped) up to this many times --max-bytes before the 413 is sent: a client
+# still sending when the server closes gets a connection reset instead of the answer (the kernel discards
+# unread data with an RST), so a modestly oversized upload must be heard out. Beyond it, the reset is the answer.
+DRAIN_FACTOR = 8
+
+
+async def _drain(request: Request, budget: int) -> None:
+    """Read and drop what is left of the body, `budget` bytes at most."""
+    read = 0
+    async for chunk in request.stream():
+        read += len(chunk)
+        if read > budget:
+            return
+
+
 async def image_bytes(request: Request, max_bytes: int) -> bytes:
     """The image's bytes: the body, or the file part of a multipart/form-data body. BadImage 413 once the body
     exceeds `max_bytes` (from Content-Length before reading, else while reading), 400 for a bad form."""
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > max_bytes:
+        await _drain(request, DRAIN_FACTOR * max_bytes)
         raise BadImage(413, f"body of {declared} bytes, more than --max-bytes {max_bytes}")
     body = bytearray()
     async for chunk in request.stream():
         body += chunk
         if len(body) > max_bytes:
+            await _drain(request, DRAIN_FACTOR * max_bytes)
             raise BadImage(413, f"body of more than --max-bytes {max_bytes} bytes")
     if not request.headers.get("content-type", "").startswith("multipart/form-data"):
         return bytes(body)
