@@ -15,10 +15,11 @@ import time
 import torch
 
 from mpad.clip import load_clip
+from mpad.config import LaaConfig
 from mpad.features import build_encoder
 
 MODELS = ("mpad-tiny", "ViT-B-16-plus-240")
-SETTINGS = {"attention": "vv", "k": 2, "layers": 6, "cls": "neighbor-cls"}
+SETTINGS = LaaConfig(attention="vv", k=2, layers=6, cls="neighbor-cls")
 
 
 def best_time(fn, images: torch.Tensor, repeats: int) -> float:
@@ -41,7 +42,7 @@ def main() -> None:
     for name in MODELS:
         bundle = load_clip(name, "none", "cpu")
         depth = len(bundle.model.visual.transformer.resblocks)
-        encoder = build_encoder(bundle, {**SETTINGS, "layers": min(SETTINGS["layers"], depth)})
+        encoder = build_encoder(bundle, SETTINGS.model_copy(update={"layers": min(SETTINGS.layers, depth)}))
         images = torch.randn(args.batch, 3, *bundle.image_size)
         bundle.model.encode_image(images)  # warm-up
         encoder(images)

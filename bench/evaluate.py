@@ -43,18 +43,19 @@ from torch.utils.data import DataLoader
 
 from mpad import evaluation
 from mpad.clip import load_clip
-from mpad.config import ScoringConfig
+from mpad.config import LaaConfig, ScoringConfig
 from mpad.data import list_split, load_image
 from mpad.data.synthetic import generate
 from mpad.detector import Detector
 from mpad.features import stack_images
+from mpad.prompt_file import PromptsFile
 from mpad.prompts import meta_text_embeddings
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY, BIG = "mpad-tiny", "ViT-B-16-plus-240"
 # laa.layers: the offline preset's 2 for mpad-tiny (4 blocks), params.yaml's 6 for the big model.
 LAYERS = {TINY: 2, BIG: 6}
-LAA = {"attention": "vv", "k": 2, "cls": "neighbor-cls"}
+LAA = LaaConfig(attention="vv", k=2, cls="neighbor-cls")
 
 
 def load() -> str:
@@ -65,8 +66,9 @@ def make_detector(name: str, category: str, sigma: float) -> Detector:
     bundle = load_clip(name, "none", "cpu")
     depth = len(bundle.model.visual.transformer.resblocks)
     text = meta_text_embeddings(bundle.model, bundle.tokenizer, category)
-    record = {"laa": {**LAA, "layers": min(LAYERS.get(name, 6), depth)}, "text": text}
-    return Detector(bundle, record, ScoringConfig(smoothing_sigma=sigma, image_score="max"))
+    laa = LAA.model_copy(update={"layers": min(LAYERS.get(name, 6), depth)})
+    prompts = PromptsFile(category=category, model={}, sizes=(0, 1, 1), vectors={}, text=text, laa=laa)
+    return Detector(bundle, prompts, ScoringConfig(smoothing_sigma=sigma, image_score="max"))
 
 
 def spread(samples: list, n: int) -> list:

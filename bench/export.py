@@ -21,15 +21,16 @@ import torch.nn.functional as F
 from encoder import best_time  # bench/encoder.py: python puts bench/ first on the path
 
 from mpad.clip import load_clip
-from mpad.config import ScoringConfig
+from mpad.config import LaaConfig, ScoringConfig
 from mpad.deploy.graph import export_onnx
 from mpad.deploy.runtime import OnnxScorer
 from mpad.detector import Detector
 from mpad.memory import build_memory
 from mpad.prediction import torch_scorer
+from mpad.prompt_file import PromptsFile
 
 MODELS = ("mpad-tiny", "ViT-B-16-plus-240")
-SETTINGS = {"attention": "vv", "k": 2, "layers": 6, "cls": "neighbor-cls"}
+SETTINGS = LaaConfig(attention="vv", k=2, layers=6, cls="neighbor-cls")
 RESOLUTION = 256
 
 
@@ -50,11 +51,12 @@ def main() -> None:
     for name in MODELS:
         bundle = load_clip(name, "none", "cpu")
         depth = len(bundle.model.visual.transformer.resblocks)
-        laa = {**SETTINGS, "layers": min(SETTINGS["layers"], depth)}
+        laa = SETTINGS.model_copy(update={"layers": min(SETTINGS.layers, depth)})
         text = F.normalize(torch.randn(2, bundle.model.text_projection.shape[1]), dim=-1)
         images = torch.rand(args.batch, 3, *bundle.image_size)
         memory = build_memory(bundle, laa, images[:1], [2, 4]) if args.memory else None
-        detector = Detector(bundle, {"text": text, "laa": laa}, ScoringConfig(), memory=memory)
+        prompts = PromptsFile(category="bench", model={}, sizes=(0, 1, 1), vectors={}, text=text, laa=laa)
+        detector = Detector(bundle, prompts, ScoringConfig(), memory=memory)
         with tempfile.TemporaryDirectory() as tmp:
             model = Path(tmp) / "model.onnx"
             export_onnx(detector, RESOLUTION, model)

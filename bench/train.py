@@ -20,12 +20,13 @@ import numpy as np
 import torch
 
 from mpad.clip import load_clip
+from mpad.config import LaaConfig
 from mpad.features import build_encoder, encode_batched, stack_images
 from mpad.mpts import MptsConfig, train_prompts
 from mpad.prompts import PromptLearner, TextEncoder, meta_text_embeddings
 from mpad.training import ENCODE_BATCH
 
-LAA = {"attention": "vv", "k": 2, "layers": 6, "cls": "neighbor-cls"}
+LAA = LaaConfig(attention="vv", k=2, layers=6, cls="neighbor-cls")
 
 
 def synth(n: int, size: int = 64, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -47,7 +48,7 @@ def synth(n: int, size: int = 64, seed: int = 0) -> tuple[np.ndarray, np.ndarray
 def bench(name: str, images: np.ndarray, masks: np.ndarray, steps: int, total_steps: int) -> dict:
     t0 = time.perf_counter()
     bundle = load_clip(name, "none", device="cpu")
-    laa = dict(LAA, layers=min(LAA["layers"], len(bundle.model.visual.transformer.resblocks)))
+    laa = LAA.model_copy(update={"layers": min(LAA.layers, len(bundle.model.visual.transformer.resblocks))})
     encoder = build_encoder(bundle, laa)
     t_model = time.perf_counter() - t0
 

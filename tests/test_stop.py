@@ -6,12 +6,12 @@ import pytest
 import torch
 from test_mpts import noise_blobs, striped_texture
 
-from mpad.config import ConfigError, MptsConfig
+from mpad.config import ConfigError, LaaConfig, MptsConfig
 from mpad.features import build_encoder, encode, stack_images
 from mpad.mpts import converged, train_prompts
 from mpad.prompts import PromptLearner, TextEncoder, meta_text_embeddings
 
-LAA = {"attention": "vv", "k": 2, "layers": 2, "cls": "neighbor-cls"}
+LAA = LaaConfig(attention="vv", k=2, layers=2, cls="neighbor-cls")
 
 
 def test_converged_compares_the_means_of_the_last_two_windows():
@@ -63,6 +63,6 @@ def test_stop_params_are_checked():
         MptsConfig.from_params({"tolerance": -0.1})
     with pytest.raises(ConfigError, match=r"mpts.window = 0: must be an integer >= 1"):
         MptsConfig.from_params({"window": 0})
-    with pytest.raises(ValueError, match="mpts.stop must be one of"):
+    with pytest.raises(ValueError, match="stop\n  Input should be .fixed. or .converged."):
         MptsConfig(stop="sometimes")
     assert MptsConfig.from_params({"stop": "converged", "tolerance": 0, "window": 3}).window == 3
