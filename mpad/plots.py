@@ -8,7 +8,9 @@ vega JS bundled: no browser, no network). Data building is pure and tested; `ren
 
 writes figures/curves.png (ROC pixel, ROC image, PRO), figures/training.png (loss_ano, loss_div,
 cos(G_ano, G_div), share of calibrated steps) with one line per category, and, given `dvc exp show --json`
-output, figures/ablation_pixel_auroc.png (per-category pixel AUROC across experiments).
+output, figures/ablation_pixel_auroc.png (per-category pixel AUROC across experiments), and, given `make sweep`'s
+sweep.json, figures/sweep.png (mean over seeds with a +- 1 standard deviation bar, per k and category, a panel
+per metric).
 """
 
 from __future__ import annotations
@@ -120,6 +122,79 @@ def ablation_spec(rows: list[dict[str, Any]], metric: str = "pixel_auroc") -> di
     }
 
 
+def sweep_rows(sweep: dict[str, Any]) -> list[dict[str, Any]]:
+    """{metric (label), row (a category, "texture mean", "object mean" or "mean"), k, mean, lo, hi, n} of sweep.json;
+    lo / hi = mean -+ the standard deviation over seeds (the mean itself with one seed); unmeasurable left out."""
+    labels = {"texture": "texture mean", "object": "object mean"}
+    order = [*sweep["textures"], "texture", *sweep["objects"], "object", "mean"]  # the file's keys are sorted
+    out = []
+    for k in sweep["shots"]:
+        rows = sweep["k"][str(k)]
+        for row in (r for r in order if r in rows):
+            for metric, s in rows[row].items():
+                if s["mean"] is not None:
+                    mean, std = s["mean"], s["std"] or 0.0
+                    out.append(
+                        {
+                            "metric": LABELS.get(metric, metric),
+                            "row": labels.get(row, row),
+                            "k": k,
+                            "mean": mean,
+                            "lo": mean - std,
+                            "hi": mean + std,
+                            "n": s["n"],
+                        }
+                    )
+    return out
+
+
+def sweep_spec(rows: list[dict[str, Any]], title: str) -> dict[str, Any]:
+    """A panel per metric: per k (x), a point per row (category or mean, side by side) at the mean over seeds
+    with a bar from mean - std to mean + std."""
+    order = list(dict.fromkeys(r["row"] for r in rows))
+    x = {"field": "k", "type": "ordinal", "title": "shots (k)", "axis": {"labelAngle": 0}}
+    offset = {"field": "row", "sort": order}
+    color = {"field": "row", "type": "nominal", "sort": order, "title": None}
+    return {
+        "$schema": SCHEMA,
+        "title": title,
+        "data": {"values": rows},
+        "facet": {"column": {"field": "metric", "type": "nominal", "title": None, "sort": list(LABELS.values())}},
+        "spec": {
+            "width": {"step": 12},  # per point (xOffset)
+            "height": 220,
+            "layer": [
+                {
+                    "mark": {"type": "rule"},
+                    "encoding": {
+                        "x": x,
+                        "xOffset": offset,
+                        "y": {"field": "lo", "type": "quantitative", "scale": {"zero": False}},
+                        "y2": {"field": "hi"},
+                        "color": color,
+                    },
+                },
+                {
+                    "mark": {"type": "point", "filled": True, "size": 30},
+                    "encoding": {
+                        "x": x,
+                        "xOffset": offset,
+                        "y": {
+                            "field": "mean",
+                            "type": "quantitative",
+                            "scale": {"zero": False},
+                            "title": "% (mean ± std over seeds)",
+                        },
+                        "color": color,
+                        "tooltip": [{"field": "row"}, {"field": "k"}, {"field": "mean", "format": ".2f"}],
+                    },
+                },
+            ],
+        },
+        "resolve": {"scale": {"y": "independent"}},
+    }
+
+
 def render_png(spec: dict[str, Any], path: Path, scale: float = 1.0) -> Path:
     """Vega-Lite spec -> PNG file (vl-convert: bundled vega, no browser, no network)."""
     import vl_convert  # only here: the data functions need no renderer
@@ -139,6 +214,7 @@ def _run_categories() -> list[str]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m mpad.plots", description=__doc__.split("\n")[0])
     parser.add_argument("--experiments", type=Path, help="`dvc exp show --json` output, for the ablation chart")
+    parser.add_argument("--sweep", type=Path, default=Path("sweep.json"), help="`make sweep`'s results, if there")
     parser.add_argument("--out", type=Path, default=Path("figures"))
     parser.add_argument("--categories", nargs="*", help="default: params.yaml's dataset.categories")
     args = parser.parse_args(argv)
@@ -154,6 +230,9 @@ def main(argv: list[str] | None = None) -> None:
         written.append(render_png(line_panels(rows, "step", "value", "Training (MPTS)"), args.out / "training.png"))
     if args.experiments and (rows := ablation_rows(json.loads(args.experiments.read_text()))):
         written.append(render_png(ablation_spec(rows), args.out / "ablation_pixel_auroc.png"))
+    if args.sweep.is_file() and (rows := sweep_rows(sweep := json.loads(args.sweep.read_text()))):
+        title = "Shots x seeds sweep" + (" (random weights)" if sweep.get("random_weights") else "")
+        written.append(render_png(sweep_spec(rows, title), args.out / "sweep.png"))
     print("\n".join(f"wrote {p}" for p in written) or "nothing to draw: run the pipeline first")
 
 
