@@ -4,16 +4,17 @@
 (`dvc exp run --queue -S 'shots.k=1,2,4' -S 'shots.seed=0,1,2'`), runs them with `dvc queue start -j JOBS`, and
 reads them back from `dvc exp show --json`:
 
-  dvc exp show --json | python -m mpad.sweep plan --shots 1,2,4 --seeds 0,1,2 [--preset presets/offline.txt]
-  dvc exp show --json | python -m mpad.sweep report --shots 1,2,4 --seeds 0,1,2 [--preset ...]
+  python -m mpad.sweep plan --shots 1,2,4 --seeds 0,1,2 [--preset presets/offline.txt]
+  python -m mpad.sweep report --shots 1,2,4 --seeds 0,1,2 [--preset ...]
 
 `plan` prints one line of `-S` arguments per `dvc exp run --queue` still needed (none: nothing to run); `report`
 writes sweep.md (a table per k) and sweep.json (the same numbers; `dvc metrics diff --targets sweep.json`).
 
-A grid point has been run when an experiment of the current commit (what `dvc exp show` lists) has exactly the
-params the sweep gives it (the workspace's params.yaml, the preset's overrides, shots.k and shots.seed) and ran
-the working tree's code (`git diff <experiment> -- CODE` is empty). So a second `make sweep` with nothing changed
-queues nothing, and a changed param or module re-runs the grid.
+A grid point has been run when an experiment has exactly the params the sweep gives it (the workspace's
+params.yaml, the preset's overrides, shots.k and shots.seed) and ran the working tree's code (`git diff
+<experiment> -- CODE` is empty). So a second `make sweep` with nothing changed queues nothing, also after a commit
+of sweep.md (experiments of the commits since CODE last changed count, up to MAX_COMMITS), and a changed param or
+module re-runs the grid.
 
 Only shots.seed varies (which k normal images are drawn, the paper's unstated choice); oagm.seed and mpts.seed
 keep params.yaml's values, so the spread is that of the draw. Spread: mean, the sample standard deviation over
@@ -28,6 +29,7 @@ import json
 import statistics
 import subprocess
 import sys
+import textwrap
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -44,6 +46,7 @@ SWEPT = ("shots.k", "shots.seed")
 REPORTED = ("pixel_auroc", "aupro", "image_auroc")  # Table 1's pixel AUROC, then the usual companions
 CODE = ("dvc.yaml", "mpad", "stages", "pyproject.toml")  # what a run's results depend on besides params and data
 GROUP_ROWS = {"texture": "texture mean", "object": "object mean", "mean": "mean"}  # metrics.json's keys
+MAX_COMMITS = 10  # `dvc exp show -n`: each commit costs about a second
 Point = tuple[int, int]  # (shots.k, shots.seed)
 
 
@@ -200,7 +203,8 @@ def markdown(sweep: Mapping[str, Any]) -> str:
     seeds = ", ".join(map(str, sweep["seeds"]))
     lines = []
     if sweep.get("random_weights"):
-        lines += [f"> **{sweep.get('note') or 'RANDOM WEIGHTS'}**", ""]
+        note = f"**{sweep.get('note') or 'RANDOM WEIGHTS'}**"
+        lines += [textwrap.fill(note, 118, initial_indent="> ", subsequent_indent="> "), ""]
     head = ["category"] + [h for name in REPORTED for h in (LABELS[name], "min–max")]
     for k in sweep["shots"]:
         rows, table = sweep["k"][str(k)], [head]
@@ -241,6 +245,17 @@ def _code_unchanged(rev: str) -> bool:
     return result.returncode == 0
 
 
+def _exp_show() -> list[dict[str, Any]]:
+    """`dvc exp show --json` over the commits since CODE last changed (up to MAX_COMMITS): an experiment of an
+    earlier commit with the same code still counts, and one of a commit before that cannot."""
+    git = ["git", "rev-list", "--first-parent"]
+    last = subprocess.run([*git, "-1", "HEAD", "--", *CODE], capture_output=True, text=True).stdout.strip()
+    since = subprocess.run([*git, "--count", f"{last}..HEAD"], capture_output=True, text=True).stdout.strip()
+    commits = min(int(since or 0) + 1, MAX_COMMITS)
+    shown = subprocess.run(["dvc", "exp", "show", "--json", "-n", str(commits)], stdout=subprocess.PIPE, text=True)
+    return json.loads(shown.stdout)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m mpad.sweep", description=__doc__.split("\n")[0])
     parser.add_argument("action", choices=("plan", "report"))
@@ -252,7 +267,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         shots, seeds = parse_ints(args.shots, "SHOTS"), parse_ints(args.seeds, "SEEDS")
-        exp_show = json.load(sys.stdin)
+        exp_show = _exp_show()
         base = workspace_params(exp_show)
     except ValueError as error:  # dvc failed (its message is on stderr) or printed no JSON; a bad list
         sys.exit(f"mpad.sweep: {error}")

@@ -5,9 +5,15 @@ from __future__ import annotations
 
 import json
 import statistics
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
+import yaml
 from PIL import Image
+from test_pipeline import commit, copy_project, preset_overrides, run
+from test_queue import TINY
 
 from mpad.experiments import arms, compare_table, experiments, within_noise
 from mpad.plots import render_png, sweep_rows, sweep_spec
@@ -221,3 +227,55 @@ def test_sweep_chart_has_a_panel_per_metric_and_bars_of_one_std(tmp_path):
     assert spec["facet"]["column"]["field"] == "metric" and len({r["metric"] for r in rows}) == 3
     image = Image.open(render_png(spec, tmp_path / "sweep.png"))
     assert image.format == "PNG" and 3 * 2 * 6 * 12 < image.width < 1600  # 3 panels x 2 k x 6 points of 12 px
+
+
+@pytest.mark.slow
+def test_make_sweep_2x2_agrees_with_each_experiments_metrics_and_reruns_nothing(tmp_path):
+    """`make sweep` on a reduced offline preset (one category, 3 steps): 4 queued experiments, 2 workers."""
+    project = copy_project(tmp_path / "project", [])
+    (project / "presets" / "tiny.txt").write_text("\n".join([*preset_overrides("offline"), *TINY]) + "\n")
+    commit(project, "a reduced preset")
+    venv = Path(sys.executable).parent.parent  # the test's own environment; never reinstalled (-o its stamp)
+    make = ["make", "--no-print-directory", "-o", str(venv / ".installed"), f"VENV={venv}", "PRESET=tiny"]
+    make += ["SHOTS=1,2", "SEEDS=0,1", "JOBS=2", "sweep"]
+    try:
+        first = run(make, project)
+        commit(project, "the sweep's table")  # experiments of the commit before still count: same code
+        second = run(make, project)
+    finally:
+        dvc = str(venv / "bin" / "dvc")  # the workers stop once idle; this makes sure
+        subprocess.run([dvc, "queue", "stop"], cwd=project, capture_output=True, timeout=120)
+    # one DVC grid: shots.k and shots.seed each given as a list
+    assert "dvc exp run --queue -S 'shots.k=1,2' -S 'shots.seed=0,1'" in first
+    assert first.count("Queued experiment") == 4 and "'shots.k=2', 'shots.seed=1'" in first
+    assert "nothing to run" in second and "Queued experiment" not in second
+
+    sweep = json.loads((project / "sweep.json").read_text())
+    table = (project / "sweep.md").read_text()
+    assert max(map(len, table.splitlines())) <= 120 and "### 2-shot (seeds 0, 1: n = 2)" in table
+    assert table.startswith("> **RANDOM WEIGHTS")
+    assert second.endswith(table)  # the report is printed
+    diff = json.loads(run(["dvc", "metrics", "diff", "HEAD~1", "--targets", "sweep.json", "--json"], project))
+    assert diff["sweep.json"]["k.2.disc.aupro.mean"]["new"] == sweep["k"]["2"]["disc"]["aupro"]["mean"]
+    # each experiment's own files, read from its git commit, not through mpad
+    shown = json.loads(run(["dvc", "exp", "show", "--json"], project))
+    revs = [exp["revs"][0]["rev"] for row in shown for exp in row.get("experiments") or []]
+    assert len(revs) == 4
+    files: dict[int, list[dict]] = {1: [], 2: []}
+    for rev in revs:
+        params = yaml.safe_load(run(["git", "show", f"{rev}:params.yaml"], project))
+        assert params["mpts"]["steps"] == 3 and params["shots"]["seed"] in (0, 1)
+        disc = json.loads(run(["git", "show", f"{rev}:metrics/disc.json"], project))
+        summary = json.loads(run(["git", "show", f"{rev}:metrics.json"], project))
+        files[params["shots"]["k"]].append({"disc": disc, "mean": summary["mean"]})
+    for k, runs in files.items():
+        assert len(runs) == 2
+        for row in ("disc", "mean"):
+            for metric in ("pixel_auroc", "aupro", "image_auroc"):
+                values = [r[row][metric] for r in runs]
+                cell = sweep["k"][str(k)][row][metric]
+                # sweep.json rounds to 4 decimals: within 5e-5 of the exact statistic
+                assert cell["mean"] == pytest.approx(statistics.fmean(values), abs=6e-5)
+                assert cell["std"] == pytest.approx(statistics.stdev(values), abs=6e-5)
+                assert [cell["min"], cell["max"]] == pytest.approx([min(values), max(values)], abs=6e-5)
+                assert cell["n"] == 2
