@@ -25,7 +25,7 @@ from typing import Any
 import yaml
 
 from mpad import layout
-from mpad.experiments import experiments
+from mpad.experiments import arms, experiments, mean_std
 from mpad.summary import LABELS
 
 CURVE_PANELS = {"roc_pixel": "ROC, pixel level", "roc_image": "ROC, image level", "pro": "PRO (per-region overlap)"}
@@ -91,34 +91,52 @@ def line_panels(rows: list[dict[str, Any]], x_title: str, y_title: str, title: s
 
 
 def ablation_rows(exp_show: list[dict[str, Any]], metric: str = "pixel_auroc") -> list[dict[str, Any]]:
-    """{experiment, category, value} of `metric` from each experiment's metrics/<category>.json (null: left out)."""
+    """{experiment, category, value} of `metric` from each experiment's metrics/<category>.json (null: left out).
+
+    An arm run at several seeds (`make ablations SEEDS=...`, mpad.experiments.arms) is one entry named after the
+    arm: value = the mean over its runs, plus lo / hi = value -+ their sample standard deviation."""
     out = []
-    for exp in experiments(exp_show):
-        for path, values in exp["metrics"].items():
-            if path.startswith("metrics/") and values.get(metric) is not None:
-                out.append({"experiment": exp["name"], "category": Path(path).stem, "value": float(values[metric])})
+    for arm in arms(experiments(exp_show)):
+        name = arm["name"] if len(arm["runs"]) > 1 else arm["runs"][0]["name"]
+        for path in dict.fromkeys(p for r in arm["runs"] for p in r["metrics"] if p.startswith("metrics/")):
+            values = [float(v) for r in arm["runs"] if (v := r["metrics"].get(path, {}).get(metric)) is not None]
+            if values:
+                mean, std = mean_std(values)
+                row = {"experiment": name, "category": Path(path).stem, "value": mean}
+                out.append(row if std is None else row | {"lo": mean - std, "hi": mean + std})
     return out
 
 
 def ablation_spec(rows: list[dict[str, Any]], metric: str = "pixel_auroc") -> dict[str, Any]:
-    """Grouped bars: a group per category, a bar per experiment (in run order), as the paper's Tables 2-4.
-    With xOffset, the width step is per bar: 12 px."""
+    """Grouped bars: a group per category, a bar per experiment (in run order), as the paper's Tables 2-4; a
+    +- 1 standard deviation line on the bar of an arm run at several seeds. With xOffset, the width step is per
+    bar: 12 px."""
     order = list(dict.fromkeys(r["experiment"] for r in rows))
     label = LABELS.get(metric, metric)
+    x = {"field": "category", "type": "nominal", "title": None, "axis": {"labelAngle": 0}}
+    offset = {"field": "experiment", "sort": order}
+    bars = {
+        "mark": "bar",
+        "encoding": {
+            "x": x,
+            "xOffset": offset,
+            "y": {"field": "value", "type": "quantitative", "title": f"{label} (%)"},
+            "color": {"field": "experiment", "type": "nominal", "sort": order},
+            "tooltip": [{"field": "experiment"}, {"field": "value", "format": ".2f"}],
+        },
+    }
+    spread = {
+        "mark": {"type": "rule", "color": "black"},
+        "transform": [{"filter": "isValid(datum.lo)"}],
+        "encoding": {"x": x, "xOffset": offset, "y": {"field": "lo", "type": "quantitative"}, "y2": {"field": "hi"}},
+    }
     return {
         "$schema": SCHEMA,
         "title": f"{label} (%) per category, a bar per experiment",
         "data": {"values": rows},
         "width": {"step": 12},
         "height": 260,
-        "mark": "bar",
-        "encoding": {
-            "x": {"field": "category", "type": "nominal", "title": None, "axis": {"labelAngle": 0}},
-            "xOffset": {"field": "experiment", "sort": order},
-            "y": {"field": "value", "type": "quantitative", "title": f"{label} (%)"},
-            "color": {"field": "experiment", "type": "nominal", "sort": order},
-            "tooltip": [{"field": "experiment"}, {"field": "value", "format": ".2f"}],
-        },
+        "layer": [bars, spread] if any("lo" in r for r in rows) else [bars],
     }
 
 

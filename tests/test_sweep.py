@@ -16,7 +16,7 @@ from test_pipeline import commit, copy_project, preset_overrides, run
 from test_queue import TINY
 
 from mpad.experiments import arms, compare_table, experiments, within_noise
-from mpad.plots import render_png, sweep_rows, sweep_spec
+from mpad.plots import ablation_rows, ablation_spec, render_png, sweep_rows, sweep_spec
 from mpad.sweep import (
     aggregate,
     grid,
@@ -153,7 +153,11 @@ def test_table_order_is_the_papers_for_mvtec_then_as_listed():
 
 
 def _arm_rows(arms_means: dict[str, list[float]]) -> list[dict]:
-    """Experiments `<arm>-s<seed>`, pixel AUROC mean = the given values (one per seed)."""
+    return experiments(_arm_show(arms_means))
+
+
+def _arm_show(arms_means: dict[str, list[float]]) -> list[dict]:
+    """`dvc exp show --json` of experiments `<arm>-s<seed>`, pixel AUROC mean = the given values (one per seed)."""
     shown = []
     for arm, values in arms_means.items():
         for seed, value in enumerate(values):
@@ -170,7 +174,7 @@ def _arm_rows(arms_means: dict[str, list[float]]) -> list[dict]:
         }
         for i, (n, d) in enumerate(shown)
     ]
-    return experiments([{"rev": "b" * 40, "name": "main", "data": {}, "experiments": runs}])
+    return [{"rev": "b" * 40, "name": "main", "data": {}, "experiments": runs}]
 
 
 def test_noise_mark_within_the_spread_and_not_when_clearly_larger():
@@ -279,3 +283,14 @@ def test_make_sweep_2x2_agrees_with_each_experiments_metrics_and_reruns_nothing(
                 assert cell["std"] == pytest.approx(statistics.stdev(values), abs=6e-5)
                 assert [cell["min"], cell["max"]] == pytest.approx([min(values), max(values)], abs=6e-5)
                 assert cell["n"] == 2
+
+
+def test_ablation_chart_draws_an_arm_over_seeds_as_one_bar_with_its_spread(tmp_path):
+    rows = ablation_rows(_arm_show({"lambda-0": [85.0], "full": [86.0, 88.0, 84.0]}))
+    stripes = [r for r in rows if r["category"] == "stripes"]  # 61 + 1.5 seed^2: 61, 62.5, 67 over seeds 0, 1, 2
+    assert [r["experiment"] for r in stripes] == ["lambda-0", "full"] and "lo" not in stripes[0]
+    std = statistics.stdev([61, 62.5, 67])
+    assert stripes[1]["value"] == pytest.approx(63.5) and stripes[1]["hi"] == pytest.approx(63.5 + std)
+    spec = ablation_spec(rows)
+    assert len(spec["layer"]) == 2  # bars, then the spread lines
+    assert Image.open(render_png(spec, tmp_path / "chart.png")).format == "PNG"
