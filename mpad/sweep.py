@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import subprocess
 import sys
 import textwrap
@@ -38,7 +37,7 @@ import yaml
 
 from mpad.config import TABLE_ORDER
 from mpad.data.prepare import DEFAULT_TEXTURES
-from mpad.experiments import experiments, flatten
+from mpad.experiments import experiments, flatten, mean_std
 from mpad.io import write_json, write_text
 from mpad.summary import LABELS
 
@@ -51,7 +50,8 @@ Point = tuple[int, int]  # (shots.k, shots.seed)
 
 
 def parse_ints(text: str, what: str) -> list[int]:
-    """ "1,2,4" -> [1, 2, 4]; ValueError naming `what` when empty, not integers or repeated."""
+    """SHOTS or SEEDS as ints, "1,2,4" -> [1, 2, 4]; ValueError naming `what` when empty, not integers or
+    repeated."""
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
@@ -66,7 +66,9 @@ def parse_overrides(lines: Iterable[str]) -> dict[str, Any]:
     out = {}
     for line in lines:
         if line.strip() and not line.lstrip().startswith("#"):
-            key, value = line.strip().split("=", 1)
+            key, sep, value = line.strip().partition("=")
+            if not sep:
+                raise ValueError(f"preset line {line.strip()!r} is not key=value")
             out[key] = yaml.safe_load(value)
     return out
 
@@ -128,9 +130,9 @@ def spread(values: Sequence[float]) -> dict[str, float | int | None]:
     all None with n = 0 (a metric not measurable in any run)."""
     if not values:
         return {"mean": None, "std": None, "min": None, "max": None, "n": 0}
-    std = statistics.stdev(values) if len(values) > 1 else None
+    mean, std = mean_std(values)
     return {
-        "mean": round(statistics.fmean(values), 4),
+        "mean": round(mean, 4),
         "std": None if std is None else round(std, 4),
         "min": round(min(values), 4),
         "max": round(max(values), 4),
@@ -269,9 +271,9 @@ def main(argv: list[str] | None = None) -> None:
         shots, seeds = parse_ints(args.shots, "SHOTS"), parse_ints(args.seeds, "SEEDS")
         exp_show = _exp_show()
         base = workspace_params(exp_show)
-    except ValueError as error:  # dvc failed (its message is on stderr) or printed no JSON; a bad list
+        overrides = parse_overrides(args.preset.read_text().splitlines()) if args.preset else {}
+    except ValueError as error:  # a bad list or preset line; dvc failed (its message is on stderr) or printed no JSON
         sys.exit(f"mpad.sweep: {error}")
-    overrides = parse_overrides(args.preset.read_text().splitlines()) if args.preset else {}
     points = grid(shots, seeds)
     targets = {point: target_params(base, overrides, point) for point in points}
     runs = runs_of(experiments(exp_show), targets, _code_unchanged)
