@@ -11,10 +11,10 @@ reads them back from `dvc exp show --json`:
 writes sweep.md (a table per k) and sweep.json (the same numbers; `dvc metrics diff --targets sweep.json`).
 
 A grid point has been run when an experiment has exactly the params the sweep gives it (the workspace's
-params.yaml, the preset's overrides, shots.k and shots.seed) and ran the working tree's code (`git diff
-<experiment> -- CODE` is empty). So a second `make sweep` with nothing changed queues nothing, also after a commit
-of sweep.md (experiments of the commits since CODE last changed count, up to MAX_COMMITS), and a changed param or
-module re-runs the grid.
+params.yaml, the preset's overrides, shots.k and shots.seed) and ran the working tree's code: `git diff
+<experiment> -- <code>` is empty for dvc.yaml and the code its stages depend on (`code_paths`). So a second `make
+sweep` with nothing changed queues nothing, also after a commit of sweep.md (experiments of the commits since that
+code last changed count, up to MAX_COMMITS), and a changed param or stage module re-runs the grid.
 
 Only shots.seed varies (which k normal images are drawn, the paper's unstated choice); oagm.seed and mpts.seed
 keep params.yaml's values, so the spread is that of the draw. Spread: mean, the sample standard deviation over
@@ -43,10 +43,16 @@ from mpad.summary import LABELS
 
 SWEPT = ("shots.k", "shots.seed")
 REPORTED = ("pixel_auroc", "aupro", "image_auroc")  # Table 1's pixel AUROC, then the usual companions
-CODE = ("dvc.yaml", "mpad", "stages", "pyproject.toml")  # what a run's results depend on besides params and data
 GROUP_ROWS = {"texture": "texture mean", "object": "object mean", "mean": "mean"}  # metrics.json's keys
 MAX_COMMITS = 10  # `dvc exp show -n`: each commit costs about a second
 Point = tuple[int, int]  # (shots.k, shots.seed)
+
+
+def code_paths(pipeline: Mapping[str, Any]) -> list[str]:
+    """dvc.yaml and its stages' deps that are code (not data/..., no ${...}): what a run's results depend on
+    besides params and data, as DVC sees it."""
+    deps = (dep for stage in (pipeline.get("stages") or {}).values() for dep in stage.get("deps") or [])
+    return ["dvc.yaml", *dict.fromkeys(d for d in deps if not d.startswith("data/") and "${" not in d)]
 
 
 def parse_ints(text: str, what: str) -> list[int]:
@@ -150,8 +156,9 @@ def table_order(categories: Sequence[str], textures: Iterable[str]) -> tuple[lis
 
 
 def aggregate(runs: Mapping[Point, Mapping[str, Any]], shots: Sequence[int], seeds: Sequence[int]) -> dict[str, Any]:
-    """sweep.json: per k, per category and per group of metrics.json (texture, object, mean), the spread of each
-    REPORTED metric over the seeds' runs. `runs` must hold every (k, seed); their params differ only there."""
+    """sweep.json: per k, per category and per group of metrics.json (texture, object: when both have categories and
+    the group more than one; mean), the spread of each REPORTED metric over the seeds' runs. `runs` must hold
+    every (k, seed); their params differ only there."""
     first = runs[(shots[0], seeds[0])]
     params, summary = first["params"], first["metrics"].get("metrics.json", {})
     categories = list(params["dataset.categories"])
@@ -166,9 +173,10 @@ def aggregate(runs: Mapping[Point, Mapping[str, Any]], shots: Sequence[int], see
         for category in textures + objects:
             files = [m.get(f"metrics/{category}.json", {}) for m in members]
             rows[category] = {name: spread(_present(f.get(name) for f in files)) for name in REPORTED}
-        for group in GROUP_ROWS:
+        sizes = {"texture": len(textures), "object": len(objects)}
+        for group in GROUP_ROWS:  # a group's mean when there are two groups and it has two or more categories
             means = [m.get("metrics.json", {}).get(group) for m in members]
-            if all(means) and (group == "mean" or (textures and objects)):
+            if all(means) and (group == "mean" or (textures and objects and sizes[group] > 1)):
                 rows[group] = {name: spread(_present(g.get(name) for g in means)) for name in REPORTED}
         per_k[str(k)] = rows
     return {
@@ -241,17 +249,16 @@ def _line(cells: Sequence[str], widths: Sequence[int]) -> str:
     return "| " + " | ".join(padded) + " |"
 
 
-def _code_unchanged(rev: str) -> bool:
+def _code_unchanged(rev: str, code: Sequence[str]) -> bool:
     """True when the experiment commit `rev` ran the working tree's code (git diff against it is empty)."""
-    result = subprocess.run(["git", "diff", "--quiet", rev, "--", *CODE], capture_output=True)
-    return result.returncode == 0
+    return subprocess.run(["git", "diff", "--quiet", rev, "--", *code], capture_output=True).returncode == 0
 
 
-def _exp_show() -> list[dict[str, Any]]:
-    """`dvc exp show --json` over the commits since CODE last changed (up to MAX_COMMITS): an experiment of an
+def _exp_show(code: Sequence[str]) -> list[dict[str, Any]]:
+    """`dvc exp show --json` over the commits since `code` last changed (up to MAX_COMMITS): an experiment of an
     earlier commit with the same code still counts, and one of a commit before that cannot."""
     git = ["git", "rev-list", "--first-parent"]
-    last = subprocess.run([*git, "-1", "HEAD", "--", *CODE], capture_output=True, text=True).stdout.strip()
+    last = subprocess.run([*git, "-1", "HEAD", "--", *code], capture_output=True, text=True).stdout.strip()
     since = subprocess.run([*git, "--count", f"{last}..HEAD"], capture_output=True, text=True).stdout.strip()
     commits = min(int(since or 0) + 1, MAX_COMMITS)
     shown = subprocess.run(["dvc", "exp", "show", "--json", "-n", str(commits)], stdout=subprocess.PIPE, text=True)
@@ -269,14 +276,15 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         shots, seeds = parse_ints(args.shots, "SHOTS"), parse_ints(args.seeds, "SEEDS")
-        exp_show = _exp_show()
+        code = code_paths(yaml.safe_load(Path("dvc.yaml").read_text()))
+        exp_show = _exp_show(code)
         base = workspace_params(exp_show)
         overrides = parse_overrides(args.preset.read_text().splitlines()) if args.preset else {}
     except ValueError as error:  # a bad list or preset line; dvc failed (its message is on stderr) or printed no JSON
         sys.exit(f"mpad.sweep: {error}")
     points = grid(shots, seeds)
     targets = {point: target_params(base, overrides, point) for point in points}
-    runs = runs_of(experiments(exp_show), targets, _code_unchanged)
+    runs = runs_of(experiments(exp_show), targets, lambda rev: _code_unchanged(rev, code))
     missing = [p for p in points if p not in runs]
     if args.action == "plan":
         print("\n".join(set_args(ks, group_seeds) for ks, group_seeds in queue_groups(missing)))

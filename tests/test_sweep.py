@@ -19,6 +19,7 @@ from mpad.experiments import arms, compare_table, experiments, within_noise
 from mpad.plots import ablation_rows, ablation_spec, render_png, sweep_rows, sweep_spec
 from mpad.sweep import (
     aggregate,
+    code_paths,
     grid,
     markdown,
     parse_ints,
@@ -98,6 +99,14 @@ def test_grid_arguments_and_queue_groups():
     assert overrides == {"dataset.categories": ["a", "b"], "model.pretrained": "none", "x.y": 2.0}
 
 
+def test_code_paths_are_dvc_yaml_and_the_stages_code_deps():
+    pipeline = yaml.safe_load((Path(__file__).resolve().parents[1] / "dvc.yaml").read_text())
+    code = code_paths(pipeline)
+    assert code[0] == "dvc.yaml" and {"stages/train.py", "mpad/mpts.py", "mpad/data", "mpad/metrics"} <= set(code)
+    assert len(code) == len(set(code)) and not any(p.startswith("data/") or "${" in p for p in code)
+    assert "mpad/sweep.py" not in code and "mpad/plots.py" not in code  # a change of the report re-runs nothing
+
+
 def test_runs_of_matches_exact_params_current_code_and_latest_run():
     shown = _exp_show(
         [
@@ -133,15 +142,16 @@ def test_aggregate_is_the_spread_of_the_per_run_metrics_files():
     assert sweep["k"]["1"]["disc"]["image_auroc"] == {"mean": None, "std": None, "min": None, "max": None, "n": 0}
     mean = sweep["k"]["1"]["mean"]["pixel_auroc"]
     assert mean["mean"] == pytest.approx(statistics.fmean(61 + 1.5 * s**2 for s in seeds), abs=1e-4)
-    assert set(sweep["k"]["1"]) == {"stripes", "weave", "disc", "texture", "object", "mean"}
+    assert set(sweep["k"]["1"]) == {"stripes", "weave", "disc", "texture", "mean"}  # an object mean of one: no
 
     text = markdown(sweep)
     lines = text.splitlines()
     assert max(map(len, lines)) <= 120, text
     assert lines[0] == "> **RANDOM WEIGHTS here**"
     first = lines.index("### 1-shot (seeds 0, 1, 2: n = 3)")
-    labels = [line.split("|")[1].strip() for line in lines[first + 4 : first + 12]]
-    assert labels == ["*textures*", "stripes", "weave", "texture mean", "*objects*", "disc", "object mean", "**mean**"]
+    labels = [line.split("|")[1].strip() for line in lines[first + 4 : first + 11]]
+    assert labels == ["*textures*", "stripes", "weave", "texture mean", "*objects*", "disc", "**mean**"]
+    assert lines[first + 11] == ""
     weave = next(line for line in lines[lines.index("### 2-shot (seeds 0, 1, 2: n = 3)") :] if "| weave" in line)
     assert [c.strip() for c in weave.split("|")[4:6]] == ["54.50 ± 3.12", "52.00–58.00"]
     assert "| n/a |" in text.replace(" ", "").replace("|n/a|", "| n/a |")
@@ -225,7 +235,7 @@ def test_sweep_chart_has_a_panel_per_metric_and_bars_of_one_std(tmp_path):
     weave = next(r for r in rows if r["row"] == "weave" and r["k"] == 2 and r["metric"] == "AUPRO@0.3")
     assert weave["mean"] == pytest.approx(54.5) and weave["hi"] - weave["lo"] == pytest.approx(2 * 3.1225, abs=2e-4)
     rows_at_1 = list(dict.fromkeys(r["row"] for r in rows if r["k"] == 1))  # as sweep.md, from sweep.json's sorted keys
-    assert rows_at_1 == ["stripes", "weave", "texture mean", "disc", "object mean", "mean"]
+    assert rows_at_1 == ["stripes", "weave", "texture mean", "disc", "mean"]
     assert not any(r["row"] == "disc" and r["metric"] == "Image AUROC" for r in rows)  # n/a: not drawn
     spec = sweep_spec(rows, "t")
     assert spec["facet"]["column"]["field"] == "metric" and len({r["metric"] for r in rows}) == 3
