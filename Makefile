@@ -24,7 +24,7 @@ ABLATIONS := \
 	memory:mpts.meta_epochs=$(META_EPOCHS),mpts.lambda=1,oagm.enabled=true,oagm.texture_mask=$(TEXTURE_MASK),laa.attention=vv,laa.k=$(LAA_K),memory.enabled=true \
 	full:mpts.meta_epochs=$(META_EPOCHS),mpts.lambda=1,oagm.enabled=true,oagm.texture_mask=$(TEXTURE_MASK),laa.attention=vv,laa.k=$(LAA_K),memory.enabled=false
 
-.PHONY: setup run offline ablations plots compare test test-fast bench gpu-wheels gpu-dry
+.PHONY: setup run offline ablations sweep plots compare test test-fast bench gpu-wheels gpu-dry
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || python3 -m venv $(VENV)
@@ -54,22 +54,50 @@ offline: $(STAMP)
 # (`dvc exp run --queue`) and run by N parallel DVC queue workers (`dvc queue start -j N`), each in a temporary copy
 # that reads the workspace's dataset (mpad.workspace); the synthetic dataset is generated once, under a lock.
 # An experiment of the same name is replaced (`exp run --force` would also re-run every stage).
+# SEEDS=0,1,2: each arm once per seed s, named <arm>-s<s>, with shots.seed, oagm.seed and mpts.seed all set to s.
 JOBS ?= 1
+comma := ,
+SEED_KEYS := shots.seed oagm.seed mpts.seed
+# N queue workers with the cores shared among their torch threads (unless OMP_NUM_THREADS is set: README,
+# busy cores); wait until the queue is empty; fail if a run failed (`dvc queue logs <name>` says why).
+RUN_QUEUE = OMP_NUM_THREADS=$${OMP_NUM_THREADS:-$$(( $$(nproc) > $(JOBS) ? $$(nproc) / $(JOBS) : 1 ))} \
+	  $(BIN)/dvc queue start -j $(JOBS) && \
+	  while $(BIN)/dvc queue status | grep -qE 'Queued|Running'; do sleep 10; done; \
+	  $(BIN)/dvc queue status; ! $(BIN)/dvc queue status | grep -q Failed
 ablations: $(STAMP)
 	$(if $(PRESET),,$(BIN)/mpad check)
 	$(if $(filter-out 1,$(JOBS)),$(if $(PRESET),,$(BIN)/dvc repro fetch))
 	$(if $(filter-out 1,$(JOBS)),$(BIN)/dvc queue remove -q --all)
 	set -e; for spec in $(ABLATIONS); do \
-	  name=$${spec%%:*}; sets=""; \
+	  arm=$${spec%%:*}; sets=""; \
 	  for kv in $$(echo $${spec#*:} | tr ',' ' '); do sets="$$sets -S $$kv"; done; \
-	  echo "== experiment $$name"; \
-	  $(BIN)/dvc exp remove -q $$name 2>/dev/null || true; \
-	  $(BIN)/dvc exp run $(if $(filter-out 1,$(JOBS)),--queue) -n $$name $(PRESET_ARGS) $$sets; \
+	  for seed in $(or $(subst $(comma), ,$(SEEDS)),-); do \
+	    name=$$arm; seeds=""; \
+	    if [ "$$seed" != - ]; then name=$$arm-s$$seed; seeds="$(foreach k,$(SEED_KEYS),-S $(k)=$$seed)"; fi; \
+	    echo "== experiment $$name"; \
+	    $(BIN)/dvc exp remove -q $$name 2>/dev/null || true; \
+	    $(BIN)/dvc exp run $(if $(filter-out 1,$(JOBS)),--queue) -n $$name $(PRESET_ARGS) $$sets $$seeds; \
+	  done; \
 	done
-	$(if $(filter-out 1,$(JOBS)),$(BIN)/dvc queue start -j $(JOBS) && \
-	  while $(BIN)/dvc queue status | grep -qE 'Queued|Running'; do sleep 10; done; \
-	  $(BIN)/dvc queue status; ! $(BIN)/dvc queue status | grep -q Failed)
+	$(if $(filter-out 1,$(JOBS)),$(RUN_QUEUE))
 	$(MAKE) --no-print-directory compare
+
+# shots.k x shots.seed as DVC experiments (mpad/sweep.py): the grid points without a run of the current params and
+# code are queued with DVC's grid syntax (all of them: -S 'shots.k=1,2,4' -S 'shots.seed=0,1,2') and run by JOBS
+# workers; then sweep.md (a table per k: mean ± std, min-max over seeds) and sweep.json. Nothing missing: no run.
+SHOTS ?= 1,2,4
+SWEEP_ARGS = --shots $(SHOTS) --seeds $(if $(SEEDS),$(SEEDS),0,1,2) $(if $(PRESET),--preset presets/$(PRESET).txt)
+sweep: $(STAMP)
+	$(if $(PRESET),,$(BIN)/mpad check && $(BIN)/dvc repro fetch)
+	set -e; plan=$$($(BIN)/python -m mpad.sweep plan $(SWEEP_ARGS)); \
+	if [ -z "$$plan" ]; then echo "every grid point has a run of these params and this code: nothing to run"; else \
+	  $(BIN)/dvc queue remove -q --all; \
+	  echo "$$plan" | while read -r sets; do \
+	    echo "dvc exp run --queue $$sets"; eval "set -- $$sets"; $(BIN)/dvc exp run --queue $(PRESET_ARGS) "$$@"; \
+	  done; \
+	  $(RUN_QUEUE); \
+	fi
+	$(BIN)/python -m mpad.sweep report $(SWEEP_ARGS)
 
 # Experiments x the params that differ between them x mean metrics, under 120 characters a line
 # (`dvc exp show` itself prints every metrics file, param and dependency hash).

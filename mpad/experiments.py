@@ -10,6 +10,8 @@ x the mean metrics of metrics.json, two header lines so that columns stay narrow
 from __future__ import annotations
 
 import json
+import re
+import statistics
 import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -18,6 +20,10 @@ from mpad.summary import LABELS
 
 COMPARED = ("pixel_auroc", "aupro", "pixel_f1_max", "image_auroc")  # the means of Tables 1-4
 MAX_VALUE = 14  # a long param value (a category list) is cut to this many characters
+SEED_KEYS = ("shots.seed", "oagm.seed", "mpts.seed")  # what `make ablations SEEDS=...` sets together
+SPREAD_COMPARED = ("pixel_auroc", "aupro", "image_auroc")  # with mean ± std, 3 metrics fit in 120 columns
+REFERENCE = "full"  # the arm the others are compared with
+NOISE_MARK = "~"
 
 
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -31,13 +37,22 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def _row(name: str, data: Mapping[str, Any]) -> dict[str, Any] | None:
-    """{name, timestamp, params (flat params.yaml), metrics {path: values}}; None without readable metrics."""
+def _row(name: str, rev: str, data: Mapping[str, Any], experiment: bool) -> dict[str, Any] | None:
+    """{name, rev (commit), experiment (False: a baseline commit's own results), timestamp, params (flat
+    params.yaml), metrics {path: values}}; None without readable metrics."""
     metrics = {path: entry["data"] for path, entry in (data.get("metrics") or {}).items() if "data" in entry}
     if not metrics:
         return None
-    params = ((data.get("params") or {}).get("params.yaml") or {}).get("data") or {}
-    return {"name": name, "timestamp": data.get("timestamp") or "", "params": flatten(params), "metrics": metrics}
+    params = flatten(((data.get("params") or {}).get("params.yaml") or {}).get("data") or {})
+    timestamp = data.get("timestamp") or ""
+    return {
+        "name": name,
+        "rev": rev,
+        "experiment": experiment,
+        "timestamp": timestamp,
+        "params": params,
+        "metrics": metrics,
+    }
 
 
 def experiments(exp_show: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
@@ -50,13 +65,14 @@ def experiments(exp_show: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     for baseline in exp_show:
         if baseline.get("rev") == "workspace":
             continue
-        if row := _row(baseline.get("name") or str(baseline.get("rev", ""))[:7], baseline.get("data") or {}):
+        commit = str(baseline.get("rev", ""))
+        if row := _row(baseline.get("name") or commit[:7], commit, baseline.get("data") or {}, False):
             rows.append(row)
         runs = []
         for exp in baseline.get("experiments") or []:
             rev = (exp.get("revs") or [{}])[0]
             if rev.get("rev") != "workspace" and (
-                row := _row(exp.get("name") or rev.get("rev", "")[:7], rev.get("data") or {})
+                row := _row(exp.get("name") or rev.get("rev", "")[:7], rev.get("rev", ""), rev.get("data") or {}, True)
             ):
                 runs.append(row)
         rows += sorted(runs, key=lambda r: r["timestamp"])
@@ -76,22 +92,83 @@ def _text(value: Any, decimals: str = "g") -> str:
 
 
 def changed_params(rows: Sequence[Mapping[str, Any]]) -> list[str]:
-    """Param keys (params.yaml order) whose values differ between rows."""
+    """Param keys (params.yaml order) whose values differ between rows (or arms)."""
     keys = list(dict.fromkeys(k for r in rows for k in r["params"]))
     return [k for k in keys if any(r["params"].get(k) != rows[0]["params"].get(k) for r in rows)]  # 1 == 1.0
 
 
-def compare_table(rows: Sequence[Mapping[str, Any]], metrics: Sequence[str] = COMPARED) -> str:
-    """Experiments x changed params x mean metrics (%), as aligned text; random-weight runs marked with *."""
-    params = changed_params(rows)
+def arm_name(name: str) -> str:
+    """`full-s1` -> `full`: `make ablations SEEDS=...` names an arm's run at seed s `<arm>-s<s>`."""
+    return re.sub(r"-s\d+$", "", name)
+
+
+def arms(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Rows grouped into arms: the same name less a `-s<seed>` suffix and the same params apart from SEED_KEYS.
+
+    Each arm is {name, params (without SEED_KEYS), runs}, in order of first appearance; `runs` holds one row per
+    seed setting, the latest (same params and seeds give the same numbers), so an arm's earlier run at
+    params.yaml's seeds (`full`) and its run at the same seeds (`full-s0`) count once.
+    """
+    groups: list[dict[str, Any]] = []
+    for row in rows:
+        name, params = arm_name(row["name"]), {k: v for k, v in row["params"].items() if k not in SEED_KEYS}
+        group = next((g for g in groups if g["name"] == name and g["params"] == params), None)  # 1 == 1.0
+        if group is None:
+            group = {"name": name, "params": params, "by_seeds": {}}
+            groups.append(group)
+        group["by_seeds"][json.dumps([row["params"].get(k) for k in SEED_KEYS])] = row
+    return [{"name": g["name"], "params": g["params"], "runs": list(g["by_seeds"].values())} for g in groups]
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float | None]:
+    """Mean and sample standard deviation (ddof = 1: the seeds are a sample of the possible ones) of one or more
+    values; None for the deviation of a single value."""
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
+
+
+def within_noise(values: Sequence[float], reference: Sequence[float]) -> bool:
+    """True when the means differ by less than the larger of the two standard deviations over seeds: the
+    difference cannot be told from the seeds' spread. A single value has no spread; two single values: False."""
+    spreads = [std for _, std in (mean_std(values), mean_std(reference)) if std is not None]
+    return bool(spreads) and abs(statistics.fmean(values) - statistics.fmean(reference)) < max(spreads)
+
+
+def _means(arm: Mapping[str, Any], metric: str) -> list[float]:
+    """The arm's runs' metrics.json means of `metric` (runs where it is not measurable left out)."""
+    values = (r["metrics"].get("metrics.json", {}).get("mean", {}).get(metric) for r in arm["runs"])
+    return [float(v) for v in values if v is not None]
+
+
+def compare_table(rows: Sequence[Mapping[str, Any]]) -> str:
+    """Experiments x changed params x mean metrics (%), as aligned text; random-weight runs marked with *.
+
+    When an arm has runs at more than one seed setting (`make ablations SEEDS=...`), a row per arm instead:
+    its seed settings, and per metric (SPREAD_COMPARED) mean ± sample standard deviation over them, marked
+    NOISE_MARK where its difference from the `full` arm is within the larger of the two spreads.
+    """
+    groups = arms(rows)
+    seeded = any(len(g["runs"]) > 1 for g in groups)
+    metrics = SPREAD_COMPARED if seeded else COMPARED
+    reference = next((g for g in reversed(groups) if g["name"] == REFERENCE), None) if seeded else None
+    params = changed_params(groups)
     heads = [("experiment", "")] + [tuple(k.split(".", 1)) if "." in k else (k, "") for k in params]
+    heads += [("seeds", "")] if seeded else []
     heads += [tuple((LABELS.get(m, m) + " ").split(" ", 1)) for m in metrics]
     body = []
-    for r in rows:
-        summary = r["metrics"].get("metrics.json", {})
-        mean = summary.get("mean", {})
-        name = r["name"] + ("*" if summary.get("random_weights") else "")
-        body.append([name] + [_text(r["params"].get(k)) for k in params] + [_text(mean.get(m), ".2f") for m in metrics])
+    for g in groups:
+        random = any(r["metrics"].get("metrics.json", {}).get("random_weights") for r in g["runs"])
+        name = (g["name"] if seeded else g["runs"][0]["name"]) + ("*" if random else "")
+        cells = [_text(g["params"].get(k)) for k in params] + ([str(len(g["runs"]))] if seeded else [])
+        for m in metrics:
+            values = _means(g, m)
+            if not values:
+                cells.append("-")
+                continue
+            mean, std = mean_std(values)
+            noise = reference is not None and g is not reference and within_noise(values, _means(reference, m))
+            mark = (NOISE_MARK if noise else " ") if reference is not None else ""  # a blank keeps digits aligned
+            cells.append(f"{mean:.2f}" + ("" if std is None else f"±{std:.2f}") + mark)
+        body.append([name] + cells)
     table = [[a for a, _ in heads], [b.strip() for _, b in heads]] + body
     widths = [max(len(line[i]) for line in table) for i in range(len(heads))]
     first_metric = len(heads) - len(metrics)  # numbers right-aligned, text left-aligned
@@ -105,6 +182,15 @@ def compare_table(rows: Sequence[Mapping[str, Any]], metrics: Sequence[str] = CO
     lines.insert(2, "  ".join("-" * w for w in widths))
     if any(r["metrics"].get("metrics.json", {}).get("random_weights") for r in rows):
         lines.append("* random weights (model.pretrained = none): the numbers exercise the pipeline, not the method")
+    if seeded:
+        lines.append(
+            "± sample standard deviation (ddof = 1) over an arm's seeds (shots.seed, oagm.seed, mpts.seed together)"
+        )
+    if reference is not None:
+        lines.append(
+            f"{NOISE_MARK} within noise: differs from {REFERENCE}'s mean by less than the larger of the two "
+            "standard deviations"
+        )
     return "\n".join(lines) + "\n"
 
 

@@ -8,7 +8,9 @@ vega JS bundled: no browser, no network). Data building is pure and tested; `ren
 
 writes figures/curves.png (ROC pixel, ROC image, PRO), figures/training.png (loss_ano, loss_div,
 cos(G_ano, G_div), share of calibrated steps) with one line per category, and, given `dvc exp show --json`
-output, figures/ablation_pixel_auroc.png (per-category pixel AUROC across experiments).
+output, figures/ablation_pixel_auroc.png (per-category pixel AUROC across experiments), and, given `make sweep`'s
+sweep.json, figures/sweep.png (mean over seeds with a +- 1 standard deviation bar, per k and category, a panel
+per metric).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from typing import Any
 import yaml
 
 from mpad import layout
-from mpad.experiments import experiments
+from mpad.experiments import arms, experiments, mean_std
 from mpad.summary import LABELS
 
 CURVE_PANELS = {"roc_pixel": "ROC, pixel level", "roc_image": "ROC, image level", "pro": "PRO (per-region overlap)"}
@@ -89,34 +91,125 @@ def line_panels(rows: list[dict[str, Any]], x_title: str, y_title: str, title: s
 
 
 def ablation_rows(exp_show: list[dict[str, Any]], metric: str = "pixel_auroc") -> list[dict[str, Any]]:
-    """{experiment, category, value} of `metric` from each experiment's metrics/<category>.json (null: left out)."""
+    """{experiment, category, value} of `metric` from each experiment's metrics/<category>.json (null: left out).
+
+    An arm run at several seeds (`make ablations SEEDS=...`, mpad.experiments.arms) is one entry named after the
+    arm: value = the mean over its runs, plus lo / hi = value -+ their sample standard deviation."""
     out = []
-    for exp in experiments(exp_show):
-        for path, values in exp["metrics"].items():
-            if path.startswith("metrics/") and values.get(metric) is not None:
-                out.append({"experiment": exp["name"], "category": Path(path).stem, "value": float(values[metric])})
+    for arm in arms(experiments(exp_show)):
+        name = arm["name"] if len(arm["runs"]) > 1 else arm["runs"][0]["name"]
+        for path in dict.fromkeys(p for r in arm["runs"] for p in r["metrics"] if p.startswith("metrics/")):
+            values = [float(v) for r in arm["runs"] if (v := r["metrics"].get(path, {}).get(metric)) is not None]
+            if values:
+                mean, std = mean_std(values)
+                row = {"experiment": name, "category": Path(path).stem, "value": mean}
+                out.append(row if std is None else row | {"lo": mean - std, "hi": mean + std})
     return out
 
 
 def ablation_spec(rows: list[dict[str, Any]], metric: str = "pixel_auroc") -> dict[str, Any]:
-    """Grouped bars: a group per category, a bar per experiment (in run order), as the paper's Tables 2-4.
-    With xOffset, the width step is per bar: 12 px."""
+    """Grouped bars: a group per category, a bar per experiment (in run order), as the paper's Tables 2-4; a
+    +- 1 standard deviation line on the bar of an arm run at several seeds. With xOffset, the width step is per
+    bar: 12 px."""
     order = list(dict.fromkeys(r["experiment"] for r in rows))
     label = LABELS.get(metric, metric)
+    x = {"field": "category", "type": "nominal", "title": None, "axis": {"labelAngle": 0}}
+    offset = {"field": "experiment", "sort": order}
+    bars = {
+        "mark": "bar",
+        "encoding": {
+            "x": x,
+            "xOffset": offset,
+            "y": {"field": "value", "type": "quantitative", "title": f"{label} (%)"},
+            "color": {"field": "experiment", "type": "nominal", "sort": order},
+            "tooltip": [{"field": "experiment"}, {"field": "value", "format": ".2f"}],
+        },
+    }
+    spread = {
+        "mark": {"type": "rule", "color": "black"},
+        "transform": [{"filter": "isValid(datum.lo)"}],
+        "encoding": {"x": x, "xOffset": offset, "y": {"field": "lo", "type": "quantitative"}, "y2": {"field": "hi"}},
+    }
     return {
         "$schema": SCHEMA,
         "title": f"{label} (%) per category, a bar per experiment",
         "data": {"values": rows},
         "width": {"step": 12},
         "height": 260,
-        "mark": "bar",
-        "encoding": {
-            "x": {"field": "category", "type": "nominal", "title": None, "axis": {"labelAngle": 0}},
-            "xOffset": {"field": "experiment", "sort": order},
-            "y": {"field": "value", "type": "quantitative", "title": f"{label} (%)"},
-            "color": {"field": "experiment", "type": "nominal", "sort": order},
-            "tooltip": [{"field": "experiment"}, {"field": "value", "format": ".2f"}],
+        "layer": [bars, spread] if any("lo" in r for r in rows) else [bars],
+    }
+
+
+def sweep_rows(sweep: dict[str, Any]) -> list[dict[str, Any]]:
+    """{metric (label), row (a category, "texture mean", "object mean" or "mean"), k, mean, lo, hi, n} of sweep.json;
+    lo / hi = mean -+ the standard deviation over seeds (the mean itself with one seed); unmeasurable left out."""
+    labels = {"texture": "texture mean", "object": "object mean"}
+    order = [*sweep["textures"], "texture", *sweep["objects"], "object", "mean"]  # the file's keys are sorted
+    out = []
+    for k in sweep["shots"]:
+        rows = sweep["k"][str(k)]
+        for row in (r for r in order if r in rows):
+            for metric, s in rows[row].items():
+                if s["mean"] is not None:
+                    mean, std = s["mean"], s["std"] or 0.0
+                    out.append(
+                        {
+                            "metric": LABELS.get(metric, metric),
+                            "row": labels.get(row, row),
+                            "k": k,
+                            "mean": mean,
+                            "lo": mean - std,
+                            "hi": mean + std,
+                            "n": s["n"],
+                        }
+                    )
+    return out
+
+
+def sweep_spec(rows: list[dict[str, Any]], title: str) -> dict[str, Any]:
+    """A panel per metric: per k (x), a point per row (category or mean, side by side) at the mean over seeds
+    with a bar from mean - std to mean + std."""
+    order = list(dict.fromkeys(r["row"] for r in rows))
+    x = {"field": "k", "type": "ordinal", "title": "shots (k)", "axis": {"labelAngle": 0}}
+    offset = {"field": "row", "sort": order}
+    color = {"field": "row", "type": "nominal", "sort": order, "title": None}
+    return {
+        "$schema": SCHEMA,
+        "title": title,
+        "data": {"values": rows},
+        "facet": {"column": {"field": "metric", "type": "nominal", "title": None, "sort": list(LABELS.values())}},
+        "spec": {
+            "width": {"step": 12},  # per point (xOffset)
+            "height": 220,
+            "layer": [
+                {
+                    "mark": {"type": "rule"},
+                    "encoding": {
+                        "x": x,
+                        "xOffset": offset,
+                        "y": {"field": "lo", "type": "quantitative", "scale": {"zero": False}},
+                        "y2": {"field": "hi"},
+                        "color": color,
+                    },
+                },
+                {
+                    "mark": {"type": "point", "filled": True, "size": 30},
+                    "encoding": {
+                        "x": x,
+                        "xOffset": offset,
+                        "y": {
+                            "field": "mean",
+                            "type": "quantitative",
+                            "scale": {"zero": False},
+                            "title": "% (mean ± std over seeds)",
+                        },
+                        "color": color,
+                        "tooltip": [{"field": "row"}, {"field": "k"}, {"field": "mean", "format": ".2f"}],
+                    },
+                },
+            ],
         },
+        "resolve": {"scale": {"y": "independent"}},
     }
 
 
@@ -139,6 +232,7 @@ def _run_categories() -> list[str]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m mpad.plots", description=__doc__.split("\n")[0])
     parser.add_argument("--experiments", type=Path, help="`dvc exp show --json` output, for the ablation chart")
+    parser.add_argument("--sweep", type=Path, default=Path("sweep.json"), help="`make sweep`'s results, if there")
     parser.add_argument("--out", type=Path, default=Path("figures"))
     parser.add_argument("--categories", nargs="*", help="default: params.yaml's dataset.categories")
     args = parser.parse_args(argv)
@@ -154,6 +248,9 @@ def main(argv: list[str] | None = None) -> None:
         written.append(render_png(line_panels(rows, "step", "value", "Training (MPTS)"), args.out / "training.png"))
     if args.experiments and (rows := ablation_rows(json.loads(args.experiments.read_text()))):
         written.append(render_png(ablation_spec(rows), args.out / "ablation_pixel_auroc.png"))
+    if args.sweep.is_file() and (rows := sweep_rows(sweep := json.loads(args.sweep.read_text()))):
+        title = "Shots x seeds sweep" + (" (random weights)" if sweep.get("random_weights") else "")
+        written.append(render_png(sweep_spec(rows, title), args.out / "sweep.png"))
     print("\n".join(f"wrote {p}" for p in written) or "nothing to draw: run the pipeline first")
 
 

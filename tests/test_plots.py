@@ -144,7 +144,7 @@ def test_ablation_rows_are_per_category_pixel_auroc_per_experiment():
     assert {"experiment": "lambda-0.5", "category": "disc", "value": 62.0} in rows
     assert {"experiment": "full", "category": "stripes", "value": 57.0} in rows
     spec = ablation_spec(rows)
-    assert spec["encoding"]["xOffset"]["sort"] == list(ABLATIONS)  # bars in run order
+    assert spec["layer"][0]["encoding"]["xOffset"]["sort"] == list(ABLATIONS)  # bars in run order
 
 
 def _pixels(png: bytes, rgb: tuple[int, int, int]) -> int:
