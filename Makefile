@@ -108,7 +108,7 @@ compare: $(STAMP)
 # (ROC, PRO), figures/training.png (MPTS curves), figures/ablation_pixel_auroc.png (the experiments).
 plots: $(STAMP)
 	mkdir -p figures && $(BIN)/dvc exp show --json > figures/experiments.json
-	$(BIN)/python -m mpad.plots --experiments figures/experiments.json --out figures
+	$(BIN)/mpad plots --experiments figures/experiments.json --out figures
 
 test: $(STAMP)
 	$(BIN)/ruff check .

@@ -16,7 +16,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from mpad.summary import LABELS
+from mpad.summary import LABELS, group_means, random_weights_of, summary_of
 
 COMPARED = ("pixel_auroc", "aupro", "pixel_f1_max", "image_auroc")  # the means of Tables 1-4
 MAX_VALUE = 14  # a long param value (a category list) is cut to this many characters
@@ -135,7 +135,7 @@ def within_noise(values: Sequence[float], reference: Sequence[float]) -> bool:
 
 def _means(arm: Mapping[str, Any], metric: str) -> list[float]:
     """The arm's runs' metrics.json means of `metric` (runs where it is not measurable left out)."""
-    values = (r["metrics"].get("metrics.json", {}).get("mean", {}).get(metric) for r in arm["runs"])
+    values = ((group_means(summary_of(r["metrics"])) or {}).get(metric) for r in arm["runs"])
     return [float(v) for v in values if v is not None]
 
 
@@ -156,7 +156,7 @@ def compare_table(rows: Sequence[Mapping[str, Any]]) -> str:
     heads += [tuple((LABELS.get(m, m) + " ").split(" ", 1)) for m in metrics]
     body = []
     for g in groups:
-        random = any(r["metrics"].get("metrics.json", {}).get("random_weights") for r in g["runs"])
+        random = any(random_weights_of(summary_of(r["metrics"])) for r in g["runs"])
         name = (g["name"] if seeded else g["runs"][0]["name"]) + ("*" if random else "")
         cells = [_text(g["params"].get(k)) for k in params] + ([str(len(g["runs"]))] if seeded else [])
         for m in metrics:
@@ -180,7 +180,7 @@ def compare_table(rows: Sequence[Mapping[str, Any]]) -> str:
         for line in table
     ]
     lines.insert(2, "  ".join("-" * w for w in widths))
-    if any(r["metrics"].get("metrics.json", {}).get("random_weights") for r in rows):
+    if any(random_weights_of(summary_of(r["metrics"])) for r in rows):
         lines.append("* random weights (model.pretrained = none): the numbers exercise the pipeline, not the method")
     if seeded:
         lines.append(

@@ -4,9 +4,8 @@
 inspection PC. Here the same data become Vega-Lite specs rendered to PNG by vl-convert (Rust, with the
 vega JS bundled: no browser, no network). Data building is pure and tested; `render_png` draws.
 
-  python -m mpad.plots [--experiments exp.json] [--out figures]
-
-writes figures/curves.png (ROC pixel, ROC image, PRO), figures/training.png (loss_ano, loss_div,
+`mpad plots [--experiments exp.json] [--out figures]` (stages/plots.py; `make plots`) writes figures/curves.png
+(ROC pixel, ROC image, PRO), figures/training.png (loss_ano, loss_div,
 cos(G_ano, G_div), share of calibrated steps) with one line per category, and, given `dvc exp show --json`
 output, figures/ablation_pixel_auroc.png (per-category pixel AUROC across experiments), and, given `make sweep`'s
 sweep.json, figures/sweep.png (mean over seeds with a +- 1 standard deviation bar, per k and category, a panel
@@ -15,16 +14,12 @@ per metric).
 
 from __future__ import annotations
 
-import argparse
-import csv
-import json
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from mpad import layout
+from mpad.curves import read_curve, read_xy
 from mpad.experiments import arms, experiments, mean_std
 from mpad.summary import LABELS
 
@@ -38,22 +33,13 @@ TRAIN_PANELS = {
 SCHEMA = "https://vega.github.io/schema/vega-lite/v5.json"
 
 
-def read_columns(path: Path, delimiter: str = ",") -> list[tuple[float, float]]:
-    """(x, y) pairs of a two-column curve file (evaluate's CSV, dvclive's TSV), header skipped; [] if absent."""
-    if not path.is_file():
-        return []
-    with path.open(newline="") as f:
-        rows = list(csv.reader(f, delimiter=delimiter))[1:]
-    return [(float(r[0]), float(r[1])) for r in rows if len(r) >= 2]
-
-
-def curve_rows(categories: Iterable[str], root: Path = Path(".")) -> list[dict[str, Any]]:
-    """Long-form rows {panel, category, x, y} of evaluate's ROC and PRO curves."""
+def curve_panel_rows(categories: Iterable[str], root: Path = Path(".")) -> list[dict[str, Any]]:
+    """Long-form rows {panel, category, x, y} of evaluate's ROC and PRO curves (mpad.curves reads them)."""
     return [
         {"panel": title, "category": c, "x": x, "y": y}
         for kind, title in CURVE_PANELS.items()
         for c in categories
-        for x, y in read_columns(root / layout.curve_file(kind, c))
+        for x, y in read_curve(kind, c, root)
     ]
 
 
@@ -63,7 +49,7 @@ def training_rows(categories: Iterable[str], root: Path = Path(".")) -> list[dic
         {"panel": title, "category": c, "x": x, "y": y}
         for name, title in TRAIN_PANELS.items()
         for c in categories
-        for x, y in read_columns(root / layout.train_curves_dir(c) / "plots" / "metrics" / f"{name}.tsv", "\t")
+        for x, y in read_xy(root / layout.train_curves_dir(c) / "plots" / "metrics" / f"{name}.tsv", "step", name, "\t")
     ]
 
 
@@ -220,39 +206,3 @@ def render_png(spec: dict[str, Any], path: Path, scale: float = 1.0) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(vl_convert.vegalite_to_png(spec, scale=scale))
     return path
-
-
-def _run_categories() -> list[str]:
-    """params.yaml's categories (metrics/ may still hold files of categories dropped since); null: all there."""
-    params = yaml.safe_load(Path("params.yaml").read_text()) if Path("params.yaml").is_file() else {}
-    listed = ((params or {}).get("dataset") or {}).get("categories")
-    return list(listed) if listed else sorted(p.stem for p in Path("metrics").glob("*.json"))
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m mpad.plots", description=__doc__.split("\n")[0])
-    parser.add_argument("--experiments", type=Path, help="`dvc exp show --json` output, for the ablation chart")
-    parser.add_argument("--sweep", type=Path, default=Path("sweep.json"), help="`make sweep`'s results, if there")
-    parser.add_argument("--out", type=Path, default=Path("figures"))
-    parser.add_argument("--categories", nargs="*", help="default: params.yaml's dataset.categories")
-    args = parser.parse_args(argv)
-    categories = args.categories or _run_categories()
-    written = []
-    if rows := curve_rows(categories):
-        written.append(
-            render_png(
-                line_panels(rows, "false positive rate", "TPR / PRO", "Evaluation curves", 3), args.out / "curves.png"
-            )
-        )
-    if rows := training_rows(categories):
-        written.append(render_png(line_panels(rows, "step", "value", "Training (MPTS)"), args.out / "training.png"))
-    if args.experiments and (rows := ablation_rows(json.loads(args.experiments.read_text()))):
-        written.append(render_png(ablation_spec(rows), args.out / "ablation_pixel_auroc.png"))
-    if args.sweep.is_file() and (rows := sweep_rows(sweep := json.loads(args.sweep.read_text()))):
-        title = "Shots x seeds sweep" + (" (random weights)" if sweep.get("random_weights") else "")
-        written.append(render_png(sweep_spec(rows, title), args.out / "sweep.png"))
-    print("\n".join(f"wrote {p}" for p in written) or "nothing to draw: run the pipeline first")
-
-
-if __name__ == "__main__":
-    main()

@@ -10,6 +10,7 @@ from typing import Any
 
 from mpad.config import RANDOM_WEIGHTS_NOTE
 from mpad.io import read_json_object, write_json, write_text
+from mpad.layout import METRICS_JSON
 
 METRIC_ORDER = ("pixel_auroc", "aupro", "pixel_f1_max", "pixel_ap", "image_auroc", "image_f1_max", "image_ap")
 LABELS = {
@@ -65,6 +66,23 @@ def save_summary(
     write_json(json_path, summary)
     write_text(table_path, markdown_table(per_category, summary, summary.get("note", "")))
     return summary
+
+
+def summary_of(metrics: Mapping[str, Any]) -> dict[str, Any]:
+    """The metrics.json record among a run's metrics files ({path: values}, as `dvc exp show --json` lists
+    them); {} when the run has none."""
+    return dict(metrics.get(str(METRICS_JSON), {}) or {})
+
+
+def group_means(record: Mapping[str, Any], group: str = "mean") -> dict[str, float] | None:
+    """A metrics.json record's means over all categories ("mean") or a group ("texture", "object"); None
+    when the record has none for it."""
+    return record.get(group)
+
+
+def random_weights_of(record: Mapping[str, Any]) -> bool:
+    """Whether a metrics.json record's run used random weights."""
+    return bool(record.get("random_weights"))
 
 
 def summarize(per_category: Mapping[str, Mapping[str, Any]], groups: Mapping[str, str]) -> dict[str, object]:

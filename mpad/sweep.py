@@ -35,11 +35,10 @@ from typing import Any
 
 import yaml
 
-from mpad.config import TABLE_ORDER
-from mpad.data.prepare import DEFAULT_TEXTURES
+from mpad.data.catalog import CATALOG, TABLE_ORDER
 from mpad.experiments import experiments, flatten, mean_std
 from mpad.io import write_json, write_text
-from mpad.summary import LABELS
+from mpad.summary import LABELS, group_means, random_weights_of, summary_of
 
 SWEPT = ("shots.k", "shots.seed")
 REPORTED = ("pixel_auroc", "aupro", "image_auroc")  # Table 1's pixel AUROC, then the usual companions
@@ -160,12 +159,10 @@ def aggregate(runs: Mapping[Point, Mapping[str, Any]], shots: Sequence[int], see
     the group more than one; mean), the spread of each REPORTED metric over the seeds' runs. `runs` must hold
     every (k, seed); their params differ only there."""
     first = runs[(shots[0], seeds[0])]
-    params, summary = first["params"], first["metrics"].get("metrics.json", {})
+    params, summary = first["params"], summary_of(first["metrics"])
     categories = list(params["dataset.categories"])
     listed = params.get("dataset.textures")
-    textures, objects = table_order(
-        categories, DEFAULT_TEXTURES.get(params["dataset.name"], ()) if listed is None else listed
-    )
+    textures, objects = table_order(categories, CATALOG[params["dataset.name"]].textures if listed is None else listed)
     per_k = {}
     for k in shots:
         members = [runs[(k, seed)]["metrics"] for seed in seeds]
@@ -175,7 +172,7 @@ def aggregate(runs: Mapping[Point, Mapping[str, Any]], shots: Sequence[int], see
             rows[category] = {name: spread(_present(f.get(name) for f in files)) for name in REPORTED}
         sizes = {"texture": len(textures), "object": len(objects)}
         for group in GROUP_ROWS:  # a group's mean when there are two groups and it has two or more categories
-            means = [m.get("metrics.json", {}).get(group) for m in members]
+            means = [group_means(summary_of(m), group) for m in members]
             if all(means) and (group == "mean" or (textures and objects and sizes[group] > 1)):
                 rows[group] = {name: spread(_present(g.get(name) for g in means)) for name in REPORTED}
         per_k[str(k)] = rows
@@ -187,7 +184,7 @@ def aggregate(runs: Mapping[Point, Mapping[str, Any]], shots: Sequence[int], see
         "std": "sample standard deviation over seeds (ddof = 1)",
         "textures": textures,
         "objects": objects,
-        "random_weights": bool(summary.get("random_weights")),
+        "random_weights": random_weights_of(summary),
         "note": summary.get("note"),
         "k": per_k,
     }

@@ -26,6 +26,7 @@ COMMANDS = {
     "evaluate": "Evaluate the learned prompts on a category's test split.",
     "summarize": "Gather per-category metrics into metrics.json and metrics.md.",
     "predict": "Score new images with learned prompts: maps, overlays, decisions.",
+    "plots": "Draw the run's curves and the ablation / sweep charts as PNG files (no browser, no network).",
     "export": "Export the learned detector as one ONNX model (+ sidecar JSON) for deployment.",
     "serve": "Serve an exported model over HTTP, with dynamic batching and a page to try it.",
 }

@@ -8,19 +8,22 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+from typer.testing import CliRunner
 
 from mpad import plots
+from mpad.curves import CURVES
 from mpad.experiments import compare_table, experiments
 from mpad.plots import (
     CURVE_PANELS,
     TRAIN_PANELS,
     ablation_rows,
     ablation_spec,
-    curve_rows,
+    curve_panel_rows,
     line_panels,
     render_png,
     training_rows,
 )
+from stages.cli import app
 
 ABLATIONS = {  # name: (meta_epochs, lambda, oagm, attention, k, memory)
     "human-prompts": (0, 1.0, True, "vv", 2, False),
@@ -166,7 +169,7 @@ def test_curves_and_training_panels_from_the_pipeline_files(tmp_path):
     for kind, head in (("roc_pixel", "fpr,tpr"), ("roc_image", "fpr,tpr"), ("pro", "fpr,pro")):
         (tmp_path / "plots" / kind).mkdir(parents=True)
         (tmp_path / "plots" / kind / "disc.csv").write_text(f"{head}\n0.0,0.0\n0.25,0.75\n1.0,1.0\n")
-    curves = curve_rows(["disc", "absent"], tmp_path)
+    curves = curve_panel_rows(["disc", "absent"], tmp_path)
     assert len(curves) == 9 and {"panel": "ROC, image level", "category": "disc", "x": 0.25, "y": 0.75} in curves
     folder = tmp_path / "dvclive" / "train" / "disc" / "plots" / "metrics"
     folder.mkdir(parents=True)
@@ -179,18 +182,22 @@ def test_curves_and_training_panels_from_the_pipeline_files(tmp_path):
     assert image.width >= 2 * 2 * 300 and image.height >= 2 * 2 * 200  # 2 x 2 panels of 300 x 200, at scale 2
 
 
-def test_make_plots_draws_the_params_categories_and_the_experiments(tmp_path, monkeypatch, capsys):
+def test_make_plots_draws_the_params_categories_and_the_experiments(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    Path("params.yaml").write_text("dataset:\n  categories: [disc]\n")
+    Path("params.yaml").write_text("dataset:\n  name: synthetic\n  categories: [disc]\n")
     for category in ("disc", "dropped"):  # metrics/ and plots/ keep files of categories dropped since
         for kind in CURVE_PANELS:
             Path("plots", kind).mkdir(parents=True, exist_ok=True)
-            Path("plots", kind, f"{category}.csv").write_text("fpr,tpr\n0.0,0.0\n1.0,1.0\n")
+            Path("plots", kind, f"{category}.csv").write_text(",".join(CURVES[kind]) + "\n0.0,0.0\n1.0,1.0\n")
     Path("exp.json").write_text(json.dumps(exp_show()))
     drawn = {}
     monkeypatch.setattr(plots, "render_png", lambda spec, path: drawn.setdefault(path.name, spec) and path)
-    plots.main(["--experiments", "exp.json", "--out", "figs"])
+    result = CliRunner().invoke(app, ["plots", "--experiments", "exp.json", "--out", "figs"])
+    assert result.exit_code == 0, result.output
     assert set(drawn) == {"curves.png", "ablation_pixel_auroc.png"}  # no dvclive folder: no training.png
     assert {r["category"] for r in drawn["curves.png"]["data"]["values"]} == {"disc"}
     assert len(drawn["ablation_pixel_auroc.png"]["data"]["values"]) == 2 * len(ABLATIONS)
-    assert "wrote figs/curves.png" in capsys.readouterr().out
+    assert "wrote figs/curves.png" in result.output
+    Path("params.yaml").write_text("dataset:\n  name: synthetic\n  categories: null\n")  # validated, as DVC needs
+    result = CliRunner().invoke(app, ["plots", "--out", "figs"])
+    assert result.exit_code == 1 and "dataset.categories = None: must be a non-empty list" in result.output
