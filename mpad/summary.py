@@ -80,6 +80,11 @@ def group_means(record: Mapping[str, Any], group: str = "mean") -> dict[str, flo
     return record.get(group)
 
 
+def unmeasured_of(record: Mapping[str, Any]) -> dict[str, str]:
+    """{category: why} of a metrics.json record's categories left out of the means (null metrics)."""
+    return dict(record.get("unmeasured", {}))
+
+
 def random_weights_of(record: Mapping[str, Any]) -> bool:
     """Whether a metrics.json record's run used random weights."""
     return bool(record.get("random_weights"))

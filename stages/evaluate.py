@@ -29,7 +29,7 @@ from mpad.evaluation import category_metrics, run_detector, unmeasured
 from mpad.overlays import pick_overlays, save_overlays
 from mpad.prompt_file import PromptFileError, PromptsFile
 from mpad.summary import save_category_metrics
-from mpad.thresholds import save_thresholds, thresholds_record
+from mpad.thresholds import colour_range, save_thresholds, thresholds_record
 from stages.common import PARAMS_OPTION, StageProgress, fail, load_config
 
 
@@ -51,7 +51,7 @@ def main(
             )
         thresholds = thresholds_record(result, scoring, category, str(prompts.sha256))
         picks = pick_overlays([s.defect for s in samples], settings.overlays)
-        shown_range = (thresholds["map_low"], thresholds["map_high"])
+        shown_range = colour_range(thresholds)
         save_overlays(layout.overlays_dir(category), samples, result.maps, picks, shown_range)
     except (DatasetError, ModelLoadError, PromptFileError) as err:
         fail(str(err))

@@ -13,7 +13,7 @@ import typer
 from mpad import layout
 from mpad.data.manifest import group_of, load_manifest
 from mpad.data.mvtec import DatasetError
-from mpad.summary import load_category_metrics, save_summary
+from mpad.summary import load_category_metrics, save_summary, unmeasured_of
 from stages.common import PARAMS_OPTION, fail, load_config
 
 
@@ -31,7 +31,7 @@ def main(params: Path = PARAMS_OPTION) -> None:
         fail(f"{err}; run the evaluate stage")
     groups = {c: group_of(manifest, c) for c in categories}
     summary = save_summary(per_category, groups, layout.METRICS_JSON, layout.METRICS_MD)
-    for category, why in summary.get("unmeasured", {}).items():
+    for category, why in unmeasured_of(summary).items():
         typer.secho(
             f"warning: {category} cannot be fully measured ({why}): its null metrics are left out of the means",
             err=True,
