@@ -31,7 +31,12 @@ def _text_cache_dir(tmp_path_factory):
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Tests marked `cuda` are skipped without a CUDA device (unless MPAD_CUDA_TEST_DEVICE names another)."""
+    """Modules with end-to-end runs (marker `slow`) first, the longest (test_pipeline.py, one DVC chain of minutes)
+    first of all: `make test` hands whole modules to its 2 workers in this order, and a long module handed out
+    last would keep one worker busy while the other idles. Tests marked `cuda` are skipped without a CUDA device
+    (unless MPAD_CUDA_TEST_DEVICE names another)."""
+    slow = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: (item.path not in slow, item.path.name != "test_pipeline.py"))  # stable
     if torch.cuda.is_available() or os.environ.get("MPAD_CUDA_TEST_DEVICE"):
         return
     skip = pytest.mark.skip(reason="needs CUDA: torch.cuda.is_available() is False")
