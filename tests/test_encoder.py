@@ -137,8 +137,7 @@ def test_intermediates_and_bad_arguments(tiny_clip):
 PAPER_IMAGE_TERMS = 80408
 
 
-@pytest.mark.numerics
-def test_paper_backbone_global_embedding_and_grid():
+def test_paper_backbone_global_embedding_and_grid():  # not `numerics`: both sides run the same kernels
     """The default architecture (random weights): 15x15 grid at 240 px, original path still exact (up to a
     summation order, tests/fp_bounds.py)."""
     from mpad.clip import load_clip
