@@ -1,12 +1,20 @@
 """Shared fixtures: the tiny random-weight CLIP is built once per test session; the prompt-ensemble cache of the
-stages goes to a temporary folder, not to the user's ~/.cache; tests marked `cuda` are skipped without CUDA."""
+stages goes to a temporary folder, not to the user's ~/.cache; tests marked `cuda` are skipped without CUDA.
+
+One torch thread per process unless OMP_NUM_THREADS says otherwise (set before torch is imported, and inherited
+by the stage processes DVC starts): the tiny model's ops are far too small to gain from a second thread, and
+spinning OpenMP threads on busy cores made one offline `train` 10x slower (119 s instead of 12 s at load 8 on
+2 cores). `make test` runs two pytest workers (pytest-xdist), which fill the 2 cores with one thread each.
+"""
 
 from __future__ import annotations
 
 import os
 
-import pytest
-import torch
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 from mpad.clip import ClipBundle, load_clip
 
@@ -23,7 +31,12 @@ def _text_cache_dir(tmp_path_factory):
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Tests marked `cuda` are skipped without a CUDA device (unless MPAD_CUDA_TEST_DEVICE names another)."""
+    """Modules with end-to-end runs (marker `slow`) first, the longest (test_pipeline.py, one DVC chain of minutes)
+    first of all: `make test` hands whole modules to its 2 workers in this order, and a long module handed out
+    last would keep one worker busy while the other idles. Tests marked `cuda` are skipped without a CUDA device
+    (unless MPAD_CUDA_TEST_DEVICE names another)."""
+    slow = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: (item.path not in slow, item.path.name != "test_pipeline.py"))  # stable
     if torch.cuda.is_available() or os.environ.get("MPAD_CUDA_TEST_DEVICE"):
         return
     skip = pytest.mark.skip(reason="needs CUDA: torch.cuda.is_available() is False")

@@ -80,6 +80,11 @@ def _rows(out: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
+# onnxruntime's kernels against torch's, both fp32: another summation order through the image tower (tests/
+# fp_bounds.py). First order, worst case, that bounds the maps' move by s/4 sqrt(D) r |t_a - t_n| for the text map
+# plus <= 2 x sqrt(128) r for the harmonic fusion with the memory map: ~6e-3 here; 1e-4 (100x the 1e-6 the README
+# reports) is tighter than that derivation. Issue 19's threshold change revisits it.
+@pytest.mark.numerics
 @pytest.mark.parametrize("name", ["disc", "plain"])
 def test_onnx_equals_torch_detector(project, dataset, tiny_clip, tmp_path, name):
     model = _export(project, name, tmp_path / f"{name}.onnx")

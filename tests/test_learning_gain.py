@@ -5,11 +5,16 @@ texture, OAGM's Gaussian-noise blobs, MPTS 3 x 10 steps; tested on scratches, ho
 training never saw. The bench measured gains of +0.25 to +0.35 pixel AUROC over the hand-written
 ensembles on this category (3 seeds); on the held-out `grain` defects the gain varies from +0.04 to
 +0.3 with the draw, too unsteady to pin (README, "Do learned prompts generalise?").
+
+The bounds are not rounding bounds: 30 Adam steps compound rounding differences like a change of seed, so
+another CPU's kernels give another trajectory. They hold across seeds (the bench's 3 seeds gained >= 0.25 where
+0.15 is asserted) and were checked on the kernel sets of tests/fp_bounds.py (marker `numerics`).
 """
 
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from mpad.config import LaaConfig, MptsConfig, OagmConfig, PromptsConfig
@@ -26,6 +31,7 @@ from mpad.training import learn_prompts
 LAA = LaaConfig(attention="vv", k=2, layers=2, cls="neighbor-cls")
 
 
+@pytest.mark.numerics
 def test_learned_prompts_gain_on_held_out_defects(tiny_clip):
     bundle = tiny_clip
     rng = np.random.default_rng(0)

@@ -3,7 +3,14 @@ meta-epoch loop, and that it learns.
 
 Learning assertions follow /work/shared/notes/random-weights-learnability.md: with random weights the
 trained prompts must beat untrained ones by >= 0.15 pixel AUROC on new images with the same kind of
-noise blobs, reach >= 0.65, and the training loss must at least halve.
+noise blobs, reach >= 0.65, and the training loss must at least halve. These are not rounding bounds: 100 Adam
+steps compound rounding differences like a change of seed, so another CPU's kernels give another trajectory; the
+note measured a gain >= 0.22 and trained AUROC >= 0.75 on each of 10 seeds, and the test asserts 3-seed means
+(marker `numerics`: checked on the kernel sets of tests/fp_bounds.py).
+
+The other tolerances compare closed forms or two fp32 forms of one formula on a few values each (elementwise
+log, exp, softmax: a few ulp, 1e-6 and 1e-5 relative leave 10-100x); the loop's tests compare bitwise (one
+process, the same ops on the same inputs).
 """
 
 from __future__ import annotations
@@ -225,7 +232,10 @@ def test_log_upsample_is_the_log_of_bilinear_probability_upsampling(size):
     torch.testing.assert_close(log_upsample(probs.log(), size).exp(), upsample(probs, size), rtol=0, atol=1e-6)
 
 
+@pytest.mark.numerics
 def test_training_maps_are_the_evaluation_maps(tiny_clip, setup):
+    """The same logits (one expression, one kernel); log-softmax + log-space upsampling + exp against softmax +
+    upsampling: elementwise fp32 ops on values <= 1, a few ulp (6e-8 each): 1e-6 leaves > 10x."""
     text = setup["meta"]
     log_maps = score_maps(setup["test_features"][:4], text, setup["logit_scale"], (64, 64))
     evaluated = anomaly_maps(setup["test_features"][:4], text, setup["logit_scale"], (64, 64))
@@ -331,6 +341,7 @@ def full_loss(setup, text: torch.Tensor) -> float:
         )
 
 
+@pytest.mark.numerics
 def test_mpts_learns_on_generated_noise_blobs(tiny_clip, setup):
     """Default MPTS (lambda = 1, projection, 2 meta-epochs), 3 prompt/minibatch seeds, means asserted."""
     before_loss, after_loss, before_auc, after_auc, calibrated = [], [], [], [], []

@@ -88,7 +88,7 @@ def test_good_defect_corrupt(files, tmp_path):
             assert Image.open(out / name).size == size
         assert Image.open(out / f"{files[key].stem}_map.png").mode == "L"
         score = float(row["image_score"])
-        assert 0 <= score <= float(row["max_pixel_score"]) + 1e-6 <= 1 + 1e-6
+        assert 0 <= score <= float(row["max_pixel_score"]) + 1e-6 <= 1 + 1e-6  # CSV values: 6 decimals
         assert row["decision"] == ("anomalous" if score >= 0.5 else "normal")
     info = json.loads((out / "predictions.json").read_text())
     assert info["threshold_source"].endswith("(image_threshold)") and info["threshold"] == 0.5

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import time
 from pathlib import Path
 
 import numpy as np
@@ -95,9 +94,7 @@ def test_mask_is_exactly_the_changed_pixels_and_on_the_object() -> None:
 
 
 def test_deterministic_bytes_and_seed_dependence(tmp_path: Path, synthetic_root: Path) -> None:
-    start = time.perf_counter()
     generate(tmp_path / "a", seed=3)
-    assert time.perf_counter() - start < 3.0
     assert _hashes(tmp_path / "a") == _hashes(synthetic_root)
     generate(tmp_path / "b", seed=4)
     ha, hb = _hashes(tmp_path / "a"), _hashes(tmp_path / "b")

@@ -7,6 +7,7 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
+from fp_bounds import IMAGE_TERMS, assert_reordered_close
 
 from mpad.config import LaaConfig, MptsConfig, PromptsConfig
 from mpad.features import build_encoder, encode, encode_batched
@@ -27,16 +28,18 @@ def _set(n: int = 5, size: int = 64):
     return images, masks
 
 
+@pytest.mark.numerics
 def test_encode_batched_equals_one_pass(tiny_clip):
+    """Batches of 2 and one of 5 may take other kernels: equal up to a summation order (tests/fp_bounds.py)."""
     images = torch.rand(5, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     encoder = build_encoder(tiny_clip, LAA, intermediate_layers=[1, 3])
     whole = encode(encoder, tiny_clip, images)
     batched = encode_batched(encoder, tiny_clip, images, batch_size=2)
-    torch.testing.assert_close(batched.patch_features, whole.patch_features)
-    torch.testing.assert_close(batched.image_embedding, whole.image_embedding)
+    assert_reordered_close(batched.patch_features, whole.patch_features, IMAGE_TERMS)
+    assert_reordered_close(batched.image_embedding, whole.image_embedding, IMAGE_TERMS)
     assert len(batched.intermediates) == 2
     for got, want in zip(batched.intermediates, whole.intermediates, strict=True):
-        torch.testing.assert_close(got, want)
+        assert_reordered_close(got, want, IMAGE_TERMS)
 
 
 def test_prompts_file_roundtrip_and_identity(tiny_clip, tmp_path):
@@ -61,8 +64,8 @@ def test_no_meta_epochs_is_the_hand_written_baseline(tiny_clip):
         tiny_clip, "disc", images, masks, LAA, PROMPTS, MptsConfig(meta_epochs=0), on_step=rows.append
     )
     meta = meta_text_embeddings(tiny_clip.model, tiny_clip.tokenizer, "disc")
-    torch.testing.assert_close(learned.result.text, meta)
-    features = synth_features(tiny_clip, LAA, images)
+    torch.testing.assert_close(learned.result.text, meta)  # the same computation on the same inputs: equal
+    features = synth_features(tiny_clip, LAA, images)  # as learn_prompts computes them: its loss to fp32 rounding
     masks_t = torch.from_numpy(np.stack(masks))
     loss = float(anomaly_loss(score_maps(features, meta, float(tiny_clip.model.logit_scale.exp()), (64, 64)), masks_t))
     assert (
