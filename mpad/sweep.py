@@ -44,15 +44,16 @@ from mpad.summary import LABELS
 SWEPT = ("shots.k", "shots.seed")
 REPORTED = ("pixel_auroc", "aupro", "image_auroc")  # Table 1's pixel AUROC, then the usual companions
 GROUP_ROWS = {"texture": "texture mean", "object": "object mean", "mean": "mean"}  # metrics.json's keys
+PACKAGES = ("mpad", "stages")  # pyproject.toml's packages: the code
 MAX_COMMITS = 10  # `dvc exp show -n`: each commit costs about a second
 Point = tuple[int, int]  # (shots.k, shots.seed)
 
 
 def code_paths(pipeline: Mapping[str, Any]) -> list[str]:
-    """dvc.yaml and its stages' deps that are code (not data/..., no ${...}): what a run's results depend on
-    besides params and data, as DVC sees it."""
+    """dvc.yaml and its stages' deps inside the project's packages (mpad/, stages/): the code a run's results
+    depend on, as DVC sees it (other deps are data: the dataset's fingerprints, earlier stages' outputs)."""
     deps = (dep for stage in (pipeline.get("stages") or {}).values() for dep in stage.get("deps") or [])
-    return ["dvc.yaml", *dict.fromkeys(d for d in deps if not d.startswith("data/") and "${" not in d)]
+    return ["dvc.yaml", *dict.fromkeys(d for d in deps if d.split("/")[0] in PACKAGES)]
 
 
 def parse_ints(text: str, what: str) -> list[int]:
