@@ -229,7 +229,7 @@ def markdown(sweep: Mapping[str, Any]) -> str:
             table += [[GROUP_ROWS[group]] + _cells(rows[group])] if group in rows else []
         table.append(["**mean**"] + _cells(rows["mean"]))
         widths = [max(len(r[i]) for r in table) for i in range(len(head))]
-        lines += [f"### {k}-shot (seeds {seeds}: n = {len(sweep['seeds'])})", ""]
+        lines += [f"**{k}-shot** (seeds {seeds}: n = {len(sweep['seeds'])})", ""]
         lines.append(_line(table[0], widths))
         lines.append("|" + "|".join("-" * (w + 1) + ("-" if i == 0 else ":") for i, w in enumerate(widths)) + "|")
         lines += [_line(r, widths) for r in table[1:]] + [""]

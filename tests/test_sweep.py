@@ -149,11 +149,11 @@ def test_aggregate_is_the_spread_of_the_per_run_metrics_files():
     lines = text.splitlines()
     assert max(map(len, lines)) <= 120, text
     assert lines[0] == "> **RANDOM WEIGHTS here**"
-    first = lines.index("### 1-shot (seeds 0, 1, 2: n = 3)")
+    first = lines.index("**1-shot** (seeds 0, 1, 2: n = 3)")
     labels = [line.split("|")[1].strip() for line in lines[first + 4 : first + 11]]
     assert labels == ["*textures*", "stripes", "weave", "texture mean", "*objects*", "disc", "**mean**"]
     assert lines[first + 11] == ""
-    weave = next(line for line in lines[lines.index("### 2-shot (seeds 0, 1, 2: n = 3)") :] if "| weave" in line)
+    weave = next(line for line in lines[lines.index("**2-shot** (seeds 0, 1, 2: n = 3)") :] if "| weave" in line)
     assert [c.strip() for c in weave.split("|")[4:6]] == ["54.50 ± 3.12", "52.00–58.00"]
     assert "| n/a |" in text.replace(" ", "").replace("|n/a|", "| n/a |")
 
@@ -267,7 +267,7 @@ def test_make_sweep_2x2_agrees_with_each_experiments_metrics_and_reruns_nothing(
 
     sweep = json.loads((project / "sweep.json").read_text())
     table = (project / "sweep.md").read_text()
-    assert max(map(len, table.splitlines())) <= 120 and "### 2-shot (seeds 0, 1: n = 2)" in table
+    assert max(map(len, table.splitlines())) <= 120 and "**2-shot** (seeds 0, 1: n = 2)" in table
     assert table.startswith("> **RANDOM WEIGHTS")
     assert second.endswith(table)  # the report is printed
     diffed = run(["dvc", "metrics", "diff", "HEAD~1", "--targets", "sweep.json", "--json"], project)
