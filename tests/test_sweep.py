@@ -215,6 +215,8 @@ def test_arms_count_each_seed_setting_once_and_one_seed_keeps_todays_table():
     assert groups[0]["runs"][0]["name"] == "full-s0"  # the later run of the same seeds
     single = compare_table(_arm_rows({"lambda-0": [85.8], "full": [86.54]}))
     assert "seeds" not in single and "±" not in single and "~" not in single
+    sweep_like = compare_table(experiments(_exp_show([("a", _params(1, 0)), ("b", _params(1, 1))])))
+    assert sweep_like.splitlines()[1].split()[:1] == ["seed"]  # one run per arm: the seeds are params, as today
     assert single.splitlines()[0].split()[-4:] == ["Pixel", "AUPRO@0.3", "Pixel", "Image"]  # as today
 
 
@@ -274,7 +276,7 @@ def test_make_sweep_2x2_agrees_with_each_experiments_metrics_and_reruns_nothing(
     diff = json.JSONDecoder().raw_decode(diffed)[0]  # then a line on stderr: HEAD~1 has no sweep.json
     assert diff["sweep.json"]["k.2.disc.aupro.mean"]["new"] == sweep["k"]["2"]["disc"]["aupro"]["mean"]
     # each experiment's own files, read from its git commit, not through mpad
-    shown = json.loads(run(["dvc", "exp", "show", "--json"], project))
+    shown = json.loads(run(["dvc", "exp", "show", "--json", "-n", "2"], project))  # they belong to HEAD~1
     revs = [exp["revs"][0]["rev"] for row in shown for exp in row.get("experiments") or []]
     assert len(revs) == 4
     files: dict[int, list[dict]] = {1: [], 2: []}
