@@ -150,15 +150,16 @@ def compare_table(rows: Sequence[Mapping[str, Any]]) -> str:
     seeded = any(len(g["runs"]) > 1 for g in groups)
     metrics = SPREAD_COMPARED if seeded else COMPARED
     reference = next((g for g in reversed(groups) if g["name"] == REFERENCE), None) if seeded else None
-    params = changed_params(groups)
+    shown = groups if seeded else [g["runs"][0] for g in groups]  # an arm's params lack the seeds
+    params = changed_params(shown)
     heads = [("experiment", "")] + [tuple(k.split(".", 1)) if "." in k else (k, "") for k in params]
     heads += [("seeds", "")] if seeded else []
     heads += [tuple((LABELS.get(m, m) + " ").split(" ", 1)) for m in metrics]
     body = []
-    for g in groups:
+    for g, row in zip(groups, shown, strict=True):
         random = any(random_weights_of(summary_of(r["metrics"])) for r in g["runs"])
-        name = (g["name"] if seeded else g["runs"][0]["name"]) + ("*" if random else "")
-        cells = [_text(g["params"].get(k)) for k in params] + ([str(len(g["runs"]))] if seeded else [])
+        name = row["name"] + ("*" if random else "")
+        cells = [_text(row["params"].get(k)) for k in params] + ([str(len(g["runs"]))] if seeded else [])
         for m in metrics:
             values = _means(g, m)
             if not values:

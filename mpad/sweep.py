@@ -43,15 +43,16 @@ from mpad.summary import LABELS, group_means, random_weights_of, summary_of
 SWEPT = ("shots.k", "shots.seed")
 REPORTED = ("pixel_auroc", "aupro", "image_auroc")  # Table 1's pixel AUROC, then the usual companions
 GROUP_ROWS = {"texture": "texture mean", "object": "object mean", "mean": "mean"}  # metrics.json's keys
+PACKAGES = ("mpad", "stages")  # pyproject.toml's packages: the code
 MAX_COMMITS = 10  # `dvc exp show -n`: each commit costs about a second
 Point = tuple[int, int]  # (shots.k, shots.seed)
 
 
 def code_paths(pipeline: Mapping[str, Any]) -> list[str]:
-    """dvc.yaml and its stages' deps that are code (not data/..., no ${...}): what a run's results depend on
-    besides params and data, as DVC sees it."""
+    """dvc.yaml and its stages' deps inside the project's packages (mpad/, stages/): the code a run's results
+    depend on, as DVC sees it (other deps are data: the dataset's fingerprints, earlier stages' outputs)."""
     deps = (dep for stage in (pipeline.get("stages") or {}).values() for dep in stage.get("deps") or [])
-    return ["dvc.yaml", *dict.fromkeys(d for d in deps if not d.startswith("data/") and "${" not in d)]
+    return ["dvc.yaml", *dict.fromkeys(d for d in deps if d.split("/")[0] in PACKAGES)]
 
 
 def parse_ints(text: str, what: str) -> list[int]:
@@ -225,7 +226,7 @@ def markdown(sweep: Mapping[str, Any]) -> str:
             table += [[GROUP_ROWS[group]] + _cells(rows[group])] if group in rows else []
         table.append(["**mean**"] + _cells(rows["mean"]))
         widths = [max(len(r[i]) for r in table) for i in range(len(head))]
-        lines += [f"### {k}-shot (seeds {seeds}: n = {len(sweep['seeds'])})", ""]
+        lines += [f"**{k}-shot** (seeds {seeds}: n = {len(sweep['seeds'])})", ""]
         lines.append(_line(table[0], widths))
         lines.append("|" + "|".join("-" * (w + 1) + ("-" if i == 0 else ":") for i, w in enumerate(widths)) + "|")
         lines += [_line(r, widths) for r in table[1:]] + [""]

@@ -104,6 +104,7 @@ def test_code_paths_are_dvc_yaml_and_the_stages_code_deps():
     code = code_paths(pipeline)
     assert code[0] == "dvc.yaml" and {"stages/train.py", "mpad/mpts.py", "mpad/data", "mpad/metrics"} <= set(code)
     assert len(code) == len(set(code)) and not any(p.startswith("data/") or "${" in p for p in code)
+    assert "metrics" not in code  # summarize's dep on evaluate's outputs is data
     assert "mpad/sweep.py" not in code and "mpad/plots.py" not in code  # a change of the report re-runs nothing
 
 
@@ -148,11 +149,11 @@ def test_aggregate_is_the_spread_of_the_per_run_metrics_files():
     lines = text.splitlines()
     assert max(map(len, lines)) <= 120, text
     assert lines[0] == "> **RANDOM WEIGHTS here**"
-    first = lines.index("### 1-shot (seeds 0, 1, 2: n = 3)")
+    first = lines.index("**1-shot** (seeds 0, 1, 2: n = 3)")
     labels = [line.split("|")[1].strip() for line in lines[first + 4 : first + 11]]
     assert labels == ["*textures*", "stripes", "weave", "texture mean", "*objects*", "disc", "**mean**"]
     assert lines[first + 11] == ""
-    weave = next(line for line in lines[lines.index("### 2-shot (seeds 0, 1, 2: n = 3)") :] if "| weave" in line)
+    weave = next(line for line in lines[lines.index("**2-shot** (seeds 0, 1, 2: n = 3)") :] if "| weave" in line)
     assert [c.strip() for c in weave.split("|")[4:6]] == ["54.50 ± 3.12", "52.00–58.00"]
     assert "| n/a |" in text.replace(" ", "").replace("|n/a|", "| n/a |")
 
@@ -214,6 +215,8 @@ def test_arms_count_each_seed_setting_once_and_one_seed_keeps_todays_table():
     assert groups[0]["runs"][0]["name"] == "full-s0"  # the later run of the same seeds
     single = compare_table(_arm_rows({"lambda-0": [85.8], "full": [86.54]}))
     assert "seeds" not in single and "±" not in single and "~" not in single
+    sweep_like = compare_table(experiments(_exp_show([("a", _params(1, 0)), ("b", _params(1, 1))])))
+    assert sweep_like.splitlines()[1].split()[:1] == ["seed"]  # one run per arm: the seeds are params, as today
     assert single.splitlines()[0].split()[-4:] == ["Pixel", "AUPRO@0.3", "Pixel", "Image"]  # as today
 
 
@@ -266,14 +269,14 @@ def test_make_sweep_2x2_agrees_with_each_experiments_metrics_and_reruns_nothing(
 
     sweep = json.loads((project / "sweep.json").read_text())
     table = (project / "sweep.md").read_text()
-    assert max(map(len, table.splitlines())) <= 120 and "### 2-shot (seeds 0, 1: n = 2)" in table
+    assert max(map(len, table.splitlines())) <= 120 and "**2-shot** (seeds 0, 1: n = 2)" in table
     assert table.startswith("> **RANDOM WEIGHTS")
     assert second.endswith(table)  # the report is printed
     diffed = run(["dvc", "metrics", "diff", "HEAD~1", "--targets", "sweep.json", "--json"], project)
     diff = json.JSONDecoder().raw_decode(diffed)[0]  # then a line on stderr: HEAD~1 has no sweep.json
     assert diff["sweep.json"]["k.2.disc.aupro.mean"]["new"] == sweep["k"]["2"]["disc"]["aupro"]["mean"]
     # each experiment's own files, read from its git commit, not through mpad
-    shown = json.loads(run(["dvc", "exp", "show", "--json"], project))
+    shown = json.loads(run(["dvc", "exp", "show", "--json", "-n", "2"], project))  # they belong to HEAD~1
     revs = [exp["revs"][0]["rev"] for row in shown for exp in row.get("experiments") or []]
     assert len(revs) == 4
     files: dict[int, list[dict]] = {1: [], 2: []}
