@@ -5,6 +5,11 @@ One torch thread per process unless OMP_NUM_THREADS says otherwise (set before t
 by the stage processes DVC starts): the tiny model's ops are far too small to gain from a second thread, and
 spinning OpenMP threads on busy cores made one offline `train` 10x slower (119 s instead of 12 s at load 8 on
 2 cores). `make test` runs two pytest workers (pytest-xdist), which fill the 2 cores with one thread each.
+
+ATEN_CPU_CAPABILITY=default or avx2 (another CPU's kernel set, `make test`'s second pass) holds oneDNN to AVX2 as
+well, unless ONEDNN_MAX_CPU_ISA says otherwise: on a CPU with AMX or avx512_bf16, torch's bf16 attention packs its
+operands for oneDNN's kernels with ATen's avx512 code, which those capabilities leave out ("pack_vnni2 is only
+supported when avx512 is supported"); a CPU that really lacks avx512 lacks both.
 """
 
 from __future__ import annotations
@@ -12,6 +17,8 @@ from __future__ import annotations
 import os
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+if os.environ.get("ATEN_CPU_CAPABILITY", "").lower() in ("default", "avx2"):
+    os.environ.setdefault("ONEDNN_MAX_CPU_ISA", "AVX2")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -17,14 +17,14 @@ towers compute in bf16; the learned vectors, Adam's state, the losses, the score
   towers' patch features, which themselves obey the cosine bound; the image score (max of the map) by at most
   the map's largest move.
 - Training end to end (150 Adam steps): the two trajectories part at the first rounding difference and the
-  difference compounds; no rounding bound covers the learned prompts after many steps (at load 0.937 cosine was
-  seen between the two runs' text embeddings on an avx512 CPU without avx512_bf16). What holds on any trajectory
+  difference compounds; no rounding bound covers the learned prompts after many steps (a cosine of 0.937 was seen
+  between the two runs' text embeddings on an avx512 CPU without avx512_bf16, issue 19). What holds on any trajectory
   is tested: every stage runs, the records stay fp32, both runs learn (their training loss falls), and their
   metrics differ by no more than the spread between training seeds (see `test_bf16_train_and_evaluate`).
 
 Checked natively on a Xeon with avx512f/bw/vl, avx512_bf16 and AMX (torch capability AVX512, oneDNN using AMX),
 with oneDNN limited to AVX512_CORE_VNNI (no bf16 instructions: the CPU of issue 19) and to AVX2, and with
-ATEN_CPU_CAPABILITY=default and avx2.
+ATEN_CPU_CAPABILITY=default and avx2 (oneDNN held to AVX2, tests/conftest.py), with 1 and 2 threads.
 """
 
 from __future__ import annotations
