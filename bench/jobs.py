@@ -88,6 +88,7 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="preset override")
+    parser.add_argument("--keep", action="store_true", help="keep the copies (printed)")
     args = parser.parse_args()
     lines = (REPO / "presets/offline.txt").read_text().splitlines()
     preset = dict(line.split("=", 1) for line in lines if line.strip() and not line.startswith("#"))
@@ -117,9 +118,14 @@ def main() -> None:
         print(f"metrics, prompts and thresholds files byte-identical in all {len(runs)} runs: {same}")
         if not same:
             other = next(r for r in runs if results(r["project"]) != first)
-            print(f"JOBS=1 vs a differing run: {differences(runs[0]['project'], other['project'])}")
+            changed = sorted(k for k, v in results(other["project"]).items() if first.get(k) != v)
+            print(f"first run vs JOBS={other['jobs']}: {', '.join(changed)} differ")
+            print(f"  {differences(runs[0]['project'], other['project'])}")
     finally:
-        shutil.rmtree(base, ignore_errors=True)
+        if args.keep:
+            print(f"kept {base}")
+        else:
+            shutil.rmtree(base, ignore_errors=True)
 
 
 if __name__ == "__main__":
