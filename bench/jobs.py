@@ -116,11 +116,13 @@ def main() -> None:
         first = results(runs[0]["project"])
         same = all(results(r["project"]) == first for r in runs)
         print(f"metrics, prompts and thresholds files byte-identical in all {len(runs)} runs: {same}")
-        if not same:
-            other = next(r for r in runs if results(r["project"]) != first)
-            changed = sorted(k for k, v in results(other["project"]).items() if first.get(k) != v)
-            print(f"first run vs JOBS={other['jobs']}: {', '.join(changed)} differ")
-            print(f"  {differences(runs[0]['project'], other['project'])}")
+        for run in runs[1:]:
+            changed = sorted(k for k, v in results(run["project"]).items() if first.get(k) != v)
+            if changed:
+                print(
+                    f"  {run['project'].name} vs the first run: {', '.join(changed)} differ; "
+                    f"{differences(runs[0]['project'], run['project'])}"
+                )
     finally:
         if args.keep:
             print(f"kept {base}")

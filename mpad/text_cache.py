@@ -1,8 +1,9 @@
 """A cache of hand-written prompt ensembles' text embeddings, one file per model: `<root>/text-<name>-<key>.pt`.
 
 The initial meta prompts (21 templates x 12 state words) and OAGM's object / background prompts are the
-same for every stage process and category that uses one backbone; computed once, they are read back in
-milliseconds instead of running the text tower over some 250 sentences per process.
+same for every stage process that uses one backbone and category (synthesize, train, their re-runs and
+queued experiments); computed once, they are read back in milliseconds instead of running the text tower
+over some 250 sentences per process.
 
 The key is a hash of everything the embeddings depend on (`embedding_inputs`): architecture and its config,
 weights (an open_clip tag, or a checkpoint file's resolved path, size and modification time; random
