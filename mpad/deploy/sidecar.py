@@ -114,4 +114,5 @@ class Sidecar:
     def identity(self) -> dict[str, Any]:
         """What the model is, to trace a decision to the files that made it: category, backbone, whether its
         weights were random, and the SHA-256 of the .onnx, prompts and thresholds files."""
-        return {key: self.as_json()[key] for key in _IDENTITY}
+        record = self.as_json()
+        return {key: record[key] for key in _IDENTITY}

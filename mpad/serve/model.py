@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -42,8 +43,9 @@ class ServedModel:
     def colour_range(self) -> tuple[float, float]:
         return self.sidecar.map_range
 
-    @property
+    @cached_property
     def identity(self) -> dict[str, Any]:
+        """`Sidecar.identity`, made once: it goes with every answer, and building it copies the whole sidecar."""
         return self.sidecar.identity()
 
     def describe(self) -> dict[str, Any]:
