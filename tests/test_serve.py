@@ -312,4 +312,6 @@ def test_cli_serves_until_interrupted_without_open_clip(model):
         _, err = proc.communicate(timeout=60)
     finally:
         proc.kill()
-    assert proc.returncode == 130 and "imported []" in err, err  # 128 + SIGINT: uvicorn re-raises it
+    # uvicorn re-raises the SIGINT it captured once it has shut down: 130 (128 + SIGINT) as a rule, but once, under a
+    # loaded test run, the process exited 0 after the same clean shutdown. Either way it stopped on Ctrl-C, cleanly.
+    assert proc.returncode in (0, 130) and "Finished server process" in err and "imported []" in err, err
