@@ -1,10 +1,11 @@
 """Locality-aware dual-path image encoder (paper sec. 3.5, eq. 11-12).
 
-The original ViT path runs untouched, so the global image embedding is exactly open_clip's
-`encode_image`. Over the last `layers` blocks a second path is added, as in CLIP Surgery: at each of
-those blocks it reads `ln_1` of the *original* stream, applies a dense attention (V-V or Q-K, with the
-locality mask of eq. 12), and accumulates the attention outputs; it skips the MLP. Its patch tokens,
-through `ln_post` and `proj`, are the patch features that text prompts score.
+The original ViT path is open_clip's, so the global image embedding is `encode_image`'s (equal within float
+rounding). Over the last `layers` blocks a second path is added, as in CLIP Surgery: at each of those blocks it
+reads `ln_1` of the *original* stream, applies a dense attention (V-V or Q-K, with the locality mask of eq. 12),
+and accumulates the attention outputs; it skips the MLP. The second path's patch tokens, through `ln_post` and
+`proj`, are the patch features that text prompts score. Where the blocks are open_clip's plain ones
+(`mpad.blocks`), both paths take q, k, v from one in-projection of ln_1 per block, as the block itself would.
 
 CLS treatment ("neighbor-cls-only", sec. 3.2): with `cls="neighbor-cls"` (default) each patch attends to
 its neighbours within distance k *and* to the CLS token, which carries the image's global context;
@@ -21,6 +22,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from mpad.blocks import merge_heads, plain_blocks, qkv_heads
 
 ATTENTIONS = ("vv", "qk")
 CLS_MODES = ("neighbor-cls", "neighbor")
@@ -60,7 +63,7 @@ def token_mask(h: int, w: int, k: float | None, cls: str = "neighbor-cls") -> to
 class EncoderOutput:
     """What one forward pass gives.
 
-    image_embedding: (B, D) the original path's global embedding, exactly `encode_image` (not normalised).
+    image_embedding: (B, D) the original path's global embedding, `encode_image`'s (not normalised).
     patch_features: (B, H', W', D) the second path's patch features after ln_post and proj, L2-normalised.
     intermediates: per requested block, (B, H', W', width) patch tokens of the original path after it.
     All three are fp32 whatever precision the model computes in.
@@ -119,11 +122,17 @@ class LocalityAwareEncoder(nn.Module):
         batch_first = getattr(visual.transformer, "batch_first", True)
         dense = None
         intermediates = []
+        shared = batch_first and plain_blocks(visual.transformer)
         for index, block in enumerate(blocks):
-            if index >= self.start:
-                update = block.ls_1(self._dense_attention(block.attn, block.ln_1(x)))
-                dense = (x if dense is None else dense) + update
-            x = block(x) if batch_first else block(x.transpose(0, 1)).transpose(0, 1)
+            if index >= self.start and shared:  # one in-projection for both paths
+                start = x if dense is None else dense  # the second path starts from the stream entering the block
+                x, update = self._both_paths(block, x)
+                dense = start + update
+            else:
+                if index >= self.start:
+                    update = block.ls_1(self._dense_attention(block.attn, block.ln_1(x)))
+                    dense = (x if dense is None else dense) + update
+                x = block(x) if batch_first else block(x.transpose(0, 1)).transpose(0, 1)
             if index + 1 in self.intermediate_layers:
                 intermediates.append(self._grid(x[:, 1:]))
         pooled, _ = visual._pool(x)
@@ -141,14 +150,24 @@ class LocalityAwareEncoder(nn.Module):
         """(B, N, C) -> (B, H', W', C)."""
         return tokens.reshape(tokens.shape[0], *self.grid, tokens.shape[-1])
 
+    def _both_paths(self, block: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One block of both paths from one in-projection of ln_1(x) (B, L, width): (the original stream after the
+        block, the second path's update ls_1(out_proj(dense attention))). The block itself would project ln_1(x)
+        again: the same q, k, v, a quarter of a block's matrix work (tested equal within float rounding)."""
+        attn = block.attn
+        q, k, v = qkv_heads(attn, block.ln_1(x))
+        mask = None if self.mask is None else self.mask.to(q.dtype)
+        dense_q, dense_k = (v, v) if self.attention == "vv" else (q, k)
+        original = F.scaled_dot_product_attention(q, k, v)
+        dense = F.scaled_dot_product_attention(dense_q, dense_k, v, attn_mask=mask)
+        original, dense = attn.out_proj(merge_heads(torch.cat([original, dense]))).chunk(2)
+        x = x + block.ls_1(original)
+        return x + block.ls_2(block.mlp(block.ln_2(x))), block.ls_1(dense)
+
     def _dense_attention(self, attn: nn.MultiheadAttention, y: torch.Tensor) -> torch.Tensor:
         """Eq. 11 with the block's weights: softmax((QK^T + M) / sqrt(d)) V, Q = K = V for "vv"; y (B, L, width)."""
-        batch, length, width = y.shape
-        heads = attn.num_heads
-        q, k, v = F.linear(y, attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
+        q, k, v = qkv_heads(attn, y)
         if self.attention == "vv":
             q = k = v
-        q, k, v = (t.reshape(batch, length, heads, width // heads).transpose(1, 2) for t in (q, k, v))
         mask = None if self.mask is None else self.mask.to(q.dtype)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        return attn.out_proj(out.transpose(1, 2).reshape(batch, length, width))
+        return attn.out_proj(merge_heads(F.scaled_dot_product_attention(q, k, v, attn_mask=mask)))

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mpad.blocks import plain_blocks
 from mpad.text_cache import TextCache
 
 # WinCLIP's template ensemble and state words: the initial meta prompts (MNP / MAP).
@@ -97,7 +98,7 @@ class TextEncoder(nn.Module):
         self.register_buffer("attn_mask", tower.attn_mask, persistent=False)
         # `forward_shared` rebuilds open_clip's ResidualAttentionBlock around its own modules: only for that block
         # with a plain causal self-attention (the other text towers take `forward`).
-        self.shares_prefix = self.attn_mask is not None and _plain_blocks(self.transformer)
+        self.shares_prefix = self.attn_mask is not None and plain_blocks(self.transformer)
 
     def forward(self, embeddings: torch.Tensor, end_index: torch.Tensor) -> torch.Tensor:
         """Only the first max(end_index) + 1 tokens are run: with the causal mask the pooled end-token output
@@ -166,23 +167,6 @@ def _shared_block(
     out = torch.cat([out_p.transpose(1, 2).reshape(n_prefix, width), out_s.transpose(1, 2).reshape(-1, width)])
     rows = rows + block.ls_1(attn.out_proj(out))
     return rows + block.ls_2(block.mlp(block.ln_2(rows)))
-
-
-def _plain_blocks(transformer: nn.Module) -> bool:
-    """Whether every block is open_clip's ResidualAttentionBlock with a plain batch-first self-attention."""
-    blocks = getattr(transformer, "resblocks", None)
-    if blocks is None or not getattr(transformer, "batch_first", False):
-        return False
-    parts = ("ln_1", "attn", "ls_1", "ln_2", "mlp", "ls_2")
-    for block in blocks:
-        attn = getattr(block, "attn", None)
-        if not all(hasattr(block, part) for part in parts) or hasattr(block, "ln_1_kv"):
-            return False
-        if not isinstance(attn, nn.MultiheadAttention) or not (attn.batch_first and attn._qkv_same_embed_dim):
-            return False
-        if attn.bias_k is not None or attn.add_zero_attn:
-            return False
-    return True
 
 
 class PromptLearner(nn.Module):

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from fp_bounds import IMAGE_TERMS, assert_reordered_close
 
+from mpad import laa
 from mpad.laa import LocalityAwareEncoder, locality_mask, token_mask
 
 
@@ -98,6 +99,24 @@ def test_second_path_matches_its_formula(tiny_clip, attention, k, cls):
         got = encoder(images).patch_features
         expected = _reference_dense(tiny_clip, images, attention, token_mask(8, 8, k, cls))
     assert_reordered_close(got, expected, IMAGE_TERMS)
+
+
+@pytest.mark.numerics
+@pytest.mark.parametrize("attention", ["vv", "qk"])
+def test_shared_projection_equals_the_blocks_own(tiny_clip, monkeypatch, attention):
+    """open_clip's plain blocks get one in-projection for both paths (`_both_paths`); other blocks are called as
+    they are, with the second path's projection apart. The two give the same outputs within the image tower's
+    summation-order bound (tests/fp_bounds.py); a second path started from the wrong stream is off by O(1)."""
+    images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    encoder = LocalityAwareEncoder(tiny_clip.model.visual, 2, attention, 1, intermediate_layers=(3, 4))
+    with torch.no_grad():
+        shared = encoder(images)
+        monkeypatch.setattr(laa, "plain_blocks", lambda transformer: False)
+        apart = encoder(images)
+    assert_reordered_close(shared.patch_features, apart.patch_features, IMAGE_TERMS)
+    assert_reordered_close(shared.image_embedding, apart.image_embedding, IMAGE_TERMS)
+    for got, expected in zip(shared.intermediates, apart.intermediates, strict=True):
+        assert_reordered_close(got, expected, IMAGE_TERMS)
 
 
 @pytest.mark.numerics
