@@ -232,6 +232,35 @@ def test_log_upsample_is_the_log_of_bilinear_probability_upsampling(size):
     torch.testing.assert_close(log_upsample(probs.log(), size).exp(), upsample(probs, size), rtol=0, atol=1e-6)
 
 
+def _log_upsample_by_autograd(log_maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """The same formula written with autograd's own ops (index_select, logaddexp), as a reference."""
+    out = log_maps
+    for dim, n_out in ((2, size[0]), (3, size[1])):
+        n_in = out.shape[dim]
+        src = ((torch.arange(n_out, dtype=torch.float64) + 0.5) * (n_in / n_out) - 0.5).clamp(min=0)
+        low, frac = src.floor().long(), (src - src.floor()).to(out.dtype)
+        high = (low + 1).clamp(max=n_in - 1)
+        shape = (-1, 1) if dim == 2 else (-1,)
+        below = out.index_select(dim, low) + torch.log1p(-frac).view(shape)
+        out = torch.logaddexp(below, out.index_select(dim, high) + frac.log().view(shape))
+    return out
+
+
+@pytest.mark.parametrize("size", [(64, 48), (5, 5), (3, 2)])
+def test_log_upsample_gradient_is_that_of_its_formula(size):
+    """The kept neighbour shares give autograd's gradient of the same formula (float64: rounding only, 1e-12), pass
+    gradcheck, and a zero upstream gradient stays exactly zero (G_div at a meta-epoch's start)."""
+    gen = torch.Generator().manual_seed(3)
+    log_maps = (torch.randn(2, 2, 5, 4, generator=gen, dtype=torch.float64) * 4).log_softmax(1).requires_grad_()
+    weights = torch.randn(2, 2, *size, generator=gen, dtype=torch.float64)
+    (got,) = torch.autograd.grad((log_upsample(log_maps, size) * weights).sum(), log_maps)
+    (expected,) = torch.autograd.grad((_log_upsample_by_autograd(log_maps, size) * weights).sum(), log_maps)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda x: log_upsample(x, size), (log_maps,))
+    (zero,) = torch.autograd.grad(log_upsample(log_maps.float(), size), log_maps, torch.zeros(2, 2, *size))
+    assert torch.equal(zero, torch.zeros_like(log_maps))
+
+
 @pytest.mark.numerics
 def test_training_maps_are_the_evaluation_maps(tiny_clip, setup):
     """The same logits (one expression, one kernel); log-softmax + log-space upsampling + exp against softmax +
