@@ -1,7 +1,6 @@
 """The MPTS step's text tower with and without the shared prefix (`TextEncoder.forward_shared`), alternating in one
-process: the tower's forward and two backward passes (G_ano and G_div, eq. 8-9, each its own pass), and a whole
-step's losses and gradients (eq. 3-9, `_step_gradients`: one batched backward pass for both) on 16 synthetic 240 px
-feature maps; prints seconds and the ratio shared / plain.
+process: the tower's forward and two backward passes (G_ano and G_div, eq. 8-9), and a whole step's losses and
+gradients (eq. 3-9) on 16 synthetic 240 px feature maps; prints seconds and the ratio shared / plain.
 
 Run: .venv/bin/python bench/text_tower.py [--backbone ViT-B-16-plus-240] [--threads 1] [--repeats 3]
 Random weights: the timings do not depend on them.
@@ -16,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from mpad.clip import load_clip
-from mpad.mpts import _step_gradients
+from mpad.mpts import _flat_grad, anomaly_loss, divergence_loss, score_maps
 from mpad.prompts import PromptLearner, TextEncoder, learned_text_embeddings
 
 
@@ -51,7 +50,11 @@ def main() -> None:
             torch.autograd.grad(text, params, torch.ones_like(text), retain_graph=retain)
 
     def step() -> None:
-        _step_gradients(learner, encoder, features, masks, meta, 100.0, divergence=True)
+        log_maps = score_maps(features, learned_text_embeddings(learner, encoder), 100.0, (side, side))
+        _flat_grad(anomaly_loss(log_maps, masks), params, True)
+        with torch.no_grad():
+            meta_maps = score_maps(features, meta, 100.0, (side, side))
+        _flat_grad(divergence_loss(meta_maps, log_maps), params, False)
 
     print(f"{args.backbone}, {args.threads} thread(s); seconds: plain, shared, shared / plain")
     for name, work in (("tower forward + 2 backward", tower), ("MPTS step (no Adam)", step)):

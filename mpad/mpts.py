@@ -61,7 +61,6 @@ from typing import Any
 import torch
 
 from mpad.config import CALIBRATIONS, MptsConfig
-from mpad.log_maps import score_maps
 from mpad.prompts import PromptLearner, TextEncoder, learned_text_embeddings
 
 
@@ -159,6 +158,65 @@ def divergence_loss(meta_log_maps: torch.Tensor, log_maps: torch.Tensor) -> torc
     return kl + kl  # eq. 6 + eq. 7
 
 
+def patch_log_probabilities(
+    patch_features: torch.Tensor, text: torch.Tensor, logit_scale: float | torch.Tensor
+) -> torch.Tensor:
+    """(B, H', W', D) normalised, text (2, D) -> (B, 2, H', W') log S' on the patch grid: log_softmax of the
+    scaled cosine similarities (the log of `mpad.scoring.patch_probabilities`)."""
+    return (logit_scale * patch_features @ text.t()).log_softmax(dim=-1).permute(0, 3, 1, 2)
+
+
+def log_upsample(log_maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(B, C, h, w) -> (B, C, *size): log of `mpad.scoring.upsample(log_maps.exp(), size)` (bilinear,
+    align_corners=False), computed in log space: one log-sum-exp of two neighbours per axis (`_LogLerp`)."""
+    out = log_maps
+    for dim, n_out in ((2, size[0]), (3, size[1])):
+        n_in = out.shape[dim]
+        src = ((torch.arange(n_out, dtype=torch.float64) + 0.5) * (n_in / n_out) - 0.5).clamp(min=0)
+        low = src.floor().long()
+        high = (low + 1).clamp(max=n_in - 1)
+        frac = (src - low).to(device=out.device, dtype=out.dtype)
+        shape = (-1, 1) if dim == 2 else (-1,)
+        log_weights = (torch.log1p(-frac).view(shape), frac.log().view(shape))  # frac 0: -inf, weight 0
+        out = _LogLerp.apply(out, dim, low.to(out.device), high.to(out.device), *log_weights)
+    return out
+
+
+class _LogLerp(torch.autograd.Function):
+    """One axis of `log_upsample`: out = logaddexp(x[low] + log(1 - f), x[high] + log f), along `dim`.
+
+    The backward reuses the two neighbours' shares of each output, exp(x[low] + log(1 - f) - out) and
+    exp(x[high] + log f - out) (they sum to 1), kept from the forward pass: MPTS runs two backward passes per step
+    (G_ano, G_div) through the full-resolution maps, and autograd's own logaddexp backward would recompute them
+    in each. A zero upstream gradient (G_div at a meta-epoch's start) stays exactly zero."""
+
+    @staticmethod
+    def forward(ctx, x, dim, low, high, log_w_low, log_w_high):
+        below = x.index_select(dim, low) + log_w_low
+        above = x.index_select(dim, high) + log_w_high
+        out = torch.logaddexp(below, above)
+        if ctx.needs_input_grad[0]:
+            ctx.save_for_backward(low, high, (below - out).exp(), (above - out).exp())
+            ctx.dim, ctx.n_in = dim, x.shape[dim]
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        low, high, share_low, share_high = ctx.saved_tensors
+        shape = list(grad.shape)
+        shape[ctx.dim] = ctx.n_in
+        grad_x = grad.new_zeros(shape).index_add_(ctx.dim, low, grad * share_low)
+        return grad_x.index_add_(ctx.dim, high, grad * share_high), None, None, None, None, None
+
+
+def score_maps(
+    features: torch.Tensor, text: torch.Tensor, logit_scale: float | torch.Tensor, size: tuple[int, int]
+) -> torch.Tensor:
+    """features (B, H', W', D) normalised, text (2, D) -> (B, 2, *size) log S' = [log S'_n, log S'_a]: the
+    log of the bilinearly upsampled probability maps (exp of channel 1 = `mpad.scoring.anomaly_maps`)."""
+    return log_upsample(patch_log_probabilities(features, text, logit_scale), size)
+
+
 def converged(losses: Sequence[float], window: int, tolerance: float) -> bool:
     """Whether a round's per-step losses have stopped improving: the mean of the last `window` is at most
     `tolerance` (relative) below the mean of the `window` before them. False before 2 * window losses.
@@ -201,13 +259,14 @@ def train_prompts(
     on_step: called with each step's history dict (for logging).
 
     Every step: S' of the minibatch, L_ano (eq. 3-5) and, unless `config.divergence` is False, L_div
-    (eq. 6-7) against the round's meta maps; G_ano, G_div by autograd (eq. 8-9, `_step_gradients`), flattened over all
+    (eq. 6-7) against the round's meta maps; G_ano, G_div by autograd (eq. 8-9), flattened over all
     vectors; G_ano calibrated (eq. 10) and applied by Adam. A round takes `config.steps` steps, or with
     `config.stop` "converged" ends after the step where `converged` holds for its L_ano values.
     """
     device = features.device
     features = features.detach()
     masks = masks.to(device=device, dtype=torch.float32)
+    size = tuple(masks.shape[-2:])
     n = features.shape[0]
     if masks.shape[0] != n:
         raise ValueError(f"{n} feature maps but {masks.shape[0]} masks")
@@ -223,15 +282,20 @@ def train_prompts(
         round_losses: list[float] = []
         for _ in range(config.steps):
             index = next(batches).to(device)
-            g_ano, g_div, loss_ano, loss_div = _step_gradients(
-                learner, text_encoder, features[index], masks[index], meta, logit_scale, config.divergence
-            )
+            text = learned_text_embeddings(learner, text_encoder)
+            log_maps = score_maps(features[index], text, logit_scale, size)
+            loss_ano = anomaly_loss(log_maps, masks[index])
+            g_ano = _flat_grad(loss_ano, params, retain=config.divergence)
             cos, calibrated, loss_div_value = 0.0, 0, 0.0
-            if g_div is not None:
+            if config.divergence:
+                with torch.no_grad():  # log S^M: the round's fixed meta prompt, computed exactly like log S'
+                    meta_log_maps = score_maps(features[index], meta, logit_scale, size)
+                loss_div = divergence_loss(meta_log_maps, log_maps)
+                g_div = _flat_grad(loss_div, params, retain=False)
                 cos = cosine(g_ano, g_div)
                 calibrated = int(cos < 0 and config.lam > 0)
                 g_ano = calibrate(g_ano, g_div, config.lam, config.calibration)
-                loss_div_value = float(loss_div)
+                loss_div_value = float(loss_div.detach())
             _set_grads(params, g_ano)
             optimizer.step()
             record = {
@@ -258,43 +322,11 @@ def train_prompts(
     return result
 
 
-def _step_gradients(
-    learner: PromptLearner,
-    text_encoder: TextEncoder,
-    features: torch.Tensor,
-    masks: torch.Tensor,
-    meta: torch.Tensor,
-    logit_scale: float | torch.Tensor,
-    divergence: bool,
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
-    """One minibatch's G_ano and G_div (eq. 8-9; None without the divergence loss), flattened over G, N, A, and the
-    two losses (detached).
-
-    Both losses reach the vectors only through the (2, D) text embeddings: each loss's gradient with respect to
-    them is taken on the image side first, then both go back through the text tower in one batched
-    vector-Jacobian product (one backward pass of two instead of two passes). A zero text gradient (L_div where
-    the learned prompt equals the meta prompt, a meta-epoch's first step) gives an exactly zero G_div."""
-    params = [learner.general, learner.normal, learner.anomaly]
-    text = learned_text_embeddings(learner, text_encoder)
-    leaf = text.detach().requires_grad_()
-    size = tuple(masks.shape[-2:])
-    log_maps = score_maps(features, leaf, logit_scale, size)
-    loss_ano = anomaly_loss(log_maps, masks)
-    text_grads = list(torch.autograd.grad(loss_ano, leaf, retain_graph=divergence))
-    loss_div = None
-    if divergence:
-        with torch.no_grad():  # log S^M: the round's fixed meta prompt, computed exactly like log S'
-            meta_log_maps = score_maps(features, meta, logit_scale, size)
-        loss_div = divergence_loss(meta_log_maps, log_maps)
-        text_grads += torch.autograd.grad(loss_div, leaf)
-    else:  # the same two-row pass: G_ano's bits do not depend on whether L_div is computed (lambda = 0 is plain BCE)
-        text_grads.append(torch.zeros_like(leaf))
-    grads = torch.autograd.grad(text, params, torch.stack(text_grads), is_grads_batched=True, allow_unused=True)
-    g_ano, g_div = (
-        torch.cat([(torch.zeros_like(p) if g is None else g[i]).flatten() for p, g in zip(params, grads, strict=True)])
-        for i in range(2)
-    )
-    return g_ano, g_div if divergence else None, loss_ano.detach(), None if loss_div is None else loss_div.detach()
+def _flat_grad(loss: torch.Tensor, params: list[torch.Tensor], retain: bool) -> torch.Tensor:
+    """d loss / d params, flattened and concatenated in the order of `params` (zeros where unused)."""
+    grads = torch.autograd.grad(loss, params, retain_graph=retain, allow_unused=True)
+    pairs = zip(params, grads, strict=True)
+    return torch.cat([(torch.zeros_like(p) if g is None else g).flatten() for p, g in pairs])
 
 
 def _set_grads(params: list[torch.Tensor], flat: torch.Tensor) -> None:

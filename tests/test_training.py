@@ -12,8 +12,7 @@ from fp_bounds import IMAGE_TERMS, assert_reordered_close
 from mpad.config import LaaConfig, MptsConfig, PromptsConfig
 from mpad.features import build_encoder, encode, encode_batched
 from mpad.io import sha256_file
-from mpad.log_maps import score_maps
-from mpad.mpts import anomaly_loss
+from mpad.mpts import anomaly_loss, score_maps
 from mpad.prompt_file import PromptsFile
 from mpad.prompts import meta_text_embeddings
 from mpad.training import learn_prompts, learned_file, synth_features
