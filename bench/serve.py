@@ -8,10 +8,12 @@ have been sent (or --time-limit-s has passed); every --bad-every-th request is a
 image, GIF, truncated PNG, a decompression bomb's header, a body over --max-bytes), checked for its 4xx.
 Good requests: generated parts, upscaled to --size px PNGs, `?map=false` unless --map.
 
-Prints per configuration: throughput of good requests, p50 / p95 / p99 latency, errors (a good request
-without 200, a bad one without its status, a failed connection: must be 0), the server's RSS after a warm-up
-and after each round, then the ratios. `--impl litserve` serves the same model with LitServe
-(bench/serve_litserve.py; needs `pip install litserve`) beside `mpad serve`, both fed multipart forms.
+First prints onnxruntime's own ms per image at batch 1 and at --max-batch, in this process before any server
+starts: their ratio bounds what batching can gain here. Then per configuration: throughput of good requests,
+p50 / p95 / p99 latency, errors (a good request without 200, a bad one without its status, a failed connection:
+must be 0), the server's RSS after a warm-up and after each round, then the ratios. `--impl litserve` serves the
+same model with LitServe (bench/serve_litserve.py; needs `pip install litserve`) beside `mpad serve`, both fed
+multipart forms.
 
     .venv/bin/python bench/serve.py [--backbone mpad-tiny] [--clients 8] [--requests 2000] [--rounds 2]
         [--single 200] [--impl own|litserve] [--map] [--python PATH] [--time-limit-s 600]
@@ -290,6 +292,7 @@ def main() -> None:
             Server("LitServe", "litserve", args.python, model, args.max_batch, waits[0]),
         ]
     form = args.impl == "litserve"
+    model_only_ceiling(model, args.max_batch, args.threads)
     size = f"{args.size} px" if args.size else "generated-size"
     print(f"{args.backbone} (random weights), {size} PNGs, map {args.map}, {args.clients} clients, "
           f"{args.requests} requests a run (1 in {args.bad_every} bad), {'multipart' if form else 'raw'} bodies; "
@@ -314,6 +317,29 @@ def main() -> None:
         for server in servers:
             server.stop()
     report(servers, runs, args)
+
+
+def model_only_ceiling(model: Path, max_batch: int, threads: int, seconds: float = 3.0) -> None:
+    """onnxruntime alone, in this process before any server starts: ms per image at batch 1 and at max_batch, with
+    the servers' thread count. Their ratio bounds what batching can gain in throughput on this machine: a server's
+    other work per request (HTTP, decoding, answers) does not shrink with the batch."""
+    import torch
+
+    from mpad.deploy.runtime import OnnxScorer
+    from mpad.deploy.sidecar import Sidecar
+
+    scorer = OnnxScorer(model, "cpu", threads or None, spinning=False)
+    per_image = {}
+    for batch in (1, max_batch):
+        images = torch.rand(batch, 3, *Sidecar.load(model).input_size, generator=torch.Generator().manual_seed(0))
+        scorer(images)
+        calls, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            scorer(images)
+            calls += 1
+        per_image[batch] = (time.perf_counter() - start) / calls / batch * 1000
+    print(f"onnxruntime alone: {per_image[1]:.2f} ms an image at batch 1, {per_image[max_batch]:.2f} at batch "
+          f"{max_batch}: batching can gain at most {per_image[1] / per_image[max_batch]:.2f}x here")  # fmt: skip
 
 
 def report(servers: list[Server], runs: dict, args: argparse.Namespace) -> None:
