@@ -329,9 +329,10 @@ def model_only_ceiling(model: Path, max_batch: int, threads: int, seconds: float
     from mpad.deploy.sidecar import Sidecar
 
     scorer = OnnxScorer(model, "cpu", threads or None, spinning=False)
+    input_size = Sidecar.load(model).input_size
     per_image = {}
     for batch in (1, max_batch):
-        images = torch.rand(batch, 3, *Sidecar.load(model).input_size, generator=torch.Generator().manual_seed(0))
+        images = torch.rand(batch, 3, *input_size, generator=torch.Generator().manual_seed(0))
         scorer(images)
         calls, start = 0, time.perf_counter()
         while time.perf_counter() - start < seconds:

@@ -33,9 +33,14 @@ def plain_blocks(transformer: nn.Module) -> bool:
 
 def qkv_heads(attn: nn.MultiheadAttention, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """y (B, L, width), already through ln_1 -> q, k, v (B, heads, L, width / heads): the block's in-projection."""
-    batch, length, width = y.shape
     q, k, v = F.linear(y, attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
-    return tuple(t.reshape(batch, length, attn.num_heads, width // attn.num_heads).transpose(1, 2) for t in (q, k, v))
+    return split_heads(q, attn.num_heads), split_heads(k, attn.num_heads), split_heads(v, attn.num_heads)
+
+
+def split_heads(t: torch.Tensor, heads: int) -> torch.Tensor:
+    """(B, L, width) -> (B, heads, L, width / heads)."""
+    batch, length, width = t.shape
+    return t.reshape(batch, length, heads, width // heads).transpose(1, 2)
 
 
 def merge_heads(out: torch.Tensor) -> torch.Tensor:

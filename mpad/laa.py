@@ -111,6 +111,8 @@ class LocalityAwareEncoder(nn.Module):
         self.attention = attention
         self.intermediate_layers = tuple(intermediate_layers)
         self.grid = tuple(int(g) for g in visual.grid_size)
+        # open_clip's plain blocks: both paths take q, k, v from one in-projection (`_both_paths`).
+        self.shared_projection = plain_blocks(visual.transformer)
         mask = token_mask(*self.grid, k, cls)
         self.register_buffer("mask", mask, persistent=False)
 
@@ -122,9 +124,8 @@ class LocalityAwareEncoder(nn.Module):
         batch_first = getattr(visual.transformer, "batch_first", True)
         dense = None
         intermediates = []
-        shared = batch_first and plain_blocks(visual.transformer)
         for index, block in enumerate(blocks):
-            if index >= self.start and shared:  # one in-projection for both paths
+            if index >= self.start and self.shared_projection:
                 start = x if dense is None else dense  # the second path starts from the stream entering the block
                 x, update = self._both_paths(block, x)
                 dense = start + update

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mpad.blocks import plain_blocks
+from mpad.blocks import merge_heads, plain_blocks, split_heads
 from mpad.text_cache import TextCache
 
 # WinCLIP's template ensemble and state words: the initial meta prompts (MNP / MAP).
@@ -153,18 +153,14 @@ def _shared_block(
     """open_clip's ResidualAttentionBlock on rows (P + N * S, width): the prefix's P rows, then N suffixes of S rows
     each, every suffix attending to the prefix's keys and values and causally to its own."""
     attn, width = block.attn, rows.shape[1]
-    n_suffix = (rows.shape[0] - n_prefix) // n
-
-    def heads(t: torch.Tensor, batch: int, positions: int) -> torch.Tensor:  # (batch, heads, positions, head width)
-        return t.reshape(batch, positions, attn.num_heads, width // attn.num_heads).transpose(1, 2)
-
+    # One in-projection over all rows (one matrix product), then the prefix and the suffixes apart.
     q, k, v = F.linear(block.ln_1(rows), attn.in_proj_weight, attn.in_proj_bias).split(width, dim=-1)
-    qp, kp, vp = (heads(t[:n_prefix], 1, n_prefix) for t in (q, k, v))
-    qs, ks, vs = (heads(t[n_prefix:], n, n_suffix) for t in (q, k, v))
+    qp, kp, vp = (split_heads(t[:n_prefix].unsqueeze(0), attn.num_heads) for t in (q, k, v))
+    qs, ks, vs = (split_heads(t[n_prefix:].reshape(n, -1, width), attn.num_heads) for t in (q, k, v))
     out_p = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=causal_p)
     ks, vs = (torch.cat([shared.expand(n, -1, -1, -1), own], dim=2) for shared, own in ((kp, ks), (vp, vs)))
     out_s = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask_s)
-    out = torch.cat([out_p.transpose(1, 2).reshape(n_prefix, width), out_s.transpose(1, 2).reshape(-1, width)])
+    out = torch.cat([merge_heads(out_p).reshape(n_prefix, width), merge_heads(out_s).reshape(-1, width)])
     rows = rows + block.ls_1(attn.out_proj(out))
     return rows + block.ls_2(block.mlp(block.ln_2(rows)))
 

@@ -108,11 +108,13 @@ def test_shared_projection_equals_the_blocks_own(tiny_clip, monkeypatch, attenti
     they are, with the second path's projection apart. The two give the same outputs within the image tower's
     summation-order bound (tests/fp_bounds.py); a second path started from the wrong stream is off by O(1)."""
     images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(3))
-    encoder = LocalityAwareEncoder(tiny_clip.model.visual, 2, attention, 1, intermediate_layers=(3, 4))
+    build = lambda: LocalityAwareEncoder(tiny_clip.model.visual, 2, attention, 1, intermediate_layers=(3, 4))  # noqa: E731
+    encoder = build()
+    monkeypatch.setattr(laa, "plain_blocks", lambda transformer: False)
+    plain = build()
+    assert encoder.shared_projection and not plain.shared_projection
     with torch.no_grad():
-        shared = encoder(images)
-        monkeypatch.setattr(laa, "plain_blocks", lambda transformer: False)
-        apart = encoder(images)
+        shared, apart = encoder(images), plain(images)
     assert_reordered_close(shared.patch_features, apart.patch_features, IMAGE_TERMS)
     assert_reordered_close(shared.image_embedding, apart.image_embedding, IMAGE_TERMS)
     for got, expected in zip(shared.intermediates, apart.intermediates, strict=True):
