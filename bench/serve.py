@@ -1,11 +1,14 @@
 """Load test of `mpad serve` on loopback: dynamic batching against `--max-batch 1`, bad requests, memory.
 
-Exports a model of BACKBONE with random weights (prompts at their initialisation, a 1-shot memory, maps at
-256 px), starts one server per configuration on 127.0.0.1 (free ports, all up at once), and sends each the
-same load in turn, alternating the order from round to round so that both see the same machine. A load:
-CLIENTS threads, each with one keep-alive connection, sending one request after the other until REQUESTS
-have been sent (or --time-limit-s has passed); every --bad-every-th request is a bad one (empty, not an
-image, GIF, truncated PNG, a decompression bomb's header, a body over --max-bytes), checked for its 4xx.
+Exports a model of BACKBONE with random weights (prompts at their initialisation; scoring, map size and
+memory as the pipeline would export them: `exported_scoring`), starts one server per configuration on
+127.0.0.1 (free ports, all up at once), and sends each the same load in turn, alternating the order from
+round to round so that both see the same machine. A load: CLIENTS connections, each keep-alive, sending one
+request after the other until REQUESTS have been sent (or --time-limit-s has passed); every --bad-every-th
+request is a bad one (empty, not an image, GIF, truncated PNG, a decompression bomb's header, a body over
+--max-bytes), checked for its 4xx. The clients are wrk's threads (Debian's `wrk`, a load generator in C,
+scripted by bench/serve_load.lua), not Python's: the Python clients used before took, by the server's
+share of the cores, about 0.6 of the 2, and so diluted what the server's own work decides.
 Good requests: generated parts, upscaled to --size px PNGs, `?map=false` unless --map.
 
 First prints onnxruntime's own ms per image at batch 1 and at --max-batch, in this process before any server
@@ -22,18 +25,19 @@ multipart forms.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import hashlib
 import http.client
 import io
-import itertools
 import json
 import os
+import shutil
 import signal
 import socket
 import struct
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import zlib
 from dataclasses import dataclass, field
@@ -45,28 +49,48 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # tiny_records: a prompts record for any backbone
-# The scoring and map resolution the model is exported with: the offline preset's for mpad-tiny
-# (presets/offline.txt), params.yaml's for the real backbones.
-SCORING = {"mpad-tiny": {"smoothing_sigma": 2.0, "resolution": 128}}
-THRESHOLDS = {"category": "disc", "image_score": "topk_mean", "topk": 0.05, "smoothing_sigma": 4.0,
-              "resolution": 256, "image_threshold": 0.5, "map_low": 0.0, "map_high": 1.0}  # fmt: skip
+# The thresholds file the model is exported with (image_threshold and map range: placeholders); its scoring and
+# map resolution are params.yaml's, with presets/offline.txt's changes for mpad-tiny (`exported_scoring`).
+THRESHOLDS = {"category": "disc", "image_threshold": 0.5, "map_low": 0.0, "map_high": 1.0}
 MAX_BYTES = 4 * 2**20  # the servers' --max-bytes: a bad request's body goes just over it
 
 
+def exported_scoring(backbone: str) -> tuple[dict, bool]:
+    """(the thresholds file's scoring fields, whether the prompts carry a visual memory), as the pipeline would
+    export them: params.yaml's scoring, evaluate.resolution and memory.enabled, changed by presets/offline.txt
+    for mpad-tiny (the offline preset's model)."""
+    import yaml
+
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    values = {
+        f"{group}.{key}": value for group in ("scoring", "evaluate", "memory") for key, value in params[group].items()
+    }
+    if backbone == "mpad-tiny":
+        for line in (ROOT / "presets/offline.txt").read_text().splitlines():
+            if "=" in line and not line.startswith("#"):
+                key, value = line.split("=", 1)
+                values[key] = yaml.safe_load(value)
+    scoring = {key: values[f"scoring.{key}"] for key in ("smoothing_sigma", "image_score", "topk")}
+    return {**scoring, "resolution": values["evaluate.resolution"]}, bool(values["memory.enabled"])
+
+
 def export_model(backbone: str, folder: Path) -> Path:
-    """<folder>/<backbone>.onnx: a random-weight detector exported by `mpad export` (reused when present)."""
-    model = folder / f"{backbone}.onnx"  # its prompts and thresholds: <folder>/<backbone>/
+    """<folder>/<backbone>-<scoring>.onnx: a random-weight detector exported by `mpad export` (reused when present)."""
+    scoring, memory = exported_scoring(backbone)
+    name = f"{backbone}-{scoring['image_score']}-{scoring['resolution']}{'-memory' if memory else ''}"
+    model = folder / f"{name}.onnx"  # its prompts and thresholds: <folder>/<name>/
     if model.with_suffix(".onnx.json").is_file():
         return model
     from tiny_records import tiny_record
 
     from mpad.clip import load_clip
 
-    project = folder / backbone
+    project = folder / name
     (project / "prompts").mkdir(parents=True, exist_ok=True)
     (project / "thresholds").mkdir(exist_ok=True)
-    tiny_record(load_clip(backbone, "none", "cpu"), "disc", memory=True).save(project / "prompts/disc.pt")
-    (project / "thresholds/disc.json").write_text(json.dumps({**THRESHOLDS, **SCORING.get(backbone, {})}))
+    tiny_record(load_clip(backbone, "none", "cpu"), "disc", memory=memory).save(project / "prompts/disc.pt")
+    digest = hashlib.sha256((project / "prompts/disc.pt").read_bytes()).hexdigest()  # pairs the two files
+    (project / "thresholds/disc.json").write_text(json.dumps({**THRESHOLDS, **scoring, "prompts_sha256": digest}))
     mpad = [sys.executable, "-c", "import stages.cli; stages.cli.app()"]
     subprocess.run([*mpad, "export", "--prompts", str(project / "prompts/disc.pt"), "--out", str(model)], check=True)
     return model
@@ -172,80 +196,69 @@ class Result:
     latencies: list[float] = field(default_factory=list)  # seconds, good requests that got 200
     errors: list[str] = field(default_factory=list)
     bad_ok: int = 0
-    wall: float = 0.0
+    wall: float = 0.0  # first request sent to last answer received
     cpu: float = 0.0  # the server's CPU seconds over the run
+    client_cpu: float = 0.0  # wrk's
 
 
-def multipart(data: bytes) -> tuple[bytes, dict[str, str]]:
+def multipart(data: bytes) -> tuple[bytes, str]:
     boundary = "mpad-bench"
     head = (f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="part.png"\r\n'
             "Content-Type: application/octet-stream\r\n\r\n").encode()  # fmt: skip
-    return head + data + f"\r\n--{boundary}--\r\n".encode(), {
-        "Content-Type": f"multipart/form-data; boundary={boundary}"
-    }
+    return head + data + f"\r\n--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
 
 
-class NoDelayConnection(http.client.HTTPConnection):
-    """http.client sends a request's headers and body in two writes: with Nagle's algorithm on, the body waits
-    for the server's delayed ACK of the headers (~40 ms on Linux). curl and urllib3 set TCP_NODELAY; so do we."""
-
-    def connect(self) -> None:
-        super().connect()
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-
-def connect(port: int) -> http.client.HTTPConnection:
-    return NoDelayConnection("127.0.0.1", port, timeout=60)
+def requests_file(path: Path, good: list[bytes], bad: list, bad_every: int, form: bool) -> None:
+    """The records bench/serve_load.lua sends (its header says the format): every bad_every-th a bad one."""
+    count = max(len(good), bad_every * len(bad) if bad_every else 1)
+    with path.open("wb") as out:
+        for i in range(count):
+            is_bad = bad_every > 0 and i % bad_every == bad_every - 1
+            name, body, want = bad[(i // bad_every) % len(bad)] if is_bad else ("good", good[i % len(good)], 200)
+            body, kind = multipart(body) if form else (body, "application/octet-stream")
+            out.write(f"{want} {name.replace(' ', '_')} {kind.replace(' ', '')} {len(body)}\n".encode() + body)
 
 
 def load(server: Server, good: list[bytes], bad: list, clients: int, requests: int, bad_every: int,
          form: bool, with_map: bool, time_limit_s: float) -> Result:  # fmt: skip
-    """CLIENTS threads sending REQUESTS requests in all (module docstring); bounded by time_limit_s."""
-    result, lock, counter = Result(), threading.Lock(), itertools.count()
+    """CLIENTS connections sending REQUESTS requests in all (rounded up to a multiple of CLIENTS), driven by wrk
+    (bench/serve_load.lua); bounded by time_limit_s."""
     path = ("/v1/predict" if server.impl == "own" else "/predict") + ("" if with_map else "?map=false")
-    deadline = time.monotonic() + time_limit_s
-
-    def client() -> None:
-        connection = connect(server.port)
-        while time.monotonic() < deadline:
-            i = next(counter)
-            if i >= requests:
-                break
-            is_bad = bad_every > 0 and i % bad_every == bad_every - 1
-            name, body, want = bad[(i // bad_every) % len(bad)] if is_bad else ("good", good[i % len(good)], 200)
-            body, headers = multipart(body) if form else (body, {"Content-Type": "application/octet-stream"})
-            start = time.perf_counter()
-            try:
-                connection.request("POST", path, body, headers)
-                response = connection.getresponse()
-                answer = response.read()
-                status = response.status
-            except (OSError, http.client.HTTPException) as err:
-                status, answer = 0, str(err).encode()
-                connection.close()
-                connection = connect(server.port)
-            took = time.perf_counter() - start
-            with lock:
-                if status != want:
-                    result.errors.append(f"{name}: {status} instead of {want}: {answer[:160]!r}")
-                elif is_bad:
-                    result.bad_ok += 1
-                else:
-                    result.latencies.append(took)
-            if status in (0, 413):  # the server may close a connection it did not read to the end
-                connection.close()
-                connection = connect(server.port)
-        connection.close()
-
-    threads = [threading.Thread(target=client) for _ in range(clients)]
-    cpu = server.cpu_s()
-    start = time.perf_counter()
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    result.wall = time.perf_counter() - start
-    result.cpu = server.cpu_s() - cpu
+    per_client = -(-requests // clients)
+    with tempfile.TemporaryDirectory(prefix="mpad-load-") as folder:
+        records = Path(folder) / "requests.bin"
+        requests_file(records, good, bad, bad_every, form)
+        cpu = server.cpu_s()
+        wrk = subprocess.Popen(
+            ["wrk", "-t", str(clients), "-c", str(clients), "-d", f"{time_limit_s:.0f}s", "--timeout",
+             f"{time_limit_s:.0f}s", "-s", str(ROOT / "bench/serve_load.lua"), f"http://127.0.0.1:{server.port}",
+             "--", str(records), str(per_client), path, folder],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+        files = [Path(folder) / f"thread-{i}.txt" for i in range(clients)]
+        while wrk.poll() is None and not all(f.is_file() for f in files):
+            time.sleep(0.01)  # wrk waits out its -d even when every thread has stopped: stop it once they have
+        server_cpu = server.cpu_s() - cpu
+        with contextlib.suppress(psutil.NoSuchProcess):
+            client_cpu = sum(psutil.Process(wrk.pid).cpu_times()[:2])
+        wrk.send_signal(signal.SIGINT)
+        output = wrk.communicate(timeout=60)[0]
+        result = Result(cpu=server_cpu, client_cpu=client_cpu)
+        spans = []
+        for f in files:
+            if not f.is_file():
+                result.errors.append(f"a client did not finish its {per_client} requests within {time_limit_s:g} s")
+                continue
+            head, *lines = f.read_text().splitlines()
+            first, last, good_n, bad_ok, _ = map(int, head.split())
+            spans.append((first, last))
+            result.bad_ok += bad_ok
+            result.latencies += [int(line) / 1e6 for line in lines if not line.startswith("error ")]
+            result.errors += [line.removeprefix("error ") for line in lines if line.startswith("error ")]
+        socket_errors = [int(line.split()[-1]) for line in output.splitlines() if line.startswith("mpad-load")]
+        if not socket_errors:
+            raise SystemExit(f"wrk did not report: {output[-2000:]}")
+        result.errors += ["failed connection, read or write (wrk)"] * socket_errors[0]
+        result.wall = (max(b for _, b in spans) - min(a for a, _ in spans)) / 1e6 if spans else float("nan")
     return result
 
 
@@ -257,6 +270,7 @@ def pooled(results: list[Result]) -> dict[str, float]:
     answered = sum(len(r.latencies) + len(r.errors) + r.bad_ok for r in results)
     return {"good_per_s": len(ms) / sum(r.wall for r in results),
             "cpu_ms": 1000 * sum(r.cpu for r in results) / answered,
+            "client_cpu_ms": 1000 * sum(r.client_cpu for r in results) / answered,
             **{f"p{q}": float(np.percentile(ms, q)) if len(ms) else float("nan") for q in (50, 95, 99)},
             "errors": sum(len(r.errors) for r in results), "bad_ok": sum(r.bad_ok for r in results)}  # fmt: skip
 
@@ -272,13 +286,15 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=0, help="side of the good requests' PNGs (0: as generated)")
     parser.add_argument("--impl", choices=("own", "litserve"), default="own")
     parser.add_argument("--max-batch", type=int, default=8, help="the batching servers' --max-batch")
-    parser.add_argument("--max-wait-ms", default="5", help="the batching servers' --max-wait-ms (a,b,...: several)")
+    parser.add_argument("--max-wait-ms", default="2", help="the batching servers' --max-wait-ms (a,b,...: several)")
     parser.add_argument("--threads", type=int, default=0, help="the servers' onnxruntime threads (0: default)")
     parser.add_argument("--map", action="store_true", help="ask for the overlay and map PNGs too")
     parser.add_argument("--python", default=sys.executable, help="the servers' interpreter")
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "mpad-bench-serve")
     parser.add_argument("--time-limit-s", type=float, default=600, help="cap of each load run")
     args = parser.parse_args()
+    if shutil.which("wrk") is None:
+        raise SystemExit("bench/serve.py drives the load with wrk, a load generator in C: apt-get install wrk")
     model = export_model(args.backbone, args.workdir)
     good, bad = payloads(args.workdir, args.size)
     waits = [float(w) for w in args.max_wait_ms.split(",")]
@@ -346,13 +362,15 @@ def model_only_ceiling(model: Path, max_batch: int, threads: int, seconds: float
 def report(servers: list[Server], runs: dict, args: argparse.Namespace) -> None:
     print(f"load after: {os.getloadavg()[0]:.2f}")
     print(f"{'server':<18} {'clients':>7} {'good/s':>8} {'CPU ms/req':>10} {'p50 ms':>8} {'p95 ms':>8} "
-          f"{'p99 ms':>8} {'errors':>7} {'bad 4xx':>8} {'RSS MiB: warm, after each round':<32}")  # fmt: skip
+          f"{'p99 ms':>8} {'wrk CPU':>7} {'errors':>7} {'bad 4xx':>8} "
+          f"{'RSS MiB: warm, after each round':<32}")  # fmt: skip
     merged = {key: pooled(results) for key, results in runs.items()}
     for (name, clients), row in merged.items():
         server = next(s for s in servers if s.name == name)
         rss = ", ".join(f"{mib:.0f}" for mib in server.rss)
         print(f"{name:<18} {clients:>7} {row['good_per_s']:>8.1f} {row['cpu_ms']:>10.2f} {row['p50']:>8.1f} "
-              f"{row['p95']:>8.1f} {row['p99']:>8.1f} {row['errors']:>7} {row['bad_ok']:>8}   {rss}")  # fmt: skip
+              f"{row['p95']:>8.1f} {row['p99']:>8.1f} {row['client_cpu_ms']:>7.2f} {row['errors']:>7} "
+              f"{row['bad_ok']:>8}   {rss}")  # fmt: skip
     base = servers[0].name
     for other in (s.name for s in servers[1:]):
         if (base, args.clients) in merged and (other, args.clients) in merged:

@@ -1,7 +1,7 @@
 """Command `serve`: the exported detector as an HTTP service with dynamic batching, and a page to try it.
 
     mpad serve --model deploy/<category>.onnx [--host 127.0.0.1] [--port 8000] [--max-batch 8]
-               [--max-wait-ms 5] [--max-queue 64] [--max-bytes 33554432] [--max-pixels 25000000]
+               [--max-wait-ms 2] [--max-queue 64] [--max-bytes 33554432] [--max-pixels 25000000]
                [--max-size 1024] [--timeout-s 30] [--decode-threads 2] [--threshold T] [--threads N]
                [--device auto]
 
@@ -34,7 +34,7 @@ def main(
     host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (loopback by default)."),
     port: int = typer.Option(8000, "--port", min=0, max=65535, help="Port (0: any free one, printed)."),
     max_batch: int = typer.Option(8, "--max-batch", min=1, help="Most images in one model call (1: no batching)."),
-    max_wait_ms: float = typer.Option(5.0, "--max-wait-ms", min=0, help="Longest wait for a batch to fill."),
+    max_wait_ms: float = typer.Option(2.0, "--max-wait-ms", min=0, help="Longest wait for a batch to fill."),
     max_queue: int = typer.Option(64, "--max-queue", min=1, help="Requests in progress at once; more get 503."),
     max_bytes: int = typer.Option(32 * 2**20, "--max-bytes", min=1, help="Largest request body (413 beyond)."),
     max_pixels: int = typer.Option(25_000_000, "--max-pixels", min=1, help="Largest image, in pixels (413 beyond)."),

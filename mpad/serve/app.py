@@ -1,4 +1,4 @@
-"""The HTTP service (FastAPI, served by uvicorn): routes, limits, the error contract.
+"""The HTTP service (Starlette, served by uvicorn): routes, limits, the error contract.
 
     POST /v1/predict[?map=false]  one image (PNG, JPEG or TIFF; the raw bytes, or a multipart form's file)
                                   -> image_score, max_pixel_score, decision, threshold, model (identity),
@@ -17,6 +17,10 @@ unexpected fault is a JSON 500 without a traceback (the server's log has it).
 Work per request: the body is read (up to max_bytes), decoded and resized on a pool of `decode_threads`
 threads, queued for the batcher (one model call per batch), and its overlay / map PNGs rendered on the pool
 again, so that decoding overlaps inference.
+
+Starlette rather than FastAPI on top of it: the routes need no validation or schema, and FastAPI's layers
+(dependency solving, its middleware, serialising the returned dict) were measured as a share of the event
+loop's time per request that does not shrink with the batch (README, "Serving").
 """
 
 from __future__ import annotations
@@ -32,12 +36,13 @@ from typing import Any, TypeVar
 
 import numpy as np
 import torch
-from fastapi import FastAPI, Query, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse
+from starlette.applications import Starlette
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, JSONResponse, Response
+from starlette.routing import Route
 
 from mpad.serve.batcher import Batcher, Overloaded
 from mpad.serve.images import BadImage, decode_image
@@ -52,7 +57,7 @@ class Limits:
     """The service's knobs (`mpad serve --help` says each)."""
 
     max_batch: int = 8
-    max_wait_ms: float = 5.0
+    max_wait_ms: float = 2.0
     max_queue: int = 64
     max_bytes: int = 32 * 2**20
     max_pixels: int = 25_000_000
@@ -65,14 +70,36 @@ class Unavailable(RuntimeError):
     """503 with Retry-After: not ready yet, overloaded, or out of time."""
 
 
-def create_app(model: ServedModel, limits: Limits = Limits()) -> FastAPI:
+class BadQuery(ValueError):
+    """422: a query parameter that cannot be read."""
+
+
+# What a boolean query parameter may say (pydantic's spellings, which the service accepted before).
+FLAGS = {
+    **dict.fromkeys(("true", "1", "yes", "on", "t", "y"), True),
+    **dict.fromkeys(("false", "0", "no", "off", "f", "n"), False),
+}
+
+
+def query_flag(request: Request, name: str, default: bool) -> bool:
+    """The boolean query parameter `name`; BadQuery naming it and the accepted values otherwise."""
+    value = request.query_params.get(name)
+    if value is None:
+        return default
+    try:
+        return FLAGS[value.lower()]
+    except KeyError:
+        raise BadQuery(f"query.{name}: {value!r} is not a boolean (true or false)") from None
+
+
+def create_app(model: ServedModel, limits: Limits = Limits()) -> Starlette:
     """The service for `model`. The batcher, the decode pool and the warm-up start with the app's lifespan."""
     page = (files("mpad.serve") / "page.html").read_text(encoding="utf-8")
     batcher = Batcher(model.scorer, limits.max_batch, limits.max_wait_ms / 1000, limits.max_queue)
     state: dict[str, Any] = {"ready": False, "admitted": 0, "warm_up_error": None}
 
     @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
         state["pool"] = ThreadPoolExecutor(limits.decode_threads, thread_name_prefix="mpad-decode")
         batcher.start()
         warm = asyncio.create_task(warm_up())
@@ -97,18 +124,15 @@ def create_app(model: ServedModel, limits: Limits = Limits()) -> FastAPI:
     async def on_pool(work: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(state["pool"], work, *args)
 
-    app = FastAPI(title="mpad serve", lifespan=lifespan, docs_url=None, redoc_url=None)  # docs load a CDN
-    app.state.batcher, app.state.limits, app.state.model = batcher, limits, model
-
-    @app.post("/v1/predict")
-    async def predict(request: Request, with_map: bool = Query(True, alias="map")) -> dict[str, Any]:
+    async def predict(request: Request) -> Response:
+        with_map = query_flag(request, "map", True)
         if not state["ready"]:
             raise Unavailable(state["warm_up_error"] or "warming up: the model is not ready yet")
         if state["admitted"] >= limits.max_queue:
             raise Unavailable(f"overloaded: {limits.max_queue} requests (--max-queue) are already in progress")
         state["admitted"] += 1
         try:
-            return await asyncio.wait_for(answer(request, with_map), limits.timeout_s)
+            return JSONResponse(await asyncio.wait_for(answer(request, with_map), limits.timeout_s))
         except asyncio.TimeoutError:
             raise Unavailable(f"no answer within --timeout-s {limits.timeout_s:g}: the server is overloaded") from None
         finally:
@@ -126,25 +150,25 @@ def create_app(model: ServedModel, limits: Limits = Limits()) -> FastAPI:
             return model.answer(image, amap, score, None)
         return await on_pool(model.answer, image, amap, score, limits.max_size)
 
-    @app.get("/v1/model")
-    async def describe() -> dict[str, Any]:
-        return {**model.describe(), "limits": asdict(limits)}
+    async def describe(request: Request) -> Response:
+        return JSONResponse({**model.describe(), "limits": asdict(limits)})
 
-    @app.get("/healthz")
-    async def healthz() -> dict[str, str]:
-        return {"status": "ok"}
+    async def healthz(request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
 
-    @app.get("/readyz")
-    async def readyz() -> dict[str, str]:
+    async def readyz(request: Request) -> Response:
         if not state["ready"]:
             raise Unavailable(state["warm_up_error"] or "warming up: the model is not ready yet")
-        return {"status": "ready"}
+        return JSONResponse({"status": "ready"})
 
-    @app.get("/", response_class=HTMLResponse)
-    async def index() -> str:
-        return page
+    async def index(request: Request) -> Response:
+        return HTMLResponse(page)
 
-    add_error_handlers(app)
+    routes = [Route("/v1/predict", predict, methods=["POST"]), Route("/v1/model", describe, methods=["GET"]),
+              Route("/healthz", healthz, methods=["GET"]), Route("/readyz", readyz, methods=["GET"]),
+              Route("/", index, methods=["GET"])]  # fmt: skip
+    app = Starlette(routes=routes, exception_handlers=error_handlers(), lifespan=lifespan)
+    app.state.batcher, app.state.limits, app.state.model = batcher, limits, model
     return app
 
 
@@ -195,14 +219,12 @@ async def image_bytes(request: Request, max_bytes: int) -> bytes:
         await form.close()
 
 
-def add_error_handlers(app: FastAPI) -> None:
-    """Every error as JSON {"error": one line}: BadImage its 4xx, Unavailable 503 + Retry-After, FastAPI's own
-    (404, 405, a bad query) their status, anything else 500 without a traceback."""
+def error_handlers() -> dict[type[Exception], Callable[[Request, Any], Awaitable[Response]]]:
+    """Every error as JSON {"error": one line}: BadImage its 4xx, BadQuery 422, Unavailable 503 + Retry-After,
+    Starlette's own (404, 405) their status, anything else 500 without a traceback."""
 
     def error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
         return JSONResponse({"error": " ".join(message.split())}, status, headers)
-
-    handlers: dict[type[Exception], Callable[[Request, Any], Awaitable[JSONResponse]]] = {}
 
     async def bad_image(request: Request, err: BadImage) -> JSONResponse:
         return error(err.status, str(err))
@@ -213,14 +235,11 @@ def add_error_handlers(app: FastAPI) -> None:
     async def http_error(request: Request, err: HTTPException) -> JSONResponse:
         return error(err.status_code, str(err.detail), err.headers)
 
-    async def bad_request(request: Request, err: RequestValidationError) -> JSONResponse:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
-        return error(422, problems)
+    async def bad_query(request: Request, err: BadQuery) -> JSONResponse:
+        return error(422, str(err))
 
     async def fault(request: Request, err: Exception) -> JSONResponse:
         return error(500, f"internal error ({type(err).__name__}); the server's log has the details")
 
-    handlers.update({BadImage: bad_image, Unavailable: unavailable, Overloaded: unavailable,
-                     HTTPException: http_error, RequestValidationError: bad_request, Exception: fault})  # fmt: skip
-    for kind, handler in handlers.items():
-        app.add_exception_handler(kind, handler)
+    return {BadImage: bad_image, BadQuery: bad_query, Unavailable: unavailable, Overloaded: unavailable,
+            HTTPException: http_error, Exception: fault}  # fmt: skip
