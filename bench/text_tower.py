@@ -1,6 +1,10 @@
-"""The MPTS step's text tower with and without the shared prefix (`TextEncoder.forward_shared`), alternating in one
-process: the tower's forward and two backward passes (G_ano and G_div, eq. 8-9), and a whole step's losses and
-gradients (eq. 3-9) on 16 synthetic 240 px feature maps; prints seconds and the ratio shared / plain.
+"""The MPTS step's text tower, alternating in one process, on 16 synthetic 240 px feature maps: a whole step's losses
+and gradients (eq. 3-9, no Adam) computed three ways, the first two as earlier versions did:
+- plain: the whole prompts through the tower, one backward pass per gradient (G_ano, G_div);
+- shared: the shared prefix computed once (`TextEncoder.forward_shared`), still two backward passes;
+- step: what training runs (`mpad.mpts._step_gradients`): the shared prefix, and the tower run once over two copies
+  of the vectors with one backward pass for both gradients.
+Prints seconds per step and the ratios to plain.
 
 Run: .venv/bin/python bench/text_tower.py [--backbone ViT-B-16-plus-240] [--threads 1] [--repeats 3]
 Random weights: the timings do not depend on them.
@@ -15,7 +19,8 @@ import torch
 import torch.nn.functional as F
 
 from mpad.clip import load_clip
-from mpad.mpts import _flat_grad, anomaly_loss, divergence_loss, score_maps
+from mpad.log_maps import score_maps
+from mpad.mpts import _flatten, _step_gradients, anomaly_loss, divergence_loss
 from mpad.prompts import PromptLearner, TextEncoder, learned_text_embeddings
 
 
@@ -44,26 +49,26 @@ def main() -> None:
     masks = (torch.rand(16, side, side, generator=torch.Generator().manual_seed(2)) > 0.9).float()
     meta = F.normalize(learned_text_embeddings(learner, encoder).detach() + 0.01, dim=-1)
 
-    def tower() -> None:
+    def two_passes() -> None:
         text = learned_text_embeddings(learner, encoder)
-        for retain in (True, False):
-            torch.autograd.grad(text, params, torch.ones_like(text), retain_graph=retain)
-
-    def step() -> None:
-        log_maps = score_maps(features, learned_text_embeddings(learner, encoder), 100.0, (side, side))
-        _flat_grad(anomaly_loss(log_maps, masks), params, True)
+        log_maps = score_maps(features, text, 100.0, (side, side))
+        _flatten(torch.autograd.grad(anomaly_loss(log_maps, masks), params, retain_graph=True), params)
         with torch.no_grad():
             meta_maps = score_maps(features, meta, 100.0, (side, side))
-        _flat_grad(divergence_loss(meta_maps, log_maps), params, False)
+        _flatten(torch.autograd.grad(divergence_loss(meta_maps, log_maps), params), params)
 
-    print(f"{args.backbone}, {args.threads} thread(s); seconds: plain, shared, shared / plain")
-    for name, work in (("tower forward + 2 backward", tower), ("MPTS step (no Adam)", step)):
-        for _ in range(args.repeats):
-            encoder.shares_prefix = False
-            plain = seconds(work)
-            encoder.shares_prefix = True
-            shared = seconds(work)
-            print(f"{name:28s} {plain:.3f}  {shared:.3f}  {shared / plain:.2f}")
+    def step() -> None:
+        _step_gradients(learner, encoder, features, masks, meta, 100.0, (side, side), True)
+
+    print(
+        f"{args.backbone}, {args.threads} thread(s); seconds a step: plain, shared, step; shared / plain, step / plain"
+    )
+    for _ in range(args.repeats):
+        encoder.shares_prefix = False
+        plain = seconds(two_passes)
+        encoder.shares_prefix = True
+        shared, now = seconds(two_passes), seconds(step)
+        print(f"{plain:.3f}  {shared:.3f}  {now:.3f};  {shared / plain:.2f}  {now / plain:.2f}")
 
 
 if __name__ == "__main__":

@@ -41,7 +41,8 @@ class Detector:
         self.bundle = bundle
         self.memory = memory
         layers = memory.layers if memory is not None else ()
-        self.encoder = build_encoder(bundle, prompts.laa, intermediate_layers=layers)
+        global_score = scoring.image_score == "global"  # the only reader of the global embedding
+        self.encoder = build_encoder(bundle, prompts.laa, intermediate_layers=layers, image_embedding=global_score)
         self.text = prompts.text.to(bundle.device).float()
         self.logit_scale = float(bundle.model.logit_scale.exp())
         self.scoring = scoring

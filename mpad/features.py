@@ -16,8 +16,12 @@ if TYPE_CHECKING:  # stack_images serves predict's ONNX backend, which runs with
     from mpad.clip import ClipBundle
 
 
-def build_encoder(bundle: ClipBundle, laa: LaaConfig, intermediate_layers: Sequence[int] = ()) -> LocalityAwareEncoder:
-    """The LAA encoder (eq. 11-12) for `bundle` with the settings `laa` (params, or a prompts file's)."""
+def build_encoder(
+    bundle: ClipBundle, laa: LaaConfig, intermediate_layers: Sequence[int] = (), image_embedding: bool = False
+) -> LocalityAwareEncoder:
+    """The LAA encoder (eq. 11-12) for `bundle` with the settings `laa` (params, or a prompts file's). Without
+    `image_embedding` (only the image score `global` reads it) its outputs have none, and the last block's
+    original path is skipped (mpad.laa)."""
     encoder = LocalityAwareEncoder(
         bundle.model.visual,
         layers=int(laa.layers),
@@ -25,6 +29,7 @@ def build_encoder(bundle: ClipBundle, laa: LaaConfig, intermediate_layers: Seque
         k=None if laa.k is None else float(laa.k),
         cls=str(laa.cls),
         intermediate_layers=intermediate_layers,
+        image_embedding=image_embedding,
     )
     return encoder.to(bundle.device).eval()
 
@@ -42,13 +47,13 @@ def encode_batched(
     encoder: LocalityAwareEncoder, bundle: ClipBundle, images: torch.Tensor, batch_size: int
 ) -> EncoderOutput:
     """`encode` over (N, 3, H, W) images in chunks of `batch_size` (bounded device memory), outputs
-    concatenated along the batch: image_embedding (N, D), patch_features (N, H', W', D), intermediates
+    concatenated along the batch: image_embedding (N, D) or None, patch_features (N, H', W', D), intermediates
     per requested block (N, H', W', width); all fp32 on the bundle's device."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     outs = [encode(encoder, bundle, images[i : i + batch_size]) for i in range(0, len(images), batch_size)]
     return EncoderOutput(
-        image_embedding=torch.cat([o.image_embedding for o in outs]),
+        image_embedding=None if outs[0].image_embedding is None else torch.cat([o.image_embedding for o in outs]),
         patch_features=torch.cat([o.patch_features for o in outs]),
         intermediates=[torch.cat(layer) for layer in zip(*(o.intermediates for o in outs), strict=True)],
     )

@@ -7,6 +7,11 @@ and accumulates the attention outputs; it skips the MLP. The second path's patch
 `proj`, are the patch features that text prompts score. Where the blocks are open_clip's plain ones
 (`mpad.blocks`), both paths take q, k, v from one in-projection of ln_1 per block, as the block itself would.
 
+The original stream after the last block feeds only the global embedding (and the last block's intermediate
+tokens): an encoder built with `image_embedding=False` and without the last block among its intermediate
+layers skips that block's original attention and MLP, about 7 % of ViT-B's work, and computes only the
+second path there (the patch features are the same function of the image, within float rounding).
+
 CLS treatment ("neighbor-cls-only", sec. 3.2): with `cls="neighbor-cls"` (default) each patch attends to
 its neighbours within distance k *and* to the CLS token, which carries the image's global context;
 with `cls="neighbor"` it attends to its neighbours only. The CLS row itself is unmasked: the second
@@ -23,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mpad.blocks import merge_heads, plain_blocks, qkv_heads
+from mpad.blocks import merge_heads, plain_blocks, qkv_heads, split_heads
 
 ATTENTIONS = ("vv", "qk")
 CLS_MODES = ("neighbor-cls", "neighbor")
@@ -63,13 +68,14 @@ def token_mask(h: int, w: int, k: float | None, cls: str = "neighbor-cls") -> to
 class EncoderOutput:
     """What one forward pass gives.
 
-    image_embedding: (B, D) the original path's global embedding, `encode_image`'s (not normalised).
+    image_embedding: (B, D) the original path's global embedding, `encode_image`'s (not normalised); None from
+        an encoder built without it.
     patch_features: (B, H', W', D) the second path's patch features after ln_post and proj, L2-normalised.
     intermediates: per requested block, (B, H', W', width) patch tokens of the original path after it.
     All three are fp32 whatever precision the model computes in.
     """
 
-    image_embedding: torch.Tensor
+    image_embedding: torch.Tensor | None
     patch_features: torch.Tensor
     intermediates: list[torch.Tensor] = field(default_factory=list)
 
@@ -84,6 +90,7 @@ class LocalityAwareEncoder(nn.Module):
         k: neighbour distance of eq. 12 in patches; None or <= 0: no mask.
         cls: "neighbor-cls" or "neighbor", see the module docstring.
         intermediate_layers: 1-based block indices whose original-path patch tokens are also returned.
+        image_embedding: whether to compute the global embedding (False: it is None, see the module docstring).
     """
 
     def __init__(
@@ -94,6 +101,7 @@ class LocalityAwareEncoder(nn.Module):
         k: float | None = None,
         cls: str = "neighbor-cls",
         intermediate_layers: Sequence[int] = (),
+        image_embedding: bool = True,
     ) -> None:
         super().__init__()
         depth = len(visual.transformer.resblocks)
@@ -110,6 +118,9 @@ class LocalityAwareEncoder(nn.Module):
         self.start = depth - layers
         self.attention = attention
         self.intermediate_layers = tuple(intermediate_layers)
+        self.image_embedding = image_embedding
+        # The original stream after the last block: needed for the global embedding or that block's tokens only.
+        self.last_original = image_embedding or depth in self.intermediate_layers
         self.grid = tuple(int(g) for g in visual.grid_size)
         # open_clip's plain blocks: both paths take q, k, v from one in-projection (`_both_paths`).
         self.shared_projection = plain_blocks(visual.transformer)
@@ -124,8 +135,10 @@ class LocalityAwareEncoder(nn.Module):
         batch_first = getattr(visual.transformer, "batch_first", True)
         dense = None
         intermediates = []
+        last = len(blocks) - 1
         for index, block in enumerate(blocks):
-            if index >= self.start and self.shared_projection:
+            original = index < last or self.last_original  # the original stream after this block is used
+            if index >= self.start and self.shared_projection and original:
                 start = x if dense is None else dense  # the second path starts from the stream entering the block
                 x, update = self._both_paths(block, x)
                 dense = start + update
@@ -133,18 +146,22 @@ class LocalityAwareEncoder(nn.Module):
                 if index >= self.start:
                     update = block.ls_1(self._dense_attention(block.attn, block.ln_1(x)))
                     dense = (x if dense is None else dense) + update
-                x = block(x) if batch_first else block(x.transpose(0, 1)).transpose(0, 1)
+                if original:
+                    x = block(x) if batch_first else block(x.transpose(0, 1)).transpose(0, 1)
             if index + 1 in self.intermediate_layers:
                 intermediates.append(self._grid(x[:, 1:]))
-        pooled, _ = visual._pool(x)
-        if visual.proj is not None:
-            pooled = pooled @ visual.proj
+        pooled = None
+        if self.image_embedding:
+            pooled, _ = visual._pool(x)
+            if visual.proj is not None:
+                pooled = pooled @ visual.proj
+            pooled = pooled.float()
         patches = visual.ln_post(dense[:, 1:])
         if visual.proj is not None:
             patches = patches @ visual.proj
         # Outputs in fp32 whatever the model's precision: everything downstream (scores, losses) is fp32.
         return EncoderOutput(
-            pooled.float(), F.normalize(self._grid(patches).float(), dim=-1), [t.float() for t in intermediates]
+            pooled, F.normalize(self._grid(patches).float(), dim=-1), [t.float() for t in intermediates]
         )
 
     def _grid(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -167,8 +184,13 @@ class LocalityAwareEncoder(nn.Module):
 
     def _dense_attention(self, attn: nn.MultiheadAttention, y: torch.Tensor) -> torch.Tensor:
         """Eq. 11 with the block's weights: softmax((QK^T + M) / sqrt(d)) V, Q = K = V for "vv"; y (B, L, width)."""
-        q, k, v = qkv_heads(attn, y)
-        if self.attention == "vv":
+        if self.attention == "vv":  # V alone: the last third of the in-projection
+            width = y.shape[-1]
+            v = split_heads(
+                F.linear(y, attn.in_proj_weight[2 * width :], attn.in_proj_bias[2 * width :]), attn.num_heads
+            )
             q = k = v
+        else:
+            q, k, v = qkv_heads(attn, y)
         mask = None if self.mask is None else self.mask.to(q.dtype)
         return attn.out_proj(merge_heads(F.scaled_dot_product_attention(q, k, v, attn_mask=mask)))

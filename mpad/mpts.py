@@ -61,7 +61,8 @@ from typing import Any
 import torch
 
 from mpad.config import CALIBRATIONS, MptsConfig
-from mpad.prompts import PromptLearner, TextEncoder, learned_text_embeddings
+from mpad.log_maps import score_maps
+from mpad.prompts import PromptLearner, TextEncoder, text_embeddings_of
 
 
 def calibrate(g_ano: torch.Tensor, g_div: torch.Tensor, lam: float, mode: str = "projection") -> torch.Tensor:
@@ -158,65 +159,6 @@ def divergence_loss(meta_log_maps: torch.Tensor, log_maps: torch.Tensor) -> torc
     return kl + kl  # eq. 6 + eq. 7
 
 
-def patch_log_probabilities(
-    patch_features: torch.Tensor, text: torch.Tensor, logit_scale: float | torch.Tensor
-) -> torch.Tensor:
-    """(B, H', W', D) normalised, text (2, D) -> (B, 2, H', W') log S' on the patch grid: log_softmax of the
-    scaled cosine similarities (the log of `mpad.scoring.patch_probabilities`)."""
-    return (logit_scale * patch_features @ text.t()).log_softmax(dim=-1).permute(0, 3, 1, 2)
-
-
-def log_upsample(log_maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """(B, C, h, w) -> (B, C, *size): log of `mpad.scoring.upsample(log_maps.exp(), size)` (bilinear,
-    align_corners=False), computed in log space: one log-sum-exp of two neighbours per axis (`_LogLerp`)."""
-    out = log_maps
-    for dim, n_out in ((2, size[0]), (3, size[1])):
-        n_in = out.shape[dim]
-        src = ((torch.arange(n_out, dtype=torch.float64) + 0.5) * (n_in / n_out) - 0.5).clamp(min=0)
-        low = src.floor().long()
-        high = (low + 1).clamp(max=n_in - 1)
-        frac = (src - low).to(device=out.device, dtype=out.dtype)
-        shape = (-1, 1) if dim == 2 else (-1,)
-        log_weights = (torch.log1p(-frac).view(shape), frac.log().view(shape))  # frac 0: -inf, weight 0
-        out = _LogLerp.apply(out, dim, low.to(out.device), high.to(out.device), *log_weights)
-    return out
-
-
-class _LogLerp(torch.autograd.Function):
-    """One axis of `log_upsample`: out = logaddexp(x[low] + log(1 - f), x[high] + log f), along `dim`.
-
-    The backward reuses the two neighbours' shares of each output, exp(x[low] + log(1 - f) - out) and
-    exp(x[high] + log f - out) (they sum to 1), kept from the forward pass: MPTS runs two backward passes per step
-    (G_ano, G_div) through the full-resolution maps, and autograd's own logaddexp backward would recompute them
-    in each. A zero upstream gradient (G_div at a meta-epoch's start) stays exactly zero."""
-
-    @staticmethod
-    def forward(ctx, x, dim, low, high, log_w_low, log_w_high):
-        below = x.index_select(dim, low) + log_w_low
-        above = x.index_select(dim, high) + log_w_high
-        out = torch.logaddexp(below, above)
-        if ctx.needs_input_grad[0]:
-            ctx.save_for_backward(low, high, (below - out).exp(), (above - out).exp())
-            ctx.dim, ctx.n_in = dim, x.shape[dim]
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        low, high, share_low, share_high = ctx.saved_tensors
-        shape = list(grad.shape)
-        shape[ctx.dim] = ctx.n_in
-        grad_x = grad.new_zeros(shape).index_add_(ctx.dim, low, grad * share_low)
-        return grad_x.index_add_(ctx.dim, high, grad * share_high), None, None, None, None, None
-
-
-def score_maps(
-    features: torch.Tensor, text: torch.Tensor, logit_scale: float | torch.Tensor, size: tuple[int, int]
-) -> torch.Tensor:
-    """features (B, H', W', D) normalised, text (2, D) -> (B, 2, *size) log S' = [log S'_n, log S'_a]: the
-    log of the bilinearly upsampled probability maps (exp of channel 1 = `mpad.scoring.anomaly_maps`)."""
-    return log_upsample(patch_log_probabilities(features, text, logit_scale), size)
-
-
 def converged(losses: Sequence[float], window: int, tolerance: float) -> bool:
     """Whether a round's per-step losses have stopped improving: the mean of the last `window` is at most
     `tolerance` (relative) below the mean of the `window` before them. False before 2 * window losses.
@@ -282,20 +224,15 @@ def train_prompts(
         round_losses: list[float] = []
         for _ in range(config.steps):
             index = next(batches).to(device)
-            text = learned_text_embeddings(learner, text_encoder)
-            log_maps = score_maps(features[index], text, logit_scale, size)
-            loss_ano = anomaly_loss(log_maps, masks[index])
-            g_ano = _flat_grad(loss_ano, params, retain=config.divergence)
+            g_ano, g_div, loss_ano, loss_div = _step_gradients(
+                learner, text_encoder, features[index], masks[index], meta, logit_scale, size, config.divergence
+            )
             cos, calibrated, loss_div_value = 0.0, 0, 0.0
             if config.divergence:
-                with torch.no_grad():  # log S^M: the round's fixed meta prompt, computed exactly like log S'
-                    meta_log_maps = score_maps(features[index], meta, logit_scale, size)
-                loss_div = divergence_loss(meta_log_maps, log_maps)
-                g_div = _flat_grad(loss_div, params, retain=False)
                 cos = cosine(g_ano, g_div)
                 calibrated = int(cos < 0 and config.lam > 0)
                 g_ano = calibrate(g_ano, g_div, config.lam, config.calibration)
-                loss_div_value = float(loss_div.detach())
+                loss_div_value = float(loss_div)
             _set_grads(params, g_ano)
             optimizer.step()
             record = {
@@ -314,17 +251,53 @@ def train_prompts(
             if config.stop == "converged" and converged(round_losses, config.window, config.tolerance):
                 break
         result.round_steps.append(len(round_losses))
-        with torch.no_grad():
-            end_text = learned_text_embeddings(learner, text_encoder).detach().clone()
+        with torch.no_grad():  # as the step computes its text: the next round starts bitwise at its meta prompt
+            end_text = text_embeddings_of(learner, text_encoder, [params, params])[0].clone()
         result.round_texts.append(end_text.cpu().clone())
         meta = end_text  # LAP^{t+1} / LNP^{t+1} become the next round's meta prompts
     result.text = result.round_texts[-1].clone() if result.round_texts else meta.cpu().clone()
     return result
 
 
-def _flat_grad(loss: torch.Tensor, params: list[torch.Tensor], retain: bool) -> torch.Tensor:
-    """d loss / d params, flattened and concatenated in the order of `params` (zeros where unused)."""
-    grads = torch.autograd.grad(loss, params, retain_graph=retain, allow_unused=True)
+def _step_gradients(
+    learner: PromptLearner,
+    text_encoder: TextEncoder,
+    features: torch.Tensor,
+    masks: torch.Tensor,
+    meta: torch.Tensor,
+    logit_scale: float | torch.Tensor,
+    size: tuple[int, int],
+    divergence: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One minibatch's (G_ano, G_div, L_ano, L_div) (eq. 3-9); G_div and L_div are zeros without `divergence`.
+
+    G_ano and G_div are the gradients of two losses through the same text tower. Run as two backward passes, each
+    would read all of the tower's weights again for a handful of token rows (the tower's cost here is reading its
+    weights, not the arithmetic). Instead the tower runs once on two copies of the vectors, the learner's own and
+    detached twins of them (`text_embeddings_of`: one set of matrix products), each loss is differentiated
+    down to the text embeddings only (a few values), and one backward pass through the tower takes L_ano's
+    cotangent into the first copy and L_div's into the second: the learner's vectors get G_ano, the twins G_div.
+    Without `divergence` the second cotangent is zero, so that lambda = 0 trains bitwise as divergence off."""
+    params = [learner.general, learner.normal, learner.anomaly]
+    twins = [p.detach().clone().requires_grad_() for p in params]
+    texts = text_embeddings_of(learner, text_encoder, [params, twins])  # (2 copies, 2, D)
+    text = texts[0].detach().requires_grad_()
+    log_maps = score_maps(features, text, logit_scale, size)
+    loss_ano = anomaly_loss(log_maps, masks)
+    (c_ano,) = torch.autograd.grad(loss_ano, text, retain_graph=divergence)
+    loss_div, c_div = c_ano.new_zeros(()), torch.zeros_like(c_ano)
+    if divergence:
+        with torch.no_grad():  # log S^M: the round's fixed meta prompt, computed exactly like log S'
+            meta_log_maps = score_maps(features, meta, logit_scale, size)
+        loss_div = divergence_loss(meta_log_maps, log_maps)
+        (c_div,) = torch.autograd.grad(loss_div, text)
+    grads = torch.autograd.grad(texts, [*params, *twins], torch.stack([c_ano, c_div]), allow_unused=True)
+    g_ano, g_div = _flatten(grads[:3], params), _flatten(grads[3:], twins)
+    return g_ano, g_div, loss_ano.detach(), loss_div.detach()
+
+
+def _flatten(grads: Sequence[torch.Tensor | None], params: list[torch.Tensor]) -> torch.Tensor:
+    """Gradients of `params`, flattened and concatenated in their order (zeros where unused)."""
     pairs = zip(params, grads, strict=True)
     return torch.cat([(torch.zeros_like(p) if g is None else g).flatten() for p, g in pairs])
 

@@ -116,30 +116,31 @@ class TextEncoder(nn.Module):
         return self._project(x)
 
     def forward_shared(self, prefix: torch.Tensor, suffixes: torch.Tensor, end_index: torch.Tensor) -> torch.Tensor:
-        """`forward` of the N sequences cat([prefix, suffixes[i]]), with the prefix computed once: prefix (P, width),
-        suffixes (N, L - P, width), end_index (N,), each >= P -> (N, D), not normalised.
+        """`forward` of the sequences cat([prefix[g], suffixes[g, i]]), each prefix computed once: prefix (G, P, width),
+        suffixes (G, N, L - P, width), end_index (N,), each >= P -> (G, N, D), not normalised.
 
         With the causal mask a position sees only the ones before it, so the hidden states of a shared prefix are
-        the same in every sequence: each block runs the prefix rows once and lets every suffix attend to their keys
-        and values. The learned prompts share [SOT] G1..Gng <class name> (eq. 1): 6-7 of their ~10 positions, so
-        about a third less work in the text tower, forwards and backwards (equal to `forward` to float rounding,
-        tested). Needs `shares_prefix`."""
-        if not self.shares_prefix or int(end_index.min()) < prefix.shape[0]:
+        the same in every sequence: each block runs a group's prefix rows once and lets each of the group's
+        suffixes attend to their keys and values. The learned prompts share [SOT] G1..Gng <class name> (eq. 1): 6-7
+        of their ~10 positions, so about a third less work in the text tower, forwards and backwards (equal to
+        `forward` to float rounding, tested). Groups (G > 1) run several sets of prompts in the same matrix
+        products (`text_embeddings_of`). Needs `shares_prefix`."""
+        if not self.shares_prefix or int(end_index.min()) < prefix.shape[1]:
             raise ValueError("forward_shared: a plain causal text tower and end tokens after the prefix")
         dtype = self.transformer.get_cast_dtype()
-        n_prefix, width = prefix.shape
+        groups, n_prefix, width = prefix.shape
         length = int(end_index.max()) + 1
         xp = prefix.to(dtype) + self.positional_embedding[:n_prefix].to(dtype)
-        xs = suffixes[:, : length - n_prefix].to(dtype) + self.positional_embedding[n_prefix:length].to(dtype)
-        n, n_suffix = xs.shape[:2]
+        xs = suffixes[:, :, : length - n_prefix].to(dtype) + self.positional_embedding[n_prefix:length].to(dtype)
+        n, n_suffix = xs.shape[1:3]
         causal_p = torch.ones(n_prefix, n_prefix, dtype=torch.bool, device=xp.device).tril()
         causal_s = torch.ones(n_suffix, n_suffix, dtype=torch.bool, device=xp.device).tril()
         mask_s = torch.cat([causal_s.new_ones(n_suffix, n_prefix), causal_s], dim=1)
-        rows = torch.cat([xp, xs.reshape(n * n_suffix, width)])  # every distinct position once
-        for block in self.transformer.resblocks:
-            rows = _shared_block(block, rows, n_prefix, n, causal_p, mask_s)
-        x = self.ln_final(rows[n_prefix:].reshape(n, n_suffix, width))
-        return self._project(x[torch.arange(n, device=x.device), end_index - n_prefix])
+        rows = torch.cat([xp.reshape(groups * n_prefix, width), xs.reshape(groups * n * n_suffix, width)])
+        for block in self.transformer.resblocks:  # every distinct position once
+            rows = _shared_block(block, rows, groups, n_prefix, n, causal_p, mask_s)
+        x = self.ln_final(rows[groups * n_prefix :].reshape(groups, n, n_suffix, width))
+        return self._project(x[:, torch.arange(n, device=x.device), end_index - n_prefix])
 
     def _project(self, x: torch.Tensor) -> torch.Tensor:
         if isinstance(self.text_projection, nn.Linear):
@@ -148,19 +149,27 @@ class TextEncoder(nn.Module):
 
 
 def _shared_block(
-    block: nn.Module, rows: torch.Tensor, n_prefix: int, n: int, causal_p: torch.Tensor, mask_s: torch.Tensor
+    block: nn.Module,
+    rows: torch.Tensor,
+    groups: int,
+    n_prefix: int,
+    n: int,
+    causal_p: torch.Tensor,
+    mask_s: torch.Tensor,
 ) -> torch.Tensor:
-    """open_clip's ResidualAttentionBlock on rows (P + N * S, width): the prefix's P rows, then N suffixes of S rows
-    each, every suffix attending to the prefix's keys and values and causally to its own."""
+    """open_clip's ResidualAttentionBlock on rows (G * P + G * N * S, width): G prefixes of P rows, then G groups of
+    N suffixes of S rows each, every suffix attending to its group's prefix's keys and values and causally to its
+    own."""
     attn, width = block.attn, rows.shape[1]
-    # One in-projection over all rows (one matrix product), then the prefix and the suffixes apart.
+    split = groups * n_prefix
+    # One in-projection over all rows (one matrix product), then the prefixes and the suffixes apart.
     q, k, v = F.linear(block.ln_1(rows), attn.in_proj_weight, attn.in_proj_bias).split(width, dim=-1)
-    qp, kp, vp = (split_heads(t[:n_prefix].unsqueeze(0), attn.num_heads) for t in (q, k, v))
-    qs, ks, vs = (split_heads(t[n_prefix:].reshape(n, -1, width), attn.num_heads) for t in (q, k, v))
+    qp, kp, vp = (split_heads(t[:split].reshape(groups, n_prefix, width), attn.num_heads) for t in (q, k, v))
+    qs, ks, vs = (split_heads(t[split:].reshape(groups * n, -1, width), attn.num_heads) for t in (q, k, v))
     out_p = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=causal_p)
-    ks, vs = (torch.cat([shared.expand(n, -1, -1, -1), own], dim=2) for shared, own in ((kp, ks), (vp, vs)))
+    ks, vs = (torch.cat([shared.repeat_interleave(n, dim=0), own], dim=2) for shared, own in ((kp, ks), (vp, vs)))
     out_s = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask_s)
-    out = torch.cat([merge_heads(out_p).reshape(n_prefix, width), merge_heads(out_s).reshape(-1, width)])
+    out = torch.cat([merge_heads(out_p).reshape(split, width), merge_heads(out_s).reshape(-1, width)])
     rows = rows + block.ls_1(attn.out_proj(out))
     return rows + block.ls_2(block.mlp(block.ln_2(rows)))
 
@@ -221,17 +230,17 @@ class PromptLearner(nn.Module):
 
         self.general, self.normal, self.anomaly = draw(n_general), draw(n_normal), draw(n_anomaly)
 
-    def forward(self) -> tuple[torch.Tensor, torch.Tensor]:
-        prefix, suffixes, end_index = self.parts()
+    def forward(self, vectors: Sequence[torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        prefix, suffixes, end_index = self.parts(vectors)
         return torch.cat([prefix.expand(2, -1, -1), suffixes], dim=1), end_index
 
-    def parts(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def parts(self, vectors: Sequence[torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The prompts as their shared prefix [SOT] G <class name> (P, width), their suffixes (2, L - P, width)
-        [N.. . [EOT] pad, A.. . [EOT] pad] and the (2,) end-token positions (`TextEncoder.forward_shared`)."""
-        prefix = torch.cat([self.sot[0], self.general, self.class_tokens])
-        suffixes = torch.stack(
-            [torch.cat([self.normal, self.normal_tail]), torch.cat([self.anomaly, self.anomaly_tail])]
-        )
+        [N.. . [EOT] pad, A.. . [EOT] pad] and the (2,) end-token positions (`TextEncoder.forward_shared`).
+        `vectors`: other (general, normal, anomaly) vectors in place of the learner's own."""
+        general, normal, anomaly = (self.general, self.normal, self.anomaly) if vectors is None else vectors
+        prefix = torch.cat([self.sot[0], general, self.class_tokens])
+        suffixes = torch.stack([torch.cat([normal, self.normal_tail]), torch.cat([anomaly, self.anomaly_tail])])
         return prefix, suffixes, self.end_index
 
     def set_words(self, model: nn.Module, tokenizer, general: str, normal: str, anomaly: str) -> None:
@@ -254,7 +263,20 @@ def _word_tokens(tokenizer, words: str) -> torch.Tensor:
 
 def learned_text_embeddings(learner: PromptLearner, encoder: TextEncoder) -> torch.Tensor:
     """(2, D) L2-normalised text embeddings [normal, anomaly] of the learned prompts (differentiable)."""
-    features = encoder.forward_shared(*learner.parts()) if encoder.shares_prefix else encoder(*learner())
+    return text_embeddings_of(learner, encoder, [(learner.general, learner.normal, learner.anomaly)])[0]
+
+
+def text_embeddings_of(
+    learner: PromptLearner, encoder: TextEncoder, vector_sets: Sequence[Sequence[torch.Tensor]]
+) -> torch.Tensor:
+    """(C, 2, D) L2-normalised text embeddings [normal, anomaly] of the learner's prompts with each of C sets of
+    (general, normal, anomaly) vectors, in one pass of the text tower (its weights read once for all C)."""
+    if encoder.shares_prefix:
+        prefixes, suffixes, end_index = zip(*(learner.parts(vectors) for vectors in vector_sets), strict=True)
+        features = encoder.forward_shared(torch.stack(prefixes), torch.stack(suffixes), end_index[0])
+    else:
+        embeddings, end_index = zip(*(learner(vectors) for vectors in vector_sets), strict=True)
+        features = encoder(torch.cat(embeddings), torch.cat(end_index)).reshape(len(vector_sets), 2, -1)
     return F.normalize(features.float(), dim=-1)  # fp32 whatever the tower's precision
 
 

@@ -18,8 +18,9 @@ import torch
 from mpad.clip import ClipBundle, backbone_identity
 from mpad.config import LaaConfig, MemoryConfig, MptsConfig, PromptsConfig
 from mpad.features import build_encoder, encode_batched, stack_images
+from mpad.log_maps import score_maps
 from mpad.memory import build_memory
-from mpad.mpts import TrainResult, anomaly_loss, score_maps, train_prompts
+from mpad.mpts import TrainResult, anomaly_loss, train_prompts
 from mpad.prompt_file import PromptsFile
 from mpad.prompts import PromptLearner, TextEncoder, meta_text_embeddings
 from mpad.text_cache import TextCache

@@ -122,6 +122,46 @@ def test_shared_projection_equals_the_blocks_own(tiny_clip, monkeypatch, attenti
 
 
 @pytest.mark.numerics
+@pytest.mark.parametrize("attention", ["vv", "qk"])
+@pytest.mark.parametrize("shared", [True, False])
+def test_without_the_global_embedding_the_last_block_runs_the_second_path_only(
+    tiny_clip, monkeypatch, attention, shared
+):
+    """image_embedding=False: the last block's original attention and MLP are not run (its MLP is never called),
+    the embedding is None, and the patch features equal the full encoder's within the image tower's
+    summation-order bound (tests/fp_bounds.py). Asking for the last block's tokens runs it again. A skipped
+    second-path update in the last block would be off by O(1)."""
+    if not shared:
+        monkeypatch.setattr(laa, "plain_blocks", lambda transformer: False)
+    visual = tiny_clip.model.visual
+    depth = len(visual.transformer.resblocks)
+    images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(5))
+    encoders = {
+        "full": LocalityAwareEncoder(visual, 2, attention, 1),
+        "lean": LocalityAwareEncoder(visual, 2, attention, 1, image_embedding=False),
+        "last tokens": LocalityAwareEncoder(
+            visual, 2, attention, 1, intermediate_layers=(depth,), image_embedding=False
+        ),
+    }
+    calls: list[str] = []
+    hook = visual.transformer.resblocks[-1].mlp.register_forward_hook(lambda *_: calls.append(current))
+    outs = {}
+    try:
+        with torch.no_grad():
+            for current, encoder in encoders.items():
+                assert encoder.shared_projection == shared
+                outs[current] = encoder(images)
+    finally:
+        hook.remove()
+    assert calls == ["full", "last tokens"]
+    assert outs["lean"].image_embedding is None and outs["last tokens"].image_embedding is None
+    assert outs["full"].image_embedding is not None
+    for name in ("lean", "last tokens"):
+        assert_reordered_close(outs[name].patch_features, outs["full"].patch_features, IMAGE_TERMS)
+    assert len(outs["last tokens"].intermediates) == 1
+
+
+@pytest.mark.numerics
 def test_variants_differ_and_mask_matters(tiny_clip):
     """Variants differ by > 1e-3 (unit vectors; rounding moves them by < 2.6e-4, tests/fp_bounds.py); a mask
     that covers the whole grid is no mask: attention with an all-zero mask may take another kernel than without."""

@@ -25,15 +25,8 @@ from sklearn.metrics import roc_auc_score
 
 from mpad.config import LaaConfig
 from mpad.features import build_encoder, encode, stack_images
-from mpad.mpts import (
-    MptsConfig,
-    anomaly_loss,
-    calibrate,
-    divergence_loss,
-    log_upsample,
-    score_maps,
-    train_prompts,
-)
+from mpad.log_maps import log_upsample, score_maps
+from mpad.mpts import MptsConfig, anomaly_loss, calibrate, divergence_loss, train_prompts
 from mpad.prompts import PromptLearner, TextEncoder, learned_text_embeddings, meta_text_embeddings
 from mpad.scoring import anomaly_maps, upsample
 

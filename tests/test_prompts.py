@@ -5,7 +5,14 @@ import torch
 import torch.nn.functional as F
 from fp_bounds import TEXT_BACKWARD_TERMS, TEXT_TERMS, assert_reordered_close
 
-from mpad.prompts import PromptLearner, TextEncoder, encode_tokens, learned_text_embeddings, meta_text_embeddings
+from mpad.prompts import (
+    PromptLearner,
+    TextEncoder,
+    encode_tokens,
+    learned_text_embeddings,
+    meta_text_embeddings,
+    text_embeddings_of,
+)
 
 
 @pytest.mark.numerics
@@ -109,23 +116,55 @@ def test_shared_prefix_has_the_full_forward_values_and_gradients(tiny_clip, size
     assert encoder.shares_prefix
     params = [p for p in (learner.general, learner.normal, learner.anomaly) if p.numel()]
     weights = torch.tensor([[1.0], [-2.0]])
-    shared, full = encoder.forward_shared(*learner.parts()), encoder(*learner())
+    prefix, suffixes, end_index = learner.parts()
+    shared, full = encoder.forward_shared(prefix[None], suffixes[None], end_index)[0], encoder(*learner())
     grads_shared = torch.autograd.grad((shared * weights).sum(), params)
     grads_full = torch.autograd.grad((full * weights).sum(), params)
     assert_reordered_close(shared.detach(), full.detach(), TEXT_TERMS)
     for got, expected in zip(grads_shared, grads_full, strict=True):
         assert_reordered_close(got, expected, TEXT_BACKWARD_TERMS)
-    prefix, suffixes, end_index = learner.parts()
     assert prefix.shape[0] == 1 + sizes[0] + learner.n_class and int(end_index.min()) >= prefix.shape[0]
     with torch.no_grad():  # training takes this path, and the prompts file stores what it gives
         torch.testing.assert_close(learned_text_embeddings(learner, encoder), F.normalize(shared.detach(), dim=-1))
+
+
+@pytest.mark.numerics
+@pytest.mark.parametrize("shared", [True, False])
+def test_sets_of_vectors_in_one_pass_are_each_their_own_prompts(tiny_clip, monkeypatch, shared):
+    """text_embeddings_of runs C sets of vectors through the tower together (the groups of forward_shared, or one
+    batch): each set's values and gradients are those of its own pass within the text tower's summation-order
+    bounds, and a gradient reaches only the set it comes from (exactly zero elsewhere). A set that used another's
+    prefix or suffix would be off by O(1)."""
+    model = tiny_clip.model
+    learner = PromptLearner(
+        model, tiny_clip.tokenizer, "metal_nut", 2, 1, 2, generator=torch.Generator().manual_seed(4)
+    )
+    encoder = TextEncoder(model)
+    if not shared:
+        monkeypatch.setattr(encoder, "shares_prefix", False)
+    own = [learner.general, learner.normal, learner.anomaly]
+    other = [(p.detach() + 0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(i))).requires_grad_()
+             for i, p in enumerate(own)]  # fmt: skip
+    together = text_embeddings_of(learner, encoder, [own, other])
+    assert together.shape == (2, 2, model.text_projection.shape[1])
+    weights = torch.tensor([[[1.0], [-2.0]], [[0.5], [3.0]]])
+    grads = torch.autograd.grad((together * weights).sum(), [*own, *other], retain_graph=True)
+    for index, vectors in enumerate((own, other)):
+        alone = text_embeddings_of(learner, encoder, [vectors])[0]
+        expected = torch.autograd.grad((alone * weights[index]).sum(), vectors)
+        assert_reordered_close(together[index].detach(), alone.detach(), TEXT_TERMS)
+        for got, want in zip(grads[3 * index : 3 * index + 3], expected, strict=True):
+            assert_reordered_close(got, want, TEXT_BACKWARD_TERMS)
+    assert not torch.allclose(together[0], together[1], atol=1e-3)
+    only_first = torch.autograd.grad(together[0].sum(), other, allow_unused=True)
+    assert all(g is None or not g.any() for g in only_first)
 
 
 def test_shared_prefix_needs_the_end_tokens_after_it(tiny_clip):
     learner = PromptLearner(tiny_clip.model, tiny_clip.tokenizer, "screw", 2, 1, 1)
     prefix, suffixes, end_index = learner.parts()
     with pytest.raises(ValueError, match="end tokens after the prefix"):
-        TextEncoder(tiny_clip.model).forward_shared(prefix, suffixes, torch.tensor([1, end_index[1]]))
+        TextEncoder(tiny_clip.model).forward_shared(prefix[None], suffixes[None], torch.tensor([1, end_index[1]]))
 
 
 def test_prompts_longer_than_the_context_are_refused(tiny_clip):

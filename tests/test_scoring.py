@@ -53,3 +53,29 @@ def test_image_scores():
     assert glob[0] > 0.99 and glob[1] < 0.01
     with pytest.raises(ValueError, match="image_score"):
         image_scores(maps, "median")
+
+
+def test_detector_builds_the_global_embedding_only_for_the_global_score(tiny_clip):
+    """The encoder skips the global embedding (and the last block's original path) unless the image score is
+    `global`; with it, the score is the global embedding's anomaly probability (that this embedding is
+    encode_image's: tests/test_laa.py), computed alike, so equal to the bit."""
+    from tiny_records import tiny_record
+
+    from mpad.config import ScoringConfig
+    from mpad.detector import Detector
+    from mpad.features import build_encoder, encode
+
+    record = tiny_record(tiny_clip, memory=False)
+    images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    found = {}
+    for method in ("max", "global"):
+        detector = Detector(tiny_clip, record, ScoringConfig(smoothing_sigma=0.0, image_score=method))
+        assert detector.encoder.image_embedding == (method == "global")
+        found[method] = detector(images, (32, 32))
+    embedding = encode(build_encoder(tiny_clip, record.laa, image_embedding=True), tiny_clip, images).image_embedding
+    logit_scale = float(tiny_clip.model.logit_scale.exp())
+    expected = image_scores(
+        found["global"].maps, "global", image_embedding=embedding, text=record.text.float(), logit_scale=logit_scale
+    )
+    assert torch.equal(found["global"].scores, expected)
+    assert not torch.allclose(found["global"].scores, found["max"].scores)

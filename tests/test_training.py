@@ -12,7 +12,8 @@ from fp_bounds import IMAGE_TERMS, assert_reordered_close
 from mpad.config import LaaConfig, MptsConfig, PromptsConfig
 from mpad.features import build_encoder, encode, encode_batched
 from mpad.io import sha256_file
-from mpad.mpts import anomaly_loss, score_maps
+from mpad.log_maps import score_maps
+from mpad.mpts import anomaly_loss
 from mpad.prompt_file import PromptsFile
 from mpad.prompts import meta_text_embeddings
 from mpad.training import learn_prompts, learned_file, synth_features
@@ -32,7 +33,7 @@ def _set(n: int = 5, size: int = 64):
 def test_encode_batched_equals_one_pass(tiny_clip):
     """Batches of 2 and one of 5 may take other kernels: equal up to a summation order (tests/fp_bounds.py)."""
     images = torch.rand(5, 3, 64, 64, generator=torch.Generator().manual_seed(0))
-    encoder = build_encoder(tiny_clip, LAA, intermediate_layers=[1, 3])
+    encoder = build_encoder(tiny_clip, LAA, intermediate_layers=[1, 3], image_embedding=True)
     whole = encode(encoder, tiny_clip, images)
     batched = encode_batched(encoder, tiny_clip, images, batch_size=2)
     assert_reordered_close(batched.patch_features, whole.patch_features, IMAGE_TERMS)
