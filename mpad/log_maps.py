@@ -20,9 +20,10 @@ def patch_log_probabilities(
 
 def log_upsample(log_maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """(B, C, h, w) -> (B, C, *size): log of `mpad.scoring.upsample(log_maps.exp(), size)` (bilinear,
-    align_corners=False), computed in log space: one log-sum-exp of two neighbours per axis (`_LogLerp`)."""
+    align_corners=False), computed in log space: one log-sum-exp of two neighbours per axis (`_LogLerp`). Columns
+    first: the full-size pass then gathers (and its backward adds back) whole contiguous rows, not single values."""
     out = log_maps
-    for dim, n_out in ((2, size[0]), (3, size[1])):
+    for dim, n_out in ((3, size[1]), (2, size[0])):
         n_in = out.shape[dim]
         src = ((torch.arange(n_out, dtype=torch.float64) + 0.5) * (n_in / n_out) - 0.5).clamp(min=0)
         low = src.floor().long()

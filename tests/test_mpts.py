@@ -399,3 +399,16 @@ def test_zero_meta_epochs_is_the_hand_written_baseline(tiny_clip, setup):
     assert torch.equal(vectors(learner), vectors(make_learner(tiny_clip, 0)))  # nothing was learned
     with pytest.raises(ValueError, match="meta_epochs\n  Input should be greater than or equal to 0"):
         MptsConfig(meta_epochs=-1)
+
+
+def test_anomaly_loss_is_eq4_plus_eq5_to_the_bit():
+    """anomaly_loss computes eq. 4 once and doubles it: bitwise the two terms of eq. 4-5 written out, values and
+    gradients (the products are the same, their sums commute exactly, doubling is exact)."""
+    generator = torch.Generator().manual_seed(7)
+    log_maps = torch.randn(3, 2, 16, 16, generator=generator).log_softmax(dim=1).requires_grad_()
+    masks = (torch.rand(3, 16, 16, generator=generator) > 0.8).float()
+    m_n, log_n, log_a = 1 - masks, log_maps[:, 0], log_maps[:, 1]
+    written_out = -(m_n * log_n + masks * log_a).mean() - (masks * log_a + m_n * log_n).mean()
+    got = anomaly_loss(log_maps, masks)
+    assert torch.equal(got, written_out)
+    assert torch.equal(torch.autograd.grad(got, log_maps)[0], torch.autograd.grad(written_out, log_maps)[0])
