@@ -238,6 +238,7 @@ def load(server: Server, good: list[bytes], bad: list, clients: int, requests: i
         while wrk.poll() is None and not all(f.is_file() for f in files):
             time.sleep(0.01)  # wrk waits out its -d even when every thread has stopped: stop it once they have
         server_cpu = server.cpu_s() - cpu
+        client_cpu = float("nan")  # unknown if wrk ended by itself (its -d ran out)
         with contextlib.suppress(psutil.NoSuchProcess):
             client_cpu = sum(psutil.Process(wrk.pid).cpu_times()[:2])
         wrk.send_signal(signal.SIGINT)

@@ -37,6 +37,14 @@ def qkv_heads(attn: nn.MultiheadAttention, y: torch.Tensor) -> tuple[torch.Tenso
     return split_heads(q, attn.num_heads), split_heads(k, attn.num_heads), split_heads(v, attn.num_heads)
 
 
+def v_heads(attn: nn.MultiheadAttention, y: torch.Tensor) -> torch.Tensor:
+    """y (B, L, width), already through ln_1 -> v (B, heads, L, width / heads) alone: the last third of the block's
+    in-projection (what V-V attention needs), without computing q and k."""
+    width = y.shape[-1]
+    bias = None if attn.in_proj_bias is None else attn.in_proj_bias[2 * width :]
+    return split_heads(F.linear(y, attn.in_proj_weight[2 * width :], bias), attn.num_heads)
+
+
 def split_heads(t: torch.Tensor, heads: int) -> torch.Tensor:
     """(B, L, width) -> (B, heads, L, width / heads)."""
     batch, length, width = t.shape

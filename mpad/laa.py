@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mpad.blocks import merge_heads, plain_blocks, qkv_heads, split_heads
+from mpad.blocks import merge_heads, plain_blocks, qkv_heads, v_heads
 
 ATTENTIONS = ("vv", "qk")
 CLS_MODES = ("neighbor-cls", "neighbor")
@@ -184,12 +184,8 @@ class LocalityAwareEncoder(nn.Module):
 
     def _dense_attention(self, attn: nn.MultiheadAttention, y: torch.Tensor) -> torch.Tensor:
         """Eq. 11 with the block's weights: softmax((QK^T + M) / sqrt(d)) V, Q = K = V for "vv"; y (B, L, width)."""
-        if self.attention == "vv":  # V alone: the last third of the in-projection
-            width = y.shape[-1]
-            v = split_heads(
-                F.linear(y, attn.in_proj_weight[2 * width :], attn.in_proj_bias[2 * width :]), attn.num_heads
-            )
-            q = k = v
+        if self.attention == "vv":
+            q = k = v = v_heads(attn, y)
         else:
             q, k, v = qkv_heads(attn, y)
         mask = None if self.mask is None else self.mask.to(q.dtype)
