@@ -412,3 +412,40 @@ def test_anomaly_loss_is_eq4_plus_eq5_to_the_bit():
     got = anomaly_loss(log_maps, masks)
     assert torch.equal(got, written_out)
     assert torch.equal(torch.autograd.grad(got, log_maps)[0], torch.autograd.grad(written_out, log_maps)[0])
+
+
+@pytest.mark.numerics
+@pytest.mark.parametrize("shared", [True, False])
+def test_one_backward_pass_gives_each_loss_its_own_gradient(tiny_clip, setup, monkeypatch, shared):
+    """`_step_gradients` takes both cotangents through the tower in one backward pass over the two copies; by
+    linearity that is two backward passes through the same graph, one per cotangent, the other zero. Every
+    operation of the tower's backward keeps a row's result independent of the other copy's rows (same shapes,
+    same kernels), so the two agree to the bit. A swapped or shared cotangent, or a copy wired to the other's
+    vectors, changes them by O(1)."""
+    from mpad.mpts import _flatten, _step_gradients
+    from mpad.prompts import text_embeddings_of
+
+    encoder = setup["text_encoder"]
+    if not shared:
+        monkeypatch.setattr(encoder, "shares_prefix", False)
+    learner = make_learner(tiny_clip, 3)
+    features, masks = setup["features"][:8], setup["masks"][:8].float()
+    size, scale, meta = tuple(masks.shape[-2:]), setup["logit_scale"], setup["meta"]
+    g_ano, g_div, loss_ano, loss_div = _step_gradients(learner, encoder, features, masks, meta, scale, size, True)
+
+    params = [learner.general, learner.normal, learner.anomaly]
+    twins = [p.detach().clone().requires_grad_() for p in params]
+    texts = text_embeddings_of(learner, encoder, [params, twins])
+    text = texts[0].detach().requires_grad_()
+    log_maps = score_maps(features, text, scale, size)
+    with torch.no_grad():
+        meta_log_maps = score_maps(features, meta, scale, size)
+    losses = anomaly_loss(log_maps, masks), divergence_loss(meta_log_maps, log_maps)
+    c_ano, c_div = (torch.autograd.grad(loss, text, retain_graph=True)[0] for loss in losses)
+    zero = torch.zeros_like(c_ano)
+    ano = torch.autograd.grad(texts, params, torch.stack([c_ano, zero]), retain_graph=True, allow_unused=True)
+    div = torch.autograd.grad(texts, twins, torch.stack([zero, c_div]), allow_unused=True)
+    assert torch.equal(loss_ano, losses[0].detach()) and torch.equal(loss_div, losses[1].detach())
+    assert torch.equal(g_ano, _flatten(ano, params))
+    assert torch.equal(g_div, _flatten(div, twins))
+    assert loss_div > 0 and not torch.allclose(g_ano, g_div)
