@@ -18,10 +18,11 @@ and metrics), items/s, peak RSS of the process, on CUDA torch's peak allocated G
 machine's load average as the stages ended (other work on the machine slows them); then the fixed cost of
 each model stage split into imports, model build, weight read, prompt ensembles, feature pass and the rest
 (bench/phases.py). Then the projected time of the full MVTec AD 1-shot run (15 categories, 1725 test
-images): measured categories with their own costs, the others with the measured means; with --jobs N the
-categories' chains are dealt to N workers in params order, the next one to the first free worker, as
-mpad/parallel.py does. Synthesize does the same work per category at any fraction; evaluate's loop scales
-with the category's test images, its tail is counted as fixed (its metrics grow with the images but take
+images): measured categories with their own costs, the others with the measured means; with --jobs N each
+category's two units of work (sample to train, then evaluate) go to N workers by mpad/parallel.py's rule
+(`makespan`: the category with the most units left, then params order), as `make run JOBS=N` runs them.
+Synthesize does the same work per category at any fraction; evaluate's loop scales with the category's test
+images, its tail is counted as fixed (its metrics grow with the images but take
 seconds: see bench/metrics.py); train's loop scales with params.yaml's meta_epochs x steps, so that
 `--set mpts.steps=20` measures the cost per step in a shorter run. Dataset generation is timed apart,
 outside the stage timings.
@@ -30,7 +31,6 @@ outside the stage timings.
 from __future__ import annotations
 
 import argparse
-import heapq
 import json
 import os
 import shutil
@@ -47,6 +47,7 @@ import standin
 
 from mpad.config import TABLE_ORDER
 from mpad.data import MVTEC_CATEGORIES, MVTEC_TEXTURES
+from mpad.parallel import makespan, work_units
 
 STAGES = ("fetch", "sample", "synthesize", "train", "evaluate", "summarize")
 MODEL_STAGES = ("synthesize", "train", "evaluate")
@@ -133,21 +134,14 @@ def per_category(runs: list[dict[str, Any]], full_steps: int) -> dict[str, dict[
     return out
 
 
-def makespan(durations: list[float], jobs: int) -> float:
-    """Wall time of `durations` dealt in order to `jobs` workers, each to the first free one (mpad/parallel.py)."""
-    free = [0.0] * jobs
-    for duration in durations:
-        heapq.heappush(free, heapq.heappop(free) + duration)
-    return max(free)
-
-
 def project(runs: list[dict[str, Any]], full_steps: int, jobs: int = 1) -> dict[str, float]:
     """Projected seconds per stage of the full 1-shot run on MVTec AD (all 15 categories; with jobs > 1 the
     per-category stages' sums are worker-seconds) and "total": its wall time with `jobs` workers."""
     categories = per_category(runs, full_steps)
     once = {s: next(r["wall"] for r in runs if r["stage"] == s) for s in ("fetch", "summarize")}
     out = {s: once[s] if s in once else sum(c[s] for c in categories.values()) for s in STAGES}
-    out["total"] = once["fetch"] + makespan([sum(c.values()) for c in categories.values()], jobs) + once["summarize"]
+    units = {c: [sum(costs[s] for s in unit) for unit in work_units(list(costs))] for c, costs in categories.items()}
+    out["total"] = once["fetch"] + makespan(units, jobs) + once["summarize"]
     return out
 
 

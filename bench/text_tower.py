@@ -3,7 +3,8 @@ and gradients (eq. 3-9, no Adam) computed three ways, the first two as earlier v
 - plain: the whole prompts through the tower, one backward pass per gradient (G_ano, G_div);
 - shared: the shared prefix computed once (`TextEncoder.forward_shared`), still two backward passes;
 - step: what training runs (`mpad.mpts._step_gradients`): the shared prefix, and the tower run once over two copies
-  of the vectors with one backward pass for both gradients.
+  of the vectors with one backward pass for both gradients; the losses at full resolution and their gradients in
+  few passes (`mpad.log_maps.training_losses`; the first two use `score_maps` and autograd).
 Prints seconds per step and the ratios to plain.
 
 Run: .venv/bin/python bench/text_tower.py [--backbone ViT-B-16-plus-240] [--threads 1] [--repeats 3]
@@ -19,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from mpad.clip import load_clip
-from mpad.log_maps import score_maps
+from mpad.log_maps import MapTargets, score_maps
 from mpad.mpts import _flatten, _step_gradients, anomaly_loss, divergence_loss
 from mpad.prompts import PromptLearner, TextEncoder, learned_text_embeddings
 
@@ -48,6 +49,7 @@ def main() -> None:
     features = F.normalize(torch.randn(16, grid, grid, width, generator=torch.Generator().manual_seed(1)), dim=-1)
     masks = (torch.rand(16, side, side, generator=torch.Generator().manual_seed(2)) > 0.9).float()
     meta = F.normalize(learned_text_embeddings(learner, encoder).detach() + 0.01, dim=-1)
+    targets = MapTargets.build(masks, grid)
 
     def two_passes() -> None:
         text = learned_text_embeddings(learner, encoder)
@@ -58,7 +60,7 @@ def main() -> None:
         _flatten(torch.autograd.grad(divergence_loss(meta_maps, log_maps), params), params)
 
     def step() -> None:
-        _step_gradients(learner, encoder, features, masks, meta, 100.0, (side, side), True)
+        _step_gradients(learner, encoder, features, targets, torch.arange(16), meta, 100.0, True)
 
     print(
         f"{args.backbone}, {args.threads} thread(s); seconds a step: plain, shared, step; shared / plain, step / plain"

@@ -6,6 +6,10 @@ suffix A) are optimised.
 
 Losses, per minibatch of patch features (B, H', W', D) and masks M'_a (B, H, W):
 
+The definitions are `score_maps`, `anomaly_loss` and `divergence_loss`; a step computes the same numbers and
+their gradients in fewer passes over the full-resolution maps (`mpad.log_maps.training_losses`, tested
+against them).
+
 - Score maps, in log space (`score_maps`): log S' = log_softmax over [normal, anomaly] of the scaled
   cosine similarities on the patch grid (B, 2, H', W'), then upsampled to (B, 2, H, W) by
   `log_upsample`: the log of the *probabilities* upsampled bilinearly, computed without leaving log
@@ -24,13 +28,14 @@ Losses, per minibatch of patch features (B, H', W', D) and masks M'_a (B, H, W):
 - Divergence loss (eq. 6-7): L_div = KL(S^M_a || S'_a) + KL(S^M_n || S'_n), each the per-pixel KL of the
   Bernoulli distributions (equal to the KL of the two-class distributions, so both terms are equal),
   averaged over the pixels, from log S^M and log S'. S^M are the maps of the current meta prompt, fixed
-  within a meta-epoch and computed per minibatch exactly like S' (same shapes, same operations), so that
-  at the start of a later meta-epoch, where the learned prompt equals the meta prompt, S' and S^M are
-  bitwise equal and G_div is exactly 0 (see `divergence_loss`). For one patch (no interpolation), the
-  derivative of its KL with respect to the logit difference logit_a - logit_n is S'_a - S^M_a however
-  far the learned map saturates; clamping the probabilities to [1e-6, 1 - 1e-6] would zero it beyond a
-  logit gap of 13.8 (a cosine gap of 0.138 at CLIP's logit scale 100), switching the calibration off
-  exactly where the learned prompt has drifted furthest from the meta prompt.
+  within a meta-epoch and computed per minibatch like S'. At the start of a later meta-epoch the learned
+  prompt's text embeddings equal the meta prompt's bit for bit (both come from the same tower pass), so
+  the maps are equal and L_div and G_div are exactly 0: the step then skips the divergence. For one
+  patch (no interpolation), the derivative of its KL with respect to the logit difference logit_a -
+  logit_n is S'_a - S^M_a however far the learned map saturates; clamping the probabilities to
+  [1e-6, 1 - 1e-6] would zero it beyond a logit gap of 13.8 (a cosine gap of 0.138 at CLIP's logit
+  scale 100), switching the calibration off exactly where the learned prompt has drifted furthest from
+  the meta prompt.
 
 Gradient calibration (eq. 8-10): eq. 8-9 are written per prompt (LAP / LNP), but both prompts share
 the prefix G, so the per-prompt gradients are not separable. We read them as one gradient over *all*
@@ -61,7 +66,7 @@ from typing import Any
 import torch
 
 from mpad.config import CALIBRATIONS, MptsConfig
-from mpad.log_maps import score_maps
+from mpad.log_maps import MapTargets, training_losses
 from mpad.prompts import PromptLearner, TextEncoder, text_embeddings_of
 
 
@@ -208,11 +213,10 @@ def train_prompts(
     """
     device = features.device
     features = features.detach()
-    masks = masks.to(device=device, dtype=torch.float32)
-    size = tuple(masks.shape[-2:])
     n = features.shape[0]
     if masks.shape[0] != n:
         raise ValueError(f"{n} feature maps but {masks.shape[0]} masks")
+    targets = MapTargets.build(masks.to(device=device, dtype=torch.float32), features.shape[1])
     params = [learner.general, learner.normal, learner.anomaly]
     optimizer = torch.optim.Adam(params, lr=config.lr)
     generator = torch.Generator().manual_seed(config.seed)
@@ -226,7 +230,7 @@ def train_prompts(
         for _ in range(config.steps):
             index = next(batches).to(device)
             g_ano, g_div, loss_ano, loss_div = _step_gradients(
-                learner, text_encoder, features[index], masks[index], meta, logit_scale, size, config.divergence
+                learner, text_encoder, features[index], targets, index, meta, logit_scale, config.divergence
             )
             cos, calibrated, loss_div_value = 0.0, 0, 0.0
             if config.divergence:
@@ -264,37 +268,35 @@ def _step_gradients(
     learner: PromptLearner,
     text_encoder: TextEncoder,
     features: torch.Tensor,
-    masks: torch.Tensor,
+    targets: MapTargets,
+    index: torch.Tensor,
     meta: torch.Tensor,
     logit_scale: float | torch.Tensor,
-    size: tuple[int, int],
     divergence: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One minibatch's (G_ano, G_div, L_ano, L_div) (eq. 3-9); G_div and L_div are zeros without `divergence`.
+    """One minibatch's (G_ano, G_div, L_ano, L_div) (eq. 3-9): features (B, H', W', D) of the images `index` of
+    `targets`; G_div and L_div are zeros without `divergence`, and exactly zero where the learned text embeddings
+    equal the meta prompt's (a later meta-epoch's first step: equal maps, so KL and its gradient are 0).
 
     G_ano and G_div are the gradients of two losses through the same text tower. Run as two backward passes, each
     would read all of the tower's weights again for a handful of token rows (the tower's cost here is reading its
     weights, not the arithmetic). Instead the tower runs once on two copies of the vectors, the learner's own and
     detached twins of them (`text_embeddings_of`: one set of matrix products), each loss is differentiated
-    down to the text embeddings only (a few values), and one backward pass through the tower takes L_ano's
-    cotangent into the first copy and L_div's into the second: the learner's vectors get G_ano, the twins G_div.
-    Without `divergence` the second cotangent is zero, so that lambda = 0 trains bitwise as divergence off."""
+    down to the text embeddings only (`training_losses`: a few values), and one backward pass through the tower
+    takes L_ano's cotangent into the first copy and L_div's into the second: the learner's vectors get G_ano, the
+    twins G_div. Without `divergence` the second cotangent is zero, so that lambda = 0 trains bitwise as divergence
+    off."""
     params = [learner.general, learner.normal, learner.anomaly]
     twins = [p.detach().clone().requires_grad_() for p in params]
     texts = text_embeddings_of(learner, text_encoder, [params, twins])  # (2 copies, 2, D)
-    text = texts[0].detach().requires_grad_()
-    log_maps = score_maps(features, text, logit_scale, size)
-    loss_ano = anomaly_loss(log_maps, masks)
-    (c_ano,) = torch.autograd.grad(loss_ano, text, retain_graph=divergence)
-    loss_div, c_div = c_ano.new_zeros(()), torch.zeros_like(c_ano)
-    if divergence:
-        with torch.no_grad():  # log S^M: the round's fixed meta prompt, computed exactly like log S'
-            meta_log_maps = score_maps(features, meta, logit_scale, size)
-        loss_div = divergence_loss(meta_log_maps, log_maps)
-        (c_div,) = torch.autograd.grad(loss_div, text)
+    text = texts[0].detach()
+    against = meta if divergence and not torch.equal(text, meta) else None
+    loss_ano, loss_div, c_ano, c_div = training_losses(
+        features, text.requires_grad_(), against, logit_scale, targets, index
+    )
     grads = torch.autograd.grad(texts, [*params, *twins], torch.stack([c_ano, c_div]), allow_unused=True)
     g_ano, g_div = _flatten(grads[:3], params), _flatten(grads[3:], twins)
-    return g_ano, g_div, loss_ano.detach(), loss_div.detach()
+    return g_ano, g_div, loss_ano, loss_div
 
 
 def _flatten(grads: Sequence[torch.Tensor | None], params: list[torch.Tensor]) -> torch.Tensor:

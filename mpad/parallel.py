@@ -8,10 +8,14 @@ while the stage's command runs; `dvc --wait-for-lock` makes the others wait for 
 
 1. `dvc repro fetch`, once: fetch is always changed, so a worker's own repro would re-run it and rewrite
    the fingerprints the other workers read.
-2. Per category, one `dvc --wait-for-lock repro --single-item <its stages>`: the `<stage>@<category>`
-   names of `dvc stage list`, in dvc.yaml's order (each reads the one before: tests/test_parallel.py),
-   at most N at a time, each one's output in logs/repro/<category>.log. `--single-item` keeps fetch out;
-   an unchanged stage is still skipped.
+2. Per category, its `<stage>@<category>` names of `dvc stage list`, in dvc.yaml's order (each reads the one
+   before: tests/test_parallel.py), in two units of work: every stage but the last (sample, synthesize, train),
+   then the last (evaluate), each one `dvc --wait-for-lock repro --single-item <stages>`, at most N at a time.
+   A free worker takes the unit of the category with the most units left, then in params order
+   (`next_category`): first every category's training, then the evaluations, which are short and of unequal
+   length and so fill the workers evenly at the end. Whole categories at a time left one worker idle while the
+   other ran the last category alone (15 categories on 2 workers: 8 against 7). `--single-item` keeps fetch
+   out; an unchanged stage is still skipped. Each category's output goes to logs/repro/<category>.log.
 3. `dvc repro --single-item summarize`, once, when every category succeeded. A failed category does not
    stop the others; the run then exits 1 naming each failed category and its log.
 
@@ -26,13 +30,13 @@ from __future__ import annotations
 
 import argparse
 import glob
+import heapq
 import os
-import queue
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 
 FIRST, LAST = "fetch", "summarize"  # the stages that run once, before and after the per-category ones
@@ -71,31 +75,75 @@ def visible_gpus(env: Mapping[str, str]) -> list[str]:
     return ids[:count]
 
 
-def run_chains(chains: Mapping[str, Sequence[str]], jobs: int, env_for, logs: Path, dvc: str = DVC) -> dict[str, int]:
-    """Run each category's `dvc repro --single-item` in at most `jobs` processes at once; env_for(slot) is a
-    worker's environment. Returns {category: exit status}; output goes to logs/<category>.log."""
-    todo: queue.SimpleQueue[str] = queue.SimpleQueue()
-    for category in chains:
-        todo.put(category)
-    status: dict[str, int] = {}
+def work_units(chain: Sequence[str]) -> list[list[str]]:
+    """A category's stages as the units one `dvc repro` runs: all but the last, then the last."""
+    return [list(chain[:-1]), list(chain[-1:])] if len(chain) > 1 else [list(chain)]
+
+
+def next_category(units: Mapping[str, Sequence], done: Mapping[str, int], busy: Collection[str]) -> str | None:
+    """The category whose next unit a free worker runs: of those not running and with a unit left (`done`: units
+    finished; a failed category is `busy` for good), the one with the most units left, then the first listed."""
+    ready = [c for c in units if c not in busy and done[c] < len(units[c])]
+    return max(ready, key=lambda c: (len(units[c]) - done[c], -list(units).index(c)), default=None)
+
+
+def makespan(durations: Mapping[str, Sequence[float]], jobs: int) -> float:
+    """Wall time of running each category's units of work (their durations, in order) on `jobs` workers by
+    `next_category`'s rule, as `run_units` does."""
+    done, busy = dict.fromkeys(durations, 0), set()
+    idle, ends, now = jobs, [], 0.0  # ends: (time, category) of the running units
+    while True:
+        while idle and (category := next_category(durations, done, busy)) is not None:
+            idle -= 1
+            busy.add(category)
+            heapq.heappush(ends, (now + durations[category][done[category]], category))
+        if not ends:
+            return now
+        now, category = heapq.heappop(ends)
+        busy.discard(category)
+        done[category] += 1
+        idle += 1
+
+
+def run_units(
+    units: Mapping[str, Sequence[Sequence[str]]], jobs: int, env_for, logs: Path, dvc: str = DVC
+) -> dict[str, int]:
+    """Run each category's units of work (`work_units`), each one `dvc repro --single-item`, in at most `jobs`
+    processes at once, by `next_category`'s rule; env_for(slot) is a worker's environment. Returns {category: exit
+    status (its failed unit's, else 0)}; a category's output goes to logs/<category>.log."""
+    done, busy, status = dict.fromkeys(units, 0), set(), {}
+    changed = threading.Condition()
     logs.mkdir(parents=True, exist_ok=True)
 
     def worker(slot: int) -> None:
         env = env_for(slot)
         while True:
-            try:
-                category = todo.get_nowait()
-            except queue.Empty:
-                return
+            with changed:  # wait while nothing is ready but a running unit may make something ready
+                while (category := next_category(units, done, busy)) is None and len(busy) > len(status):
+                    changed.wait()
+                if category is None:
+                    return
+                busy.add(category)
+            stages, first = units[category][done[category]], done[category] == 0
             log, start = logs / f"{category}.log", time.monotonic()
-            print(f"[{slot}] {category}: started, log {log}", flush=True)
-            with open(log, "w") as out:
-                command = [dvc, "--wait-for-lock", "repro", "--single-item", *chains[category]]
-                status[category] = subprocess.run(command, env=env, stdout=out, stderr=subprocess.STDOUT).returncode
-            verdict = "done" if status[category] == 0 else f"FAILED (exit {status[category]})"
-            print(f"[{slot}] {category}: {verdict} in {time.monotonic() - start:.0f} s", flush=True)
+            print(f"[{slot}] {' '.join(stages)}: started, log {log}", flush=True)
+            with open(log, "w" if first else "a") as out:
+                command = [dvc, "--wait-for-lock", "repro", "--single-item", *stages]
+                code = subprocess.run(command, env=env, stdout=out, stderr=subprocess.STDOUT).returncode
+            verdict = "done" if code == 0 else f"FAILED (exit {code})"
+            print(f"[{slot}] {' '.join(stages)}: {verdict} in {time.monotonic() - start:.0f} s", flush=True)
+            with changed:
+                if code != 0:
+                    status[category] = code  # stays busy: none of its later units runs
+                else:
+                    busy.discard(category)
+                    done[category] += 1
+                    if done[category] == len(units[category]):
+                        status[category] = 0
+                        busy.add(category)  # finished: counted with the failed ones, never ready again
+                changed.notify_all()
 
-    threads = [threading.Thread(target=worker, args=(slot,)) for slot in range(min(jobs, len(chains)))]
+    threads = [threading.Thread(target=worker, args=(slot,)) for slot in range(min(jobs, len(units)))]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -127,7 +175,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         + (f", GPUs {', '.join(gpus)} in turn" if len(gpus) > 1 else ""),
         flush=True,
     )
-    status = run_chains(chains, args.jobs, lambda slot: worker_env(slot, args.jobs, cores, gpus, os.environ), LOGS)
+    units = {category: work_units(chain) for category, chain in chains.items()}
+    status = run_units(units, args.jobs, lambda slot: worker_env(slot, args.jobs, cores, gpus, os.environ), LOGS)
     failed = [category for category in chains if status.get(category) != 0]
     if failed:
         lines = "\n".join(f"  {category}: see {LOGS / f'{category}.log'}" for category in failed)

@@ -20,7 +20,7 @@ IMAGE_SCORES = ("max", "topk_mean", "global")
 
 def pair_probabilities(features: torch.Tensor, text: torch.Tensor, logit_scale: float | torch.Tensor) -> torch.Tensor:
     """features (..., D) L2-normalised, text (2, D) normalised [normal, anomaly] -> (..., 2) softmax probs."""
-    return (logit_scale * features @ text.t()).softmax(dim=-1)
+    return (logit_scale * (features @ text.t())).softmax(dim=-1)  # scaled after the product: 2 values, not D
 
 
 def patch_probabilities(

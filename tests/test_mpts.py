@@ -25,7 +25,7 @@ from sklearn.metrics import roc_auc_score
 
 from mpad.config import LaaConfig
 from mpad.features import build_encoder, encode, stack_images
-from mpad.log_maps import log_upsample, score_maps
+from mpad.log_maps import MapTargets, log_upsample, score_maps, training_losses
 from mpad.mpts import MptsConfig, anomaly_loss, calibrate, divergence_loss, train_prompts
 from mpad.prompts import PromptLearner, TextEncoder, learned_text_embeddings, meta_text_embeddings
 from mpad.scoring import anomaly_maps, upsample
@@ -429,19 +429,15 @@ def test_one_backward_pass_gives_each_loss_its_own_gradient(tiny_clip, setup, mo
     if not shared:
         monkeypatch.setattr(encoder, "shares_prefix", False)
     learner = make_learner(tiny_clip, 3)
-    features, masks = setup["features"][:8], setup["masks"][:8].float()
-    size, scale, meta = tuple(masks.shape[-2:]), setup["logit_scale"], setup["meta"]
-    g_ano, g_div, loss_ano, loss_div = _step_gradients(learner, encoder, features, masks, meta, scale, size, True)
+    features, scale, meta = setup["features"][:8], setup["logit_scale"], setup["meta"]
+    targets, index = MapTargets.build(setup["masks"].float(), features.shape[1]), torch.arange(8)
+    g_ano, g_div, loss_ano, loss_div = _step_gradients(learner, encoder, features, targets, index, meta, scale, True)
 
     params = [learner.general, learner.normal, learner.anomaly]
     twins = [p.detach().clone().requires_grad_() for p in params]
     texts = text_embeddings_of(learner, encoder, [params, twins])
     text = texts[0].detach().requires_grad_()
-    log_maps = score_maps(features, text, scale, size)
-    with torch.no_grad():
-        meta_log_maps = score_maps(features, meta, scale, size)
-    losses = anomaly_loss(log_maps, masks), divergence_loss(meta_log_maps, log_maps)
-    c_ano, c_div = (torch.autograd.grad(loss, text, retain_graph=True)[0] for loss in losses)
+    *losses, c_ano, c_div = training_losses(features, text, meta, scale, targets, index)
     zero = torch.zeros_like(c_ano)
     ano = torch.autograd.grad(texts, params, torch.stack([c_ano, zero]), retain_graph=True, allow_unused=True)
     div = torch.autograd.grad(texts, twins, torch.stack([zero, c_div]), allow_unused=True)

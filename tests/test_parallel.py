@@ -16,7 +16,7 @@ import yaml
 from test_pipeline import ROOT, copy_project, preset_overrides, run
 
 from mpad import layout
-from mpad.parallel import category_chains, main, visible_gpus, worker_env
+from mpad.parallel import category_chains, main, makespan, next_category, visible_gpus, work_units, worker_env
 
 STAGES = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
 # The offline preset, cut to what still runs every stage of two categories (a texture and an object).
@@ -78,14 +78,40 @@ def test_a_failed_category_lets_the_others_finish_and_is_named_with_its_log(tmp_
     assert main(["--jobs", "2"]) == 1
     calls = (tmp_path / "calls.txt").read_text().splitlines()
     assert calls[:2] == ["stage list --name-only", "repro fetch"]
-    assert sorted(calls[2:]) == [
-        f"--wait-for-lock repro --single-item sample@{c} train@{c}" for c in ("bad", "fine", "ok")
-    ]  # every category ran, and summarize did not
+    units = [
+        f"--wait-for-lock repro --single-item {stage}@{c}" for stage in ("sample", "train") for c in ("ok", "fine")
+    ]
+    assert sorted(calls[2:]) == sorted([*units, "--wait-for-lock repro --single-item sample@bad"])
+    # every category ran up to its failure, bad's train did not, and summarize did not
     err = capsys.readouterr().err
     assert "1 of 3 categories failed" in err and "bad: see logs/repro/bad.log" in err
     assert "failed to reproduce 'sample@bad'" in (tmp_path / "logs/repro/bad.log").read_text()
     threads = max(1, len(os.sched_getaffinity(0)) // 2)
-    assert (tmp_path / "logs/repro/ok.log").read_text() == f"OMP_NUM_THREADS={threads}\n"
+    assert (tmp_path / "logs/repro/ok.log").read_text() == f"OMP_NUM_THREADS={threads}\n" * 2  # both units, appended
+
+
+def test_units_are_the_training_stages_then_the_last():
+    chain = ["sample@a", "synthesize@a", "train@a", "evaluate@a"]
+    assert work_units(chain) == [["sample@a", "synthesize@a", "train@a"], ["evaluate@a"]]
+    assert work_units(["sample@a"]) == [["sample@a"]]
+
+
+def test_a_free_worker_takes_the_category_with_the_most_units_left_then_the_first_listed():
+    units = {"a": [1, 2], "b": [1, 2], "c": [1, 2]}
+    assert next_category(units, {"a": 0, "b": 0, "c": 0}, set()) == "a"
+    assert next_category(units, {"a": 1, "b": 0, "c": 0}, {"b"}) == "c"  # c's training before a's evaluation
+    assert next_category(units, {"a": 1, "b": 1, "c": 0}, {"c"}) == "a"
+    assert next_category(units, {"a": 2, "b": 1, "c": 0}, {"b", "c"}) is None  # a finished, b failed, c running
+
+
+def test_makespan_of_units_against_whole_categories():
+    """3 categories of (train 3, evaluate 1) on 2 workers: a and b train side by side (0-3), c trains (3-6) while
+    a and b evaluate (3-5), c evaluates (6-7): 7, where whole categories take 8 (two, then the third alone); one
+    worker: the sum; more workers than units: the longest category."""
+    units = {"a": [3.0, 1.0], "b": [3.0, 1.0], "c": [3.0, 1.0]}
+    assert makespan(units, 2) == 7.0
+    assert makespan({c: [sum(d)] for c, d in units.items()}, 2) == 8.0
+    assert makespan(units, 1) == 12.0 and makespan(units, 8) == 4.0
 
 
 def _make_offline(project: Path, jobs: int, threads: int) -> str:
