@@ -10,7 +10,7 @@ import torch
 
 from mpad.config import LaaConfig
 from mpad.laa import EncoderOutput, LocalityAwareEncoder
-from mpad.transforms import model_input, to_tensor
+from mpad.transforms import model_input, resize, to_tensor
 
 if TYPE_CHECKING:  # stack_images serves predict's ONNX backend, which runs without open_clip
     from mpad.clip import ClipBundle
@@ -60,6 +60,7 @@ def encode_batched(
 
 
 def stack_images(images: Iterable[np.ndarray], size: Sequence[int]) -> torch.Tensor:
-    """uint8 (H, W, 3) images of any sizes -> (B, 3, *size) float in [0, 1] (bicubic resize, no crop)."""
-    tensors = [model_input(to_tensor(img)[None], size, (0, 0, 0), (1, 1, 1)) for img in images]
-    return torch.cat(tensors)
+    """uint8 (H, W, 3) images of any sizes -> (B, 3, *size) float, [0, 1] up to bicubic overshoot (resized, no
+    crop). Every consumer clamps first (`encode`'s `model_input`, the exported graph's `normalise`), so the
+    overshoot is not clamped here too: a server calls this once a request, on its event loop's time."""
+    return torch.cat([resize(to_tensor(img)[None], size) for img in images])

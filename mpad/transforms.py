@@ -22,8 +22,13 @@ def model_input(images: torch.Tensor, size: Sequence[int], mean: Sequence[float]
     The full image is resized (aspect ratio not kept, no centre crop) so that every pixel of the
     ground-truth mask has a place in the anomaly map.
     """
-    resized = F.interpolate(images, size=tuple(size), mode="bicubic", align_corners=False, antialias=True)
-    return normalise(resized, mean, std)
+    return normalise(resize(images, size), mean, std)
+
+
+def resize(images: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """(B, 3, H, W) -> (B, 3, *size): bicubic, antialiased, the whole image (no crop); an identity at the same size
+    (bit for bit, tested), so that `model_input` of an image `stack_images` already resized changes nothing."""
+    return F.interpolate(images, size=tuple(size), mode="bicubic", align_corners=False, antialias=True)
 
 
 def normalise(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
