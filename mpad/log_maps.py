@@ -2,7 +2,9 @@
 
 log S' = log_softmax over [normal, anomaly] of the scaled cosine similarities on the patch grid, upsampled to the
 image size by `log_upsample`: the log of the bilinearly upsampled *probabilities*, computed without leaving log
-space, so that exp(log S') is the evaluation map (`mpad.scoring.anomaly_maps`) to float rounding.
+space, so that exp(log S') is the evaluation map (`mpad.scoring.anomaly_maps`) to float rounding. With
+`anomaly_loss` and `divergence_loss` (mpad.mpts) these are the definitions; `training_losses` is what a step runs:
+the same losses and their gradients in fewer passes over the full-resolution maps.
 """
 
 from __future__ import annotations
@@ -48,9 +50,9 @@ class _LogLerp(torch.autograd.Function):
     """One axis of `log_upsample`: out = logaddexp(x[low] + log(1 - f), x[high] + log f), along `dim`.
 
     The backward reuses the two neighbours' shares of each output, exp(x[low] + log(1 - f) - out) and
-    exp(x[high] + log f - out) (they sum to 1), kept from the forward pass: MPTS runs two backward passes per step
-    (G_ano, G_div) through the full-resolution maps, and autograd's own logaddexp backward would recompute them
-    in each. A zero upstream gradient (G_div at a meta-epoch's start) stays exactly zero."""
+    exp(x[high] + log f - out) (they sum to 1), kept from the forward pass: an MPTS step runs two backward passes
+    (G_ano, G_div) through the columns pass (`training_losses`), and autograd's own logaddexp backward would
+    recompute them in each. A zero upstream gradient stays exactly zero."""
 
     @staticmethod
     def forward(ctx, x, dim, low, high, log_w_low, log_w_high):

@@ -81,8 +81,8 @@ def work_units(chain: Sequence[str]) -> list[list[str]]:
 
 
 def next_category(units: Mapping[str, Sequence], done: Mapping[str, int], busy: Collection[str]) -> str | None:
-    """The category whose next unit a free worker runs: of those not running and with a unit left (`done`: units
-    finished; a failed category is `busy` for good), the one with the most units left, then the first listed."""
+    """The category whose next unit a free worker runs: of those not `busy` (running, or failed) and with a unit
+    left (`done`: units finished), the one with the most units left, then the first listed."""
     ready = [c for c in units if c not in busy and done[c] < len(units[c])]
     return max(ready, key=lambda c: (len(units[c]) - done[c], -list(units).index(c)), default=None)
 
@@ -111,7 +111,7 @@ def run_units(
     """Run each category's units of work (`work_units`), each one `dvc repro --single-item`, in at most `jobs`
     processes at once, by `next_category`'s rule; env_for(slot) is a worker's environment. Returns {category: exit
     status (its failed unit's, else 0)}; a category's output goes to logs/<category>.log."""
-    done, busy, status = dict.fromkeys(units, 0), set(), {}
+    done, running, status = dict.fromkeys(units, 0), set(), {}
     changed = threading.Condition()
     logs.mkdir(parents=True, exist_ok=True)
 
@@ -119,11 +119,11 @@ def run_units(
         env = env_for(slot)
         while True:
             with changed:  # wait while nothing is ready but a running unit may make something ready
-                while (category := next_category(units, done, busy)) is None and len(busy) > len(status):
+                while (category := next_category(units, done, running | status.keys())) is None and running:
                     changed.wait()
                 if category is None:
                     return
-                busy.add(category)
+                running.add(category)
             stages, first = units[category][done[category]], done[category] == 0
             log, start = logs / f"{category}.log", time.monotonic()
             print(f"[{slot}] {' '.join(stages)}: started, log {log}", flush=True)
@@ -133,14 +133,13 @@ def run_units(
             verdict = "done" if code == 0 else f"FAILED (exit {code})"
             print(f"[{slot}] {' '.join(stages)}: {verdict} in {time.monotonic() - start:.0f} s", flush=True)
             with changed:
+                running.discard(category)
                 if code != 0:
-                    status[category] = code  # stays busy: none of its later units runs
+                    status[category] = code  # none of its later units runs
                 else:
-                    busy.discard(category)
                     done[category] += 1
                     if done[category] == len(units[category]):
                         status[category] = 0
-                        busy.add(category)  # finished: counted with the failed ones, never ready again
                 changed.notify_all()
 
     threads = [threading.Thread(target=worker, args=(slot,)) for slot in range(min(jobs, len(units)))]
