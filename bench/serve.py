@@ -11,12 +11,12 @@ scripted by bench/serve_load.lua), not Python's: the Python clients used before 
 share of the cores, about 0.6 of the 2, and so diluted what the server's own work decides.
 Good requests: generated parts, upscaled to --size px PNGs, `?map=false` unless --map.
 
-First prints onnxruntime's own ms per image at batch 1 and at --max-batch, in this process before any server
-starts: their ratio bounds what batching can gain here. Then per configuration: throughput of good requests,
-p50 / p95 / p99 latency, errors (a good request without 200, a bad one without its status, a failed connection:
-must be 0), the server's RSS after a warm-up and after each round, then the ratios. `--impl litserve` serves the
-same model with LitServe (bench/serve_litserve.py; needs `pip install litserve`) beside `mpad serve`, both fed
-multipart forms.
+First prints onnxruntime's own ms per image at batch 1, 2, 4 ... --max-batch, with the servers' threads and with
+one, in this process before any server starts: the ratio of batch 1 to --max-batch bounds what batching can
+gain. Then per configuration: throughput of good requests, p50 / p95 / p99 latency, errors (a good request
+without 200, a bad one without its status, a failed connection: must be 0), the server's RSS after a warm-up
+and after each round, then the ratios. `--impl litserve` serves the same model with LitServe
+(bench/serve_litserve.py; needs `pip install litserve`) beside `mpad serve`, both fed multipart forms.
 
     .venv/bin/python bench/serve.py [--backbone mpad-tiny] [--clients 8] [--requests 2000] [--rounds 2]
         [--single 200] [--impl own|litserve] [--map] [--python PATH] [--time-limit-s 600]
@@ -336,28 +336,34 @@ def main() -> None:
     report(servers, runs, args)
 
 
-def model_only_ceiling(model: Path, max_batch: int, threads: int, seconds: float = 3.0) -> None:
-    """onnxruntime alone, in this process before any server starts: ms per image at batch 1 and at max_batch, with
-    the servers' thread count. Their ratio bounds what batching can gain in throughput on this machine: a server's
-    other work per request (HTTP, decoding, answers) does not shrink with the batch."""
+def model_only_ceiling(model: Path, max_batch: int, threads: int, seconds: float = 2.0) -> None:
+    """onnxruntime alone, in this process before any server starts: ms per image at batch 1, 2, 4, ... max_batch,
+    with the servers' thread count and with one thread. The servers' ratio of batch 1 to max_batch bounds what
+    batching can gain in throughput on this machine (a server's other work per request, HTTP, decoding, answers,
+    does not shrink with the batch); 8 closed-loop clients mostly form batches of 4 (two groups taking turns)."""
     import torch
 
     from mpad.deploy.runtime import OnnxScorer
     from mpad.deploy.sidecar import Sidecar
 
-    scorer = OnnxScorer(model, "cpu", threads or None, spinning=False)
     input_size = Sidecar.load(model).input_size
-    per_image = {}
-    for batch in (1, max_batch):
-        images = torch.rand(batch, 3, *input_size, generator=torch.Generator().manual_seed(0))
-        scorer(images)
-        calls, start = 0, time.perf_counter()
-        while time.perf_counter() - start < seconds:
+    batches = sorted({1, max_batch, *(b for b in (2, 4, 8, 16) if b < max_batch)})
+    servers_threads = threads or os.cpu_count() or 1  # onnxruntime's default: one a core
+    per_image: dict[tuple[int, int], float] = {}
+    for count in dict.fromkeys((servers_threads, 1)):
+        scorer = OnnxScorer(model, "cpu", count, spinning=False)
+        for batch in batches:
+            images = torch.rand(batch, 3, *input_size, generator=torch.Generator().manual_seed(0))
             scorer(images)
-            calls += 1
-        per_image[batch] = (time.perf_counter() - start) / calls / batch * 1000
-    print(f"onnxruntime alone: {per_image[1]:.2f} ms an image at batch 1, {per_image[max_batch]:.2f} at batch "
-          f"{max_batch}: batching can gain at most {per_image[1] / per_image[max_batch]:.2f}x here")  # fmt: skip
+            calls, start = 0, time.perf_counter()
+            while time.perf_counter() - start < seconds:
+                scorer(images)
+                calls += 1
+            per_image[count, batch] = (time.perf_counter() - start) / calls / batch * 1000
+        print(f"onnxruntime alone, {count} thread{'s' if count > 1 else ''}, ms an image: "
+              + ", ".join(f"batch {b} {per_image[count, b]:.2f}" for b in batches))  # fmt: skip
+    ratio = per_image[servers_threads, 1] / per_image[servers_threads, max_batch]
+    print(f"with the servers' {servers_threads} threads, batching can gain at most {ratio:.2f}x here")
 
 
 def report(servers: list[Server], runs: dict, args: argparse.Namespace) -> None:
