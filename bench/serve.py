@@ -131,6 +131,13 @@ def bomb_png(side: int) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", pixels) + chunk(b"IEND", b"")
 
 
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 for a server to take (LitServe takes no socket; ours could say it itself)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 @dataclass
 class Server:
     """A server process on 127.0.0.1: `mpad serve` (impl "own") or bench/serve_litserve.py."""
@@ -147,9 +154,7 @@ class Server:
     rss: list[float] = field(default_factory=list)
 
     def start(self) -> None:
-        with socket.socket() as probe:  # a free port (LitServe takes no socket; ours could say it itself)
-            probe.bind(("127.0.0.1", 0))
-            self.port = probe.getsockname()[1]
+        self.port = free_port()
         if self.impl == "own":
             command = [self.python, "-c", "import stages.cli; stages.cli.app()", "serve", "--model", str(self.model),
                        "--port", str(self.port), "--max-batch", str(self.max_batch), "--max-wait-ms",
@@ -159,12 +164,15 @@ class Server:
             command = [self.python, str(ROOT / "bench/serve_litserve.py"), str(self.model), str(self.port),
                        "--max-batch", str(self.max_batch), "--max-wait-ms", str(self.max_wait_ms)]  # fmt: skip
         self.proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        ready = "/readyz" if self.impl == "own" else "/health"
-        deadline = time.monotonic() + 600
+        self.wait_ready("/readyz" if self.impl == "own" else "/health")
+
+    def wait_ready(self, path: str, timeout_s: float = 600) -> None:
+        """Returns once the server answers 200 at `path`; SystemExit when it exits or timeout_s pass first."""
+        deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline and self.proc.poll() is None:
             try:
                 connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
-                connection.request("GET", ready)
+                connection.request("GET", path)
                 if connection.getresponse().status == 200:
                     return
             except OSError:
@@ -348,8 +356,8 @@ def model_only_ceiling(model: Path, max_batch: int, threads: int, seconds: float
 
     input_size = Sidecar.load(model).input_size
     batches = sorted({1, max_batch, *(b for b in (2, 4, 8, 16) if b < max_batch)})
-    servers_threads = threads or os.cpu_count() or 1  # onnxruntime's default: one a core
-    per_image: dict[tuple[int, int], float] = {}
+    servers_threads = threads or None  # None: onnxruntime's default, as the servers get it
+    per_image: dict[tuple[int | None, int], float] = {}
     for count in dict.fromkeys((servers_threads, 1)):
         scorer = OnnxScorer(model, "cpu", count, spinning=False)
         for batch in batches:
@@ -360,10 +368,14 @@ def model_only_ceiling(model: Path, max_batch: int, threads: int, seconds: float
                 scorer(images)
                 calls += 1
             per_image[count, batch] = (time.perf_counter() - start) / calls / batch * 1000
-        print(f"onnxruntime alone, {count} thread{'s' if count > 1 else ''}, ms an image: "
+        print(f"onnxruntime alone, {threads_named(count)}, ms an image: "
               + ", ".join(f"batch {b} {per_image[count, b]:.2f}" for b in batches))  # fmt: skip
     ratio = per_image[servers_threads, 1] / per_image[servers_threads, max_batch]
-    print(f"with the servers' {servers_threads} threads, batching can gain at most {ratio:.2f}x here")
+    print(f"with the servers' threads ({threads_named(servers_threads)}), batching can gain at most {ratio:.2f}x here")
+
+
+def threads_named(count: int | None) -> str:
+    return "onnxruntime's default, one thread a core" if count is None else f"{count} thread{'s' * (count > 1)}"
 
 
 def report(servers: list[Server], runs: dict, args: argparse.Namespace) -> None:

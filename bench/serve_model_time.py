@@ -13,10 +13,9 @@ from __future__ import annotations
 
 import argparse
 import atexit
-import http.client
+import dataclasses
 import json
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -25,10 +24,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def serve(model: str, port: int, max_batch: int) -> None:
+def timed_server(model: str, port: int, max_batch: int) -> None:
     """The server side: `mpad serve`'s app and limits as bench/serve.py starts them, the calls timed; prints
     one JSON line of figures when stopped."""
     import uvicorn
+    from serve import MAX_BYTES  # bench/serve.py: the servers' --max-bytes
 
     from mpad.serve.app import Limits, create_app
     from mpad.serve.model import load_model
@@ -44,7 +44,7 @@ def serve(model: str, port: int, max_batch: int) -> None:
         calls.append((start, time.perf_counter(), len(images)))
         return out
 
-    object.__setattr__(served, "scorer", timed)
+    served = dataclasses.replace(served, scorer=timed)
 
     def figures() -> None:
         kept = calls[len(calls) // 5 :]  # after the warm-up and the load's start
@@ -60,7 +60,7 @@ def serve(model: str, port: int, max_batch: int) -> None:
 
     atexit.register(figures)
     _quiet_decoders()
-    app = create_app(served, Limits(max_batch=max_batch, max_queue=256, max_bytes=4 * 2**20))
+    app = create_app(served, Limits(max_batch=max_batch, max_queue=256, max_bytes=MAX_BYTES))
     config = uvicorn.Config(app, log_level="warning", access_log=False)
     try:
         uvicorn.Server(config).run(sockets=[_listen("127.0.0.1", port)])
@@ -77,7 +77,7 @@ def main() -> None:
     parser.add_argument("--serve", nargs=3, metavar=("MODEL", "PORT", "MAX_BATCH"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
-        return serve(args.serve[0], int(args.serve[1]), int(args.serve[2]))
+        return timed_server(args.serve[0], int(args.serve[1]), int(args.serve[2]))
     sys.path.insert(0, str(ROOT / "bench"))
     import serve as bench  # bench/serve.py: the model, the payloads, wrk's load
 
@@ -85,20 +85,10 @@ def main() -> None:
     good, bad = bench.payloads(args.workdir, 0)
     for max_batch in (int(b) for b in args.configs.split(",")):
         server = bench.Server(f"max-batch {max_batch}", "own", sys.executable, model, max_batch)
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            server.port = probe.getsockname()[1]
+        server.port = bench.free_port()
         server.proc = subprocess.Popen([sys.executable, __file__, "--serve", str(model), str(server.port),
                                         str(max_batch)], cwd=ROOT, stdout=subprocess.PIPE, text=True)  # fmt: skip
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            try:
-                connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=5)
-                connection.request("GET", "/readyz")
-                if connection.getresponse().status == 200:
-                    break
-            except OSError:
-                time.sleep(0.2)
+        server.wait_ready("/readyz")
         bench.load(server, good, bad, 8, 500, 0, False, False, 600)  # warm-up
         result = bench.load(server, good, bad, 8, args.requests, args.bad_every, False, False, 600)
         server.proc.send_signal(signal.SIGINT)
