@@ -9,7 +9,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from test_pipeline import copy_project, preset_overrides, run, stages_ran
+from e2e import copy_project, preset_overrides, run, stages_ran
 
 from mpad.data.synthetic import MARKER, generate
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from test_pipeline import ROOT, copy_project, preset_overrides, run
+from e2e import ROOT, copy_project, preset_overrides, run
 
 from mpad import layout
 from mpad.parallel import category_chains, main, makespan, next_category, visible_gpus, work_units, worker_env

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from test_pipeline import copy_project, preset_overrides, run
+from e2e import copy_project, preset_overrides, run
 
 from mpad.config import DatasetConfig
 from mpad.data import DatasetError

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+from e2e import commit, copy_project, preset_overrides, run
 from PIL import Image
-from test_pipeline import commit, copy_project, preset_overrides, run
 from test_queue import TINY
 
 from mpad.experiments import arms, compare_table, experiments, within_noise

@@ -10,7 +10,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from test_pipeline import commit, copy_project, preset_overrides, run, stages_ran
+from e2e import commit, copy_project, preset_overrides, run, stages_ran
 
 TINY = ["dataset.categories=[disc]", "mpts.steps=3", "mpts.meta_epochs=1", "oagm.samples=4", "evaluate.overlays=1"]
 
