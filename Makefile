@@ -24,7 +24,7 @@ ABLATIONS := \
 	memory:mpts.meta_epochs=$(META_EPOCHS),mpts.lambda=1,oagm.enabled=true,oagm.texture_mask=$(TEXTURE_MASK),laa.attention=vv,laa.k=$(LAA_K),memory.enabled=true \
 	full:mpts.meta_epochs=$(META_EPOCHS),mpts.lambda=1,oagm.enabled=true,oagm.texture_mask=$(TEXTURE_MASK),laa.attention=vv,laa.k=$(LAA_K),memory.enabled=false
 
-.PHONY: setup run offline ablations sweep plots compare test test-fast bench gpu-wheels gpu-dry
+.PHONY: setup run offline ablations sweep plots compare docs test test-fast bench gpu-wheels gpu-dry
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || python3 -m venv $(VENV)
@@ -110,14 +110,21 @@ plots: $(STAMP)
 	mkdir -p figures && $(BIN)/dvc exp show --json > figures/experiments.json
 	$(BIN)/mpad plots --experiments figures/experiments.json --out figures
 
+# The documentation site (mkdocs.yml, docs/*.md) as HTML in site/ (git-ignored); no network needed (`font: false`).
+MKDOCS := NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build  # not -q: it hides the warnings that --strict counts
+docs: $(STAMP)
+	$(MKDOCS) --strict
+
 # The whole suite on 2 pytest-xdist workers (one torch thread each, tests/conftest.py), each test module on one
 # worker (its module-scoped runs made once); then the tests marked `numerics` (tolerances that depend on the CPU's
 # kernels) once more on torch's scalar kernels, so that CI sees two kernel sets on any x86-64 CPU (tests/conftest.py
-# holds oneDNN to AVX2 in that pass, as on a CPU without avx512).
+# holds oneDNN to AVX2 in that pass, as on a CPU without avx512). First the site's strict build (`make docs`):
+# a broken link or a page missing from mkdocs.yml's nav fails the suite.
 PYTEST := $(BIN)/python -m pytest -q -n 2 --dist loadscope
 test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(MKDOCS) --strict
 	$(PYTEST)
 	ATEN_CPU_CAPABILITY=default $(PYTEST) -m numerics
 
