@@ -445,3 +445,55 @@ def test_one_backward_pass_gives_each_loss_its_own_gradient(tiny_clip, setup, mo
     assert torch.equal(g_ano, _flatten(ano, params))
     assert torch.equal(g_div, _flatten(div, twins))
     assert loss_div > 0 and not torch.allclose(g_ano, g_div)
+
+
+def test_divergence_is_active_in_later_meta_epochs(tiny_clip, setup):
+    """Eq. 6-10 act in every meta-epoch, not in round 0 only: on step 2 of rounds 1 and 2 (two updates after the
+    learned prompt restarted at the new meta prompt) L_div > 0 and cos(G_ano, G_div) != 0. Skipping the divergence
+    for whole later rounds, or replacing the meta prompt every step (learned = meta at every step), makes both
+    exactly 0 there."""
+    config = MptsConfig(lam=1.0, meta_epochs=3, steps=3, lr=1e-2, batch_size=8, seed=0)
+    _, result = run(tiny_clip, setup, config, n=48)
+    steps = {(h["meta_epoch"], h["step"] - 3 * h["meta_epoch"]): h for h in result.history}
+    for round_index in (1, 2):
+        step = steps[round_index, 2]
+        assert step["loss_div"] > 0, step
+        assert step["cos"] != 0.0, step
+
+
+def _independent_text_embeddings(clip, learner: PromptLearner) -> torch.Tensor:
+    """(2, D) normalised text embeddings of the learner's prompts through open_clip's text tower as `encode_text`
+    runs it (the full context, its causal mask, the end token's row), not through `TextEncoder` /
+    `text_embeddings_of`."""
+    model = clip.model
+    tower = model.text if hasattr(model, "text") else model
+    embeddings, end_index = learner()  # eq. 1's token sequences, (2, L, width)
+    x = embeddings + tower.positional_embedding
+    x = tower.ln_final(tower.transformer(x, attn_mask=tower.attn_mask))
+    x = x[torch.arange(2), end_index] @ tower.text_projection
+    return F.normalize(x, dim=-1)
+
+
+def test_g_ano_is_the_gradient_of_the_anomaly_loss_end_to_end(tiny_clip, setup):
+    """G_ano (eq. 8) of a training step equals autograd of anomaly_loss(score_maps(text embeddings)) (eq. 3-5)
+    taken through open_clip's own text tower, with respect to every learnable vector (G, N, A flattened), up to
+    the summation order of the two computations: the tower's backward pass (TEXT_BACKWARD_TERMS) plus the sums
+    over the minibatch's patches and the upsampling's pixels that reach each text coordinate."""
+    from fp_bounds import TEXT_BACKWARD_TERMS, assert_reordered_close
+
+    from mpad.mpts import _step_gradients
+
+    learner = make_learner(tiny_clip, 4)
+    features, masks = setup["features"][:8], setup["masks"][:8].float()
+    scale, meta = setup["logit_scale"], setup["meta"]
+    targets, index = MapTargets.build(setup["masks"].float(), features.shape[1]), torch.arange(8)
+    g_ano, _, loss_ano, _ = _step_gradients(learner, setup["text_encoder"], features, targets, index, meta, scale, True)
+
+    params = [learner.general, learner.normal, learner.anomaly]
+    text = _independent_text_embeddings(tiny_clip, learner)
+    reference_loss = anomaly_loss(score_maps(features, text, scale, tuple(masks.shape[1:])), masks)
+    reference = torch.cat([g.flatten() for g in torch.autograd.grad(reference_loss, params)])
+    patches, pixels = features.shape[0] * features.shape[1] * features.shape[2], masks[0].numel()
+    assert_reordered_close(loss_ano, reference_loss.detach(), TEXT_BACKWARD_TERMS + patches + pixels)
+    assert_reordered_close(g_ano, reference, TEXT_BACKWARD_TERMS + patches + pixels)
+    assert reference.norm() > 0
