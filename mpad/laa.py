@@ -1,4 +1,4 @@
-"""Locality-aware dual-path image encoder (paper sec. 3.5, eq. 11-12).
+"""Locality-aware dual-path image encoder (paper sec. 3.5, eq. 11-12; how it is read: docs/method.md#laa).
 
 The original ViT path is open_clip's, so the global image embedding is `encode_image`'s (equal within float
 rounding). Over the last `layers` blocks a second path is added, as in CLIP Surgery: at each of those blocks it
@@ -12,10 +12,9 @@ tokens): an encoder built with `image_embedding=False` and without the last bloc
 layers skips that block's original attention and MLP, about 7 % of ViT-B's work, and computes only the
 second path there (the patch features are the same function of the image, within float rounding).
 
-CLS treatment ("neighbor-cls-only", sec. 3.2): with `cls="neighbor-cls"` (default) each patch attends to
-its neighbours within distance k *and* to the CLS token, which carries the image's global context;
-with `cls="neighbor"` it attends to its neighbours only. The CLS row itself is unmasked: the second
-path's CLS output is never used (the next block reads the original stream).
+CLS treatment ("neighbor-cls-only", sec. 3.2): `cls="neighbor-cls"` (default): each patch attends to its
+neighbours within distance k and to the CLS token; `cls="neighbor"`: to its neighbours only. The CLS row itself
+is unmasked (the second path's CLS output is never used).
 """
 
 from __future__ import annotations

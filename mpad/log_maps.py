@@ -1,4 +1,4 @@
-"""The score maps MPTS trains on, in log space (paper eq. 3-7; the reading is `mpad.mpts`'s docstring).
+"""The score maps MPTS trains on, in log space (paper eq. 3-7; how they are read: docs/method.md#score-maps).
 
 log S' = log_softmax over [normal, anomaly] of the scaled cosine similarities on the patch grid, upsampled to the
 image size by `log_upsample`: the log of the bilinearly upsampled *probabilities*, computed without leaving log

@@ -1,60 +1,17 @@
-"""Meta-guiding Prompt-tuning Scheme, MPTS (paper sec. 3.3, eq. 3-10).
+"""Meta-guiding Prompt-tuning Scheme, MPTS (paper sec. 3.3, eq. 3-10); how the paper is read: docs/method.md.
 
-The image encoder is frozen, so the caller encodes the synthesized images once and hands the patch
-features here; only the prompt vectors of a `PromptLearner` (shared prefix G, normal suffix N, anomaly
-suffix A) are optimised.
+The image encoder is frozen: the caller encodes the synthesized images once and hands their patch features
+(N, H', W', D) and anomaly masks M'_a (N, H, W) here; only the vectors of a `PromptLearner` (shared prefix G,
+normal suffix N, anomaly suffix A) are optimised.
 
-Losses, per minibatch of patch features (B, H', W', D) and masks M'_a (B, H, W):
-
-The definitions are `score_maps`, `anomaly_loss` and `divergence_loss`; a step computes the same numbers and
-their gradients in fewer passes over the full-resolution maps (`mpad.log_maps.training_losses`, tested
-against them).
-
-- Score maps, in log space (`score_maps`): log S' = log_softmax over [normal, anomaly] of the scaled
-  cosine similarities on the patch grid (B, 2, H', W'), then upsampled to (B, 2, H, W) by
-  `log_upsample`: the log of the *probabilities* upsampled bilinearly, computed without leaving log
-  space (bilinear weights are a convex combination, so each pixel is a log-sum-exp of log weight + log
-  probability). exp(log S') is therefore the evaluation map (`mpad.scoring.anomaly_maps`, its anomaly
-  channel) to float rounding: training fits the map that is evaluated. The alternative, upsampling the
-  logit difference and taking its log-sigmoid, would make the trained map differ from the evaluated one
-  between patch centres, or change the evaluation maps. Nothing is clamped: a probability below float
-  precision still has a finite log and a gradient.
-- Anomaly loss (eq. 3-5): L_ano = BCE(S'_n, M'_n) + BCE(S'_a, M'_a) with M'_n = 1 - M'_a (eq. 3), each
-  term the *mean* over all pixels of the batch, written with log S'_n and log S'_a only (log(1 - S'_a) =
-  log S'_n: the pair sums to one). Eq. 4-5 write a sum over "j | m_j = 1"; taken literally for both
-  prompts (LNP over the pixels of M'_n, LAP over those of M'_a) and because S'_n = 1 - S'_a, the two
-  restricted sums add up to exactly one full-image BCE, and the two unrestricted terms are equal.
-  Averaging instead of summing only rescales the gradient.
-- Divergence loss (eq. 6-7): L_div = KL(S^M_a || S'_a) + KL(S^M_n || S'_n), each the per-pixel KL of the
-  Bernoulli distributions (equal to the KL of the two-class distributions, so both terms are equal),
-  averaged over the pixels, from log S^M and log S'. S^M are the maps of the current meta prompt, fixed
-  within a meta-epoch and computed per minibatch like S'. At the start of a later meta-epoch the learned
-  prompt's text embeddings equal the meta prompt's bit for bit (both come from the same tower pass), so
-  the maps are equal and L_div and G_div are exactly 0: the step then skips the divergence. For one
-  patch (no interpolation), the derivative of its KL with respect to the logit difference logit_a -
-  logit_n is S'_a - S^M_a however far the learned map saturates; clamping the probabilities to
-  [1e-6, 1 - 1e-6] would zero it beyond a logit gap of 13.8 (a cosine gap of 0.138 at CLIP's logit
-  scale 100), switching the calibration off exactly where the learned prompt has drifted furthest from
-  the meta prompt.
-
-Gradient calibration (eq. 8-10): eq. 8-9 are written per prompt (LAP / LNP), but both prompts share
-the prefix G, so the per-prompt gradients are not separable. We read them as one gradient over *all*
-learnable vectors (G, N and A flattened and concatenated in that order): G_ano = dL_ano/dtheta and
-G_div = dL_div/dtheta. When cos(G_ano, G_div) < 0, G_ano is calibrated (`calibrate`), and the optimiser
-steps with the calibrated G_ano only (eq. 10): the divergence loss never enters the step directly.
-Eq. 10 as printed ("literal") subtracts a scalar from every coordinate, so its effect depends on the
-loss normalisation; "literal-rms" is a pixel-count-free version of it (see `calibrate`).
-Adam rescales each coordinate by its own running RMS, so what eq. 10 guarantees (e.g. orthogonality to
-G_div for "projection" with lambda = 1) holds for the gradient handed to Adam, not for the update.
-
-Meta-epochs: round 0's meta prompt is the hand-written template ensemble (`meta_text_embeddings`);
-after each round of `steps` optimiser steps the meta prompt becomes a detached copy of the learned
-prompts' text embeddings (LAP^{t+1} / LNP^{t+1}). The paper runs "until the loss converges"; with
-`stop = "converged"` a round ends early once its smoothed anomaly loss has stopped improving
-(`converged`; `steps` is then the cap). The anomaly loss is the one watched: it is what the step
-descends, while the divergence loss only calibrates it and restarts from 0 in every round. One Adam
-optimiser serves all rounds: its moment estimates are kept across rounds, since the parameters and the
-task are the same and only the regulariser's anchor moves.
+- `anomaly_loss` (eq. 3-5) and `divergence_loss` (eq. 6-7) define the losses on log score maps (B, 2, H, W)
+  (`mpad.log_maps.score_maps`); a step computes the same numbers and their gradients in fewer passes
+  (`mpad.log_maps.training_losses`, tested against them). See docs/method.md#anomaly-loss and
+  docs/method.md#divergence-loss.
+- `calibrate` (eq. 10) on G_ano, G_div (eq. 8-9), each one flat gradient over all learnable vectors (G, N, A
+  in that order; docs/method.md#calibration). The optimiser steps with the calibrated G_ano only.
+- `train_prompts`: `meta_epochs` rounds; after each, the meta prompt becomes the learned prompts' text
+  embeddings (docs/method.md#meta-epochs). One Adam optimiser serves all rounds.
 """
 
 from __future__ import annotations
@@ -73,24 +30,13 @@ from mpad.prompts import PromptLearner, TextEncoder, text_embeddings_of
 def calibrate(g_ano: torch.Tensor, g_div: torch.Tensor, lam: float, mode: str = "projection") -> torch.Tensor:
     """Eq. 10: calibrate the anomaly-loss gradient when it conflicts with the divergence gradient.
 
-    g_ano, g_div: gradients of the same shape (flattened over all learnable vectors, see module doc).
-    Conflict means cos(g_ano, g_div) < 0; without conflict (or when either gradient is zero, or
-    lam = 0) g_ano is returned unchanged (the same tensor).
-
-    mode "projection" (default): g_ano - lam * (g_ano . g_div / |g_div|^2) * g_div, i.e. remove a share
-    lam of g_ano's component along g_div (lam = 1: the result is orthogonal to g_div, PCGrad-style).
-    mode "literal": eq. 10 as printed, g_ano - lam * cos(g_ano, g_div), the scalar cosine subtracted
-    from every component. cos is scale-free but g_ano is not: its size follows the loss normalisation
-    (the mean over pixels here; eq. 4-5's sums would make it pixel-count times larger), so the same lam
-    shifts the gradient a lot or next to nothing depending on that choice. Not a neutral ablation.
-    mode "literal-rms": g_ano - lam * cos(g_ano, g_div) * rms(g_ano), rms = |g_ano| / sqrt(n): the literal
-    shift measured in units of g_ano's RMS coordinate (its norm is lam * |cos| * |g_ano|, the norm the
-    projection removes at the same lam). Scaling the loss by c scales the result by c, so with Adam
-    (scale-free up to its eps) the training does not depend on the pixel normalisation.
-
+    g_ano, g_div: gradients of the same shape (flat over all learnable vectors). Conflict means
+    cos(g_ano, g_div) < 0; without conflict (or when either gradient is zero, or lam = 0) g_ano is returned
+    unchanged (the same tensor). Modes (docs/method.md#calibration):
+    "projection": g_ano - lam * (g_ano . g_div / |g_div|^2) * g_div (lam = 1: orthogonal to g_div);
+    "literal": g_ano - lam * cos(g_ano, g_div), eq. 10 as printed (its effect depends on the loss's scale);
+    "literal-rms": g_ano - lam * cos(g_ano, g_div) * rms(g_ano), rms = |g_ano| / sqrt(n).
     "projection" and "literal-rms" are scale-equivariant in g_ano and invariant to the scale of g_div.
-    Adam divides each coordinate by its own running RMS: the properties above (e.g. orthogonality at
-    lam = 1) hold for the gradient handed to Adam, not for the parameter update.
     """
     if mode not in CALIBRATIONS:
         raise ValueError(f"mpts.calibration must be one of {CALIBRATIONS}, got {mode!r}")
@@ -146,8 +92,8 @@ def anomaly_loss(log_maps: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
     -> scalar BCE(S'_n, M'_n) + BCE(S'_a, M'_a), each the mean over pixels (log(1 - S'_a) = log S'_n)."""
     log_n, log_a = log_maps[:, 0], log_maps[:, 1]
     m_n = 1 - masks  # eq. 3
-    # Eq. 4 and eq. 5 are the same number (module docstring): computed once, bitwise what the two terms summed
-    # were (their sums commute exactly, and doubling is exact), in half the full-resolution passes.
+    # Eq. 4 and eq. 5 are the same number (docs/method.md#anomaly-loss): computed once, bitwise what the two terms
+    # summed were (their sums commute exactly, and doubling is exact), in half the full-resolution passes.
     bce = -(m_n * log_n + masks * log_a).mean()
     return bce + bce  # eq. 4 + eq. 5
 
@@ -156,10 +102,8 @@ def divergence_loss(meta_log_maps: torch.Tensor, log_maps: torch.Tensor) -> torc
     """Eq. 6-7: log S^M, log S' (B, 2, H, W) -> scalar KL(S^M_a || S'_a) + KL(S^M_n || S'_n), each the
     per-pixel Bernoulli KL averaged over pixels; both equal the KL of the pair [n, a].
 
-    Written as sum_c p_c (log p_c - log q_c) + q_c - p_c (p = S^M, q = S'), the KL since both pairs sum
-    to one: its gradient in log q_c is q_c - p_c, bounded, non-zero however small q_c is, and exactly 0
-    where the two maps are equal (the first step of every later meta-epoch), where rounding noise would
-    otherwise hand `calibrate` a random G_div."""
+    Written as sum_c p_c (log p_c - log q_c) + q_c - p_c (p = S^M, q = S'): its gradient in log q_c is
+    q_c - p_c, exactly 0 where the two maps are equal (docs/method.md#divergence-loss)."""
     p, q = meta_log_maps.exp(), log_maps.exp()
     kl = (p * (meta_log_maps - log_maps) + q - p).sum(dim=1).mean()
     return kl + kl  # eq. 6 + eq. 7

@@ -5,7 +5,8 @@ OAGM makes the anomalous training samples (x', M'_a) that MPTS (sec. 3.3, eq. 4-
 1. an object mask M_obj per shot image (mpad.object_masks), so that noise lands on the item and not on the
    background;
 2. Gaussian noise N(0, sigma^2) added where the chosen region is 1 (`add_noise`, the paper's equation
-   for x'); the anomaly mask M'_a is exactly that region (eq. 3 then gives M'_n = 1 - M'_a).
+   for x'), clamped to [0, 1] and quantised to uint8 (ours); the anomaly mask M'_a is exactly that region,
+   clipped pixels included (eq. 3 then gives M'_n = 1 - M'_a). See docs/method.md#oagm.
 
 Regions: `object` noises the whole object mask (the paper's literal reading); `blobs` noises a union of
 a few random irregular ellipses inside the object, so a sample holds both normal and anomalous pixels.

@@ -13,11 +13,9 @@ Methods:
   plain background.
 
 Both masks are cleaned with scikit-image morphology (`clean_mask`). Texture categories get the same
-mask (`oagm.texture_mask: mask_method`, the paper read literally: sec. 3.4 makes M_obj with the VLM for
-every category) or the whole image (`whole`; then x' with and without OAGM is drawn from the same
-support, and Table 3's texture rows could not differ). An object mask that is empty or covers almost
-the whole image falls back to the whole image; `ObjectMask.fallback` says why (the caller decides whether
-and how to tell a user).
+mask (`oagm.texture_mask: mask_method`) or the whole image (`whole`): docs/method.md#oagm. An object mask
+that is empty or covers almost the whole image falls back to the whole image; `ObjectMask.fallback` says why
+(the caller decides whether and how to tell a user).
 """
 
 from __future__ import annotations

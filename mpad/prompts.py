@@ -9,7 +9,7 @@ projection).
     LNP = [SOT] G1..Gng  <class name>  N1..Nnr  . [EOT]
     LAP = [SOT] G1..Gng  <class name>  A1..Ana  . [EOT]
 
-The prefix G is shared by both prompts; N and A are the normal / anomaly suffixes.
+The prefix G is shared by both prompts; N and A are the normal / anomaly suffixes (docs/method.md#prompts).
 """
 
 from __future__ import annotations

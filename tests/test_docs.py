@@ -162,3 +162,29 @@ def test_readme_is_a_short_guide_without_history():
     assert re.findall(r"\b(?=[0-9a-f]*\d)(?=[0-9a-f]*[a-f])[0-9a-f]{7,40}\b", text) == []
     machine = r"\b(quiet|busy|load average|loadavg|this machine|session)\b"
     assert re.findall(machine, text, re.IGNORECASE) == []
+
+
+def anchors(page: Path) -> set[str]:
+    """A page's anchors: explicit `{#id}` attributes and the slugs MkDocs gives the other headings."""
+    found = set()
+    for heading in re.findall(r"^#+ (.+)$", page.read_text(), re.MULTILINE):
+        explicit = re.search(r"\{#([\w-]+)\}\s*$", heading)
+        slug = re.sub(r"[\s]+", "-", re.sub(r"[^\w\s-]", "", heading.lower()).strip())
+        found.add(explicit.group(1) if explicit else slug)
+    return found
+
+
+def test_the_code_links_into_the_docs_resolve():
+    """Docstrings keep their contract and link to docs/<page>.md#<anchor> for the rest: each such link must name a
+    page and an anchor that exist."""
+    links = set()
+    for module in ROOT.glob("mpad/**/*.py"):
+        links |= {(m[0], m[1]) for m in re.findall(r"docs/([\w-]+\.md)(?:#([\w-]+))?", module.read_text())}
+    assert links
+    broken = [f"docs/{page}#{anchor}" for page, anchor in sorted(links) if not (ROOT / "docs" / page).is_file()]
+    broken += [
+        f"docs/{page}#{anchor}"
+        for page, anchor in sorted(links)
+        if anchor and (ROOT / "docs" / page).is_file() and anchor not in anchors(ROOT / "docs" / page)
+    ]
+    assert broken == []
