@@ -52,6 +52,13 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
+@pytest.fixture
+def workdir(tmp_path, monkeypatch):
+    """An empty project folder as the working directory: stage commands read ./params.yaml and write ./data."""
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
 @pytest.fixture(scope="session")
 def tiny_clip() -> ClipBundle:
     return load_clip("mpad-tiny", "none", device="cpu")

@@ -1,5 +1,6 @@
-"""End-to-end helpers shared by the test modules that run the pipeline through DVC: a temporary git copy of the
-project with params overrides, a command runner that fails with the command's output, and which stages ran."""
+"""Helpers shared by the test modules: for the stage tests, the tiny model's params section and params.yaml written
+or edited in a project folder; for the end-to-end runs through DVC, a temporary git copy of the project with params
+overrides, a command runner that fails with the command's output, and which stages ran."""
 
 from __future__ import annotations
 
@@ -16,6 +17,21 @@ ROOT = Path(__file__).resolve().parents[1]
 CATEGORIES = ("stripes", "weave", "disc")
 TRAIN_EVALUATE = {f"{s}@{c}" for s in ("train", "evaluate") for c in CATEGORIES}
 PRODUCTS = ("data/", "metrics", "plots/", "dvclive/", "dvc.lock", "dvc_plots/", ".dvc/tmp", ".dvc/cache")
+# params.yaml's `model` section of the stage tests: the shipped tiny model, random weights, on the CPU.
+TINY_MODEL = {"name": "mpad-tiny", "pretrained": "none", "device": "cpu", "precision": "fp32"}
+
+
+def write_params(folder: Path, params: dict) -> None:
+    """`params` as `folder`/params.yaml, the file a stage command reads."""
+    (folder / "params.yaml").write_text(yaml.safe_dump(params))
+
+
+def update_params(folder: Path, section: str, **values) -> dict:
+    """`folder`/params.yaml with `values` set in its `section`, written back; returns the new params."""
+    params = yaml.safe_load((folder / "params.yaml").read_text())
+    params[section].update(values)
+    write_params(folder, params)
+    return params
 
 
 def preset_overrides(name: str) -> list[str]:

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
-import yaml
+from e2e import TINY_MODEL, write_params
 from tiny_records import meta_prompts
 from typer.testing import CliRunner
 
@@ -19,19 +19,18 @@ from stages.cli import app
 ROOT = Path(__file__).resolve().parents[1]
 PARAMS = {
     "dataset": {"root": "ds"},
-    "model": {"name": "mpad-tiny", "pretrained": "none", "device": "cpu", "precision": "fp32"},
+    "model": TINY_MODEL,
     "scoring": {"smoothing_sigma": 1.0, "image_score": "max", "topk": 0.01},
     "evaluate": {"resolution": 48, "batch_size": 4, "workers": 0, "overlays": 3},
 }
 
 
 @pytest.fixture
-def project(tmp_path, monkeypatch, tiny_clip):
-    monkeypatch.chdir(tmp_path)
-    generate(tmp_path / "ds", seed=0, n_train=2, n_test=6)
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(PARAMS))
-    meta_prompts(tiny_clip).save(tmp_path / "data" / "prompts" / "disc.pt")
-    return tmp_path
+def project(workdir, tiny_clip):
+    generate(workdir / "ds", seed=0, n_train=2, n_test=6)
+    write_params(workdir, PARAMS)
+    meta_prompts(tiny_clip).save(workdir / "data" / "prompts" / "disc.pt")
+    return workdir
 
 
 def test_evaluate_writes_metrics_curves_thresholds_overlays(project):
@@ -64,7 +63,7 @@ def test_prompts_of_another_backbone_are_refused(project, tiny_clip):
 
 
 def test_missing_params_are_named(project):
-    (project / "params.yaml").write_text(yaml.safe_dump({k: v for k, v in PARAMS.items() if k != "scoring"}))
+    write_params(project, {k: v for k, v in PARAMS.items() if k != "scoring"})
     result = CliRunner().invoke(app, ["evaluate", "--category", "disc"])
     assert result.exit_code == 1 and "section 'scoring' missing" in result.output
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
+from e2e import TINY_MODEL, write_params
 from tiny_records import LAA, tiny_record
 from typer.testing import CliRunner
 
@@ -149,10 +149,10 @@ def test_decisions_equal_on_a_whole_test_split(tiny_clip, tmp_path):
     this on the first image ONNX scores a few ulp lower. A visual memory of the split's own normal shot makes
     the scores rank the defects (random prompts alone do not), so that the cut falls inside the split."""
     generate(tmp_path / "ds", seed=2, n_train=1, n_test=24)
-    params = {"dataset": {"root": "ds"}, "model": {"name": "mpad-tiny", "pretrained": "none", "device": "cpu"},
+    params = {"dataset": {"root": "ds"}, "model": TINY_MODEL,
               "scoring": {"smoothing_sigma": 1.0, "image_score": "topk_mean", "topk": 0.05},
               "evaluate": {"resolution": 32, "batch_size": 8, "workers": 0, "overlays": 0}}  # fmt: skip
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    write_params(tmp_path, params)
     prompts = tmp_path / "data/prompts/disc.pt"
     shot = stack_images([load_image(p) for p in (tmp_path / "ds/disc/train/good").glob("*.png")], (64, 64))
     memory = build_memory(tiny_clip, LAA, shot, [2, 4], "harmonic").to_record()

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import typer
-import yaml
+from e2e import TINY_MODEL, update_params, write_params
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -20,7 +20,7 @@ from stages import synthesize
 PARAMS = {
     "dataset": {"name": "synthetic", "root": "data/synthetic", "textures": ["stripes", "weave"], "seed": 0},
     "shots": {"k": 2, "seed": 0},
-    "model": {"name": "mpad-tiny", "pretrained": "none", "device": "cpu", "precision": "fp32"},
+    "model": TINY_MODEL,
     "oagm": {
         "enabled": True,
         "region": "blobs",
@@ -47,14 +47,13 @@ def _write_shots(root: Path, category: str, names: list[str]) -> None:
 
 
 @pytest.fixture
-def project(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
+def project(workdir):
     root = Path("data/synthetic")
     synthetic.generate(root, seed=0, n_train=3, n_test=2)
     for category in ("disc", "stripes"):
         _write_shots(root, category, ["000.png", "002.png"])
-    Path("params.yaml").write_text(yaml.safe_dump(PARAMS))
-    return tmp_path
+    write_params(workdir, PARAMS)
+    return workdir
 
 
 def _run(*args: str):
@@ -116,9 +115,7 @@ def test_texture_category_gets_whole_image_object_mask(project):
 
 
 def test_null_textures_means_dataset_default(project):
-    params = yaml.safe_load(Path("params.yaml").read_text())
-    params["dataset"]["textures"] = None
-    Path("params.yaml").write_text(yaml.safe_dump(params))
+    update_params(project, "dataset", textures=None)
     assert _run("stripes").exit_code == 0
     assert json.loads(Path("data/synth/stripes/manifest.json").read_text())["texture"] is True
     assert _run("disc").exit_code == 0
@@ -147,18 +144,13 @@ def test_missing_shots_file_fails(project):
 def test_sigma_change_changes_images(project):
     assert _run("disc").exit_code == 0
     first = _pngs(Path("data/synth/disc/images"))
-    params = yaml.safe_load(Path("params.yaml").read_text())
-    params["oagm"]["sigma"] = 0.1
-    Path("params.yaml").write_text(yaml.safe_dump(params))
+    update_params(project, "oagm", sigma=0.1)
     assert _run("disc").exit_code == 0
     assert _pngs(Path("data/synth/disc/images")) != first
 
 
 def test_clip_method_runs(project):
-    params = yaml.safe_load(Path("params.yaml").read_text())
-    params["oagm"]["mask_method"] = "clip"
-    params["oagm"]["samples"] = 2
-    Path("params.yaml").write_text(yaml.safe_dump(params))
+    update_params(project, "oagm", mask_method="clip", samples=2)
     result = _run("disc")
     assert result.exit_code == 0, result.output
     manifest = json.loads(Path("data/synth/disc/manifest.json").read_text())
@@ -167,9 +159,7 @@ def test_clip_method_runs(project):
 
 @pytest.mark.parametrize("texture_mask", ["mask_method", "whole"])
 def test_texture_mask_clip_on_a_texture(project, texture_mask):
-    params = yaml.safe_load(Path("params.yaml").read_text())
-    params["oagm"].update(mask_method="clip", mask_layers=2, texture_mask=texture_mask)
-    Path("params.yaml").write_text(yaml.safe_dump(params))
+    update_params(project, "oagm", mask_method="clip", mask_layers=2, texture_mask=texture_mask)
     result = _run("stripes")
     assert result.exit_code == 0, result.output
     manifest = json.loads(Path("data/synth/stripes/manifest.json").read_text())

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import yaml
+from e2e import TINY_MODEL, write_params
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -27,7 +27,7 @@ from stages.cli import app
 from stages.common import StageProgress
 
 PARAMS = {
-    "model": {"name": "mpad-tiny", "pretrained": "none", "device": "cpu", "precision": "fp32"},
+    "model": TINY_MODEL,
     "laa": {"attention": "vv", "k": 2, "layers": 2, "cls": "neighbor-cls"},
     "prompts": {"n_general": 3, "n_normal": 2, "n_anomaly": 1},
     "mpts": {
@@ -62,11 +62,10 @@ def write_synth(root: Path, category: str = "carpet", n: int = 16, size: int = 6
 
 
 @pytest.fixture
-def project(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(PARAMS))
-    write_synth(tmp_path)
-    return tmp_path
+def project(workdir):
+    write_params(workdir, PARAMS)
+    write_synth(workdir)
+    return workdir
 
 
 def test_train_stage_writes_prompts_and_curves(project):
@@ -180,14 +179,14 @@ def test_missing_mask_is_named(project):
 
 def test_bad_parameters_are_reported(project):
     bad = dict(PARAMS, mpts=dict(PARAMS["mpts"], calibration="pcgrad"))
-    (project / "params.yaml").write_text(yaml.safe_dump(bad))
+    write_params(project, bad)
     result = CliRunner().invoke(app, ["train", "--category", "carpet"])
     assert result.exit_code == 1 and "calibration" in result.output
 
 
 def test_prompts_longer_than_the_text_context_stop_train(project):
     long = dict(PARAMS, prompts=dict(PARAMS["prompts"], n_general=100))
-    (project / "params.yaml").write_text(yaml.safe_dump(long))
+    write_params(project, long)
     result = CliRunner().invoke(app, ["train", "--category", "carpet"])
     assert result.exit_code == 1 and "prompts too long" in result.output and "context holds 77" in result.output
     assert result.exception is None or isinstance(result.exception, SystemExit)
@@ -206,7 +205,7 @@ def test_memory_branch_is_saved_with_the_prompts(project, monkeypatch):
     Image.open(project / "data" / "synth" / "carpet" / "images" / "0000.png").save(shot)
     save_shots(layout.shots_file("carpet"), "carpet", "ds", 1, 0, [Sample(shot, None, 0, "good")])
     params = {**PARAMS, "dataset": {"root": "ds"}, "memory": {"enabled": True, "layers": [2, 4], "fusion": "harmonic"}}
-    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    write_params(project, params)
     result = CliRunner().invoke(app, ["train", "--category", "carpet"])
     assert result.exit_code == 0, result.output
     memory = PromptsFile.load(project / "data" / "prompts" / "carpet.pt").memory
@@ -214,7 +213,7 @@ def test_memory_branch_is_saved_with_the_prompts(project, monkeypatch):
     assert [tuple(bank.shape) for bank in memory["banks"]] == [(64, 128), (64, 128)]  # one shot x 8x8 patches
 
     params["memory"]["layers"] = [2, 9]
-    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    write_params(project, params)
     steps = []  # a layer beyond the model's depth stops the stage before any optimiser step
     monkeypatch.setattr("stages.train.learn_prompts", lambda *args, **kwargs: steps.append(1))
     result = CliRunner().invoke(app, ["train", "--category", "carpet"])
