@@ -174,12 +174,13 @@ def anchors(page: Path) -> set[str]:
     return found
 
 
-def test_the_code_links_into_the_docs_resolve():
-    """Docstrings keep their contract and link to docs/<page>.md#<anchor> for the rest: each such link must name a
-    page and an anchor that exist."""
+def test_the_links_into_the_docs_resolve():
+    """Docstrings keep their contract and link to docs/<page>.md#<anchor> for the rest, and the README links into
+    docs/ (the site's strict build checks the links between its own pages): each must name a page and an anchor
+    that exist."""
     links = set()
-    for module in ROOT.glob("mpad/**/*.py"):
-        links |= {(m[0], m[1]) for m in re.findall(r"docs/([\w-]+\.md)(?:#([\w-]+))?", module.read_text())}
+    for source in [ROOT / "README.md", *ROOT.glob("mpad/**/*.py")]:
+        links |= {(m[0], m[1]) for m in re.findall(r"docs/([\w-]+\.md)(?:#([\w-]+))?", source.read_text())}
     assert links
     broken = [f"docs/{page}#{anchor}" for page, anchor in sorted(links) if not (ROOT / "docs" / page).is_file()]
     broken += [
