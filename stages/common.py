@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 import typer
-import yaml
 from tqdm import tqdm
 
 from mpad import config, layout
@@ -26,9 +25,9 @@ def load_params(path: Path) -> dict[str, Any]:
     if not path.is_file():
         fail(f"{path}: parameters file not found (run from the project root or pass --params)")
     try:
-        params = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        fail(f"{path}: not valid YAML: {err}")
+        params = config.parse_params(path.read_bytes())
+    except config.ConfigError as err:
+        fail(f"{path}: {err}")
     if not isinstance(params, dict):
         fail(f"{path}: expected a mapping of sections, got {type(params).__name__}")
     return params
@@ -37,16 +36,15 @@ def load_params(path: Path) -> dict[str, Any]:
 def load_config(path: Path, *names: str) -> list[Any]:
     """The `mpad.config` objects of sections `names` of the params file, in that order; every bad value of
     them is reported (one line each) before the stage stops."""
-    params = load_params(path)
-    found, errors = [], []
-    for name in names:
-        try:
-            found.append(config.SECTIONS[name].from_params(params.get(name)))
-        except config.ConfigError as err:
-            errors += str(err).splitlines()
-    if errors:
-        fail(f"{path}: {errors[0]}" if len(errors) == 1 else f"{path}:\n  " + "\n  ".join(errors))
-    return found
+    try:
+        return config.load_sections(load_params(path), *names)
+    except config.ConfigError as err:
+        fail(problems(path, str(err).splitlines()))
+
+
+def problems(path: Path, lines: list[str]) -> str:
+    """`fail`'s message for the problems of the file `path`: one line, or the name then one line each."""
+    return f"{path}: {lines[0]}" if len(lines) == 1 else f"{path}:\n  " + "\n  ".join(lines)
 
 
 def fail(message: str) -> NoReturn:
