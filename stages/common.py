@@ -2,20 +2,23 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
 import typer
+import yaml
 from tqdm import tqdm
 
 from mpad import config, layout
 from mpad.data import DatasetError
 from mpad.data.shots import load_shots
-from mpad.io import bar_interval
+from mpad.io import FULL, NoSpaceError, bar_interval, disk_usage_of, require_space
 
 PARAMS_OPTION = typer.Option(Path("params.yaml"), "--params", help="Parameters file (DVC's params.yaml).")
 
@@ -51,6 +54,51 @@ def fail(message: str) -> NoReturn:
     """Stop the stage with `message` on stderr and exit status 1 (no traceback: the message is the point)."""
     typer.secho(f"error: {message}", err=True, fg=typer.colors.RED)
     raise typer.Exit(code=1)
+
+
+def disk_errors(command: Callable[..., Any]) -> Callable[..., Any]:
+    """`command` (a stage's main) with a full disk or quota ending in `fail`'s one line naming the path and the
+    space it needs (mpad.io.NoSpaceError), instead of a traceback; under DVC, which removed the stage's
+    outputs before running it, the line says how to get the previous ones back."""
+
+    @functools.wraps(command)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except OSError as err:
+            if err.errno not in FULL:
+                raise
+            line = str(err) if isinstance(err, NoSpaceError) else f"{err.filename or 'a file'}: {err.strerror} while writing it"
+            fail(line + ("; `dvc checkout` restores the previous outputs" if os.environ.get("DVC_STAGE") else ""))
+
+    return run
+
+
+def ensure_space(*outputs: Path, least: int = 1 << 20) -> None:
+    """Before a stage's work: `fail` in one line when the filesystem of its outputs has less free space than
+    twice their expected size (the new output is written beside the old one, then DVC copies it into its cache
+    on the same disk, failing there with "No possible cache link types" when that copy does not fit). An
+    output's expected size is the previous run's: its size now, or (DVC removed it before running the stage)
+    the size dvc.lock records; at least `least` bytes."""
+    needed = 2 * sum(max(disk_usage_of(out) or _locked_size(out), least) for out in outputs)
+    try:
+        require_space(outputs[0], needed, "twice the previous run's outputs: the new ones and DVC's cache copy")
+    except NoSpaceError as err:
+        fail(str(err))
+
+
+def _locked_size(out: Path) -> int:
+    """The size dvc.lock records for output `out` (0: none)."""
+    try:
+        lock = yaml.load(Path("dvc.lock").read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+    except (OSError, yaml.YAMLError):
+        return 0
+    stages = lock.get("stages", {}) if isinstance(lock, dict) else {}
+    for stage in stages.values() if isinstance(stages, dict) else ():
+        for entry in stage.get("outs", []) if isinstance(stage, dict) else ():
+            if isinstance(entry, dict) and Path(str(entry.get("path"))) == out:
+                return int(entry.get("size") or 0)
+    return 0
 
 
 def warn(message: str, kind: str = "warning") -> None:
