@@ -68,7 +68,7 @@ def disk_errors(command: Callable[..., Any]) -> Callable[..., Any]:
         except OSError as err:
             if err.errno not in FULL:
                 raise
-            line = str(err) if isinstance(err, NoSpaceError) else f"{err.filename or 'a file'}: {err.strerror} while writing it"
+            line = str(err) if isinstance(err, NoSpaceError) else f"{err.filename}: {err.strerror} while writing it"
             fail(line + ("; `dvc checkout` restores the previous outputs" if os.environ.get("DVC_STAGE") else ""))
 
     return run
