@@ -70,7 +70,7 @@ def _with_overrides(base: dict[str, Any], overrides: list[str], params: Path) ->
         path, _, value = override.partition(":") if ":" in override.partition("=")[0] else ("", "", override)
         if path and Path(path) not in (Path("params.yaml"), params):
             _stop(f"-S {override}: names {path}, but mpad reads only {params}", 2)
-        _refused(override, to_hydra_overrides, [value])
+        _refused(override, get_hydra_sweeps, {"params": [value]})  # parses it, and refuses what DVC refuses
     listed = [value for values in to_path_overrides(overrides).values() for value in values]
     points = []
     for sweep in get_hydra_sweeps({"params": listed}):
@@ -84,14 +84,15 @@ def _with_overrides(base: dict[str, Any], overrides: list[str], params: Path) ->
 
 def _refused(override: str, step: Callable[..., Any], *args: Any) -> None:
     """`step(*args)`; exit 2 with one line naming `override` when Hydra or OmegaConf refuses it."""
+    from dvc.exceptions import DvcException
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
     try:
         step(*args)
-    except (HydraException, OmegaConfBaseException, ValueError) as err:
+    except (DvcException, HydraException, OmegaConfBaseException, ValueError) as err:
         why = [str(e).strip().splitlines()[0].rstrip(".") for e in (err, err.__cause__) if e and str(e).strip()]
-        _stop(f"-S {override}: {': '.join(why) or type(err).__name__} (DVC refuses it: Invalid `--set-param` value)", 2)
+        _stop(f"-S {override}: {': '.join(why) or type(err).__name__} (`dvc exp run -S` refuses it too)", 2)
 
 
 def _shots_beyond_split(dataset: Any, shots: Any) -> list[str]:

@@ -41,6 +41,8 @@ def check(*args: str):
         ("shots.k=1,0", "shots.k = 0: must be an integer >= 1"),  # a sweep: every point is checked
         ("mpts.lamda=1", "-S mpts.lamda=1: Could not override 'mpts.lamda': Key 'lamda' is not in struct"),
         ("mpts.lr=[", "-S mpts.lr=[: no viable alternative at input '['"),
+        ("shots.k=glob(*)", "-S shots.k=glob(*): Glob override 'shots.k=glob(*)' is not supported"),
+        ("mpts.lr=interval(0,1)", "-S mpts.lr=interval(0,1): BasicSweeper does not support sweep type"),
         ("other.yaml:mpts.lr=1", "-S other.yaml:mpts.lr=1: names other.yaml, but mpad reads only params.yaml"),
     ],
 )
