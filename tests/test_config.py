@@ -38,6 +38,11 @@ BAD = [
     ("dataset", "categories", ["a", "a"], CATEGORIES),
     ("dataset", "categories", None, CATEGORIES),  # DVC's matrix cannot iterate null
     ("shots", "k", True, "must be an integer >= 1"),
+    # No boolean for a number (`dvc exp run -S mpts.lambda=true` writes true; DVC compares it as 1.0) ...
+    ("mpts", "lambda", True, "must be a number >= 0"),
+    ("laa", "k", False, "must be a number (<= 0 or null: no mask)"),
+    ("mpts", "steps", "abc", "must be an integer >= 1"),  # ... nor a string (-S mpts.steps=abc)
+    ("oagm", "enabled", 1, "must be true or false"),
 ]
 
 
