@@ -64,9 +64,11 @@ class NoSpaceError(OSError):
         needs += f" ({self.estimate})" if self.estimate else ""
         free = "" if self.free is None else f", {_size(self.free)} free there"
         if not self.written:
-            return f"{self.path}: not enough free space: it needs {needs}{free}; nothing was written. Free some first"
-        kept = "the previous one is kept" if self.path.exists() else "nothing was left half-written"
-        return f"{self.path}: {self.strerror.lower()}: it needs {needs}{free}; {kept}. Free some space and re-run"
+            what, kept = "not enough free space", "nothing was written"
+        else:
+            what = self.strerror.lower()
+            kept = "the previous one is kept" if self.path.exists() else "nothing was left half-written"
+        return f"{self.path}: {what}: it needs {needs}{free}; {kept}. Free some space and re-run"
 
 
 def _size(n: int) -> str:
@@ -111,8 +113,8 @@ def atomic_path(path: str | os.PathLike[str], size: int | None = None) -> Iterat
 
     Whatever the body writes there (a file, or a folder it creates) replaces `path` only if the body
     returns normally; on an exception the temporary is removed and `path` is untouched. A full disk or quota
-    is a NoSpaceError naming `path` and the space it needs: `size` bytes when the caller knows it, else what
-    was written before the disk filled plus what was being written then.
+    is a NoSpaceError naming `path` and the space it needs: `size` bytes when the caller knows it, else at least
+    what was written before the disk filled plus what was being written then, or the previous output's size.
     """
     path, tmp = Path(path), None
     try:
@@ -126,8 +128,8 @@ def atomic_path(path: str | os.PathLike[str], size: int | None = None) -> Iterat
     except OSError as err:
         if err.errno not in FULL:
             raise
-        written = disk_usage_of(tmp) if tmp is not None else 0
-        needed = size if size is not None else written + getattr(err, "needed", 0)
+        written = (disk_usage_of(tmp) if tmp is not None else 0) + getattr(err, "needed", 0)
+        needed = size if size is not None else max(written, disk_usage_of(path))  # the previous one's size, if more
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)  # before NoSpaceError measures the free space
         raise NoSpaceError(path, needed, err.errno, at_least=size is None) from err

@@ -68,8 +68,10 @@ def disk_errors(command: Callable[..., Any]) -> Callable[..., Any]:
         except OSError as err:
             if err.errno not in FULL:
                 raise
-            line = str(err) if isinstance(err, NoSpaceError) else f"{err.filename}: {err.strerror} while writing it"
-            fail(line + ("; `dvc checkout` restores the previous outputs" if os.environ.get("DVC_STAGE") else ""))
+            fail(
+                (str(err) if isinstance(err, NoSpaceError) else f"{err.filename}: {err.strerror} while writing it")
+                + _under_dvc()
+            )
 
     return run
 
@@ -84,7 +86,12 @@ def ensure_space(*outputs: Path, least: int = 1 << 20) -> None:
     try:
         require_space(outputs[0], needed, "twice the previous run's outputs: the new ones and DVC's cache copy")
     except NoSpaceError as err:
-        fail(str(err))
+        fail(str(err) + _under_dvc())
+
+
+def _under_dvc() -> str:
+    """What a full disk's line adds in a stage DVC runs: DVC removed the stage's outputs before running it."""
+    return "; `dvc checkout` restores the previous outputs" if os.environ.get("DVC_STAGE") else ""
 
 
 def _locked_size(out: Path) -> int:

@@ -85,6 +85,17 @@ def test_a_full_disk_while_writing_a_folder_names_the_folder_and_what_it_took(tm
     assert entries(tmp_path) == []
 
 
+def test_a_folder_that_filled_the_disk_early_needs_at_least_its_previous_size(tmp_path, monkeypatch):
+    (tmp_path / "curves").mkdir()
+    (tmp_path / "curves" / "metrics.tsv").write_bytes(b"m" * 5000)
+    monkeypatch.setattr(Path, "write_bytes", full_after(100))
+    with pytest.raises(NoSpaceError, match=r"curves: no space left on device: it needs at least 5\.0 kB, .*previous"):
+        with atomic_path(tmp_path / "curves") as tmp:
+            tmp.mkdir()
+            write_bytes(tmp / "metrics.tsv", b"n" * 300)
+    assert (tmp_path / "curves" / "metrics.tsv").read_bytes() == b"m" * 5000 and entries(tmp_path) == ["curves"]
+
+
 def test_every_command_ends_a_full_disk_in_one_line(tmp_path, monkeypatch):
     """The stages' commands (here `mpad schema`, writing with mpad.io) print one line, exit 1, no traceback; under
     DVC, which removed the outputs before the stage ran, the line says how to get them back."""
@@ -131,7 +142,7 @@ def test_train_refuses_before_training_without_room_for_its_outputs(tmp_path, mo
     assert result.output.strip() == (
         f"error: data/prompts/carpet.pt: not enough free space: it needs {needed / 1e6:.1f} MB (twice the previous "
         f"run's outputs: the new ones and DVC's cache copy), {(needed - 1) / 1e6:.1f} MB free there; nothing was "
-        "written. Free some first"
+        "written. Free some space and re-run"
     )
     monkeypatch.setattr(shutil, "disk_usage", free_bytes(needed))
     result = CliRunner().invoke(app, ["train", "--category", "carpet"])
