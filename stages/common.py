@@ -82,8 +82,12 @@ def ensure_space(*outputs: Path, least: int = 1 << 20) -> None:
     on the same disk, failing there with "No possible cache link types" when that copy does not fit). An
     output's expected size is the previous run's: its size now, or (DVC removed it before running the stage)
     the size dvc.lock records; at least `least` bytes."""
-    needed = 2 * sum(max(disk_usage_of(out) or _locked_size(out), least) for out in outputs)
+    sizes = [disk_usage_of(out) for out in outputs]
+    if not all(sizes):
+        locked = _locked_sizes()
+        sizes = [size or locked.get(out, 0) for size, out in zip(sizes, outputs, strict=True)]
     try:
+        needed = 2 * sum(max(size, least) for size in sizes)
         require_space(outputs[0], needed, "twice the previous run's outputs: the new ones and DVC's cache copy")
     except NoSpaceError as err:
         fail(str(err) + _under_dvc())
@@ -94,18 +98,15 @@ def _under_dvc() -> str:
     return "; `dvc checkout` restores the previous outputs" if os.environ.get("DVC_STAGE") else ""
 
 
-def _locked_size(out: Path) -> int:
-    """The size dvc.lock records for output `out` (0: none)."""
+def _locked_sizes() -> dict[Path, int]:
+    """{output path: its size} as dvc.lock records them (empty without a readable dvc.lock)."""
     try:
         lock = yaml.load(Path("dvc.lock").read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
     except (OSError, yaml.YAMLError):
-        return 0
-    stages = lock.get("stages", {}) if isinstance(lock, dict) else {}
-    for stage in stages.values() if isinstance(stages, dict) else ():
-        for entry in stage.get("outs", []) if isinstance(stage, dict) else ():
-            if isinstance(entry, dict) and Path(str(entry.get("path"))) == out:
-                return int(entry.get("size") or 0)
-    return 0
+        return {}
+    stages = lock.get("stages") if isinstance(lock, dict) else None
+    outs = [out for stage in (stages or {}).values() if isinstance(stage, dict) for out in stage.get("outs") or []]
+    return {Path(str(out.get("path"))): int(out.get("size") or 0) for out in outs if isinstance(out, dict)}
 
 
 def warn(message: str, kind: str = "warning") -> None:
