@@ -3,10 +3,13 @@
 `Section.from_params(values)` reads a section's mapping: a missing key takes the field's default (the
 defaults are params.yaml's values; a test keeps the two equal), an unknown key or a bad value is a
 `ConfigError` whose message has one line per problem, naming the key, the value and what is allowed (each
-field's `allowed` text). Types are strict: no string is read as a number, no boolean as an integer, no NaN
-or infinity as a value. `params_schema` is the JSON Schema of params.yaml (`mpad schema` writes it, with
-the descriptions of params.yaml's comments, to params.schema.json for YAML editors). Library functions take
-these objects, not dicts. Light module (pydantic, no torch): the stages that need no model use it too.
+field's `allowed` text; a bad entry of a list is named by its index). Types are strict: no string is read as
+a number, no boolean as an integer or a number, no NaN or infinity as a value. `params_schema` is the JSON
+Schema of params.yaml (`mpad schema` writes it, with the descriptions of params.yaml's comments, to
+params.schema.json for YAML editors). `parse_params` reads params.yaml's bytes, refusing what PyYAML lets pass
+but DVC or a reader would not (a repeated key, bytes that are not UTF-8); `load_sections` validates several
+sections, every problem said. Library functions take these objects, not dicts. Light module (pydantic, no
+torch): the stages that need no model use it too.
 """
 
 from __future__ import annotations
