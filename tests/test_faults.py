@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from e2e import commit, copy_project, preset_overrides, run
 from test_download import Server
 from typer.testing import CliRunner
 
@@ -173,15 +174,29 @@ def test_an_archive_that_cannot_be_extracted_for_space_is_no_corrupt_archive(tmp
 
 
 @pytest.fixture
-def tmpfs(tmp_path):
-    """A 2 MB tmpfs at tmp_path/fs (root only), unmounted afterwards."""
-    where = tmp_path / "fs"
-    where.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(where)], capture_output=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({mounted.stderr.decode().strip() or 'mount failed'})")
-    yield where
-    subprocess.run(["umount", str(where)], check=True)
+def mount_tmpfs(tmp_path):
+    """mount(kib): a tmpfs of that size at a new folder under tmp_path (root only; skips the test otherwise),
+    unmounted afterwards."""
+    mounted: list[Path] = []
+
+    def mount(kib: int) -> Path:
+        where = tmp_path / f"fs{len(mounted)}"
+        where.mkdir()
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={kib}k", "tmpfs", str(where)], capture_output=True)
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here ({done.stderr.decode().strip() or 'mount failed'})")
+        mounted.append(where)
+        return where
+
+    yield mount
+    for where in mounted:
+        subprocess.run(["umount", str(where)], check=True)
+
+
+@pytest.fixture
+def tmpfs(mount_tmpfs):
+    """A 2 MiB tmpfs."""
+    return mount_tmpfs(2048)
 
 
 def test_on_a_real_full_disk_a_stage_fails_in_one_line_and_keeps_the_previous_output(tmpfs):
@@ -205,3 +220,33 @@ def test_on_a_real_full_disk_a_folder_leaves_nothing_half_written(tmpfs):
             for i in range(20):  # about 270 kB each, incompressible
                 write_png(tmp / f"{i}.png", rng.integers(0, 255, (300, 300, 3), dtype=np.uint8))
     assert entries(tmpfs) == []
+
+
+@pytest.mark.slow
+def test_under_dvc_a_stage_without_room_refuses_before_its_work_and_checkout_restores(tmp_path, mount_tmpfs):
+    """The issue's case: a train re-run on a nearly full disk. DVC removes the stage's outputs, then the stage
+    refuses in one line (it needs twice its outputs: the new ones and DVC's cache copy), before any training
+    and before DVC's commit could fail; nothing half-written; `dvc checkout` brings the previous prompts back."""
+    one = ["dataset.categories=[stripes]", "dataset.textures=[stripes]", "mpts.steps=5", "mpts.meta_epochs=1"]
+    project = copy_project(tmp_path / "run", [*preset_overrides("offline"), *one, "oagm.samples=8"])
+    run(["dvc", "repro"], project)
+    commit(project, "run")
+    prompts = (project / "data" / "prompts" / "stripes.pt").read_bytes()
+    used = int(subprocess.run(["du", "-sk", str(project)], capture_output=True, text=True).stdout.split()[0])
+    disk = mount_tmpfs(used + 2048)  # about 2 MB free: less than train's 2 x (1 MiB least + 1 MiB least)
+    shutil.copytree(project, disk, symlinks=True, dirs_exist_ok=True)
+    params = yaml.safe_load((disk / "params.yaml").read_text())
+    params["mpts"]["seed"] = 1  # train and evaluate must run again
+    (disk / "params.yaml").write_text(yaml.safe_dump(params))
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    done = subprocess.run(["dvc", "repro"], cwd=disk, env=env, capture_output=True, text=True, timeout=900)
+    output = done.stdout + done.stderr
+    assert done.returncode != 0 and "Traceback" not in output and "train stripes" not in output  # no step taken
+    errors = [line for line in output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith("error: data/prompts/stripes.pt: not enough free space: it needs")
+    assert errors[0].endswith(
+        "nothing was written. Free some space and re-run; `dvc checkout` restores the previous outputs"
+    )
+    assert not list(disk.rglob("*.tmp")) and not (disk / "data" / "prompts" / "stripes.pt").exists()
+    run(["dvc", "checkout"], disk)
+    assert (disk / "data" / "prompts" / "stripes.pt").read_bytes() == prompts
