@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import io
+import json
 import os
 import shutil
 import subprocess
@@ -20,7 +21,9 @@ import numpy as np
 import pytest
 import yaml
 from e2e import commit, copy_project, preset_overrides, run
+from serving import THRESHOLDS
 from test_download import Server
+from tiny_records import tiny_record
 from typer.testing import CliRunner
 
 from mpad.data.download import download, safe_extract
@@ -148,6 +151,18 @@ def test_train_refuses_before_training_without_room_for_its_outputs(tmp_path, mo
     monkeypatch.setattr(shutil, "disk_usage", free_bytes(needed))
     result = CliRunner().invoke(app, ["train", "--category", "carpet"])
     assert "data/synth/carpet" in result.output  # past the check: it stops at the missing synthesized set
+
+
+def test_export_refuses_before_tracing_when_the_vision_tower_cannot_fit(tmp_path, monkeypatch, tiny_clip):
+    prompts, out = tmp_path / "disc.pt", tmp_path / "disc.onnx"
+    tiny_record(tiny_clip, "disc", memory=False).save(prompts)
+    (tmp_path / "disc.json").write_text(json.dumps(THRESHOLDS))
+    weights = sum(t.numel() * t.element_size() for t in tiny_clip.model.visual.state_dict().values())
+    monkeypatch.setattr(shutil, "disk_usage", free_bytes(weights - 1))
+    result = CliRunner().invoke(app, ["export", "--prompts", str(prompts), "--out", str(out),
+                                      "--thresholds-file", str(tmp_path / "disc.json"), "--force"])  # fmt: skip
+    assert result.exit_code == 1 and entries(tmp_path) == ["disc.json", "disc.pt"]
+    assert f"error: {out}: not enough free space: it needs {weights / 1e6:.1f} MB (the vision tower's " in result.output
 
 
 def test_a_download_that_cannot_fit_is_refused_before_it_starts(tmp_path, monkeypatch):
