@@ -3,10 +3,13 @@
 `Section.from_params(values)` reads a section's mapping: a missing key takes the field's default (the
 defaults are params.yaml's values; a test keeps the two equal), an unknown key or a bad value is a
 `ConfigError` whose message has one line per problem, naming the key, the value and what is allowed (each
-field's `allowed` text). Types are strict: no string is read as a number, no boolean as an integer, no NaN
-or infinity as a value. `params_schema` is the JSON Schema of params.yaml (`mpad schema` writes it, with
-the descriptions of params.yaml's comments, to params.schema.json for YAML editors). Library functions take
-these objects, not dicts. Light module (pydantic, no torch): the stages that need no model use it too.
+field's `allowed` text; a bad entry of a list is named by its index). Types are strict: no string is read as
+a number, no boolean as an integer or a number, no NaN or infinity as a value. `params_schema` is the JSON
+Schema of params.yaml (`mpad schema` writes it, with the descriptions of params.yaml's comments, to
+params.schema.json for YAML editors). `parse_params` reads params.yaml's bytes, refusing what PyYAML lets pass
+but DVC or a reader would not (a repeated key, bytes that are not UTF-8); `load_sections` validates several
+sections, every problem said. Library functions take these objects, not dicts. Light module (pydantic, no
+torch): the stages that need no model use it too.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
+import yaml
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 from mpad.data.catalog import CATALOG, DATASETS, TABLE_ORDER, VISA_CATEGORIES
@@ -49,15 +53,20 @@ def _one_of(choices: tuple[str, ...]) -> str:
     return f"must be one of {', '.join(choices)}"
 
 
-def knob(default: Any, allowed: str, **constraints: Any) -> Any:
-    """A params key: its default (= params.yaml's value), what a bad value is told (`allowed`) and its
-    pydantic constraints (ge, gt, le, alias...)."""
-    return Field(default, json_schema_extra={"allowed": allowed}, **constraints)
+def knob(default: Any, allowed: str, entry: str | None = None, **constraints: Any) -> Any:
+    """A params key: its default (= params.yaml's value), what a bad value is told (`allowed`; `entry`: what a
+    bad entry of a list is told, when it differs) and its pydantic constraints (ge, gt, le, alias...)."""
+    told = {"allowed": allowed} | ({"entry": entry} if entry else {})
+    return Field(default, json_schema_extra=told, **constraints)
 
 
 # A category is a folder name, a DVC matrix key (stage `sample@<name>`), a quoted shell word in dvc.yaml's
 # commands ('${item.category}') and part of output paths: letters, digits, _ . + - and single inner spaces.
 _CATEGORY = re.compile(r"[A-Za-z0-9_+-][A-Za-z0-9_.+-]*( [A-Za-z0-9_.+-]+)*")
+CATEGORY = (
+    "must be a name of ASCII letters, digits, _ . + - and single inner spaces (a folder name, a DVC stage name and "
+    "a quoted shell word in dvc.yaml)"
+)
 NAMES = "must be a list of distinct non-empty names"
 CATEGORIES = (
     "must be a non-empty list of distinct names (letters, digits, _ . + -, single inner spaces); not null, which "
@@ -113,18 +122,32 @@ class Section(BaseModel):
 
 
 def _problems(cls: type[Section], values: Mapping[str, Any], err: ValidationError) -> list[str]:
-    """One line per key that failed (a union type fails once per member: said once)."""
+    """One line per key that failed, or per bad entry of a list (named by its index): a union type fails once
+    per member, said once."""
     lines: dict[str, str] = {}
     fields = {f.alias or name: f for name, f in cls.model_fields.items()}
+    entries = {str(e["loc"][0]) for e in err.errors() if e["loc"] and _index(e["loc"]) is not None}
     for error in err.errors():
         key = str(error["loc"][0]) if error["loc"] else ""
         if key not in fields:  # a whole-model check: its message is the line
             lines.setdefault(key, f"{cls.SECTION}.{error['msg'].removeprefix('Value error, ')}")
             continue
         extra = fields[key].json_schema_extra
-        allowed = extra.get("allowed") if isinstance(extra, dict) else error["msg"]
-        lines.setdefault(key, f"{cls.SECTION}.{key} = {values.get(key)!r}: {allowed}")
+        told = extra if isinstance(extra, dict) else {}
+        index = _index(error["loc"])
+        if index is not None:  # one entry of a list: name it, so that a long list's culprit is found
+            label = f"{key}[{index}]"
+            lines.setdefault(
+                label, f"{cls.SECTION}.{label} = {values[key][index]!r}: {told.get('entry', told.get('allowed'))}"
+            )
+        elif key not in entries:  # the key's other failures (e.g. a union's `null` member) are said by its entries
+            lines.setdefault(key, f"{cls.SECTION}.{key} = {values.get(key)!r}: {told.get('allowed', error['msg'])}")
     return list(lines.values())
+
+
+def _index(loc: tuple[int | str, ...]) -> int | None:
+    """The list index in a pydantic error location (the key, then union member names, then the index), if any."""
+    return next((part for part in loc[1:] if isinstance(part, int)), None)
 
 
 class DatasetConfig(Section):
@@ -138,7 +161,7 @@ class DatasetConfig(Section):
     root: Text | None = knob(None, "must be a folder path (or null: data/<name>)")
     url: str | None = knob(None, "must be a URL (or null: the official archive)")
     sha256: Sha256 | None = knob(None, "must be 64 hex digits or null")
-    categories: Categories = knob(list(TABLE_ORDER), CATEGORIES)
+    categories: Categories = knob(list(TABLE_ORDER), CATEGORIES, entry=CATEGORY)
     textures: Names | None = knob(list(CATALOG["mvtec"].textures), NAMES + " (or null: the dataset's default)")
     seed: int = knob(0, "must be an integer >= 0", ge=0)
 
@@ -318,6 +341,61 @@ SECTIONS: dict[str, type[Section]] = {
 }  # fmt: skip
 
 
+def parse_params(data: bytes) -> Any:
+    """The values of params.yaml's bytes (YAML's safe subset); ConfigError with one line for bytes that are not
+    UTF-8 (naming the byte offset and line) and for a key repeated in one mapping (naming it and both lines:
+    PyYAML keeps the last silently, DVC refuses the file), with the line and column for other YAML errors."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        byte = data[err.start : err.start + 1]
+        raise ConfigError(f"byte {err.start} (line {line}) is {byte!r}, not UTF-8: save the file as UTF-8") from None
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _refuse_duplicates(node, "")
+        return loader.construct_document(node)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"not valid YAML: {err}") from None
+    finally:
+        loader.dispose()
+
+
+def _refuse_duplicates(node: yaml.Node, prefix: str) -> None:
+    """ConfigError naming the dotted key and its lines when a mapping under `node` holds a key twice."""
+    if isinstance(node, yaml.SequenceNode):
+        for item in node.value:
+            _refuse_duplicates(item, prefix)
+    if not isinstance(node, yaml.MappingNode):
+        return
+    seen: dict[str, int] = {}
+    for key_node, value_node in node.value:
+        key, line = f"{prefix}{key_node.value}", key_node.start_mark.line + 1
+        if key in seen:
+            raise ConfigError(
+                f"line {line}: key '{key}' appears twice (also on line {seen[key]}): keep one (DVC refuses such a file)"
+            )
+        seen[key] = line
+        _refuse_duplicates(value_node, f"{key}.")
+
+
+def load_sections(params: Mapping[str, Any], *names: str) -> list[Any]:
+    """The settings of sections `names` of params.yaml's values, in that order; ConfigError with one line per
+    bad value of any of them."""
+    found, errors = [], []
+    for name in names:
+        try:
+            found.append(SECTIONS[name].from_params(params.get(name)))
+        except ConfigError as err:
+            errors += str(err).splitlines()
+    if errors:
+        raise ConfigError("\n".join(errors))
+    return found
+
+
 def params_schema(descriptions: Mapping[str, str] | None = None) -> dict[str, Any]:
     """The JSON Schema (draft 2020-12) of params.yaml: one object per section, its keys, types, bounds and
     defaults; `descriptions` ({"section.key": text}, e.g. params.yaml's comments) become their descriptions.
@@ -333,6 +411,7 @@ def params_schema(descriptions: Mapping[str, str] | None = None) -> dict[str, An
                 continue
             prop.pop("title", None)
             prop.pop("allowed", None)
+            prop.pop("entry", None)
             if f"{name}.{key}" in descriptions:
                 prop["description"] = descriptions[f"{name}.{key}"]
         schema.pop("title", None)

@@ -1,11 +1,14 @@
 """Atomic writes: every output is written to a temporary sibling, then renamed into place.
 
-A stage killed halfway leaves either the old output or the new one, never half a file.
+A stage killed halfway leaves either the old output or the new one, never half a file. A full disk or quota
+(ENOSPC, EDQUOT) while writing is a `NoSpaceError` naming the output and the space it needs, with the temporary
+removed and the previous output as it was; `require_space` refuses before a large write where that is cheap.
 """
 
 from __future__ import annotations
 
 import csv
+import errno
 import glob
 import hashlib
 import io
@@ -39,24 +42,100 @@ def sha256_file(path: str | os.PathLike[str]) -> str:
     return digest.hexdigest()
 
 
+FULL = (errno.ENOSPC, errno.EDQUOT)  # the disk is full; the user's quota is
+
+
+class NoSpaceError(OSError):
+    """The disk or quota is full (errno ENOSPC or EDQUOT) for writing `path`, which needs `needed` bytes (at least
+    that many when `at_least`; `estimate`: how they were estimated, when they were); `written`: False when
+    refused before writing (require_space). str(): one line saying so, with the bytes free there now."""
+
+    def __init__(
+        self, path: str | os.PathLike[str], needed: int, code: int = errno.ENOSPC, at_least: bool = False,
+        estimate: str = "", written: bool = True,
+    ) -> None:  # fmt: skip
+        self.path, self.needed, self.at_least = Path(path), needed, at_least
+        self.estimate, self.written = estimate, written
+        self.free = free_space(self.path)
+        super().__init__(code, os.strerror(code), str(path))
+
+    def __str__(self) -> str:
+        needs = ("at least " if self.at_least else "") + _size(self.needed)
+        needs += f" ({self.estimate})" if self.estimate else ""
+        free = "" if self.free is None else f", {_size(self.free)} free there"
+        if not self.written:
+            what, kept = "not enough free space", "nothing was written"
+        else:
+            what = self.strerror.lower()
+            kept = "the previous one is kept" if self.path.exists() else "nothing was left half-written"
+        return f"{self.path}: {what}: it needs {needs}{free}; {kept}. Free some space and re-run"
+
+
+def _size(n: int) -> str:
+    """Bytes for a reader: 812 B, 3.4 kB, 1.2 MB, 4.9 GB (SI units, as df -H)."""
+    for unit in ("B", "kB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    raise AssertionError  # unreachable
+
+
+def free_space(path: str | os.PathLike[str]) -> int | None:
+    """Bytes free for this user on the filesystem that holds (or would hold) `path`; None when unknown."""
+    where = Path(path).absolute()
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    try:
+        return shutil.disk_usage(where).free
+    except OSError:
+        return None
+
+
+def require_space(path: str | os.PathLike[str], needed: int, estimate: str = "") -> None:
+    """NoSpaceError unless the filesystem of `path` has `needed` bytes free (`estimate`: how they were estimated):
+    before a large write, when its size can be told cheaply (one statvfs call)."""
+    free = free_space(path)
+    if free is not None and free < needed:
+        raise NoSpaceError(path, needed, estimate=estimate, written=False)
+
+
+def disk_usage_of(path: str | os.PathLike[str]) -> int:
+    """Bytes of the file at `path`, or of every file under the folder at `path`; 0 when it does not exist."""
+    path = Path(path)
+    if path.is_file():
+        return path.stat().st_size
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else 0
+
+
 @contextmanager
-def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
+def atomic_path(path: str | os.PathLike[str], size: int | None = None) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success rename it onto `path` (file or folder).
 
     Whatever the body writes there (a file, or a folder it creates) replaces `path` only if the body
-    returns normally; on an exception the temporary is removed and `path` is untouched.
+    returns normally; on an exception the temporary is removed and `path` is untouched. A full disk or quota
+    is a NoSpaceError naming `path` and the space it needs: `size` bytes when the caller knows it, else at least
+    what was written before the disk filled plus what was being written then, or the previous output's size.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temporaries(path)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)) / path.name
+    path, tmp = Path(path), None
     try:
-        yield tmp
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_temporaries(path)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent))
+        yield tmp / path.name
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path)
-        os.replace(tmp, path)
+        os.replace(tmp / path.name, path)
+    except OSError as err:
+        if err.errno not in FULL:
+            raise
+        written = (disk_usage_of(tmp) if tmp is not None else 0) + getattr(err, "needed", 0)
+        needed = size if size is not None else max(written, disk_usage_of(path))  # the previous one's size, if more
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)  # before NoSpaceError measures the free space
+        raise NoSpaceError(path, needed, err.errno, at_least=size is None) from err
     finally:
-        shutil.rmtree(tmp.parent, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _remove_stale_temporaries(path: Path) -> None:
@@ -80,8 +159,8 @@ def _running(pid: int) -> bool:
 
 
 def write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
-    """Write `data` to `path` atomically."""
-    with atomic_path(path) as tmp:
+    """Write `data` to `path` atomically (NoSpaceError: the disk is full)."""
+    with atomic_path(path, len(data)) as tmp:
         tmp.write_bytes(data)
 
 

@@ -46,7 +46,9 @@ class LazyStages(TyperGroup):
         if self._listing:  # the group's help only needs names and summaries
             return click.Command(cmd_name, help=COMMANDS[cmd_name])
         module = importlib.import_module(f"stages.{cmd_name}")
-        info = CommandInfo(name=cmd_name, callback=module.main)
+        from stages.common import disk_errors  # a full disk: one line, not a traceback (every command)
+
+        info = CommandInfo(name=cmd_name, callback=disk_errors(module.main))
         return get_command_from_info(info, pretty_exceptions_short=True, rich_markup_mode=self.rich_markup_mode)
 
     def format_help(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:

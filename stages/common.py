@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -16,7 +18,7 @@ from tqdm import tqdm
 from mpad import config, layout
 from mpad.data import DatasetError
 from mpad.data.shots import load_shots
-from mpad.io import bar_interval
+from mpad.io import FULL, NoSpaceError, bar_interval, disk_usage_of, require_space
 
 PARAMS_OPTION = typer.Option(Path("params.yaml"), "--params", help="Parameters file (DVC's params.yaml).")
 
@@ -26,9 +28,9 @@ def load_params(path: Path) -> dict[str, Any]:
     if not path.is_file():
         fail(f"{path}: parameters file not found (run from the project root or pass --params)")
     try:
-        params = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        fail(f"{path}: not valid YAML: {err}")
+        params = config.parse_params(path.read_bytes())
+    except config.ConfigError as err:
+        fail(f"{path}: {err}")
     if not isinstance(params, dict):
         fail(f"{path}: expected a mapping of sections, got {type(params).__name__}")
     return params
@@ -37,22 +39,74 @@ def load_params(path: Path) -> dict[str, Any]:
 def load_config(path: Path, *names: str) -> list[Any]:
     """The `mpad.config` objects of sections `names` of the params file, in that order; every bad value of
     them is reported (one line each) before the stage stops."""
-    params = load_params(path)
-    found, errors = [], []
-    for name in names:
-        try:
-            found.append(config.SECTIONS[name].from_params(params.get(name)))
-        except config.ConfigError as err:
-            errors += str(err).splitlines()
-    if errors:
-        fail(f"{path}: {errors[0]}" if len(errors) == 1 else f"{path}:\n  " + "\n  ".join(errors))
-    return found
+    try:
+        return config.load_sections(load_params(path), *names)
+    except config.ConfigError as err:
+        fail(problems(path, str(err).splitlines()))
+
+
+def problems(path: Path, lines: list[str]) -> str:
+    """`fail`'s message for the problems of the file `path`: one line, or the name then one line each."""
+    return f"{path}: {lines[0]}" if len(lines) == 1 else f"{path}:\n  " + "\n  ".join(lines)
 
 
 def fail(message: str) -> NoReturn:
     """Stop the stage with `message` on stderr and exit status 1 (no traceback: the message is the point)."""
     typer.secho(f"error: {message}", err=True, fg=typer.colors.RED)
     raise typer.Exit(code=1)
+
+
+def disk_errors(command: Callable[..., Any]) -> Callable[..., Any]:
+    """`command` (a stage's main) with a full disk or quota ending in `fail`'s one line naming the path and the
+    space it needs (mpad.io.NoSpaceError), instead of a traceback; under DVC, which removed the stage's
+    outputs before running it, the line says how to get the previous ones back."""
+
+    @functools.wraps(command)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except OSError as err:
+            if err.errno not in FULL:
+                raise
+            fail(
+                (str(err) if isinstance(err, NoSpaceError) else f"{err.filename}: {err.strerror} while writing it")
+                + _under_dvc()
+            )
+
+    return run
+
+
+def ensure_space(*outputs: Path, least: int = 1 << 20) -> None:
+    """Before a stage's work: `fail` in one line when the filesystem of its outputs has less free space than
+    twice their expected size (the new output is written beside the old one, then DVC copies it into its cache
+    on the same disk, failing there with "No possible cache link types" when that copy does not fit). An
+    output's expected size is the previous run's: its size now, or (DVC removed it before running the stage)
+    the size dvc.lock records; at least `least` bytes."""
+    sizes = [disk_usage_of(out) for out in outputs]
+    if not all(sizes):
+        locked = _locked_sizes()
+        sizes = [size or locked.get(out, 0) for size, out in zip(sizes, outputs, strict=True)]
+    try:
+        needed = 2 * sum(max(size, least) for size in sizes)
+        require_space(outputs[0], needed, "twice the previous run's outputs: the new ones and DVC's cache copy")
+    except NoSpaceError as err:
+        fail(str(err) + _under_dvc())
+
+
+def _under_dvc() -> str:
+    """What a full disk's line adds in a stage DVC runs: DVC removed the stage's outputs before running it."""
+    return "; `dvc checkout` restores the previous outputs" if os.environ.get("DVC_STAGE") else ""
+
+
+def _locked_sizes() -> dict[Path, int]:
+    """{output path: its size} as dvc.lock records them (empty without a readable dvc.lock)."""
+    try:
+        lock = yaml.load(Path("dvc.lock").read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+    except (OSError, yaml.YAMLError):
+        return {}
+    stages = lock.get("stages") if isinstance(lock, dict) else None
+    outs = [out for stage in (stages or {}).values() if isinstance(stage, dict) for out in stage.get("outs") or []]
+    return {Path(str(out.get("path"))): int(out.get("size") or 0) for out in outs if isinstance(out, dict)}
 
 
 def warn(message: str, kind: str = "warning") -> None:

@@ -30,7 +30,7 @@ from mpad.overlays import pick_overlays, save_overlays
 from mpad.prompt_file import PromptFileError, PromptsFile
 from mpad.summary import save_category_metrics
 from mpad.thresholds import colour_range, save_thresholds, thresholds_record
-from stages.common import PARAMS_OPTION, StageProgress, fail, load_config
+from stages.common import PARAMS_OPTION, StageProgress, ensure_space, fail, load_config
 
 
 def main(
@@ -39,6 +39,7 @@ def main(
 ) -> None:
     """Evaluate the learned prompts of CATEGORY on its test split."""
     model, scoring, settings, dataset = load_config(params, "model", "scoring", "evaluate", "dataset")
+    ensure_space(layout.overlays_dir(category))  # its largest output, before scoring the whole test split
     torch.manual_seed(0)
     try:
         bundle = load_clip(model.name, model.pretrained, model.device, model.precision)

@@ -27,7 +27,7 @@ from mpad.clip import ModelLoadError
 from mpad.deploy.graph import OPSET, ExportError, export_onnx
 from mpad.deploy.sidecar import DeployFileError, Sidecar
 from mpad.detector import Detector
-from mpad.io import sha256_file
+from mpad.io import require_space, sha256_file
 from mpad.prediction import load_backbone
 from mpad.prompt_file import PromptFileError
 from mpad.thresholds import (
@@ -65,6 +65,10 @@ def main(
         scoring, resolution = scoring_of(info), resolution_of(info)
         bundle = load_backbone(learned, prompts, "cpu", "fp32", weights=model_pretrained)
         detector = Detector.from_prompts(bundle, learned, scoring)
+        # The graph holds the vision tower's weights (hundreds of MB for a ViT-B): refuse before tracing it;
+        # stages.common.disk_errors prints NoSpaceError's line.
+        weights = getattr(bundle.model, "visual", bundle.model).state_dict().values()
+        require_space(out, sum(t.numel() * t.element_size() for t in weights), "the vision tower's weights")
         diff = export_onnx(detector, resolution, out)
     except (PromptFileError, ModelLoadError, ThresholdsFileError, DeployFileError) as err:
         fail(str(err))

@@ -26,7 +26,7 @@ from mpad.oagm import synthesize_set
 from mpad.object_masks import shot_object_masks
 from mpad.synth_set import write_synth_set
 from mpad.text_cache import TextCache
-from stages.common import PARAMS_OPTION, StageProgress, fail, load_config, read_shots
+from stages.common import PARAMS_OPTION, StageProgress, ensure_space, fail, load_config, read_shots
 
 
 def main(
@@ -35,6 +35,7 @@ def main(
 ) -> None:
     """OAGM: synthesize anomalous training images and their masks from the shots (paper sec. 3.4)."""
     dataset, model, oagm = load_config(params, "dataset", "model", "oagm")
+    ensure_space(layout.synth_dir(category))
     shots = read_shots(dataset.path, category)
     try:
         bundle = load_clip(model.name, model.pretrained, model.device, model.precision)

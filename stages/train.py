@@ -26,7 +26,7 @@ from mpad.io import atomic_path
 from mpad.synth_set import SynthSetError, read_synth_set
 from mpad.text_cache import TextCache
 from mpad.training import learn_prompts, learned_file, seed_everything, shot_memory
-from stages.common import PARAMS_OPTION, StageProgress, fail, load_config, read_shots
+from stages.common import PARAMS_OPTION, StageProgress, ensure_space, fail, load_config, read_shots
 
 
 def main(
@@ -34,6 +34,7 @@ def main(
 ) -> None:
     """Learn the normal / anomaly prompts of CATEGORY with MPTS on its synthesized images."""
     model, laa, prompts, mpts, memory = load_config(params, "model", "laa", "prompts", "mpts", "memory")
+    ensure_space(layout.prompts_file(category), layout.train_curves_dir(category))  # before minutes of training
     try:
         images, masks, _ = read_synth_set(layout.synth_dir(category))
     except SynthSetError as err:

@@ -8,7 +8,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from mpad.config import CATEGORIES, SECTIONS, ConfigError, MptsConfig
+from mpad.config import CATEGORIES, CATEGORY, SECTIONS, ConfigError, MptsConfig
 from stages.cli import app
 
 PARAMS = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
@@ -37,10 +37,12 @@ BAD = [
     ("memory", "layers", [], "must be a non-empty list of block numbers >= 1"),
     ("dataset", "categories", ["a", "a"], CATEGORIES),
     ("dataset", "categories", None, CATEGORIES),  # DVC's matrix cannot iterate null
-    ("dataset", "categories", ["it's"], CATEGORIES),  # would end dvc.yaml's quoting
-    ("dataset", "categories", ["a/b"], CATEGORIES),
-    ("dataset", "categories", [" lead"], CATEGORIES),
     ("shots", "k", True, "must be an integer >= 1"),
+    # No boolean for a number (`dvc exp run -S mpts.lambda=true` writes true; DVC compares it as 1.0) ...
+    ("mpts", "lambda", True, "must be a number >= 0"),
+    ("laa", "k", False, "must be a number (<= 0 or null: no mask)"),
+    ("mpts", "steps", "abc", "must be an integer >= 1"),  # ... nor a string (-S mpts.steps=abc)
+    ("oagm", "enabled", 1, "must be true or false"),
 ]
 
 
@@ -49,6 +51,24 @@ def test_bad_value_is_one_line_naming_key_value_and_allowed(section, key, value,
     with pytest.raises(ConfigError) as caught:
         SECTIONS[section].from_params({**PARAMS[section], key: value})
     assert str(caught.value) == f"{section}.{key} = {value!r}: {allowed}"
+
+
+@pytest.mark.parametrize(
+    ("categories", "line"),
+    [
+        (["it's"], f'dataset.categories[0] = "it\'s": {CATEGORY}'),  # would end dvc.yaml's quoting
+        (["a", "a/b"], f"dataset.categories[1] = 'a/b': {CATEGORY}"),
+        (
+            ["a", " lead", "b", "café"],
+            f"dataset.categories[1] = ' lead': {CATEGORY}\ndataset.categories[3] = 'café': {CATEGORY}",
+        ),  # fmt: skip
+    ],
+)
+def test_a_bad_entry_of_a_list_is_named(categories, line):
+    """In a long list (MVTec AD's 15 categories) the line names the entry, not the whole list."""
+    with pytest.raises(ConfigError) as caught:
+        SECTIONS["dataset"].from_params({**PARAMS["dataset"], "categories": categories})
+    assert str(caught.value) == line
 
 
 def test_unknown_keys_and_missing_sections_are_named():

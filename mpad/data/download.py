@@ -17,7 +17,7 @@ from pathlib import Path, PurePosixPath
 from tqdm import tqdm
 
 from mpad.data.mvtec import DatasetError
-from mpad.io import atomic_path, bar_interval, sha256_file
+from mpad.io import NoSpaceError, atomic_path, bar_interval, require_space, sha256_file
 
 CHUNK = 1 << 20  # bytes per read
 # Network failures that mean "try again later / place the file by hand", not "bad data".
@@ -64,6 +64,8 @@ def _transfer(url: str, part: Path, timeout: float, progress: bool) -> bool:
         mode = "ab" if offset else "wb"
         total = offset + remaining if remaining is not None else None
         received = 0
+        if remaining is not None:  # before gigabytes of transfer, not after (one line, the .part kept to resume)
+            require_space(part, remaining, "the rest of the archive")
         with (
             open(part, mode) as out,
             tqdm(total=total, initial=offset, unit="B", unit_scale=True, unit_divisor=1024,
@@ -163,6 +165,7 @@ def safe_extract(archive: Path, dest: Path) -> None:
         with tarfile.open(archive, "r:*") as tar:
             members = tar.getmembers()
             checked = [(m, _check_member(m, archive)) for m in members]
+            require_space(dest, sum(m.size for m in members), "the archive's files")
             with atomic_path(dest) as tmp:
                 tmp.mkdir()
                 for member, rel in checked:
@@ -175,6 +178,8 @@ def safe_extract(archive: Path, dest: Path) -> None:
                     assert source is not None  # regular files always have data
                     with source, open(target, "wb") as out:
                         shutil.copyfileobj(source, out, CHUNK)
+    except NoSpaceError:
+        raise  # a full disk, not a bad archive
     except (tarfile.TarError, EOFError, OSError, lzma.LZMAError, zlib.error) as err:
         raise DatasetError(f"cannot extract {archive}: {err} (corrupt or truncated archive?)") from err
 
