@@ -121,15 +121,16 @@ class _Guarded(HttpToolsProtocol):
             if self.lingering < 0:
                 self.transport.close()
             return
-        super().data_received(data)
-        if self.header_bytes is not None and not self.transport.is_closing():
-            self.header_bytes += len(data)
+        if self.header_bytes is not None:  # headers being read: those in `data` end at the blank line, if any
+            end = data.find(b"\r\n\r\n")
+            self.header_bytes += len(data) if end < 0 else end
             if self.header_bytes > MAX_HEADER_BYTES:
                 self.refuse(431, "header_too_large", f"request headers over {MAX_HEADER_BYTES} bytes")
+                return
+        super().data_received(data)
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
-        self.header_bytes = 0
         if self.header_timer is None:  # a keep-alive connection's next request: the limit starts with its first byte
             self.header_timer = self.loop.call_later(self.guard.header_timeout_s, self.headers_late)
 
@@ -138,6 +139,10 @@ class _Guarded(HttpToolsProtocol):
         self.header_bytes = None
         super().on_headers_complete()
         self.cycle.transport = _Lingering(self)  # type: ignore[assignment]
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self.header_bytes = 0  # what comes next on the connection is another request's headers
 
     def headers_late(self) -> None:
         self.header_timer = None
