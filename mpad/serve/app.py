@@ -209,16 +209,18 @@ async def image_bytes(request: Request, max_bytes: int, timeout_s: float) -> byt
     if declared.isdigit() and int(declared) > max_bytes:
         raise BadImage(413, f"body of {declared} bytes, more than --max-bytes {max_bytes}")
     body = bytearray()
+
+    async def read() -> None:
+        async for chunk in request.stream():
+            body.extend(chunk)
+            if len(body) > max_bytes:
+                raise BadImage(413, f"body of more than --max-bytes {max_bytes} bytes")
+
     try:
-        async with asyncio.timeout(timeout_s):
-            async for chunk in request.stream():
-                body += chunk
-                if len(body) > max_bytes:
-                    raise BadImage(413, f"body of more than --max-bytes {max_bytes} bytes")
-    except TimeoutError:
-        raise BadImage(
-            408, f"body not received within --body-timeout-s {timeout_s:g} ({len(body)} bytes came)"
-        ) from None
+        await asyncio.wait_for(read(), timeout_s)
+    except asyncio.TimeoutError:
+        late = f"body not received within --body-timeout-s {timeout_s:g} ({len(body)} bytes came)"
+        raise BadImage(408, late) from None
     except ClientDisconnect:
         raise Aborted(f"after {len(body)} of {declared or 'an unknown number of'} bytes") from None
     if not request.headers.get("content-type", "").startswith("multipart/form-data"):
