@@ -134,7 +134,8 @@ def test_connections_over_the_cap_get_503(model):
         held = [connect(url) for _ in range(3)]
         extra = connect(url)
         status, headers, got = answer(extra)
-        assert status == 503 and "--max-connections 3" in got["error"] and closed(extra)
+        assert status == 503 and "--max-connections 3" in got["error"] and headers["retry-after"] == "1"
+        assert closed(extra)
         for sock in held:
             sock.close()
         time.sleep(0.2)  # the server hears the closes

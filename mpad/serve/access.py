@@ -73,7 +73,8 @@ class Access:
             # traceback, and a 503 for a client still listening
             logging.getLogger("uvicorn.error").info("%s %s: cancelled at shutdown", scope["method"], scope["path"])
             if note["status"] == 0:
-                await _answer(sending, 503, json.dumps({"error": "the server is shutting down"}).encode())
+                shutting = json.dumps({"error": "the server is shutting down"}).encode()
+                await _answer(sending, 503, shutting, [(b"retry-after", b"1")])
         except Exception:  # answered 500 by Starlette's outermost layer, outside this one
             note["status"] = note["status"] or 500
             raise

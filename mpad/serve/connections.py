@@ -92,6 +92,7 @@ def raw_response(status: int, message: str) -> bytes:
     """An HTTP/1.1 answer {"error": message} that closes the connection, written without the app."""
     body = json.dumps({"error": message}).encode()
     head = f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\ncontent-type: application/json\r\n"
+    head += "retry-after: 1\r\n" if status == 503 else ""
     return f"{head}content-length: {len(body)}\r\nconnection: close\r\n\r\n".encode() + body
 
 
