@@ -278,6 +278,8 @@ def test_a_large_jpeg_is_decoded_at_reduced_size():
     assert im.size == (500, 400)  # draft: 1/4, the largest reduction that keeps the longer side >= 256
     assert decoded.picture.shape == (205, 256, 3) and decoded.input.shape == (1, 3, 64, 64)
     assert abs(float(decoded.input[0, 2].mean()) - 150 / 255) < 0.01  # the colour is the image's
+    alone = decode(open_image(buffer.getvalue(), 25_000_000), (64, 64), 256, picture=False)
+    assert alone.picture is None and torch.equal(alone.input, decoded.input)  # the score does not depend on ?map
 
 
 def test_pixel_budget_holds_pixels_in_arrival_order():

@@ -163,7 +163,7 @@ def create_app(
         im = open_image(data, limits.max_pixels)  # the header only: cheap, and the 4xx that need no pixels
         with batcher.on_the_way():
             decoded = await state["lanes"].run(
-                im.width * im.height, decode, im, model.input_size, limits.max_size if with_map else None
+                im.width * im.height, decode, im, model.input_size, limits.max_size, with_map
             )
         amap, score, size = await batcher.submit(decoded.input)
         request.scope["mpad"]["batch"] = size

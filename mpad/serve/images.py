@@ -81,18 +81,19 @@ def open_image(data: bytes, max_pixels: int) -> Image.Image:
     return im
 
 
-def decode(im: Image.Image, input_size: tuple[int, int], max_size: int | None) -> Decoded:
+def decode(im: Image.Image, input_size: tuple[int, int], max_size: int, picture: bool = True) -> Decoded:
     """An opened image -> Decoded, converted as mpad.data.mvtec.load_image converts files (BadImage 422 for
     pixels that cannot be read: a truncated or corrupt file, a float TIFF outside 0..1).
 
-    A JPEG at least twice as large as the overlay (`max_size` on its longer side; the model's input when no map is
-    wanted) is decoded at 1/2, 1/4 or 1/8 of its size (JPEG draft mode: no more than that many pixels are ever
+    `picture`: whether the overlay's picture is wanted (Decoded.picture None otherwise). A JPEG at least twice
+    as large as the overlay (`max_size` on its longer side, wanted or not, so that the scores do not depend on
+    it) is decoded at 1/2, 1/4 or 1/8 of its size (JPEG draft mode: no more than that many pixels are ever
     unpacked). Its scores then differ slightly from `mpad predict`'s, which decodes every pixel; PNG and TIFF
     answers, and JPEGs below that size, are predict's to the bit.
     """
     with im:
         if im.format == "JPEG":
-            scale = max(max_size or 0, *input_size) / max(im.size)  # the longer side kept >= the overlay's
+            scale = max(max_size, *input_size) / max(im.size)  # the longer side kept >= the overlay's
             im.draft(
                 "RGB",
                 (max(math.ceil(im.width * scale), input_size[1]), max(math.ceil(im.height * scale), input_size[0])),
@@ -104,13 +105,11 @@ def decode(im: Image.Image, input_size: tuple[int, int], max_size: int | None) -
             raise BadImage(422, str(err)) from err
         except (OSError, SyntaxError, ValueError, EOFError) as err:
             raise BadImage(422, f"truncated or corrupt {im.format} image ({err})") from err
-    picture = None
-    if max_size is not None:  # render_map's own resize, done here so that the full-size pixels need not wait
+    small = None
+    if picture:  # render_map's own resize, done here so that the full-size pixels need not wait for the model
         h, w = output_size(image.shape[0], image.shape[1], max_size)
-        picture = (
-            image if (h, w) == image.shape[:2] else np.asarray(Image.fromarray(image).resize((w, h), Image.BICUBIC))
-        )
-    return Decoded(model_input(image, input_size), picture)
+        small = image if (h, w) == image.shape[:2] else np.asarray(Image.fromarray(image).resize((w, h), Image.BICUBIC))
+    return Decoded(model_input(image, input_size), small)
 
 
 def model_input(image: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
