@@ -100,15 +100,20 @@ def decode(im: Image.Image, input_size: tuple[int, int], max_size: int, picture:
             )
         try:
             im.load()
-            image = image_array(im, f"the {im.format} image")
+            # an RGB image is what image_array would make of it, without its convert() copy (100 MB at 25 MP)
+            image = np.asarray(im) if im.mode == "RGB" else image_array(im, f"the {im.format} image")
         except DatasetError as err:
             raise BadImage(422, str(err)) from err
         except (OSError, SyntaxError, ValueError, EOFError) as err:
             raise BadImage(422, f"truncated or corrupt {im.format} image ({err})") from err
-    small = None
-    if picture:  # render_map's own resize, done here so that the full-size pixels need not wait for the model
-        h, w = output_size(image.shape[0], image.shape[1], max_size)
-        small = image if (h, w) == image.shape[:2] else np.asarray(Image.fromarray(image).resize((w, h), Image.BICUBIC))
+        small = None
+        if picture:  # render_map's own resize, here so that the full-size pixels need not wait for the model
+            h, w = output_size(image.shape[0], image.shape[1], max_size)
+            if (h, w) == image.shape[:2]:
+                small = image
+            else:  # from the decoded image itself when it holds these pixels: no Image.fromarray copy
+                source = im if im.mode == "RGB" else Image.fromarray(image)
+                small = np.asarray(source.resize((w, h), Image.BICUBIC))
     return Decoded(model_input(image, input_size), small)
 
 

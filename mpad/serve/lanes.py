@@ -7,8 +7,8 @@ so that memory stays bounded whatever arrives.
   larger than the budget holds all of it), in arrival order.
 
 Pixels being decoded at once are then at most threads x LANE_PIXELS + budget (the app's budget is --max-pixels:
-one largest image, or several smaller ones), about 10 bytes each while decoding (the decoded RGB, PIL's
-conversion and numpy's copy).
+one largest image, or several smaller ones), about 7 bytes each while decoding (PIL's decoded image, 4 bytes a
+pixel, and numpy's copy, 3; mpad.serve.images.decode).
 """
 
 from __future__ import annotations
