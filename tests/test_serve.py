@@ -1,5 +1,7 @@
 """`mpad serve`: the API, the bad-input and overload contract, equality with `mpad predict --backend onnx`,
-dynamic batching, the exported model's declared shapes. The page in a browser: tests/test_serve_page.py."""
+dynamic batching, the exported model's declared shapes. The page in a browser: tests/test_serve_page.py; slow,
+oversized and aborted clients, the connection limits, /metrics, the access log and the key:
+tests/test_serve_limits.py."""
 
 from __future__ import annotations
 

@@ -32,7 +32,7 @@ from mpad.serve.lanes import LANE_PIXELS, Lanes, PixelBudget
 from mpad.serve.model import load_model
 
 FAST = Limits(max_batch=2, max_queue=2, max_bytes=2**20, max_pixels=400 * 400, header_timeout_s=1.0,
-              body_timeout_s=1.0, keep_alive_s=0.5, max_connections=8)  # fmt: skip
+              body_timeout_s=3.0, keep_alive_s=0.5, max_connections=8)  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -97,12 +97,15 @@ def test_slow_bodies_hold_no_model_place_and_get_408(server, good):
     slow = [connect(url) for _ in range(4)]
     for sock in slow:
         sock.sendall(head("/v1/predict", Content_Length=1000) + b"x")
+    timed_out = metric(url, "mpad_requests_total", endpoint="/v1/predict", status="408")
     for _ in range(3):
         status, got, _ = request(url + "/v1/predict?map=false", good)
         assert status == 200, got
+    # the slow ones were still sending meanwhile (before the fix, they held both --max-queue places: 503)
+    assert metric(url, "mpad_requests_total", endpoint="/v1/predict", status="408") == timed_out
     for sock in slow:
         status, headers, got = answer(sock)
-        assert status == 408 and "--body-timeout-s 1" in got["error"] and "(1 bytes came)" in got["error"]
+        assert status == 408 and "--body-timeout-s 3" in got["error"] and "(1 bytes came)" in got["error"]
         assert headers["connection"] == "close" and closed(sock)
         sock.close()
 
@@ -138,9 +141,11 @@ def test_connections_over_the_cap_get_503(model):
         assert closed(extra)
         for sock in held:
             sock.close()
-        time.sleep(0.2)  # the server hears the closes
-        assert request(url + "/healthz")[0] == 200
-        assert metric(url, "mpad_connections_refused_total", reason="max_connections") == 1
+        deadline = time.monotonic() + 30
+        while request(url + "/healthz")[0] != 200:  # once the server has heard the closes
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert metric(url, "mpad_connections_refused_total", reason="max_connections") >= 1
         extra.close()
 
 
@@ -373,9 +378,6 @@ def test_cli_shutdown_closes_clients_still_sending(model, good):
         while request(url + "/readyz")[0] != 200:
             assert time.monotonic() < deadline and proc.poll() is None
             time.sleep(0.05)
-        assert request(url + "/v1/predict?map=false", good)[0] == 200
-        body, headers = multipart(good)
-        assert request(url + "/v1/predict", b"\xff" + body, headers)[0] == 400
         slow = connect(url)
         slow.sendall(head("/v1/predict", Content_Length=1000) + b"x")
 
@@ -385,7 +387,10 @@ def test_cli_shutdown_closes_clients_still_sending(model, good):
                     slow.sendall(b"x")
 
         threading.Thread(target=trickle, daemon=True).start()
-        time.sleep(0.5)
+        # answered after the slow client's headers arrived: by then the server has read them
+        assert request(url + "/v1/predict?map=false", good)[0] == 200
+        body, headers = multipart(good)
+        assert request(url + "/v1/predict", b"\xff" + body, headers)[0] == 400
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=60)  # the trickle alone would last 200 s
         status, _, got = answer(slow)
