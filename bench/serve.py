@@ -18,8 +18,15 @@ without 200, a bad one without its status, a failed connection: must be 0), the 
 and after each round, then the ratios. `--impl litserve` serves the same model with LitServe
 (bench/serve_litserve.py; needs `pip install litserve`) beside `mpad serve`, both fed multipart forms.
 
+`--hostile` measures instead one `mpad serve` at its default limits under issue 32's hostile mix against the
+same server's clean run, the two alternating (bench/harness.py): the good clients (wrk, --clients) alone, then
+with 32 slow clients sending a body at 1 byte a second, 4 clients sending 25-megapixel PNGs one after the other,
+and a client that aborts uploads (1,000 of 50,000 announced bytes, then close). Targets: the good clients keep
+>= 0.8x the clean throughput and <= 2x its p95, none of their requests fails, the server's RSS stays under 1.5 GB,
+its log holds no traceback.
+
     .venv/bin/python bench/serve.py [--backbone mpad-tiny] [--clients 8] [--requests 2000] [--rounds 2]
-        [--single 200] [--impl own|litserve] [--map] [--python PATH] [--time-limit-s 600]
+        [--single 200] [--impl own|litserve] [--map] [--python PATH] [--time-limit-s 600] [--hostile]
 """
 
 from __future__ import annotations
@@ -38,6 +45,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import zlib
 from dataclasses import dataclass, field
@@ -49,6 +57,9 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # tiny_records: a prompts record for any backbone
+sys.path.insert(0, str(ROOT / "bench"))
+from harness import alternate, ratio, summary  # noqa: E402
+
 # The thresholds file the model is exported with (image_threshold and map range: placeholders); its scoring and
 # map resolution are params.yaml's, with presets/offline.txt's changes for mpad-tiny (`exported_scoring`).
 THRESHOLDS = {"category": "disc", "image_threshold": 0.5, "map_low": 0.0, "map_high": 1.0}
@@ -152,18 +163,21 @@ class Server:
     proc: subprocess.Popen | None = None
     port: int = 0
     rss: list[float] = field(default_factory=list)
+    options: tuple[str, ...] = ("--max-queue", "256")  # more options of `mpad serve`
+    log: Path | None = None  # where its stdout and stderr go (None: nowhere)
 
     def start(self) -> None:
         self.port = free_port()
         if self.impl == "own":
             command = [self.python, "-c", "import stages.cli; stages.cli.app()", "serve", "--model", str(self.model),
                        "--port", str(self.port), "--max-batch", str(self.max_batch), "--max-wait-ms",
-                       str(self.max_wait_ms), "--max-bytes", str(MAX_BYTES), "--max-queue", "256",
+                       str(self.max_wait_ms), "--max-bytes", str(MAX_BYTES), *self.options,
                        *(["--threads", str(self.threads)] if self.threads else [])]  # fmt: skip
         else:
             command = [self.python, str(ROOT / "bench/serve_litserve.py"), str(self.model), str(self.port),
                        "--max-batch", str(self.max_batch), "--max-wait-ms", str(self.max_wait_ms)]  # fmt: skip
-        self.proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        out = self.log.open("wb") if self.log else subprocess.DEVNULL
+        self.proc = subprocess.Popen(command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
         self.wait_ready("/readyz" if self.impl == "own" else "/health")
 
     def wait_ready(self, path: str, timeout_s: float = 600) -> None:
@@ -301,11 +315,14 @@ def main() -> None:
     parser.add_argument("--python", default=sys.executable, help="the servers' interpreter")
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "mpad-bench-serve")
     parser.add_argument("--time-limit-s", type=float, default=600, help="cap of each load run")
+    parser.add_argument("--hostile", action="store_true", help="the hostile mix against the clean run (issue 32)")
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         raise SystemExit("bench/serve.py drives the load with wrk, a load generator in C: apt-get install wrk")
     model = export_model(args.backbone, args.workdir)
     good, bad = payloads(args.workdir, args.size)
+    if args.hostile:
+        return hostile_mix(model, good, args)
     waits = [float(w) for w in args.max_wait_ms.split(",")]
     if args.impl == "own":  # the baseline first, then one batching server per --max-wait-ms
         servers = [Server("max-batch 1", "own", args.python, model, 1, 0.0, args.threads)]
@@ -342,6 +359,127 @@ def main() -> None:
         for server in servers:
             server.stop()
     report(servers, runs, args)
+
+
+SLOW_CLIENTS, LARGE_CLIENTS, LARGE_SIDE = 32, 4, 5000  # issue 32's mix: 1 byte/s senders, 25-megapixel PNGs
+RSS_LIMIT_MIB = 1536
+
+
+def hostile_mix(model: Path, good: list[bytes], args: argparse.Namespace) -> None:
+    """One `mpad serve` at its default limits; per round, the good clients alone ("clean") and beside the hostile
+    clients ("hostile"), alternated; prints both arms' figures and the SUMMARY line with the targets met or not."""
+    log = args.workdir / "hostile-server.log"
+    server = Server("mpad serve", "own", args.python, model, args.max_batch, float(args.max_wait_ms.split(",")[0]),
+                    args.threads, options=(), log=log)  # fmt: skip
+    large = png(Image.linear_gradient("L").resize((LARGE_SIDE, LARGE_SIDE)).convert("RGB"))
+    print(f"{args.backbone} (random weights), {args.clients} good clients x {args.requests} requests an arm; hostile: "
+          f"{SLOW_CLIENTS} slow clients at 1 B/s, {LARGE_CLIENTS} clients of {LARGE_SIDE}x{LARGE_SIDE} PNGs "
+          f"({len(large) / 1000:.0f} kB each), 1 aborting client; load before: {os.getloadavg()[0]:.2f}")  # fmt: skip
+    runs: dict[str, list[Result]] = {"clean": [], "hostile": []}
+    peaks: list[float] = []
+    others: dict[str, int] = {}
+
+    def arm(name: str) -> float:
+        with Hostile(server.port, large, peaks, server, others) if name == "hostile" else contextlib.nullcontext():
+            result = load(server, good, [], args.clients, args.requests, 0, False, args.map, args.time_limit_s)
+        runs[name].append(result)
+        row = pooled([result])
+        print(f"  {name:<8} good/s {row['good_per_s']:7.1f}  p50 {row['p50']:7.1f} ms  p95 {row['p95']:7.1f} ms  "
+              f"errors {row['errors']}  {', '.join(sorted(set(result.errors)))[:200]}")  # fmt: skip
+        return row["good_per_s"]
+
+    try:
+        server.start()
+        load(server, good, [], 4, 100, 0, False, args.map, args.time_limit_s)  # warm-up
+        throughput = alternate(args.rounds, {"clean": lambda: arm("clean"), "hostile": lambda: arm("hostile")},
+                               warmup=False)  # fmt: skip
+        server.rss.append(server.memory_mib())
+    finally:
+        server.stop()
+    text = log.read_text(errors="replace")
+    tracebacks = text.count("Traceback")
+    p95 = ratio([pooled([r])["p95"] for r in runs["hostile"]], [pooled([r])["p95"] for r in runs["clean"]])
+    kept = ratio(throughput["hostile"], throughput["clean"])
+    errors = sum(len(r.errors) for r in runs["hostile"])
+    peak = max(peaks, default=float("nan"))
+    print(f"hostile clients' answers: {dict(sorted(others.items()))}; server log: {tracebacks} tracebacks, "
+          f"{text.count('upload aborted')} aborted-upload lines; load after: {os.getloadavg()[0]:.2f}")  # fmt: skip
+    met = kept.median >= 0.8 and p95.median <= 2 and errors == 0 and peak <= RSS_LIMIT_MIB and tracebacks == 0
+    summary("serve", f"hostile/clean good throughput {kept}", f"p95 {p95}", f"good errors {errors}",
+            f"peak RSS {peak:.0f} MiB", f"tracebacks {tracebacks}", f"targets {'met' if met else 'MISSED'}",
+            f"{args.backbone}, {args.clients} clients")  # fmt: skip
+
+
+class Hostile:
+    """The hostile clients of issue 32 against 127.0.0.1:`port` while the block runs (threads; each stops at the
+    block's end); samples the server's RSS into `peaks` and counts the statuses the hostile clients get."""
+
+    def __init__(self, port: int, large: bytes, peaks: list[float], server: Server, others: dict[str, int]) -> None:
+        self.port, self.large, self.peaks, self.server, self.others = port, large, peaks, server, others
+        self.stop = threading.Event()
+        self.lock = threading.Lock()
+        self.threads = [threading.Thread(target=self.slow, daemon=True) for _ in range(SLOW_CLIENTS)]
+        self.threads += [threading.Thread(target=self.big, daemon=True) for _ in range(LARGE_CLIENTS)]
+        self.threads += [threading.Thread(target=self.aborting, daemon=True), threading.Thread(target=self.rss)]
+
+    def __enter__(self) -> Hostile:
+        for thread in self.threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        for thread in self.threads:
+            thread.join(60)
+
+    def count(self, what: str) -> None:
+        with self.lock:
+            self.others[what] = self.others.get(what, 0) + 1
+
+    def connect(self) -> socket.socket:
+        return socket.create_connection(("127.0.0.1", self.port), timeout=60)
+
+    def slow(self) -> None:
+        """A body of 1,000 bytes at 1 byte a second; again when the server closes the connection."""
+        while not self.stop.is_set():
+            try:
+                with self.connect() as sock:
+                    sock.sendall(b"POST /v1/predict HTTP/1.1\r\nHost: bench\r\nContent-Length: 1000\r\n\r\n")
+                    sock.settimeout(1.0)
+                    while not self.stop.is_set():
+                        try:
+                            answer = sock.recv(64)
+                        except TimeoutError:
+                            sock.sendall(b"x")
+                            continue
+                        self.count(f"slow: {answer.split(b' ')[1].decode()}" if answer else "slow: closed")
+                        break
+            except OSError as err:
+                self.count(f"slow: {type(err).__name__}")
+                self.stop.wait(1.0)
+
+    def big(self) -> None:
+        while not self.stop.is_set():
+            try:
+                connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=120)
+                connection.request("POST", "/v1/predict?map=false", self.large)
+                response = connection.getresponse()
+                response.read()
+                self.count(f"large: {response.status}")
+                connection.close()
+            except OSError as err:
+                self.count(f"large: {type(err).__name__}")
+
+    def aborting(self) -> None:
+        while not self.stop.wait(0.1):
+            with contextlib.suppress(OSError), self.connect() as sock:
+                sock.sendall(b"POST /v1/predict HTTP/1.1\r\nHost: bench\r\nContent-Length: 50000\r\n\r\n" + bytes(1000))
+            self.count("aborted")
+
+    def rss(self) -> None:
+        while not self.stop.wait(0.2):
+            with contextlib.suppress(psutil.Error):
+                self.peaks.append(self.server.memory_mib())
 
 
 def model_only_ceiling(model: Path, max_batch: int, threads: int, seconds: float = 2.0) -> None:

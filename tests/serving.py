@@ -21,6 +21,7 @@ from typer.testing import CliRunner
 
 from mpad.clip import ClipBundle
 from mpad.data.synthetic import generate
+from mpad.serve.connections import server_config
 from stages.cli import app as cli
 
 THRESHOLDS = {"category": "disc", "image_score": "topk_mean", "topk": 0.05, "smoothing_sigma": 1.0,
@@ -69,7 +70,8 @@ def running(app: Any, timeout_s: float = 60.0, until: str = "/readyz") -> Iterat
     listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)  # TCP_NODELAY: stages/serve.py
     listener.bind(("127.0.0.1", 0))
     url = f"http://127.0.0.1:{listener.getsockname()[1]}"
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
+    # log_config None: uvicorn leaves logging as it is, so that caplog hears the server's lines
+    server = uvicorn.Server(server_config(app, None, log_level="info", log_config=None))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [listener]}, daemon=True)
     thread.start()
     try:

@@ -1,5 +1,7 @@
 """`mpad serve`: the API, the bad-input and overload contract, equality with `mpad predict --backend onnx`,
-dynamic batching, the exported model's declared shapes. The page in a browser: tests/test_serve_page.py."""
+dynamic batching, the exported model's declared shapes. The page in a browser: tests/test_serve_page.py; slow,
+oversized and aborted clients, the connection limits, /metrics, the access log and the key:
+tests/test_serve_limits.py."""
 
 from __future__ import annotations
 
@@ -156,13 +158,15 @@ def test_bad_input_gets_its_4xx_and_one_line(server, images):
         "too many bytes": (good + bytes(2**20), 413, "more than --max-bytes 1048576"),
         "too many pixels": (encoded(Image.new("L", (401, 400)), "PNG"), 413, "more than --max-pixels 160000"),
         "bomb": (png_header_only(12_000, 12_000), 413, "more than --max-pixels"),
-        "huge bomb": (png_header_only(100_000, 100_000), 413, "more than --max-pixels"),
-        "float tiff": (encoded(Image.fromarray(np.full((8, 8), 3.0, np.float32)), "TIFF"), 422, "float image"),
+        "huge bomb": (png_header_only(100_000, 100_000), 413, "image of 10000000000 pixels, more than --max-pixels"),
+        "float tiff": (encoded(Image.fromarray(np.full((40, 40), 3.0, np.float32)), "TIFF"), 422, "float image"),
+        "too small": (encoded(Image.new("RGB", (31, 400)), "PNG"), 422, "31x400 image: smaller than 32 px on a side"),
     }
     for name, (body, status, words) in cases.items():
         got_status, got, headers = request(url + "/v1/predict", body)
         assert (got_status, list(got)) == (status, ["error"]), name
         assert words in got["error"] and "\n" not in got["error"] and "Traceback" not in got["error"], name
+        assert "178956970" not in got["error"], name  # PIL's own limit is not mpad's
     assert request(url + "/v1/predict", *multipart(b"", field="note"))[0] == 400
     assert request(url + "/v1/predict", b"x" * 10, {"Content-Type": "multipart/form-data; boundary=zz"})[0] == 400
     status, got, _ = request(url + "/v1/predict?map=perhaps", good)
@@ -253,7 +257,7 @@ def test_batcher_gathers_waiting_images_up_to_max_batch():
         batcher.start()
         inputs = [torch.full((1, 3, 2, 2), float(i)) for i in range(5)]
         results = await asyncio.gather(*(batcher.submit(x) for x in inputs))
-        assert [score for _, score in results] == [0.0, 1.0, 2.0, 3.0, 4.0] and calls == [3, 2]
+        assert [r[1:] for r in results] == [(0.0, 3), (1.0, 3), (2.0, 3), (3.0, 2), (4.0, 2)] and calls == [3, 2]
         assert batcher.batch_sizes == {3: 1, 2: 1}
         with pytest.raises(RuntimeError, match="model failure"):
             await batcher.submit(torch.full((1, 3, 2, 2), -1.0))

@@ -11,6 +11,7 @@ stays bounded in time. One batch runs at a time: the model uses every core it wa
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -29,20 +30,28 @@ class Overloaded(RuntimeError):
 @dataclass
 class _Waiting:
     images: torch.Tensor  # (1, 3, H, W)
-    result: asyncio.Future[tuple[torch.Tensor, float]]
+    result: asyncio.Future[tuple[torch.Tensor, float, int]]
 
 
 class Batcher:
-    """Runs `scorer` on batches of queued images; `await submit(image)` -> (map (R, R), score).
+    """Runs `scorer` on batches of queued images; `await submit(image)` -> (map (R, R), score, batch size).
 
     Start it with `start()` inside the running event loop and stop it with `await stop()`. `batch_sizes`
-    counts the batches run by size (what a test or a benchmark reads to see the batching happen).
+    counts the batches run by size (what a test or a benchmark reads to see the batching happen); `observe`,
+    when given, hears (batch size, seconds of the model call) after each batch (the service's /metrics).
     """
 
-    def __init__(self, scorer: Scorer, max_batch: int, max_wait_s: float, max_queue: int) -> None:
+    def __init__(
+        self,
+        scorer: Scorer,
+        max_batch: int,
+        max_wait_s: float,
+        max_queue: int,
+        observe: Callable[[int, float], None] | None = None,
+    ) -> None:
         if max_batch < 1 or max_wait_s < 0 or max_queue < 1:
             raise ValueError(f"max_batch {max_batch} >= 1, max_wait_s {max_wait_s} >= 0, max_queue {max_queue} >= 1")
-        self.scorer, self.max_batch, self.max_wait_s = scorer, max_batch, max_wait_s
+        self.scorer, self.max_batch, self.max_wait_s, self.observe = scorer, max_batch, max_wait_s, observe
         self.queue: asyncio.Queue[_Waiting] = asyncio.Queue(max_queue)
         self.batch_sizes: dict[int, int] = {}
         self.coming = 0  # images on their way to `submit` (see `on_the_way`)
@@ -72,9 +81,9 @@ class Batcher:
         """`scorer(images)` on the model's thread, outside the queue (the warm-up batch)."""
         return await asyncio.get_running_loop().run_in_executor(self._model_thread, self.scorer, images)
 
-    async def submit(self, images: torch.Tensor) -> tuple[torch.Tensor, float]:
-        """Queue one image (1, 3, H, W); its map (R, R) and score once its batch has run. Overloaded when the
-        queue is full; the scorer's exception when its batch failed."""
+    async def submit(self, images: torch.Tensor) -> tuple[torch.Tensor, float, int]:
+        """Queue one image (1, 3, H, W); its map (R, R), score and batch size once its batch has run. Overloaded
+        when the queue is full; the scorer's exception when its batch failed."""
         waiting = _Waiting(images, asyncio.get_running_loop().create_future())
         try:
             self.queue.put_nowait(waiting)
@@ -104,6 +113,7 @@ class Batcher:
             if not batch:
                 continue
             self.batch_sizes[len(batch)] = self.batch_sizes.get(len(batch), 0) + 1
+            started = time.perf_counter()
             try:
                 maps, scores = await self.run_now(torch.cat([w.images for w in batch]))
             except Exception as err:  # the scorer's failure is each waiting request's, not the loop's
@@ -111,6 +121,8 @@ class Batcher:
                     if not w.result.done():
                         w.result.set_exception(err)
                 continue
+            if self.observe is not None:
+                self.observe(len(batch), time.perf_counter() - started)
             for w, amap, score in zip(batch, maps, scores, strict=True):
                 if not w.result.done():
-                    w.result.set_result((amap, float(score)))
+                    w.result.set_result((amap, float(score), len(batch)))

@@ -19,7 +19,6 @@ import torch
 
 from mpad.deploy.runtime import OnnxScorer
 from mpad.deploy.sidecar import Sidecar
-from mpad.features import stack_images
 from mpad.io import png_bytes
 from mpad.prediction import Scorer, decide
 from mpad.visualize import render_map
@@ -49,23 +48,25 @@ class ServedModel:
         return self.sidecar.identity()
 
     def describe(self) -> dict[str, Any]:
-        """GET /v1/model: the sidecar, the threshold in use and where it came from, the identity."""
+        """GET /v1/model: the sidecar, the threshold in use and where it came from, the identity. Files by their
+        names only: the server's folders are none of a client's business."""
+        record = self.sidecar.as_json()
+        for key in ("prompts", "thresholds_file"):
+            if record.get(key):
+                record[key] = Path(record[key]).name
         return {
-            **self.sidecar.as_json(),
-            "onnx_model": str(self.path),
+            **record,
+            "onnx_model": self.path.name,
             "threshold": self.threshold,
             "threshold_source": self.threshold_source,
             "identity": self.identity,
         }
 
-    def prepare(self, image: np.ndarray) -> torch.Tensor:
-        """A decoded image (H, W, 3) uint8 -> the model's input (1, 3, H', W'), resized as predict resizes."""
-        return stack_images([image], self.input_size)
-
-    def answer(self, image: np.ndarray, amap: torch.Tensor, score: float, max_size: int | None) -> dict[str, Any]:
+    def answer(self, picture: np.ndarray | None, amap: torch.Tensor, score: float, max_size: int) -> dict[str, Any]:
         """The JSON answer for one image: predict's row values (image_score, max_pixel_score, decision,
-        threshold), the identity, and with a `max_size`, predict's overlay and map PNGs (base64) with the
-        longer side capped at it."""
+        threshold), the identity, and with a `picture` (the image already at its overlay's size:
+        mpad.serve.images.Decoded), predict's overlay and map PNGs (base64) with the longer side capped at
+        `max_size`."""
         out = {
             "image_score": score,
             "max_pixel_score": float(amap.max()),
@@ -73,8 +74,8 @@ class ServedModel:
             "threshold": self.threshold,
             "model": self.identity,
         }
-        if max_size is not None:
-            overlay, gray = render_map(image, amap.float().numpy(), max_size, *self.colour_range)
+        if picture is not None:
+            overlay, gray = render_map(picture, amap.float().numpy(), max_size, *self.colour_range)
             out["overlay_png"] = base64.b64encode(png_bytes(overlay)).decode("ascii")
             out["map_png"] = base64.b64encode(png_bytes(gray)).decode("ascii")
             out["map_size"] = list(gray.shape)
