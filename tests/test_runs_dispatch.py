@@ -285,3 +285,43 @@ def test_the_makefile_targets_are_one_line_calls_of_mpad_exp():
         assert recipe[0].startswith("\t") and not recipe[1].startswith("\t"), target  # one line
         assert "mpad exp" in recipe[0] or recipe[0].startswith("\t$(EXP)"), target
     assert "EXP = $(BIN)/mpad exp $@ --jobs '$(JOBS)' $(if $(CLUSTER),--cluster '$(CLUSTER)')" in text
+
+
+def _stub_cluster(monkeypatch, run_units):
+    class ClusterError(Exception):
+        pass
+
+    stub = types.SimpleNamespace(
+        ClusterError=ClusterError, preflight=lambda address, repo: None, run_units=run_units, run_experiments=print
+    )
+    monkeypatch.setitem(sys.modules, "mpad.runs.cluster", stub)
+    monkeypatch.setattr(sys.modules["mpad.runs"], "cluster", stub, raising=False)
+
+
+def test_with_a_cluster_the_units_go_to_its_run_units_between_a_local_fetch_and_summarize(project, monkeypatch):
+    given = []
+
+    def run_units(address, units, threads, repo, log=print):
+        given.append((address, units, threads, repo))
+        return dict.fromkeys(units, 0)
+
+    _stub_cluster(monkeypatch, run_units)
+    assert dispatch.dispatch("run", project, jobs="2", cluster="ray://127.0.0.1:10001") == 0
+    units = {c: [[f"sample@{c}"], [f"train@{c}"]] for c in ("a", "b")}
+    assert given == [("ray://127.0.0.1:10001", units, max(1, len(os.sched_getaffinity(0)) // 2), project)]
+    assert _calls(project) == ["stage list --name-only", "repro fetch", "repro --single-item summarize"]
+
+
+def test_a_signal_interrupts_the_cluster_backend_and_is_reported(project, monkeypatch, capsys):
+    def run_units(address, units, threads, repo, log=print):
+        os.kill(os.getpid(), signal.SIGTERM)  # as a user's kill while the driver waits on its tasks
+        time.sleep(60)
+        raise AssertionError("not interrupted")
+
+    _stub_cluster(monkeypatch, run_units)
+    assert dispatch.dispatch("run", project, jobs="2", cluster="auto") == 143
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.strip().endswith(
+        "not finished a, b, summarize (a re-run runs only what is not finished)"
+    )
+    assert "summarize" not in " ".join(_calls(project))

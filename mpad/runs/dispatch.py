@@ -373,10 +373,11 @@ def dispatch(
             seed_list = parse_ints(seeds or "0,1,2", "SEEDS") if command == "sweep" or seeds else None
         except ValueError as error:
             raise Refused(str(error)) from None
-        with workspace_lock(repo, command):
-            check([*lines, *given], repo)
-            backend = Backend(cluster, n, repo)
-            with _signals():
+        with _signals(cluster is not None), workspace_lock(repo, command):
+            code = 1
+            with _interrupted():
+                check([*lines, *given], repo)
+                backend = Backend(cluster, n, repo)
                 if command in ("sweep", "ablations") and cluster is None:
                     local.clear_orphans(repo, log)
                 if command in ("sweep", "ablations") and not lines and local.call([DVC, "repro", FIRST]) != 0:
@@ -389,11 +390,14 @@ def dispatch(
                     code = sweep(repo, backend, [*lines, *given], shot_list, seed_list, progress, log)
                 else:
                     code = ablations(repo, backend, lines, given, seed_list, progress, log)
-                if (signum := local.stopped()) is not None:
-                    print(progress.report(signum), file=sys.stderr, flush=True)
-                    return 128 + signum
-                return code
+        if (signum := local.stopped()) is not None:
+            print(progress.report(signum), file=sys.stderr, flush=True)
+            return 128 + signum
+        return code
     except Refused as error:
+        if (signum := local.stopped()) is not None:  # a check or preflight cut short by the stop
+            print(progress.report(signum), file=sys.stderr, flush=True)
+            return 128 + signum
         print(f"error: {error}", file=sys.stderr, flush=True)
         return REFUSED
     except Failed as error:
@@ -402,11 +406,28 @@ def dispatch(
 
 
 @contextmanager
-def _signals() -> Iterator[None]:
-    """SIGINT and SIGTERM stop the children (local.stop) instead of raising KeyboardInterrupt here."""
+def _interrupted() -> Iterator[None]:
+    """A KeyboardInterrupt raised for a stop (`_signals`) ends the work; the report says what finished."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        if local.stopped() is None:
+            raise
+
+
+@contextmanager
+def _signals(cluster: bool) -> Iterator[None]:
+    """SIGINT and SIGTERM stop the children (local.stop); on a cluster they also interrupt the Ray backend's
+    driver (KeyboardInterrupt), whose exit cancels the tasks it owns (Ray's fate sharing)."""
     local.reset()
+
+    def handler(signum: int, frame: object) -> None:
+        local.stop(signum)
+        if cluster:
+            raise KeyboardInterrupt
+
     handled = (signal.SIGINT, signal.SIGTERM)
-    previous = {s: signal.signal(s, lambda signum, frame: local.stop(signum)) for s in handled}
+    previous = {s: signal.signal(s, handler) for s in handled}
     try:
         yield
     finally:
