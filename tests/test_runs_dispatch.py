@@ -90,6 +90,8 @@ def test_a_failed_check_of_the_overrides_is_refused_before_dvc_is_called(project
         assert _one_error_line(capsys.readouterr().err) == said
         args = (project / "check-args.txt").read_text()
         assert ("-S model.pretrained=none " if command == "offline" else "") + "-S mpts.steps=abc" in args  # preset
+        if command == "sweep":  # every point of the grid (a shot count beyond the training split, say)
+            assert args.endswith("-S mpts.steps=abc -S shots.k=1,2,4 -S shots.seed=0,1,2\n")
     assert _calls(project) == [] and (project / "params.yaml").read_text() == "mpts:\n  lambda: 1.0\n"
 
 

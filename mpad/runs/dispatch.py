@@ -376,7 +376,9 @@ def dispatch(
         with _signals(cluster is not None), workspace_lock(repo, command):
             code = 1
             with _interrupted():
-                check([*lines, *given], repo)
+                swept = zip(SWEPT, (shot_list, seed_list or []), strict=True)
+                grid_sets = [f"{key}={','.join(map(str, values))}" for key, values in swept]
+                check([*lines, *given, *(grid_sets if command == "sweep" else [])], repo)  # each grid point
                 backend = Backend(cluster, n, repo)
                 if command in ("sweep", "ablations") and cluster is None:
                     local.clear_orphans(repo, log)
