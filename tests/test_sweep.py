@@ -265,7 +265,7 @@ def test_make_sweep_2x2_agrees_with_each_experiments_metrics_and_reruns_nothing(
         subprocess.run([dvc, "queue", "stop"], cwd=project, capture_output=True, timeout=120)
     # one named experiment per point, each queued once
     assert first.count("Queued experiment") == 4 and "4 of 4 experiments to run: k1-s0-" in first
-    assert "shots.k=2 shots.seed=1" in first
+    assert "'shots.k=2', 'shots.seed=1'" in first  # DVC's "Queueing with overrides"
     assert "nothing to run" in second and "Queued experiment" not in second
 
     sweep = json.loads((project / "sweep.json").read_text())

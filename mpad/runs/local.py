@@ -205,7 +205,6 @@ def run_experiments(
     dvc_queue = [DVC, "queue"]
     call([*dvc_queue, "remove", "-q", "--all"])  # earlier entries of the same names would confuse the status
     for name, overrides in experiments.items():
-        log(f"queue {name}: {' '.join(overrides)}")
         if call([DVC, "exp", "run", "--queue", "-n", name, *(a for o in overrides for a in ("-S", o))]):
             return {name: 1} if stopped() is None else {}
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
