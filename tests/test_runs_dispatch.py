@@ -327,3 +327,22 @@ def test_a_signal_interrupts_the_cluster_backend_and_is_reported(project, monkey
         "not finished a, b, summarize (a re-run runs only what is not finished)"
     )
     assert "summarize" not in " ".join(_calls(project))
+
+
+def test_the_process_groups_a_killed_run_left_running_are_ended_by_the_next_one(project, capsys):
+    """`dvc repro` runs in a process group of its own (so that Ctrl-C reaches the dispatcher first): a SIGKILL of
+    the dispatcher leaves it running. The lock file names the groups; the next run ends those still in the project."""
+    ours = subprocess.Popen(["sleep", "600"], cwd=project, start_new_session=True)
+    elsewhere = subprocess.Popen(["sleep", "600"], cwd=project.parent, start_new_session=True)  # a reused PID
+    try:
+        (project / dispatch.LOCK).parent.mkdir(parents=True, exist_ok=True)
+        (project / dispatch.LOCK).write_text(f"`mpad exp run` (PID 4194304)\ngroups {ours.pid} {elsewhere.pid}\n")
+        assert dispatch.dispatch("run", project) == 0
+        assert ours.wait(timeout=30) == -signal.SIGTERM and elsewhere.poll() is None
+        said = capsys.readouterr().out
+        assert f"ended 1 process groups ({ours.pid}) that `mpad exp run` (PID 4194304) left running" in said
+        assert (project / dispatch.LOCK).read_text() == f"`mpad exp run` (PID {os.getpid()})\ngroups \n"
+    finally:
+        for child in (ours, elsewhere):
+            child.kill()
+            child.wait()

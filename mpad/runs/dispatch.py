@@ -128,9 +128,10 @@ def _values(overrides: Sequence[str]) -> dict[str, Any]:
 
 
 @contextmanager
-def workspace_lock(repo: Path, command: str) -> Iterator[None]:
-    """Hold .dvc/tmp/mpad-exp.lock (flock) for the command; Refused when another command holds it. The file keeps
-    the holder's PID for the message; the lock itself dies with its holder, so it is never stale."""
+def workspace_lock(repo: Path, command: str, log: Callable[[str], None] = print) -> Iterator[None]:
+    """Hold .dvc/tmp/mpad-exp.lock (flock) for the command; Refused when another command holds it. The file names
+    the holder (for that message) and the process groups it runs (`local.call`); the lock itself dies with its
+    holder, so it is never stale, and the groups a killed holder left running are ended here, in one line."""
     if not (repo / ".dvc").is_dir():
         raise Refused(f"{repo}: not a DVC project (no .dvc folder); run mpad exp from the project's root")
     path = repo / LOCK
@@ -139,14 +140,25 @@ def workspace_lock(repo: Path, command: str) -> Iterator[None]:
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        holder = path.read_text().strip() or "another command"
+        holder = path.read_text().partition("\n")[0].strip() or "another command"
         os.close(fd)
         raise Refused(f"{holder} runs in this workspace ({LOCK}); wait for it to end, or stop it") from None
-    try:
+    holder, _, rest = path.read_text().partition("\n")
+    groups = [int(g) for line in rest.splitlines() if line.startswith("groups") for g in line.split()[1:]]
+    if ended := local.end_groups(groups, repo):
+        log(f"ended {len(ended)} process groups ({', '.join(map(str, ended))}) that {holder} left running")
+    me = f"`mpad exp {command}` (PID {os.getpid()})\n"
+
+    def watch(running: list[int]) -> None:
         os.ftruncate(fd, 0)
-        os.write(fd, f"`mpad exp {command}` (PID {os.getpid()})\n".encode())
+        os.pwrite(fd, (me + f"groups {' '.join(map(str, running))}\n").encode(), 0)
+
+    try:
+        watch([])
+        local.STOP.watch = watch
         yield
     finally:
+        local.STOP.watch = None
         os.close(fd)
 
 
@@ -373,7 +385,7 @@ def dispatch(
             seed_list = parse_ints(seeds or "0,1,2", "SEEDS") if command == "sweep" or seeds else None
         except ValueError as error:
             raise Refused(str(error)) from None
-        with _signals(cluster is not None), workspace_lock(repo, command):
+        with _signals(cluster is not None), workspace_lock(repo, command, log):
             code = 1
             with _interrupted():
                 swept = zip(SWEPT, (shot_list, seed_list or []), strict=True)

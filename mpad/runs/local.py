@@ -36,6 +36,7 @@ class _Stop:
         self.signum: int | None = None
         self.children: set[subprocess.Popen] = set()
         self.lock = threading.RLock()  # re-entered by a signal handler that interrupts its own thread
+        self.watch: Callable[[list[int]], None] | None = None  # told the running groups on each change
 
 
 STOP = _Stop()
@@ -89,12 +90,47 @@ def call(cmd: Sequence[str], env: Mapping[str, str] | None = None, out=None, cap
             start_new_session=True,
         )
         STOP.children.add(child)
+        _changed()
     try:
         text, _ = child.communicate()
     finally:
         with STOP.lock:
             STOP.children.discard(child)
+            _changed()
     return (child.returncode, text or "") if capture else child.returncode
+
+
+def _changed() -> None:
+    if STOP.watch is not None:
+        STOP.watch(sorted(child.pid for child in STOP.children))
+
+
+def end_groups(groups: Sequence[int], repo: Path) -> list[int]:
+    """End the process groups of `groups` that a killed command left running: those whose leader still runs in
+    `repo` (a reused PID elsewhere is not ours), SIGTERM, then SIGKILL after KILL_AFTER_S. Returns those ended."""
+    ours = []
+    for group in groups:
+        try:
+            if os.getpgid(group) == group and Path(f"/proc/{group}/cwd").resolve() == repo.resolve():
+                os.killpg(group, signal.SIGTERM)
+                ours.append(group)
+        except (ProcessLookupError, PermissionError, FileNotFoundError):
+            continue
+    deadline = time.monotonic() + KILL_AFTER_S
+    for group in ours:
+        while _alive(group) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if _alive(group):
+            os.killpg(group, signal.SIGKILL)
+    return ours
+
+
+def _alive(group: int) -> bool:
+    try:
+        os.killpg(group, 0)
+    except ProcessLookupError:
+        return False
+    return Path(f"/proc/{group}").exists() and "Z" not in Path(f"/proc/{group}/stat").read_text().split()[2:3]
 
 
 def run_units(
