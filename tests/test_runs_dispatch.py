@@ -23,6 +23,7 @@ echo "$*" >> calls.txt
 case "$*" in
   "stage list --name-only") for s in {STAGES}; do echo $s; done ;;
   *--single-item*@*) echo $$ >> units.pid; sleep "${{UNIT_S:-0}}" ;;
+  *"--queue -n refused"*) echo "ERROR: refused"; exit 1 ;;
 esac
 """
 
@@ -346,3 +347,14 @@ def test_the_process_groups_a_killed_run_left_running_are_ended_by_the_next_one(
         for child in (ours, elsewhere):
             child.kill()
             child.wait()
+
+
+def test_an_experiment_dvc_refuses_to_queue_leaves_nothing_queued(project):
+    status = local.run_experiments({"a": ["x=1"], "refused": ["x=2"], "c": ["x=3"]}, 1, project, print, jobs=2)
+    assert status == {"a": 1, "refused": 1, "c": 1}  # none ran
+    assert _calls(project) == [
+        "queue remove -q --all",
+        "exp run --queue -n a -S x=1",
+        "exp run --queue -n refused -S x=2",
+        "queue remove -q --queued",  # a is not left queued for a later worker to run unasked
+    ]

@@ -300,7 +300,8 @@ def _experiments(
         return 0, runs, rows
     progress.planned = list(missing)
     log(f"{len(missing)} of {len(wanted)} experiments to run: {', '.join(missing)}")
-    stale = sorted({row["name"] for row in rows if row.get("experiment")} & missing.keys())
+    _, listed = local.call([DVC, "exp", "list", "--name-only"], capture=True)
+    stale = [name for name in missing if name in listed.split()]
     if stale:  # a run of the same name with other params or code: replaced, as `dvc exp run -n` would refuse
         local.call([DVC, "exp", "remove", "-q", *stale])
     status = backend.run_experiments(missing, backend.experiment_threads, repo, log)
@@ -385,6 +386,9 @@ def dispatch(
             seed_list = parse_ints(seeds or "0,1,2", "SEEDS") if command == "sweep" or seeds else None
         except ValueError as error:
             raise Refused(str(error)) from None
+        _values([*lines, *given])  # each value parses as YAML
+        if command == "ablations" and not (repo / ABLATIONS).is_file():
+            raise Refused(f"{ABLATIONS}: not found (the ablation arms; run from the project's root)")
         with _signals(cluster is not None), workspace_lock(repo, command, log):
             code = 1
             with _interrupted():

@@ -242,7 +242,8 @@ def run_experiments(
     call([*dvc_queue, "remove", "-q", "--all"])  # earlier entries of the same names would confuse the status
     for name, overrides in experiments.items():
         if call([DVC, "exp", "run", "--queue", "-n", name, *(a for o in overrides for a in ("-S", o))]):
-            return {name: 1} if stopped() is None else {}
+            subprocess.run([*dvc_queue, "remove", "-q", "--queued"], cwd=repo, capture_output=True)  # none waits
+            return {} if stopped() is not None else dict.fromkeys(experiments, 1)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     call([*dvc_queue, "start", "-j", str(jobs)], env)
     status: dict[str, int] = {}
