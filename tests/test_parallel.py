@@ -17,7 +17,7 @@ import yaml
 from e2e import ROOT, copy_project, preset_overrides, run
 
 from mpad import layout
-from mpad.runs import dispatch
+from mpad.runs import dispatch, guard
 from mpad.runs.units import category_chains, makespan, next_category, visible_gpus, work_units, worker_env
 
 STAGES = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
@@ -78,7 +78,7 @@ def test_a_failed_category_lets_the_others_finish_and_is_named_with_its_log(tmp_
     monkeypatch.setenv("PATH", f"{fake.parent}{os.pathsep}{os.environ['PATH']}")
     monkeypatch.chdir(tmp_path)
     (tmp_path / ".dvc").mkdir()
-    monkeypatch.setattr(dispatch, "CHECK", ["true"])  # params.yaml is mpad check's (tests/test_runs_*.py)
+    monkeypatch.setattr(guard, "CHECK", ["true"])  # params.yaml is mpad check's (tests/test_runs_*.py)
     assert dispatch.dispatch("run", tmp_path, jobs="2") == 1
     calls = (tmp_path / "calls.txt").read_text().splitlines()
     assert calls[:2] == ["stage list --name-only", "repro fetch"]

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from mpad.runs import dispatch, local
+from mpad.runs import dispatch, guard, local
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = "fetch sample@a train@a sample@b train@b summarize"
@@ -42,7 +42,7 @@ def project(tmp_path, monkeypatch):
     fake.chmod(0o755)
     monkeypatch.setenv("PATH", f"{fake.parent}{os.pathsep}{os.environ['PATH']}")
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(dispatch, "CHECK", ["true"])
+    monkeypatch.setattr(guard, "CHECK", ["true"])
     return tmp_path
 
 
@@ -85,7 +85,7 @@ def test_a_failed_check_of_the_overrides_is_refused_before_dvc_is_called(project
     stub = project / "check.sh"
     stub.write_text(f'#!/bin/sh\necho "$*" > check-args.txt\necho "{said}" >&2\nexit 2\n')
     stub.chmod(0o755)
-    monkeypatch.setattr(dispatch, "CHECK", [str(stub)])
+    monkeypatch.setattr(guard, "CHECK", [str(stub)])
     for command in ("run", "offline", "sweep", "ablations"):
         assert dispatch.dispatch(command, project, jobs="2", sets=["mpts.steps=abc"]) == 2
         assert _one_error_line(capsys.readouterr().err) == said
@@ -119,7 +119,7 @@ def test_without_a_ray_backend_or_with_a_failed_preflight_the_cluster_is_refused
 HOLD = """
 import sys, time
 from pathlib import Path
-from mpad.runs.dispatch import workspace_lock
+from mpad.runs.guard import workspace_lock
 with workspace_lock(Path(sys.argv[1]), "ablations"):
     print("held", flush=True)
     time.sleep(600)
@@ -136,9 +136,9 @@ def test_a_second_run_in_the_workspace_refuses_at_once_and_a_dead_holders_lock_i
     finally:
         holder.kill()  # as SIGKILL leaves it: the file stays, its lock goes with the process
         holder.wait()
-    assert (project / dispatch.LOCK).is_file()
+    assert (project / guard.LOCK).is_file()
     assert dispatch.dispatch("run", project) == 0 and _calls(project) == ["repro"]
-    fd = os.open(project / dispatch.LOCK, os.O_RDWR)  # released on exit
+    fd = os.open(project / guard.LOCK, os.O_RDWR)  # released on exit
     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     os.close(fd)
 
@@ -146,8 +146,8 @@ def test_a_second_run_in_the_workspace_refuses_at_once_and_a_dead_holders_lock_i
 STOPPED = """
 import sys
 from pathlib import Path
-from mpad.runs import dispatch
-dispatch.CHECK = ["true"]
+from mpad.runs import dispatch, guard
+guard.CHECK = ["true"]
 sys.exit(dispatch.dispatch("run", Path.cwd(), jobs="2"))
 """
 
@@ -336,13 +336,13 @@ def test_the_process_groups_a_killed_run_left_running_are_ended_by_the_next_one(
     ours = subprocess.Popen(["sleep", "600"], cwd=project, start_new_session=True)
     elsewhere = subprocess.Popen(["sleep", "600"], cwd=project.parent, start_new_session=True)  # a reused PID
     try:
-        (project / dispatch.LOCK).parent.mkdir(parents=True, exist_ok=True)
-        (project / dispatch.LOCK).write_text(f"`mpad exp run` (PID 4194304)\ngroups {ours.pid} {elsewhere.pid}\n")
+        (project / guard.LOCK).parent.mkdir(parents=True, exist_ok=True)
+        (project / guard.LOCK).write_text(f"`mpad exp run` (PID 4194304)\ngroups {ours.pid} {elsewhere.pid}\n")
         assert dispatch.dispatch("run", project) == 0
         assert ours.wait(timeout=30) == -signal.SIGTERM and elsewhere.poll() is None
         said = capsys.readouterr().out
         assert f"ended 1 process groups ({ours.pid}) that `mpad exp run` (PID 4194304) left running" in said
-        assert (project / dispatch.LOCK).read_text() == f"`mpad exp run` (PID {os.getpid()})\ngroups \n"
+        assert (project / guard.LOCK).read_text() == f"`mpad exp run` (PID {os.getpid()})\ngroups \n"
     finally:
         for child in (ours, elsewhere):
             child.kill()

@@ -2,10 +2,12 @@
 and the units given to a backend (mpad.runs.local, or mpad.runs.cluster's Ray with `--cluster ADDRESS`).
 
 Each command, in this order, so that a refusal changes nothing (issue 34):
-1. its arguments: JOBS, SHOTS, SEEDS, PRESET, the `-S key=value` overrides' form (`Refused`: one line, exit 2);
-2. the workspace lock (.dvc/tmp/mpad-exp.lock, `workspace_lock`): a second command in the same workspace refuses
-   at once; the kernel releases the lock when its holder exits, however it ends;
-3. `mpad check -S ...` with every override: params.yaml as the run would write it is valid;
+1. its arguments: JOBS, SHOTS, SEEDS, PRESET, the `-S key=value` overrides' form (mpad.runs.guard's `Refused`:
+   one line, exit 2);
+2. the workspace lock (.dvc/tmp/mpad-exp.lock, `guard.workspace_lock`): a second command in the same workspace
+   refuses at once; the kernel releases the lock when its holder exits, however it ends, and the next holder
+   ends the process groups a killed one left running;
+3. `mpad check -S ...` with every override (`guard.check`): params.yaml as the run would write it is valid;
 4. the cluster's preflight (`--cluster`), then what a killed run left in DVC's queue (`local.clear_orphans`);
 5. the work. SIGINT / SIGTERM stop every process it started (`local.stop`); the command then says what finished
    and what did not and exits 130 / 143. A re-run runs only what is missing: DVC skips a unit whose stages are
@@ -14,22 +16,20 @@ Each command, in this order, so that a refusal changes nothing (issue 34):
 
 from __future__ import annotations
 
-import fcntl
 import functools
 import json
 import os
 import signal
 import subprocess
 import sys
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from mpad.io import write_json, write_text
-from mpad.runs import local
+from mpad.runs import guard, local
 from mpad.runs.ablations import ablation_experiments, override_text
 from mpad.runs.experiments import compare_table, experiments, flatten
 from mpad.runs.sweep import (
@@ -41,7 +41,6 @@ from mpad.runs.sweep import (
     grid,
     markdown,
     parse_ints,
-    parse_overrides,
     point_name,
     runs_of,
     target_params,
@@ -50,16 +49,9 @@ from mpad.runs.sweep import (
 from mpad.runs.units import FIRST, LAST, category_chains, visible_gpus, work_units, worker_env
 
 DVC = local.DVC
-CHECK = [sys.executable, "-m", "stages", "check"]  # `mpad check`, from this interpreter's packages
-LOCK = Path(".dvc/tmp/mpad-exp.lock")
 LOGS = Path("logs/repro")
-PRESETS = Path("presets")
-ABLATIONS = PRESETS / "ablations.yaml"
+ABLATIONS = guard.PRESETS / "ablations.yaml"
 REFUSED = 2  # exit status of a refusal, as a usage error
-
-
-class Refused(Exception):
-    """One line: which argument (or the workspace) is wrong and what to do; nothing was changed."""
 
 
 class Failed(Exception):
@@ -81,97 +73,6 @@ class Progress:
         )
 
 
-# 1. Arguments
-
-
-def parse_jobs(text: str) -> int:
-    """JOBS as a whole number >= 1."""
-    if not text.strip().isdigit() or int(text) < 1:
-        raise Refused(f"JOBS={text!r}: write a whole number >= 1 (the processes or queue workers at once)")
-    return int(text)
-
-
-def parse_sets(items: Sequence[str]) -> list[str]:
-    """The `-S key=value` overrides, each checked for its form (what the value may be is `mpad check`'s)."""
-    for item in items:
-        key, sep, _ = item.partition("=")
-        if not sep or not key.strip() or " " in key.strip():
-            raise Refused(f"-S {item!r}: write key=value, e.g. -S mpts.lambda=0.5")
-    return list(items)
-
-
-def preset_lines(name: str | None, repo: Path) -> list[str]:
-    """presets/<name>.txt's `key=value` lines (none without a name)."""
-    if not name:
-        return []
-    path = repo / PRESETS / f"{name}.txt"
-    if not path.is_file():
-        known = ", ".join(sorted(p.stem for p in (repo / PRESETS).glob("*.txt"))) or "none"
-        raise Refused(f"PRESET={name!r}: no {PRESETS / (name + '.txt')} (presets: {known})")
-    lines = [line.strip() for line in path.read_text().splitlines()]
-    lines = [line for line in lines if line and not line.startswith("#")]
-    try:
-        parse_overrides(lines)
-    except (ValueError, yaml.YAMLError) as error:
-        raise Refused(f"{path.relative_to(repo)}: {str(error).splitlines()[0]}") from None
-    return lines
-
-
-def _values(overrides: Sequence[str]) -> dict[str, Any]:
-    try:
-        return parse_overrides(overrides)
-    except yaml.YAMLError as error:
-        raise Refused(f"-S: {str(error).splitlines()[0]}") from None
-
-
-# 2-4. Before the work
-
-
-@contextmanager
-def workspace_lock(repo: Path, command: str, log: Callable[[str], None] = print) -> Iterator[None]:
-    """Hold .dvc/tmp/mpad-exp.lock (flock) for the command; Refused when another command holds it. The file names
-    the holder (for that message) and the process groups it runs (`local.call`); the lock itself dies with its
-    holder, so it is never stale, and the groups a killed holder left running are ended here, in one line."""
-    if not (repo / ".dvc").is_dir():
-        raise Refused(f"{repo}: not a DVC project (no .dvc folder); run mpad exp from the project's root")
-    path = repo / LOCK
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = path.read_text().partition("\n")[0].strip() or "another command"
-        os.close(fd)
-        raise Refused(f"{holder} runs in this workspace ({LOCK}); wait for it to end, or stop it") from None
-    holder, _, rest = path.read_text().partition("\n")
-    groups = [int(g) for line in rest.splitlines() if line.startswith("groups") for g in line.split()[1:]]
-    if ended := local.end_groups(groups, repo):
-        log(f"ended {len(ended)} process groups ({', '.join(map(str, ended))}) that {holder} left running")
-    me = f"`mpad exp {command}` (PID {os.getpid()})\n"
-
-    def watch(running: list[int]) -> None:
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, (me + f"groups {' '.join(map(str, running))}\n").encode(), 0)
-
-    try:
-        watch([])
-        local.STOP.watch = watch
-        yield
-    finally:
-        local.STOP.watch = None
-        os.close(fd)
-
-
-def check(overrides: Sequence[str], repo: Path) -> None:
-    """`mpad check -S ...`: params.yaml with the overrides is valid; else Refused with the check's words."""
-    result = subprocess.run(
-        [*CHECK, *(a for o in overrides for a in ("-S", o))], cwd=repo, capture_output=True, text=True
-    )
-    if result.returncode != 0:
-        said = (result.stderr.strip() or result.stdout.strip() or f"exit {result.returncode}").removeprefix("error: ")
-        raise Refused(said if said.startswith("params") else f"mpad check: {said}")
-
-
 class Backend:
     """The two functions of the contract, bound to the local backend or to a Ray cluster's address."""
 
@@ -187,16 +88,18 @@ class Backend:
             self.run_experiments = functools.partial(local.run_experiments, jobs=jobs)
             return
         if not cluster.strip():
-            raise Refused(f"CLUSTER={cluster!r}: give the Ray address (auto, HOST:PORT, ray://HOST:10001) or none")
+            raise guard.Refused(
+                f"CLUSTER={cluster!r}: give the Ray address (auto, HOST:PORT, ray://HOST:10001) or none"
+            )
         try:
             from mpad.runs import cluster as ray_backend
         except ImportError as error:  # this checkout lacks the backend, or the backend lacks ray
             missing = "mpad/runs/cluster.py" if error.name in (None, "mpad.runs.cluster") else error.name
-            raise Refused(f"CLUSTER={cluster!r}: the Ray backend cannot load ({missing} is missing)") from None
+            raise guard.Refused(f"CLUSTER={cluster!r}: the Ray backend cannot load ({missing} is missing)") from None
         try:
             ray_backend.preflight(cluster, repo)
         except ray_backend.ClusterError as error:
-            raise Refused(str(error)) from None
+            raise guard.Refused(str(error)) from None
         self.gpus, self.experiment_threads = [], self.threads
         self.run_units = functools.partial(ray_backend.run_units, cluster)
         self.run_experiments = functools.partial(ray_backend.run_experiments, cluster)
@@ -320,7 +223,7 @@ def sweep(
     repo: Path, backend: Backend, overrides: Sequence[str], shots: list[int], seeds: list[int], progress, log
 ) -> int:
     """`make sweep`: shots.k x shots.seed as experiments, then sweep.md and sweep.json."""
-    values, base = _values(overrides), flatten(yaml.safe_load((repo / "params.yaml").read_text()))
+    values, base = guard.values(overrides), flatten(yaml.safe_load((repo / "params.yaml").read_text()))
     wanted = {}
     for point in grid(shots, seeds):
         sets = [*overrides, *(f"{key}={value}" for key, value in zip(SWEPT, point, strict=True))]
@@ -340,9 +243,9 @@ def ablations(
 ) -> int:
     """`make ablations`: the arms of presets/ablations.yaml (per seed) as experiments, then their comparison."""
     spec = yaml.safe_load((repo / ABLATIONS).read_text())
-    base = _values(preset)
+    base = guard.values(preset)
     wanted = {}
-    for name, values in ablation_experiments(spec, _values(given), seeds).items():
+    for name, values in ablation_experiments(spec, guard.values(given), seeds).items():
         sets = [*preset, *(override_text(key, value) for key, value in values.items())]
         wanted[name] = (name, sets, {**base, **values})
     code, _, rows = _experiments(backend, repo, wanted, True, progress, log)
@@ -378,23 +281,23 @@ def dispatch(
     one line, nothing changed; 128 + signal: stopped, with what finished)."""
     progress = Progress()
     try:
-        n = parse_jobs(jobs)
-        given = parse_sets(sets)
-        lines = preset_lines("offline" if command == "offline" else preset, repo)
+        n = guard.parse_jobs(jobs)
+        given = guard.parse_sets(sets)
+        lines = guard.preset_lines("offline" if command == "offline" else preset, repo)
         try:
             shot_list = parse_ints(shots or "1,2,4", "SHOTS", 1)
             seed_list = parse_ints(seeds or "0,1,2", "SEEDS") if command == "sweep" or seeds else None
         except ValueError as error:
-            raise Refused(str(error)) from None
-        _values([*lines, *given])  # each value parses as YAML
+            raise guard.Refused(str(error)) from None
+        guard.values([*lines, *given])  # each value parses as YAML
         if command == "ablations" and not (repo / ABLATIONS).is_file():
-            raise Refused(f"{ABLATIONS}: not found (the ablation arms; run from the project's root)")
-        with _signals(cluster is not None), workspace_lock(repo, command, log):
+            raise guard.Refused(f"{ABLATIONS}: not found (the ablation arms; run from the project's root)")
+        with local.signals(cluster is not None), guard.workspace_lock(repo, command, log):
             code = 1
-            with _interrupted():
+            with local.interrupted():
                 swept = zip(SWEPT, (shot_list, seed_list or []), strict=True)
                 grid_sets = [f"{key}={','.join(map(str, values))}" for key, values in swept]
-                check([*lines, *given, *(grid_sets if command == "sweep" else [])], repo)  # each grid point
+                guard.check([*lines, *given, *(grid_sets if command == "sweep" else [])], repo)  # each grid point
                 backend = Backend(cluster, n, repo)
                 if command in ("sweep", "ablations") and cluster is None:
                     local.clear_orphans(repo, log)
@@ -412,7 +315,7 @@ def dispatch(
             print(progress.report(signum), file=sys.stderr, flush=True)
             return 128 + signum
         return code
-    except Refused as error:
+    except guard.Refused as error:
         if (signum := local.stopped()) is not None:  # a check or preflight cut short by the stop
             print(progress.report(signum), file=sys.stderr, flush=True)
             return 128 + signum
@@ -421,33 +324,3 @@ def dispatch(
     except Failed as error:
         print(f"error: {error}", file=sys.stderr, flush=True)
         return 1
-
-
-@contextmanager
-def _interrupted() -> Iterator[None]:
-    """A KeyboardInterrupt raised for a stop (`_signals`) ends the work; the report says what finished."""
-    try:
-        yield
-    except KeyboardInterrupt:
-        if local.stopped() is None:
-            raise
-
-
-@contextmanager
-def _signals(cluster: bool) -> Iterator[None]:
-    """SIGINT and SIGTERM stop the children (local.stop); on a cluster they also interrupt the Ray backend's
-    driver (KeyboardInterrupt), whose exit cancels the tasks it owns (Ray's fate sharing)."""
-    local.reset()
-
-    def handler(signum: int, frame: object) -> None:
-        local.stop(signum)
-        if cluster:
-            raise KeyboardInterrupt
-
-    handled = (signal.SIGINT, signal.SIGTERM)
-    previous = {s: signal.signal(s, handler) for s in handled}
-    try:
-        yield
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)

@@ -18,7 +18,8 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 from mpad.runs.units import next_category
@@ -259,3 +260,33 @@ def run_experiments(
     subprocess.run([*dvc_queue, "remove", "-q", "--queued"], cwd=repo, capture_output=True)
     subprocess.run([*dvc_queue, "stop"], cwd=repo, capture_output=True)
     return status
+
+
+@contextmanager
+def interrupted() -> Iterator[None]:
+    """A KeyboardInterrupt raised for a stop (`signals`) ends the work; the report says what finished."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        if stopped() is None:
+            raise
+
+
+@contextmanager
+def signals(cluster: bool) -> Iterator[None]:
+    """SIGINT and SIGTERM stop the children (`stop`); on a cluster they also interrupt the Ray backend's
+    driver (KeyboardInterrupt), whose exit cancels the tasks it owns (Ray's fate sharing)."""
+    reset()
+
+    def handler(signum: int, frame: object) -> None:
+        stop(signum)
+        if cluster:
+            raise KeyboardInterrupt
+
+    handled = (signal.SIGINT, signal.SIGTERM)
+    previous = {s: signal.signal(s, handler) for s in handled}
+    try:
+        yield
+    finally:
+        for s, old in previous.items():
+            signal.signal(s, old)
