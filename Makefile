@@ -5,25 +5,6 @@ STAMP := $(VENV)/.installed
 # DVC runs each stage's `mpad ...` command in a shell: put the project's venv first on its PATH.
 export PATH := $(abspath $(BIN)):$(PATH)
 
-# `make offline` / `make ablations PRESET=offline`: the overrides in presets/offline.txt, as -S arguments.
-PRESET_ARGS = $(if $(PRESET),$(foreach p,$(shell grep -v '^\#' presets/$(PRESET).txt),-S '$(p)'))
-# The paper's comparisons (Table 1's hand-written prompts, Tables 2-4) plus the memory branch; the last one is
-# the full method, so params.yaml
-# ends where it started. Each run sets every ablated knob, since `dvc exp run` leaves params.yaml as it ran.
-META_EPOCHS ?= 3
-LAA_K ?= 2
-# Textures' object mask in every arm (README, "Table 3 on textures"): `whole` makes no-oagm equal full there.
-TEXTURE_MASK ?= mask_method
-ABLATIONS := \
-	human-prompts:mpts.meta_epochs=0,mpts.lambda=1,oagm.enabled=true,oagm.texture_mask=$(TEXTURE_MASK),laa.attention=vv,laa.k=$(LAA_K),memory.enabled=false \
-	lambda-0:mpts.meta_epochs=$(META_EPOCHS),mpts.lambda=0,oagm.enabled=true,oagm.texture_mask=$(TEXTURE_MASK),laa.attention=vv,laa.k=$(LAA_K),memory.enabled=false \
-	lambda-0.5:mpts.meta_epochs=$(META_EPOCHS),mpts.lambda=0.5,oagm.enabled=true,oagm.texture_mask=$(TEXTURE_MASK),laa.attention=vv,laa.k=$(LAA_K),memory.enabled=false \
-	no-oagm:mpts.meta_epochs=$(META_EPOCHS),mpts.lambda=1,oagm.enabled=false,oagm.texture_mask=$(TEXTURE_MASK),laa.attention=vv,laa.k=$(LAA_K),memory.enabled=false \
-	vv-att:mpts.meta_epochs=$(META_EPOCHS),mpts.lambda=1,oagm.enabled=true,oagm.texture_mask=$(TEXTURE_MASK),laa.attention=vv,laa.k=0,memory.enabled=false \
-	qk-laa:mpts.meta_epochs=$(META_EPOCHS),mpts.lambda=1,oagm.enabled=true,oagm.texture_mask=$(TEXTURE_MASK),laa.attention=qk,laa.k=$(LAA_K),memory.enabled=false \
-	memory:mpts.meta_epochs=$(META_EPOCHS),mpts.lambda=1,oagm.enabled=true,oagm.texture_mask=$(TEXTURE_MASK),laa.attention=vv,laa.k=$(LAA_K),memory.enabled=true \
-	full:mpts.meta_epochs=$(META_EPOCHS),mpts.lambda=1,oagm.enabled=true,oagm.texture_mask=$(TEXTURE_MASK),laa.attention=vv,laa.k=$(LAA_K),memory.enabled=false
-
 .PHONY: setup run offline ablations sweep plots compare docs test test-fast bench gpu-wheels gpu-dry
 
 $(STAMP): pyproject.toml
@@ -33,76 +14,30 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
-# The main job: the pipeline with params.yaml as it is (by default the paper's setting where the paper gives one).
-# `mpad check` first: a value DVC cannot expand (dataset.categories: null) would stop DVC with its own traceback.
-# JOBS=1 (default): `dvc repro`. JOBS=N > 1: the categories' stages in N concurrent `dvc repro` processes,
-# fetch once before and summarize once after (mpad/parallel.py).
-run: $(STAMP)
-	$(BIN)/mpad check
-	$(if $(filter-out 1,$(JOBS)),$(BIN)/python -m mpad.parallel --jobs $(JOBS),$(BIN)/dvc repro)
-
-# The offline preset as a DVC experiment (generated data, tiny random-weight model; no network). JOBS=N > 1:
-# the preset written to params.yaml as `dvc exp run -S` does, the run of `make run JOBS=N`, then `dvc exp save`.
-OFFLINE_SETS = $(foreach p,$(shell grep -v '^\#' presets/offline.txt),-S '$(p)')
-offline: $(STAMP)
-	-$(BIN)/dvc exp remove -q offline 2>/dev/null
-	$(if $(filter-out 1,$(JOBS)),$(BIN)/python -m mpad.parallel --jobs $(JOBS) $(OFFLINE_SETS) && \
-	  $(BIN)/dvc exp save -f -n offline,$(BIN)/dvc exp run -n offline $(OFFLINE_SETS))
-	cat metrics.md
-
-# The ablations as named DVC experiments. JOBS=1 (default): one after another in the workspace. JOBS=N > 1: queued
-# (`dvc exp run --queue`) and run by N parallel DVC queue workers (`dvc queue start -j N`), each in a temporary copy
-# that reads the workspace's dataset (mpad.workspace); the synthetic dataset is generated once, under a lock.
-# An experiment of the same name is replaced (`exp run --force` would also re-run every stage).
-# SEEDS=0,1,2: each arm once per seed s, named <arm>-s<s>, with shots.seed, oagm.seed and mpts.seed all set to s.
+# The runs (`mpad exp`, mpad/runs/): each argument is checked before anything changes (a bad one: one line, exit 2);
+# Ctrl-C stops every process a run started and says what finished; a re-run runs only what is missing.
+# run: the pipeline on params.yaml (`mpad check` first). JOBS=1 (default): `dvc repro`; JOBS=N > 1: the categories'
+#   stages in N concurrent `dvc repro` processes, fetch once before and summarize once after (mpad/runs/units.py).
+# offline: the offline preset (presets/offline.txt: generated data, tiny random-weight model) as the experiment
+#   `offline`, then metrics.md.
+# ablations: the arms of presets/ablations.yaml as named experiments on JOBS DVC queue workers (SEEDS=0,1,2: each
+#   arm per seed, <arm>-s<seed>), those without a run of their params and code; then `make compare`'s table.
+# sweep: shots.k x shots.seed (SHOTS=1,2,4, SEEDS=0,1,2) as experiments, those without a run; then sweep.md (a table
+#   per k: mean ± std, min-max over seeds) and sweep.json.
+# PRESET=NAME: presets/NAME.txt's overrides in every experiment. CLUSTER=ADDRESS: the units on a Ray cluster.
 JOBS ?= 1
-comma := ,
-SEED_KEYS := shots.seed oagm.seed mpts.seed
-# N queue workers with the cores shared among their torch threads (unless OMP_NUM_THREADS is set: README,
-# busy cores); wait until the queue is empty; fail if a run failed (`dvc queue logs <name>` says why).
-RUN_QUEUE = OMP_NUM_THREADS=$${OMP_NUM_THREADS:-$$(( $$(nproc) > $(JOBS) ? $$(nproc) / $(JOBS) : 1 ))} \
-	  $(BIN)/dvc queue start -j $(JOBS) && \
-	  while $(BIN)/dvc queue status | grep -qE 'Queued|Running'; do sleep 10; done; \
-	  $(BIN)/dvc queue status; ! $(BIN)/dvc queue status | grep -q Failed
+EXP = $(BIN)/mpad exp $@ --jobs '$(JOBS)' $(if $(CLUSTER),--cluster '$(CLUSTER)')
+run offline: $(STAMP)
+	$(EXP)
 ablations: $(STAMP)
-	$(if $(PRESET),,$(BIN)/mpad check)
-	$(if $(filter-out 1,$(JOBS)),$(if $(PRESET),,$(BIN)/dvc repro fetch))
-	$(if $(filter-out 1,$(JOBS)),$(BIN)/dvc queue remove -q --all)
-	set -e; for spec in $(ABLATIONS); do \
-	  arm=$${spec%%:*}; sets=""; \
-	  for kv in $$(echo $${spec#*:} | tr ',' ' '); do sets="$$sets -S $$kv"; done; \
-	  for seed in $(or $(subst $(comma), ,$(SEEDS)),-); do \
-	    name=$$arm; seeds=""; \
-	    if [ "$$seed" != - ]; then name=$$arm-s$$seed; seeds="$(foreach k,$(SEED_KEYS),-S $(k)=$$seed)"; fi; \
-	    echo "== experiment $$name"; \
-	    $(BIN)/dvc exp remove -q $$name 2>/dev/null || true; \
-	    $(BIN)/dvc exp run $(if $(filter-out 1,$(JOBS)),--queue) -n $$name $(PRESET_ARGS) $$sets $$seeds; \
-	  done; \
-	done
-	$(if $(filter-out 1,$(JOBS)),$(RUN_QUEUE))
-	$(MAKE) --no-print-directory compare
-
-# shots.k x shots.seed as DVC experiments (mpad/sweep.py): the grid points without a run of the current params and
-# code are queued with DVC's grid syntax (all of them: -S 'shots.k=1,2,4' -S 'shots.seed=0,1,2') and run by JOBS
-# workers; then sweep.md (a table per k: mean ± std, min-max over seeds) and sweep.json. Nothing missing: no run.
-SHOTS ?= 1,2,4
-SWEEP_ARGS = --shots $(SHOTS) --seeds $(if $(SEEDS),$(SEEDS),0,1,2) $(if $(PRESET),--preset presets/$(PRESET).txt)
+	$(EXP) $(if $(PRESET),--preset '$(PRESET)') $(if $(SEEDS),--seeds '$(SEEDS)')
 sweep: $(STAMP)
-	$(if $(PRESET),,$(BIN)/mpad check && $(BIN)/dvc repro fetch)
-	set -e; plan=$$($(BIN)/python -m mpad.sweep plan $(SWEEP_ARGS)); \
-	if [ -z "$$plan" ]; then echo "every grid point has a run of these params and this code: nothing to run"; else \
-	  $(BIN)/dvc queue remove -q --all; \
-	  echo "$$plan" | while read -r sets; do \
-	    echo "dvc exp run --queue $$sets"; eval "set -- $$sets"; $(BIN)/dvc exp run --queue $(PRESET_ARGS) "$$@"; \
-	  done; \
-	  $(RUN_QUEUE); \
-	fi
-	$(BIN)/python -m mpad.sweep report $(SWEEP_ARGS)
+	$(EXP) $(if $(PRESET),--preset '$(PRESET)') $(if $(SHOTS),--shots '$(SHOTS)') $(if $(SEEDS),--seeds '$(SEEDS)')
 
 # Experiments x the params that differ between them x mean metrics, under 120 characters a line
 # (`dvc exp show` itself prints every metrics file, param and dependency hash).
 compare: $(STAMP)
-	$(BIN)/dvc exp show --json | $(BIN)/python -m mpad.experiments
+	$(BIN)/mpad exp compare
 
 # PNG pictures that open without network (dvc_plots/index.html loads vega from a CDN): figures/curves.png
 # (ROC, PRO), figures/training.png (MPTS curves), figures/ablation_pixel_auroc.png (the experiments).

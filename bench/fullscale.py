@@ -19,7 +19,7 @@ machine's load average as the stages ended (other work on the machine slows them
 each model stage split into imports, model build, weight read, prompt ensembles, feature pass and the rest
 (bench/phases.py). Then the projected time of the full MVTec AD 1-shot run (15 categories, 1725 test
 images): measured categories with their own costs, the others with the measured means; with --jobs N each
-category's two units of work (sample to train, then evaluate) go to N workers by mpad/parallel.py's rule
+category's two units of work (sample to train, then evaluate) go to N workers by mpad/runs/units.py's rule
 (`makespan`: the category with the most units left, then params order), as `make run JOBS=N` runs them.
 Synthesize does the same work per category at any fraction; evaluate's loop scales with the category's test
 images, its tail is counted as fixed (its metrics grow with the images but take
@@ -47,7 +47,7 @@ import standin
 
 from mpad.config import TABLE_ORDER
 from mpad.data import MVTEC_CATEGORIES, MVTEC_TEXTURES
-from mpad.parallel import makespan, work_units
+from mpad.runs.units import makespan, work_units
 
 STAGES = ("fetch", "sample", "synthesize", "train", "evaluate", "summarize")
 MODEL_STAGES = ("synthesize", "train", "evaluate")

@@ -6,7 +6,7 @@ as on a new machine). With a timings file, MPAD_TIMINGS names it (`stages.common
 loop's first-item and end times there) and the command is `python bench/phases.py <command> ...`, which
 records the start-up phases in MPAD_PHASES (the timings file's sibling phases.jsonl). Peak RSS comes from
 os.wait4's rusage of that child. `run_pipeline(..., jobs=N)` runs the categories' chains N at a time, as
-`make run JOBS=N` does (threads per worker: mpad.parallel.worker_env).
+`make run JOBS=N` does (threads per worker: mpad.runs.units.worker_env).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from typing import Any
 import yaml
 from phases import PHASES_ENV
 
-from mpad.parallel import worker_env
+from mpad.runs.units import worker_env
 
 REPO = Path(__file__).resolve().parents[1]
 CATEGORY_STAGES = ("sample", "synthesize", "train", "evaluate")

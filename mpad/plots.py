@@ -20,7 +20,8 @@ from typing import Any
 
 from mpad import layout
 from mpad.curves import read_curve, read_xy
-from mpad.experiments import arms, experiments, mean_std
+from mpad.runs.experiments import arms, experiments
+from mpad.runs.tables import mean_std
 from mpad.summary import LABELS
 
 CURVE_PANELS = {"roc_pixel": "ROC, pixel level", "roc_image": "ROC, image level", "pro": "PRO (per-region overlap)"}
@@ -79,7 +80,7 @@ def line_panels(rows: list[dict[str, Any]], x_title: str, y_title: str, title: s
 def ablation_rows(exp_show: list[dict[str, Any]], metric: str = "pixel_auroc") -> list[dict[str, Any]]:
     """{experiment, category, value} of `metric` from each experiment's metrics/<category>.json (null: left out).
 
-    An arm run at several seeds (`make ablations SEEDS=...`, mpad.experiments.arms) is one entry named after the
+    An arm run at several seeds (`make ablations SEEDS=...`, mpad.runs.experiments.arms) is one entry named after the
     arm: value = the mean over its runs, plus lo / hi = value -+ their sample standard deviation."""
     out = []
     for arm in arms(experiments(exp_show)):

@@ -29,6 +29,7 @@ COMMANDS = {
     "plots": "Draw the run's curves and the ablation / sweep charts as PNG files (no browser, no network).",
     "export": "Export the learned detector as one ONNX model (+ sidecar JSON) for deployment.",
     "serve": "Serve an exported model over HTTP, with dynamic batching and a page to try it.",
+    "exp": "Runs, sweeps and ablations, here or on a Ray cluster: run, offline, sweep, ablations, compare.",
 }
 
 
@@ -46,6 +47,8 @@ class LazyStages(TyperGroup):
         if self._listing:  # the group's help only needs names and summaries
             return click.Command(cmd_name, help=COMMANDS[cmd_name])
         module = importlib.import_module(f"stages.{cmd_name}")
+        if hasattr(module, "app"):  # a command group (stages/exp.py)
+            return typer.main.get_group(module.app)
         from stages.common import disk_errors  # a full disk: one line, not a traceback (every command)
 
         info = CommandInfo(name=cmd_name, callback=disk_errors(module.main))

@@ -1,4 +1,5 @@
-"""`make run JOBS=N` / `make offline JOBS=N` (mpad/parallel.py): per-category `dvc repro` processes in parallel."""
+"""`make run JOBS=N` / `make offline JOBS=N` (mpad/runs/units.py, the local backend of mpad/runs/local.py): per-category
+`dvc repro` processes in parallel."""
 
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ import yaml
 from e2e import ROOT, copy_project, preset_overrides, run
 
 from mpad import layout
-from mpad.parallel import category_chains, main, makespan, next_category, visible_gpus, work_units, worker_env
+from mpad.runs import dispatch, guard
+from mpad.runs.units import category_chains, makespan, next_category, visible_gpus, work_units, worker_env
 
 STAGES = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
 # The offline preset, cut to what still runs every stage of two categories (a texture and an object).
@@ -75,7 +77,9 @@ def test_a_failed_category_lets_the_others_finish_and_is_named_with_its_log(tmp_
     fake.chmod(0o755)
     monkeypatch.setenv("PATH", f"{fake.parent}{os.pathsep}{os.environ['PATH']}")
     monkeypatch.chdir(tmp_path)
-    assert main(["--jobs", "2"]) == 1
+    (tmp_path / ".dvc").mkdir()
+    monkeypatch.setattr(guard, "CHECK", ["true"])  # params.yaml is mpad check's (tests/test_runs_*.py)
+    assert dispatch.dispatch("run", tmp_path, jobs="2") == 1
     calls = (tmp_path / "calls.txt").read_text().splitlines()
     assert calls[:2] == ["stage list --name-only", "repro fetch"]
     units = [

@@ -1,4 +1,4 @@
-"""Offline pictures (mpad.plots) and the narrow experiment comparison (mpad.experiments), from fixed inputs."""
+"""Offline pictures (mpad.plots) and the narrow experiment comparison (mpad.runs.experiments), from fixed inputs."""
 
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ from typer.testing import CliRunner
 
 from mpad import plots
 from mpad.curves import CURVES
-from mpad.experiments import compare_table, experiments
 from mpad.plots import (
     CURVE_PANELS,
     TRAIN_PANELS,
@@ -23,6 +22,7 @@ from mpad.plots import (
     render_png,
     training_rows,
 )
+from mpad.runs.experiments import compare_table, experiments
 from stages.cli import app
 
 ABLATIONS = {  # name: (meta_epochs, lambda, oagm, attention, k, memory)

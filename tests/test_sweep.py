@@ -1,4 +1,4 @@
-"""Shots x seeds sweeps (mpad.sweep) and ablations over seeds (mpad.experiments' arms and noise mark), from
+"""Shots x seeds sweeps (mpad.runs.sweep) and ablations over seeds (mpad.runs.experiments' arms and noise mark), from
 constructed `dvc exp show --json` rows; the end-to-end `make sweep` on a reduced offline preset is marked slow."""
 
 from __future__ import annotations
@@ -15,18 +15,17 @@ from e2e import commit, copy_project, preset_overrides, run
 from PIL import Image
 from test_queue import TINY
 
-from mpad.experiments import arms, compare_table, experiments, within_noise
 from mpad.plots import ablation_rows, ablation_spec, render_png, sweep_rows, sweep_spec
-from mpad.sweep import (
+from mpad.runs.experiments import arms, compare_table, experiments, within_noise
+from mpad.runs.sweep import (
     aggregate,
     code_paths,
     grid,
     markdown,
     parse_ints,
     parse_overrides,
-    queue_groups,
+    point_name,
     runs_of,
-    set_args,
     table_order,
     target_params,
     workspace_params,
@@ -83,18 +82,20 @@ def _exp_show(experiments_params: list[tuple[str, dict]], workspace: dict | None
     ]
 
 
-def test_grid_arguments_and_queue_groups():
+def test_grid_arguments_and_point_names():
     assert parse_ints("1,2,4", "SHOTS") == [1, 2, 4] and parse_ints(" 0, 1 ", "SEEDS") == [0, 1]
-    for bad in ("", "1,x", "1,1"):
+    for bad in ("", "1,x", "1,1", "0,-1"):
         with pytest.raises(ValueError, match="SEEDS="):
             parse_ints(bad, "SEEDS")
+    with pytest.raises(ValueError, match="SHOTS='0,1'"):
+        parse_ints("0,1", "SHOTS", 1)
     points = grid([1, 2, 4], [0, 1, 2])
     assert points[:4] == [(1, 0), (1, 1), (1, 2), (2, 0)] and len(points) == 9
-    # a whole grid is DVC's own grid syntax, once
-    assert [set_args(*g) for g in queue_groups(points)] == ["-S 'shots.k=1,2,4' -S 'shots.seed=0,1,2'"]
-    # what is left after some runs: ks lacking the same seeds share one grid
-    assert queue_groups([(1, 2), (2, 2), (4, 0), (4, 1), (4, 2)]) == [([1, 2], [2]), ([4], [0, 1, 2])]
-    assert queue_groups([]) == []
+    # a point's experiment name: readable, and distinct for other params (another params.yaml or preset)
+    one = point_name((1, 0), target_params({"mpts.lambda": 1.0}, {}, (1, 0)))
+    assert one.startswith("k1-s0-") and len(one) == len("k1-s0-") + 6
+    assert one == point_name((1, 0), target_params({"mpts.lambda": 1.0}, {}, (1, 0)))
+    assert one != point_name((1, 0), target_params({"mpts.lambda": 0.5}, {}, (1, 0)))
     overrides = parse_overrides(["# comment", "", "dataset.categories=[a,b]", "model.pretrained=none", "x.y=2.0"])
     assert overrides == {"dataset.categories": ["a", "b"], "model.pretrained": "none", "x.y": 2.0}
 
@@ -262,9 +263,9 @@ def test_make_sweep_2x2_agrees_with_each_experiments_metrics_and_reruns_nothing(
     finally:
         dvc = str(venv / "bin" / "dvc")  # the workers stop once idle; this makes sure
         subprocess.run([dvc, "queue", "stop"], cwd=project, capture_output=True, timeout=120)
-    # one DVC grid: shots.k and shots.seed each given as a list
-    assert "dvc exp run --queue -S 'shots.k=1,2' -S 'shots.seed=0,1'" in first
-    assert first.count("Queued experiment") == 4 and "'shots.k=2', 'shots.seed=1'" in first
+    # one named experiment per point, each queued once
+    assert first.count("Queued experiment") == 4 and "4 of 4 experiments to run: k1-s0-" in first
+    assert "'shots.k=2', 'shots.seed=1'" in first  # DVC's "Queueing with overrides"
     assert "nothing to run" in second and "Queued experiment" not in second
 
     sweep = json.loads((project / "sweep.json").read_text())

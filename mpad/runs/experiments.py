@@ -4,7 +4,7 @@
 its `--json` output and keeps what a comparison needs: experiments x the params that differ between them
 x the mean metrics of metrics.json, two header lines so that columns stay narrow.
 
-  dvc exp show --json | python -m mpad.experiments
+`mpad exp compare` (`make compare`) prints it.
 """
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ from __future__ import annotations
 import json
 import re
 import statistics
-import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from mpad.runs.tables import mean_std, mean_std_text, padded, widths
 from mpad.summary import LABELS, group_means, random_weights_of, summary_of
 
 COMPARED = ("pixel_auroc", "aupro", "pixel_f1_max", "image_auroc")  # the means of Tables 1-4
@@ -120,12 +120,6 @@ def arms(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     return [{"name": g["name"], "params": g["params"], "runs": list(g["by_seeds"].values())} for g in groups]
 
 
-def mean_std(values: Sequence[float]) -> tuple[float, float | None]:
-    """Mean and sample standard deviation (ddof = 1: the seeds are a sample of the possible ones) of one or more
-    values; None for the deviation of a single value."""
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
-
-
 def within_noise(values: Sequence[float], reference: Sequence[float]) -> bool:
     """True when the means differ by less than the larger of the two standard deviations over seeds: the
     difference cannot be told from the seeds' spread. A single value has no spread; two single values: False."""
@@ -168,19 +162,12 @@ def compare_table(rows: Sequence[Mapping[str, Any]]) -> str:
             mean, std = mean_std(values)
             noise = reference is not None and g is not reference and within_noise(values, _means(reference, m))
             mark = (NOISE_MARK if noise else " ") if reference is not None else ""  # a blank keeps digits aligned
-            cells.append(f"{mean:.2f}" + ("" if std is None else f"±{std:.2f}") + mark)
+            cells.append(mean_std_text(mean, std, "±") + mark)
         body.append([name] + cells)
     table = [[a for a, _ in heads], [b.strip() for _, b in heads]] + body
-    widths = [max(len(line[i]) for line in table) for i in range(len(heads))]
-    first_metric = len(heads) - len(metrics)  # numbers right-aligned, text left-aligned
-    lines = [
-        "  ".join(
-            cell.rjust(w) if i >= first_metric else cell.ljust(w)
-            for i, (cell, w) in enumerate(zip(line, widths, strict=True))
-        ).rstrip()
-        for line in table
-    ]
-    lines.insert(2, "  ".join("-" * w for w in widths))
+    sizes, first_metric = widths(table), len(heads) - len(metrics)  # numbers right-aligned, text left-aligned
+    lines = ["  ".join(padded(line, sizes, first_metric)).rstrip() for line in table]
+    lines.insert(2, "  ".join("-" * w for w in sizes))
     if any(random_weights_of(summary_of(r["metrics"])) for r in rows):
         lines.append("* random weights (model.pretrained = none): the numbers exercise the pipeline, not the method")
     if seeded:
@@ -193,15 +180,3 @@ def compare_table(rows: Sequence[Mapping[str, Any]]) -> str:
             "standard deviations"
         )
     return "\n".join(lines) + "\n"
-
-
-def main() -> None:
-    try:
-        rows = experiments(json.load(sys.stdin))
-    except ValueError:  # dvc failed (its message is on stderr) or printed no JSON
-        sys.exit("no `dvc exp show --json` output to read")
-    print(compare_table(rows) if rows else "no experiments with results: run `make ablations` or `dvc exp run`")
-
-
-if __name__ == "__main__":
-    main()

@@ -1,14 +1,10 @@
-"""Shots x seeds sweeps (`make sweep`): which grid points still need a run, and the results with their spread.
+"""Shots x seeds sweeps (`mpad exp sweep`, `make sweep`): which grid points still need a run, and the results with
+their spread.
 
-`make sweep SHOTS=1,2,4 SEEDS=0,1,2` queues the grid points that have no run yet with DVC's own grid syntax
-(`dvc exp run --queue -S 'shots.k=1,2,4' -S 'shots.seed=0,1,2'`), runs them with `dvc queue start -j JOBS`, and
-reads them back from `dvc exp show --json`:
-
-  python -m mpad.sweep plan --shots 1,2,4 --seeds 0,1,2 [--preset presets/offline.txt]
-  python -m mpad.sweep report --shots 1,2,4 --seeds 0,1,2 [--preset ...]
-
-`plan` prints one line of `-S` arguments per `dvc exp run --queue` still needed (none: nothing to run); `report`
-writes sweep.md (a table per k) and sweep.json (the same numbers; `dvc metrics diff --targets sweep.json`).
+`make sweep SHOTS=1,2,4 SEEDS=0,1,2` runs each grid point without a run as a named DVC experiment
+(`point_name`) through the dispatcher (mpad.runs.dispatch: the DVC queue with JOBS workers, or a Ray cluster),
+then reads them back from `dvc exp show --json` and writes sweep.md (a table per k) and sweep.json (the same
+numbers; `dvc metrics diff --targets sweep.json`).
 
 A grid point has been run when an experiment has exactly the params the sweep gives it (the workspace's
 params.yaml, the preset's overrides, shots.k and shots.seed) and ran the working tree's code: `git diff
@@ -24,20 +20,18 @@ lowest and highest seed's value.
 
 from __future__ import annotations
 
-import argparse
+import hashlib
 import json
 import subprocess
-import sys
 import textwrap
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 
 from mpad.data.catalog import CATALOG, TABLE_ORDER
-from mpad.experiments import experiments, flatten, mean_std
-from mpad.io import write_json, write_text
+from mpad.runs.experiments import flatten
+from mpad.runs.tables import mean_std, mean_std_text, padded, widths
 from mpad.summary import LABELS, group_means, random_weights_of, summary_of
 
 SWEPT = ("shots.k", "shots.seed")
@@ -46,6 +40,7 @@ GROUP_ROWS = {"texture": "texture mean", "object": "object mean", "mean": "mean"
 PACKAGES = ("mpad", "stages")  # pyproject.toml's packages: the code
 MAX_COMMITS = 10  # `dvc exp show -n`: each commit costs about a second
 Point = tuple[int, int]  # (shots.k, shots.seed)
+Key = TypeVar("Key")
 
 
 def code_paths(pipeline: Mapping[str, Any]) -> list[str]:
@@ -55,15 +50,15 @@ def code_paths(pipeline: Mapping[str, Any]) -> list[str]:
     return ["dvc.yaml", *dict.fromkeys(d for d in deps if d.split("/")[0] in PACKAGES)]
 
 
-def parse_ints(text: str, what: str) -> list[int]:
-    """SHOTS or SEEDS as ints, "1,2,4" -> [1, 2, 4]; ValueError naming `what` when empty, not integers or
-    repeated."""
+def parse_ints(text: str, what: str, least: int = 0) -> list[int]:
+    """SHOTS or SEEDS as ints, "1,2,4" -> [1, 2, 4]; ValueError naming `what` when empty, not integers, below
+    `least` or repeated."""
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise ValueError(f"{what}={text!r}: write integers separated by commas, e.g. 0,1,2") from None
-    if not values or len(set(values)) != len(values):
-        raise ValueError(f"{what}={text!r}: write distinct integers separated by commas, e.g. 0,1,2")
+        values = []
+    if not values or len(set(values)) != len(values) or min(values) < least:
+        raise ValueError(f"{what}={text!r}: write distinct integers >= {least} separated by commas, e.g. 1,2")
     return values
 
 
@@ -99,36 +94,21 @@ def target_params(base: Mapping[str, Any], overrides: Mapping[str, Any], point: 
 
 def runs_of(
     rows: Sequence[Mapping[str, Any]],
-    targets: Mapping[Point, Mapping[str, Any]],
+    targets: Mapping[Key, Mapping[str, Any]],
     fresh: Callable[[str], bool] = lambda rev: True,
-) -> dict[Point, Mapping[str, Any]]:
-    """{point: the latest experiment row (mpad.experiments) with exactly that point's params that is `fresh`
-    (ran the current code)}; points without one are absent. Baseline commits' own results do not count."""
-    found: dict[Point, Mapping[str, Any]] = {}
+    names: Mapping[Key, str] | None = None,
+) -> dict[Key, Mapping[str, Any]]:
+    """{key (a grid point, an ablation's name): the latest experiment row (mpad.runs.experiments) with exactly that
+    key's params (and, given `names`, its name) that is `fresh` (ran the current code)}; keys without one are
+    absent. Baseline commits' own results do not count."""
+    found: dict[Key, Mapping[str, Any]] = {}
     for row in rows:  # run order: a later match replaces an earlier one
         if not row.get("experiment"):
             continue
-        for point, params in targets.items():
-            if row["params"] == params and fresh(row["rev"]):
-                found[point] = row
+        for key, params in targets.items():
+            if row["params"] == params and (names is None or names[key] == row["name"]) and fresh(row["rev"]):
+                found[key] = row
     return found
-
-
-def queue_groups(missing: Sequence[Point]) -> list[tuple[list[int], list[int]]]:
-    """The missing points as few grids as possible: ks that lack the same seeds share one (ks, seeds).
-    A whole grid is one: `dvc exp run --queue -S shots.k=<ks> -S shots.seed=<seeds>` queues its product."""
-    seeds_of: dict[int, list[int]] = {}
-    for k, seed in missing:
-        seeds_of.setdefault(k, []).append(seed)
-    groups: dict[tuple[int, ...], list[int]] = {}
-    for k, seeds in seeds_of.items():
-        groups.setdefault(tuple(seeds), []).append(k)
-    return [(ks, list(seeds)) for seeds, ks in groups.items()]
-
-
-def set_args(ks: Sequence[int], seeds: Sequence[int]) -> str:
-    """`-S 'shots.k=1,2' -S 'shots.seed=0,1'`: a DVC grid when a list has more than one value."""
-    return " ".join(f"-S '{key}={','.join(map(str, values))}'" for key, values in zip(SWEPT, (ks, seeds), strict=True))
 
 
 def spread(values: Sequence[float]) -> dict[str, float | int | None]:
@@ -196,9 +176,7 @@ def _present(values: Iterable[Any]) -> list[float]:
 
 
 def _mean_std(s: Mapping[str, Any]) -> str:
-    if s["mean"] is None:
-        return "n/a"
-    return f"{s['mean']:.2f}" + ("" if s["std"] is None else f" ± {s['std']:.2f}")
+    return "n/a" if s["mean"] is None else mean_std_text(s["mean"], s["std"])
 
 
 def _range(s: Mapping[str, Any]) -> str:
@@ -225,11 +203,11 @@ def markdown(sweep: Mapping[str, Any]) -> str:
             table += [[c] + _cells(rows[c]) for c in members]
             table += [[GROUP_ROWS[group]] + _cells(rows[group])] if group in rows else []
         table.append(["**mean**"] + _cells(rows["mean"]))
-        widths = [max(len(r[i]) for r in table) for i in range(len(head))]
+        sizes = widths(table)
         lines += [f"**{k}-shot** (seeds {seeds}: n = {len(sweep['seeds'])})", ""]
-        lines.append(_line(table[0], widths))
-        lines.append("|" + "|".join("-" * (w + 1) + ("-" if i == 0 else ":") for i, w in enumerate(widths)) + "|")
-        lines += [_line(r, widths) for r in table[1:]] + [""]
+        lines += ["| " + " | ".join(padded(table[0], sizes, 1)) + " |"]
+        lines.append("|" + "|".join("-" * (w + 1) + ("-" if i == 0 else ":") for i, w in enumerate(sizes)) + "|")
+        lines += ["| " + " | ".join(padded(r, sizes, 1)) + " |" for r in table[1:]] + [""]
     fixed = ", ".join(f"{key} = {value}" for key, value in sweep["fixed_seeds"].items())
     lines += [
         "mean ± sample standard deviation (ddof = 1) over the seeds; min–max: the lowest and highest seed's value;",
@@ -242,60 +220,25 @@ def _cells(row: Mapping[str, Mapping[str, Any]]) -> list[str]:
     return [cell for name in REPORTED for cell in (_mean_std(row[name]), _range(row[name]))]
 
 
-def _line(cells: Sequence[str], widths: Sequence[int]) -> str:
-    padded = [c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True))]
-    return "| " + " | ".join(padded) + " |"
+def point_name(point: Point, params: Mapping[str, Any]) -> str:
+    """The experiment name of a grid point's run, `k1-s0-<6 hex digits of its params>`: readable, and another
+    params.yaml or preset never replaces this one's run."""
+    digest = hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()[:6]
+    return f"k{point[0]}-s{point[1]}-{digest}"
 
 
-def _code_unchanged(rev: str, code: Sequence[str]) -> bool:
+def code_unchanged(rev: str, code: Sequence[str]) -> bool:
     """True when the experiment commit `rev` ran the working tree's code (git diff against it is empty)."""
     return subprocess.run(["git", "diff", "--quiet", rev, "--", *code], capture_output=True).returncode == 0
 
 
-def _exp_show(code: Sequence[str]) -> list[dict[str, Any]]:
+def exp_show(code: Sequence[str]) -> list[dict[str, Any]]:
     """`dvc exp show --json` over the commits since `code` last changed (up to MAX_COMMITS): an experiment of an
-    earlier commit with the same code still counts, and one of a commit before that cannot."""
+    earlier commit with the same code still counts, and one of a commit before that cannot. ValueError when DVC
+    failed (its message is on stderr)."""
     git = ["git", "rev-list", "--first-parent"]
     last = subprocess.run([*git, "-1", "HEAD", "--", *code], capture_output=True, text=True).stdout.strip()
     since = subprocess.run([*git, "--count", f"{last}..HEAD"], capture_output=True, text=True).stdout.strip()
     commits = min(int(since or 0) + 1, MAX_COMMITS)
     shown = subprocess.run(["dvc", "exp", "show", "--json", "-n", str(commits)], stdout=subprocess.PIPE, text=True)
     return json.loads(shown.stdout)
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m mpad.sweep", description=__doc__.split("\n")[0])
-    parser.add_argument("action", choices=("plan", "report"))
-    parser.add_argument("--shots", default="1,2,4", help="shots.k values, e.g. 1,2,4")
-    parser.add_argument("--seeds", default="0,1,2", help="shots.seed values, e.g. 0,1,2")
-    parser.add_argument("--preset", type=Path, help="a presets/*.txt file of -S overrides")
-    parser.add_argument("--markdown", type=Path, default=Path("sweep.md"))
-    parser.add_argument("--json", type=Path, default=Path("sweep.json"))
-    args = parser.parse_args(argv)
-    try:
-        shots, seeds = parse_ints(args.shots, "SHOTS"), parse_ints(args.seeds, "SEEDS")
-        code = code_paths(yaml.safe_load(Path("dvc.yaml").read_text()))
-        exp_show = _exp_show(code)
-        base = workspace_params(exp_show)
-        overrides = parse_overrides(args.preset.read_text().splitlines()) if args.preset else {}
-    except ValueError as error:  # a bad list or preset line; dvc failed (its message is on stderr) or printed no JSON
-        sys.exit(f"mpad.sweep: {error}")
-    points = grid(shots, seeds)
-    targets = {point: target_params(base, overrides, point) for point in points}
-    runs = runs_of(experiments(exp_show), targets, lambda rev: _code_unchanged(rev, code))
-    missing = [p for p in points if p not in runs]
-    if args.action == "plan":
-        print("\n".join(set_args(ks, group_seeds) for ks, group_seeds in queue_groups(missing)))
-        return
-    if missing:
-        sys.exit(
-            f"mpad.sweep: no successful run of (shots.k, shots.seed) = {missing}; `dvc queue logs <name>` says why"
-        )
-    sweep = aggregate(runs, shots, seeds)
-    write_json(args.json, sweep)
-    write_text(args.markdown, markdown(sweep))
-    print(args.markdown.read_text(), end="")
-
-
-if __name__ == "__main__":
-    main()
