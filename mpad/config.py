@@ -1,15 +1,11 @@
 """Typed, validated settings: one frozen pydantic model per section of params.yaml, checked once, in one place.
 
-`Section.from_params(values)` reads a section's mapping: a missing key takes the field's default (the
-defaults are params.yaml's values; a test keeps the two equal), an unknown key or a bad value is a
-`ConfigError` whose message has one line per problem, naming the key, the value and what is allowed (each
-field's `allowed` text; a bad entry of a list is named by its index). Types are strict: no string is read as
-a number, no boolean as an integer or a number, no NaN or infinity as a value. `params_schema` is the JSON
-Schema of params.yaml (`mpad schema` writes it, with the descriptions of params.yaml's comments, to
-params.schema.json for YAML editors). `parse_params` reads params.yaml's bytes, refusing what PyYAML lets pass
-but DVC or a reader would not (a repeated key, bytes that are not UTF-8); `load_sections` validates several
-sections, every problem said. Library functions take these objects, not dicts. Light module (pydantic, no
-torch): the stages that need no model use it too.
+`Section.from_params(values)` reads a section's mapping: a missing key takes the field's default (params.yaml's
+values; a test keeps the two equal), an unknown key or a bad value is a `ConfigError` with one line per problem,
+naming the key, the value and what is allowed (a bad entry of a list by its index). Types are strict: no string
+read as a number, no boolean as an integer or a number, no NaN or infinity. `load_sections` validates several
+sections, every problem said; the file's parsing and its JSON Schema are in mpad/params_file.py. Library
+functions take these objects, not dicts. Light module (pydantic, no torch): the stages that need no model use it.
 """
 
 from __future__ import annotations
@@ -19,7 +15,6 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
-import yaml
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 from mpad.data.catalog import CATALOG, DATASETS, TABLE_ORDER, VISA_CATEGORIES
@@ -341,47 +336,6 @@ SECTIONS: dict[str, type[Section]] = {
 }  # fmt: skip
 
 
-def parse_params(data: bytes) -> Any:
-    """The values of params.yaml's bytes (YAML's safe subset); ConfigError with one line for bytes that are not
-    UTF-8 (naming the byte offset and line) and for a key repeated in one mapping (naming it and both lines:
-    PyYAML keeps the last silently, DVC refuses the file), with the line and column for other YAML errors."""
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as err:
-        line = data.count(b"\n", 0, err.start) + 1
-        byte = data[err.start : err.start + 1]
-        raise ConfigError(f"byte {err.start} (line {line}) is {byte!r}, not UTF-8: save the file as UTF-8") from None
-    loader = yaml.SafeLoader(text)
-    try:
-        node = loader.get_single_node()
-        if node is None:
-            return None
-        _refuse_duplicates(node, "")
-        return loader.construct_document(node)
-    except yaml.YAMLError as err:
-        raise ConfigError(f"not valid YAML: {err}") from None
-    finally:
-        loader.dispose()
-
-
-def _refuse_duplicates(node: yaml.Node, prefix: str) -> None:
-    """ConfigError naming the dotted key and its lines when a mapping under `node` holds a key twice."""
-    if isinstance(node, yaml.SequenceNode):
-        for item in node.value:
-            _refuse_duplicates(item, prefix)
-    if not isinstance(node, yaml.MappingNode):
-        return
-    seen: dict[str, int] = {}
-    for key_node, value_node in node.value:
-        key, line = f"{prefix}{key_node.value}", key_node.start_mark.line + 1
-        if key in seen:
-            raise ConfigError(
-                f"line {line}: key '{key}' appears twice (also on line {seen[key]}): keep one (DVC refuses such a file)"
-            )
-        seen[key] = line
-        _refuse_duplicates(value_node, f"{key}.")
-
-
 def load_sections(params: Mapping[str, Any], *names: str) -> list[Any]:
     """The settings of sections `names` of params.yaml's values, in that order; ConfigError with one line per
     bad value of any of them."""
@@ -394,33 +348,3 @@ def load_sections(params: Mapping[str, Any], *names: str) -> list[Any]:
     if errors:
         raise ConfigError("\n".join(errors))
     return found
-
-
-def params_schema(descriptions: Mapping[str, str] | None = None) -> dict[str, Any]:
-    """The JSON Schema (draft 2020-12) of params.yaml: one object per section, its keys, types, bounds and
-    defaults; `descriptions` ({"section.key": text}, e.g. params.yaml's comments) become their descriptions.
-    Extra top-level keys are allowed (DVC and the user may keep others); extra keys in a section are not."""
-    descriptions = descriptions or {}
-    properties = {}
-    for name, cls in SECTIONS.items():
-        schema = cls.model_json_schema(by_alias=True, mode="validation")
-        for key in list(schema.get("properties", {})):
-            prop = schema["properties"][key]
-            if key in cls.NOT_PARAMS:
-                del schema["properties"][key]
-                continue
-            prop.pop("title", None)
-            prop.pop("allowed", None)
-            prop.pop("entry", None)
-            if f"{name}.{key}" in descriptions:
-                prop["description"] = descriptions[f"{name}.{key}"]
-        schema.pop("title", None)
-        schema["description"] = " ".join((cls.__doc__ or "").split("\n\n")[0].split())
-        properties[name] = schema
-    return {
-        "$schema": "https://json-schema.org/draft/2020-12/schema",
-        "title": "mpad params.yaml",
-        "type": "object",
-        "required": list(SECTIONS),
-        "properties": properties,
-    }

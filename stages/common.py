@@ -15,7 +15,7 @@ import typer
 import yaml
 from tqdm import tqdm
 
-from mpad import config, layout
+from mpad import config, layout, params_file
 from mpad.data import DatasetError
 from mpad.data.shots import load_shots
 from mpad.io import FULL, NoSpaceError, bar_interval, disk_usage_of, require_space
@@ -28,7 +28,7 @@ def load_params(path: Path) -> dict[str, Any]:
     if not path.is_file():
         fail(f"{path}: parameters file not found (run from the project root or pass --params)")
     try:
-        params = config.parse_params(path.read_bytes())
+        params = params_file.parse_params(path.read_bytes())
     except config.ConfigError as err:
         fail(f"{path}: {err}")
     if not isinstance(params, dict):

@@ -50,8 +50,8 @@ def main(
     check: bool = typer.Option(False, "--check", help="Write nothing; exit 1 when --out is not current."),
 ) -> None:
     """Write the JSON Schema of params.yaml (keys, types, bounds, defaults, descriptions from its comments)."""
-    from mpad.config import params_schema
     from mpad.io import write_text
+    from mpad.params_file import params_schema
 
     if not params.is_file():
         fail(f"{params}: parameters file not found (run from the project root or pass --params)")
