@@ -24,7 +24,7 @@ ABLATIONS := \
 	memory:mpts.meta_epochs=$(META_EPOCHS),mpts.lambda=1,oagm.enabled=true,oagm.texture_mask=$(TEXTURE_MASK),laa.attention=vv,laa.k=$(LAA_K),memory.enabled=true \
 	full:mpts.meta_epochs=$(META_EPOCHS),mpts.lambda=1,oagm.enabled=true,oagm.texture_mask=$(TEXTURE_MASK),laa.attention=vv,laa.k=$(LAA_K),memory.enabled=false
 
-.PHONY: setup run offline ablations sweep plots compare test test-fast bench gpu-wheels gpu-dry
+.PHONY: setup run offline ablations sweep plots compare test test-fast bench bench-peers gpu-wheels gpu-dry
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || python3 -m venv $(VENV)
@@ -129,6 +129,10 @@ test-fast: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/encoder.py
+
+# mpad against anomalib's WinCLIP on the same images (bench/peers.py; anomalib goes into .peers/venv, not .venv).
+bench-peers: $(STAMP)
+	$(BIN)/python bench/peers.py $(PEERS_ARGS)
 
 # The GPU check (bench/gpu_check.sh): the wheels the GPU machine lacks, for Python 3.12, into .whl/ (git-ignored).
 gpu-wheels: $(STAMP)
