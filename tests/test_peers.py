@@ -66,3 +66,13 @@ def test_table_has_one_row_per_figure_with_medians_and_ratio(peers):
     assert rows[3] == "| set-up s from k normal images | 12.0 | 48.0 | 0.25x (0.25-0.25x, 1 rounds) | lower |"
     assert rows[4] == "| evaluation images/s | 0.3 | 0.1 | 3.00x (3.00-3.00x, 1 rounds) | higher |"
     assert rows[5] == "| peak RSS MiB | 1700 | 3400 | 0.50x (0.50-0.50x, 1 rounds) | lower |"
+
+
+def test_digests_tell_equal_weights_from_a_changed_one(peers):
+    torch = pytest.importorskip("torch")
+    state = {"w": torch.arange(12, dtype=torch.float32).reshape(3, 4), "scale": torch.tensor(4.6)}
+    same = {"w": state["w"].t().contiguous().t(), "scale": torch.tensor(4.6)}  # other strides, same values
+    changed = {"w": state["w"].clone(), "scale": torch.tensor(4.6)}
+    changed["w"][2, 3] += 1e-6 * changed["w"][2, 3]  # a relative change of 1e-6 in one value
+    assert peers.digests(same) == peers.digests(state)
+    assert {k for k in state if peers.digests(changed)[k] != peers.digests(state)[k]} == {"w"}
