@@ -247,6 +247,7 @@ def mpad_worker(job: dict[str, Any]) -> dict[str, float]:
     texture = category in MVTEC_TEXTURES + SYNTHETIC_TEXTURES
     masks = shot_object_masks(shots, category, cfg["oagm"], texture, bundle)
     drawn = [s for per_shot in synthesize_set(shots, masks, category, cfg["oagm"]) for s in per_shot]
+    synthesized = time.perf_counter()
     images, maps = [s.image for s in drawn], [s.mask.astype(np.float32) for s in drawn]
     learned = learn_prompts(bundle, category, images, maps, cfg["laa"], cfg["prompts"], cfg["mpts"])
     prompts = learned_file(bundle, category, learned, cfg["laa"], cfg["prompts"], cfg["mpts"])
@@ -259,6 +260,7 @@ def mpad_worker(job: dict[str, Any]) -> dict[str, float]:
     return {
         "build_s": built - start,
         "setup_s": set_up - built,
+        "synthesize_s": synthesized - built,
         "eval_s": done - set_up,
         "images": len(samples),
         "images_per_s": len(samples) / (done - set_up),
@@ -347,6 +349,9 @@ def compare(job: dict[str, Any], pythons: dict[str, str], rounds: int) -> dict[s
             f"(maps {r['map']}, {r['threads']} threads, load {os.getloadavg()[0]:.1f})",
             flush=True,
         )
+        if "synthesize_s" in r:
+            train = r["setup_s"] - r["synthesize_s"]
+            print(f"    (set-up: OAGM {r['synthesize_s']:.1f} s, MPTS and the detector {train:.1f} s)", flush=True)
         if r.get("note") and len(records[side]) == 1:
             print(f"  note: {r['note']}", flush=True)
 
