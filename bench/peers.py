@@ -1,8 +1,8 @@
 """mpad against its closest peer, anomalib's WinCLIP: set-up time, evaluation speed and peak memory, same images.
 
-Run: make bench-peers, or .venv/bin/python bench/peers.py [--data synthetic | MVTEC_ROOT] [--categories disc]
-     [--k 1] [--test 4] [--steps 4] [--meta-epochs 1] [--samples 8] [--rounds 2] [--threads N] [--batch 4]
-     [--full]
+Run: make bench-peers [PEERS_ARGS='...'], or .venv/bin/python bench/peers.py [--data synthetic | MVTEC_ROOT]
+     [--categories disc] [--k 1] [--test 4] [--steps 4] [--meta-epochs 1] [--samples 8] [--rounds 2]
+     [--threads N] [--batch 4] [--full]
 
 What each side does, in its own child process (the same k normal images, the same test images):
 - mpad (this checkout, the project's venv): its library calls as the synthesize, train and evaluate stages make
@@ -30,6 +30,9 @@ every tensor of `WinClipModel.clip` has the SHA-256 of the file's (it stops, say
 Same threads: torch.set_num_threads(--threads) and OMP_NUM_THREADS in both children; decoding in the main
 process on both sides (mpad's evaluate.workers = 0). Same map resolution: WinCLIP's maps come at its input size,
 240 x 240, so mpad's evaluate.resolution is set to 240. Same batch size (--batch) for both.
+Left unequal, as each ships: mpad's loop also reads and resizes the ground-truth masks and smooths the maps
+(scoring.smoothing_sigma), WinCLIP's reads no masks and applies no post-processing; both compute their own text
+prompt ensembles within the set-up (no cache), and WinCLIP's build includes its Lightning module's.
 
 With random weights the maps mean nothing: this compares speed and memory only, never detection quality.
 
@@ -208,8 +211,10 @@ def run_child(python: str, side: str, job: dict[str, Any], threads: int) -> dict
         )
         _, status, usage = os.wait4(child.pid, 0)
     if os.waitstatus_to_exitcode(status) != 0:
+        kept = PEERS / f"{side}-failed.log"  # the work folder goes when the benchmark stops
+        shutil.copyfile(log, kept)
         tail = log.read_text().strip().splitlines()[-1:] or ["(no output)"]
-        raise RuntimeError(f"the {side} side failed: {tail[0]} (whole log: {log})")
+        raise RuntimeError(f"the {side} side failed: {tail[0]} (whole log: {kept})")
     figures = json.loads(out.read_text())
     figures["peak_rss_mib"] = usage.ru_maxrss / 1024
     return figures
@@ -394,7 +399,10 @@ def main() -> None:
     from mpad.data.mvtec import DatasetError
     from mpad.data.shots import pick_shots
 
-    python = str(peer_python())
+    try:
+        python = str(peer_python())
+    except subprocess.CalledProcessError as err:
+        sys.exit(f"error: installing {ANOMALIB} into {PEERS / 'venv'} failed: {err} (pip's own message is above)")
     PEERS.mkdir(exist_ok=True)
     weights = PEERS / f"{BACKBONE}-random.pt"
     save_weights(weights)
@@ -437,7 +445,10 @@ def main() -> None:
                 "overrides": overrides,
                 "work": str(work),
             }
-            records = compare(job, {"mpad": sys.executable, "winclip": python}, args.rounds)
+            try:
+                records = compare(job, {"mpad": sys.executable, "winclip": python}, args.rounds)
+            except RuntimeError as err:
+                sys.exit(f"error: {err}")
             print("\n" + table(category, records) + "\n", flush=True)
             ratios = per_round(records)
             closing.append(
