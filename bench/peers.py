@@ -52,6 +52,7 @@ import argparse
 import hashlib
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -112,6 +113,8 @@ def table(category: str, records: dict[str, list[dict[str, float]]]) -> str:
         "|---|---|---|---|---|",
         f"| model build s | {median([r['build_s'] for r in records['mpad']]):.1f} | "
         f"{median([r['build_s'] for r in records['winclip']]):.1f} | | |",
+        f"| peak RSS MiB when built | {median([r['build_peak_rss_mib'] for r in records['mpad']]):.0f} | "
+        f"{median([r['build_peak_rss_mib'] for r in records['winclip']]):.0f} | | |",
     ]
     for key, label, better, spec in FIGURES:
         mine, theirs = (median([r[key] for r in records[side]]) for side in ("mpad", "winclip"))
@@ -220,6 +223,11 @@ def run_child(python: str, side: str, job: dict[str, Any], threads: int) -> dict
     return figures
 
 
+def peak_rss_mib() -> float:
+    """This process's peak resident set size so far (Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def mpad_worker(job: dict[str, Any]) -> dict[str, float]:
     """Set up from the shots and evaluate the tests, as the synthesize, train and evaluate stages do."""
     import numpy as np
@@ -247,7 +255,7 @@ def mpad_worker(job: dict[str, Any]) -> dict[str, float]:
     seed_everything(cfg["mpts"].seed)
     start = time.perf_counter()
     bundle = load_clip(BACKBONE, job["weights"], "cpu")
-    built = time.perf_counter()
+    built, built_rss = time.perf_counter(), peak_rss_mib()
     shots = stack_images([load_image(Path(p)) for p in job["shots"]], bundle.image_size)
     texture = category in MVTEC_TEXTURES + SYNTHETIC_TEXTURES
     masks = shot_object_masks(shots, category, cfg["oagm"], texture, bundle)
@@ -264,6 +272,7 @@ def mpad_worker(job: dict[str, Any]) -> dict[str, float]:
     done = time.perf_counter()
     return {
         "build_s": built - start,
+        "build_peak_rss_mib": built_rss,
         "setup_s": set_up - built,
         "synthesize_s": synthesized - built,
         "eval_s": done - set_up,
@@ -295,7 +304,7 @@ def winclip_worker(job: dict[str, Any]) -> dict[str, float]:
     start = time.perf_counter()
     module = WinClip(class_name=job["category"], k_shot=len(job["shots"]), few_shot_source=folders["shots"])
     module.eval()
-    built = time.perf_counter()
+    built, built_rss = time.perf_counter(), peak_rss_mib()
     transform, note = module.pre_processor.transform, None
 
     def loader(folder: Path, batch: int) -> DataLoader:
@@ -325,6 +334,7 @@ def winclip_worker(job: dict[str, Any]) -> dict[str, float]:
         raise SystemExit(f"WinCLIP set up with {module.model.k_shot} reference images, expected {len(job['shots'])}")
     return {
         "build_s": built - start,
+        "build_peak_rss_mib": built_rss,
         "setup_s": set_up - setup_start,
         "eval_s": done - set_up,
         "images": n,
@@ -350,7 +360,8 @@ def compare(job: dict[str, Any], pythons: dict[str, str], rounds: int) -> dict[s
         r = records[side][-1]
         print(
             f"  {job['category']} {side:<8} build {r['build_s']:6.1f} s  set-up {r['setup_s']:6.1f} s  "
-            f"{r['images']} images in {r['eval_s']:6.1f} s  peak RSS {r['peak_rss_mib']:6.0f} MiB  "
+            f"{r['images']} images in {r['eval_s']:6.1f} s  peak RSS {r['peak_rss_mib']:6.0f} MiB "
+            f"({r['build_peak_rss_mib']:.0f} when built)  "
             f"(maps {r['map']}, {r['threads']} threads, load {os.getloadavg()[0]:.1f})",
             flush=True,
         )
