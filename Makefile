@@ -5,7 +5,7 @@ STAMP := $(VENV)/.installed
 # DVC runs each stage's `mpad ...` command in a shell: put the project's venv first on its PATH.
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: setup run offline ablations sweep plots compare docs test test-fast bench gpu-wheels gpu-dry
+.PHONY: setup run offline ablations sweep plots compare docs test test-fast bench bench-peers gpu-wheels gpu-dry
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || python3 -m venv $(VENV)
@@ -71,6 +71,10 @@ test-fast: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/encoder.py
+
+# mpad against anomalib's WinCLIP on the same images (bench/peers.py; anomalib goes into .peers/venv, not .venv).
+bench-peers: $(STAMP)
+	$(BIN)/python bench/peers.py $(PEERS_ARGS)
 
 # The GPU check (bench/gpu_check.sh): the wheels the GPU machine lacks, for Python 3.12, into .whl/ (git-ignored).
 gpu-wheels: $(STAMP)
