@@ -38,6 +38,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
@@ -92,6 +93,23 @@ def standin_samples(root: Path, category: str, n: int) -> list:
     return spread(list_split(root, category, "test"), n)
 
 
+def cpu_seconds() -> float:
+    """CPU seconds (user + system) of this process and of its children that ended (DataLoader workers)."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def with_cpu(fn: Callable[[], object], into: list[float]) -> Callable[[], None]:
+    """fn, appending its CPU seconds to `into` and returning None, so that the harness takes its wall time."""
+
+    def run() -> None:
+        start = cpu_seconds()
+        fn()
+        into.append(cpu_seconds() - start)
+
+    return run
+
+
 @torch.no_grad()
 def time_split(samples: list, category: str, args: argparse.Namespace, workers: list[int]) -> None:
     detector = make_detector(BIG, category, args.sigma)
@@ -107,24 +125,25 @@ def time_split(samples: list, category: str, args: argparse.Namespace, workers: 
         for _ in DataLoader(evaluation.TestImages(samples, detector.bundle.image_size, args.resolution), args.batch):
             pass
 
-    arms = {"detector": detector_only, "decode": decode_only}
+    runs = {"detector": detector_only, "decode": decode_only}
     for w in workers:
-        arms[f"evaluate w{w}"] = partial(evaluation.run_detector, detector, samples, args.resolution, args.batch, w)
-    times = alternate(args.rounds, arms)
+        runs[f"evaluate w{w}"] = partial(evaluation.run_detector, detector, samples, args.resolution, args.batch, w)
+    cpu: dict[str, list[float]] = {arm: [] for arm in runs}
+    wall = alternate(args.rounds, {arm: with_cpu(fn, cpu[arm]) for arm, fn in runs.items()})
+    cpu = {arm: series[-args.rounds :] for arm, series in cpu.items()}  # the warm-up run left out
     n = len(samples)
-    for arm, series in times.items():
-        vs = "" if arm == "detector" else f"  {arm}/detector {ratio(series, times['detector'])}"
-        print(f"  {arm:<12} {median(series) / n:7.3f} s/image{vs}", flush=True)
+    print(f"  {'arm':<12} {'wall s/image':>12} {'CPU s/image':>12}  wall / detector's, CPU / detector's")
+    for arm in runs:
+        vs = "" if arm == "detector" else f"  {ratio(wall[arm], wall['detector'])}, {ratio(cpu[arm], cpu['detector'])}"
+        print(f"  {arm:<12} {median(wall[arm]) / n:12.3f} {median(cpu[arm]) / n:12.3f}{vs}", flush=True)
     height, width = load_image(samples[0].image).shape[:2]
     summary(
         "evaluate",
-        *(
-            f"evaluate w{w}/detector per-image cost {ratio(times[f'evaluate w{w}'], times['detector'])}"
-            for w in workers
-        ),
-        f"decode/detector {ratio(times['decode'], times['detector'])}",
+        *(f"evaluate w{w}/detector per-image cost {ratio(wall[f'evaluate w{w}'], wall['detector'])}" for w in workers),
+        *(f"CPU time w{w} {ratio(cpu[f'evaluate w{w}'], cpu['detector'])}" for w in workers),
+        f"decode/detector {ratio(wall['decode'], wall['detector'])}",
         f"{BIG}, {n} {category} images {height}x{width}, batch {args.batch}, maps {args.resolution}, "
-        f"{torch.get_num_threads()} threads",
+        f"{torch.get_num_threads()} threads, {load()}",
     )
 
 
