@@ -75,9 +75,10 @@ def test_corrupt_test_image_is_named_in_one_line(tiny_clip, dataset, tmp_path):
     shutil.copytree(dataset, root)
     bad = list_split(root, "disc", "test")[1].image
     bad.write_bytes(bad.read_bytes()[:200])
-    with pytest.raises(DatasetError) as err:
-        run_detector(detector(tiny_clip), list_split(root, "disc", "test"), 32, batch_size=2, workers=2)
-    assert str(err.value).startswith(str(bad)) and "truncated" in str(err.value) and "\n" not in str(err.value)
+    for workers in (2, 0):  # from a DataLoader process, and from a decoding thread
+        with pytest.raises(DatasetError) as err:
+            run_detector(detector(tiny_clip), list_split(root, "disc", "test"), 32, batch_size=2, workers=workers)
+        assert str(err.value).startswith(str(bad)) and "truncated" in str(err.value) and "\n" not in str(err.value)
 
 
 def test_resize_mask_keeps_majority_pixels():
