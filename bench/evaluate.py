@@ -8,6 +8,8 @@
      decode       evaluate's data loading alone (mpad.evaluation.batches, no worker process): decode, resize, masks
      evaluate wN  `run_detector` with evaluate.workers N, as the evaluate stage runs it: N = 0 decodes in threads
                   between the model's batches, N > 0 in DataLoader processes alongside it
+     sequential   what workers 0 did before those threads: decode on the calling thread (torch's threads for the
+                  resize), then the model
    It prints each arm's wall and CPU seconds per image (medians over rounds; CPU: this process and its ended
    DataLoader workers) and each arm's wall and CPU time / the detector alone's, per round: median (min-max).
    Target (issue 33): evaluate's per-image cost (wall) at most 1.1x the detector's. On a machine that other work
@@ -51,6 +53,7 @@ import standin
 import torch
 from harness import alternate, median, ratio, summary
 from PIL import Image
+from torch.utils.data import DataLoader
 
 from mpad import evaluation
 from mpad.clip import load_clip
@@ -124,13 +127,17 @@ def time_split(samples: list, category: str, args: argparse.Namespace, workers: 
         for batch in batches:
             detector(batch, size)
 
+    dataset = evaluation.TestImages(samples, detector.bundle.image_size, args.resolution)
+
     def decode_only() -> None:  # as evaluate decodes without worker processes
-        for _ in evaluation.batches(
-            evaluation.TestImages(samples, detector.bundle.image_size, args.resolution), args.batch, 0
-        ):
+        for _ in evaluation.batches(dataset, args.batch, 0):
             pass
 
-    runs = {"detector": detector_only, "decode": decode_only}
+    def sequential() -> None:  # workers 0 before the decoding threads: decode on this thread, then the model
+        for images, *_ in DataLoader(dataset, args.batch):
+            detector(images, size)
+
+    runs = {"detector": detector_only, "decode": decode_only, "sequential": sequential}
     for w in workers:
         runs[f"evaluate w{w}"] = partial(evaluation.run_detector, detector, samples, args.resolution, args.batch, w)
     cpu: dict[str, list[float]] = {arm: [] for arm in runs}
@@ -146,6 +153,8 @@ def time_split(samples: list, category: str, args: argparse.Namespace, workers: 
         "evaluate",
         *(f"evaluate w{w}/detector per-image cost {ratio(wall[f'evaluate w{w}'], wall['detector'])}" for w in workers),
         *(f"CPU time w{w} {ratio(cpu[f'evaluate w{w}'], cpu['detector'])}" for w in workers),
+        f"sequential/detector {ratio(wall['sequential'], wall['detector'])}",
+        f"CPU time sequential {ratio(cpu['sequential'], cpu['detector'])}",
         f"decode/detector {ratio(wall['decode'], wall['detector'])}",
         f"{BIG}, {n} {category} images {height}x{width}, batch {args.batch}, maps {args.resolution}, "
         f"{torch.get_num_threads()} threads, {load()}",
