@@ -1,23 +1,35 @@
-"""Throughput and memory of the evaluate stage's loop, and (optionally) the offline preset's wall time.
+"""Where evaluate's time goes: its per-image cost against the detector alone, on images of MVTec AD's sizes.
 
-1. Images/second of the evaluate loop (`run_detector`: DataLoader decoding, resize to the model input,
-   LAA encoder, maps at `--resolution`, Gaussian smoothing, image scores) against plain open_clip
-   `model.encode_image` on the same model, same batch size, same images already decoded and resized.
-   Ratio = evaluate img/s / plain img/s (goal >= 0.75x). Both timed in one process, interleaved, best of
-   `--repeats`, random weights, on a generated category (mpad.data.synthetic). ViT-B-16-plus-240 runs on fewer
-   images (`--big-images`) since it does ~1 img/s on 2 CPU cores; the table says how many.
-2. Peak memory of the evaluate loop + `category_metrics` on a 200-image category resized to 240x240, in a
-   fresh subprocess: ru_maxrss at the end minus ru_maxrss after imports, model load and detector build,
-   with the kernel's peak mark reset there (/proc/self/clear_refs), since model load's transient peak
+1. (default) In one process, same torch threads, alternating rounds (bench/harness.py), on the test images of a
+   stand-in category at its MVTec AD size (bench/standin.py: carpet is 1024x1024 RGB PNG), ViT-B-16-plus-240 with
+   random weights, maps at `--resolution`:
+     detector     `Detector` (LAA encoder, maps, smoothing, image scores) on the images already decoded and resized,
+                  batches of `--batch`: the detector alone
+     decode       evaluate's data loading alone (mpad.evaluation.batches, no worker process): decode, resize, masks
+     evaluate wN  `run_detector` with evaluate.workers N, as the evaluate stage runs it: N = 0 decodes in threads
+                  between the model's batches, N > 0 in DataLoader processes alongside it
+     sequential   what workers 0 did before those threads: decode on the calling thread (torch's threads for the
+                  resize), then the model
+   It prints each arm's wall and CPU seconds per image (medians over rounds; CPU: this process and its ended
+   DataLoader workers) and each arm's wall and CPU time / the detector alone's, per round: median (min-max).
+   Target (issue 33): evaluate's per-image cost (wall) at most 1.1x the detector's. On a machine that other work
+   loads, the wall ratio follows the scheduler's share (more processes, more share) and varies from round to
+   round; the CPU ratio still says how much work evaluate does outside the model.
+2. `--memory`: peak memory of the evaluate loop + `category_metrics` on a 200-image category resized to
+   240x240, in a fresh subprocess: ru_maxrss at the end minus ru_maxrss after imports, model load and detector
+   build, with the kernel's peak mark reset there (/proc/self/clear_refs), since model load's transient peak
    (~400 MiB above steady state for the big model) would otherwise hide the loop's.
    ViT-B-16-plus-240 unless `--quick` or it runs past `--mem-timeout`, then mpad-tiny; the output says which.
-3. `--e2e`: the offline preset end to end, `dvc repro` in a temporary git copy of the project (as
-   tests/test_pipeline.py builds it), with wall time and per-stage times from the "Running stage" lines.
+3. `--e2e`: the offline preset end to end, `dvc repro` in a temporary git copy of the project (tests/e2e.py),
+   with wall time and per-stage times from the "Running stage" lines.
 
-    .venv/bin/python bench/evaluate.py [--quick] [--e2e] [--workers 0,2] [--repeats 2]
+    .venv/bin/python bench/evaluate.py [--images 16] [--rounds 3] [--workers 0,2] [--category carpet]
+    .venv/bin/python bench/evaluate.py --images 48 --rounds 5 --category screw   # the fuller setting
+    .venv/bin/python bench/evaluate.py --memory --e2e
 
-The text prompts are the meta prompt ensemble (no training needed; speed does not depend on them).
-Numbers depend on the machine and on what else runs on it (the load average is printed).
+The default (16 images, 3 rounds) takes about 3 minutes on 2 cores. The text prompts are the meta prompt
+ensemble (no training needed; speed does not depend on them). Numbers depend on the machine and on what else
+runs on it (the load average is printed); the ratios are taken per round, so both arms see the same load.
 """
 
 from __future__ import annotations
@@ -32,12 +44,14 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
 import numpy as np
+import standin
 import torch
-import yaml
+from harness import alternate, median, ratio, summary
 from PIL import Image
 from torch.utils.data import DataLoader
 
@@ -78,45 +92,73 @@ def spread(samples: list, n: int) -> list:
     return [samples[i] for i in np.linspace(0, len(samples) - 1, n).round().astype(int)]
 
 
-# ---------------------------------------------------------------- 1. throughput
+# ---------------------------------------------------------------- 1. time split
+def standin_samples(root: Path, category: str, n: int) -> list:
+    """n test samples of a stand-in `category` at its MVTec AD size, good and defective ones in MVTec's mix."""
+    standin.generate(root, [category], min(1.0, n / sum(standin.TEST[category])))
+    return spread(list_split(root, category, "test"), n)
+
+
+def cpu_seconds() -> float:
+    """CPU seconds (user + system) of this process and of its children that ended (DataLoader workers)."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def with_cpu(fn: Callable[[], object], into: list[float]) -> Callable[[], None]:
+    """fn, appending its CPU seconds to `into` and returning None, so that the harness takes its wall time."""
+
+    def run() -> None:
+        start = cpu_seconds()
+        fn()
+        into.append(cpu_seconds() - start)
+
+    return run
+
+
 @torch.no_grad()
-def throughput(name: str, samples: list, category: str, args: argparse.Namespace, workers: list[int]) -> None:
-    detector = make_detector(name, category, args.sigma)
-    model = detector.bundle.model
-    pixels = stack_images([load_image(s.image) for s in samples], detector.bundle.image_size)  # pre-decoded
+def time_split(samples: list, category: str, args: argparse.Namespace, workers: list[int]) -> None:
+    detector = make_detector(BIG, category, args.sigma)
+    size = (args.resolution, args.resolution)
+    pixels = stack_images([load_image(s.image) for s in samples], detector.bundle.image_size)  # decoded, resized
     batches = list(torch.split(pixels, args.batch))
 
-    def plain() -> None:
+    def detector_only() -> None:
         for batch in batches:
-            model.encode_image(batch)
+            detector(batch, size)
 
-    def decode_only() -> None:  # the DataLoader alone: decode, resize to the model input, masks
-        loader = DataLoader(evaluation.TestImages(samples, detector.bundle.image_size, args.resolution), args.batch)
-        for _ in loader:
+    dataset = evaluation.TestImages(samples, detector.bundle.image_size, args.resolution)
+
+    def decode_only() -> None:  # as evaluate decodes without worker processes
+        for _ in evaluation.batches(dataset, args.batch, 0):
             pass
 
-    def detector_only() -> None:  # encoder + maps + smoothing + scores on the pre-decoded images
-        for batch in batches:
-            detector(batch, (args.resolution, args.resolution))
+    def sequential() -> None:  # workers 0 before the decoding threads: decode on this thread, then the model
+        for images, *_ in DataLoader(dataset, args.batch):
+            detector(images, size)
 
-    runs = {"plain": plain}
+    runs = {"detector": detector_only, "decode": decode_only, "sequential": sequential}
     for w in workers:
         runs[f"evaluate w{w}"] = partial(evaluation.run_detector, detector, samples, args.resolution, args.batch, w)
-    runs["decode only"] = decode_only
-    runs["detector only"] = detector_only
-    model.encode_image(batches[0])  # warm-up
-    detector(batches[0], (args.resolution, args.resolution))
-    best = dict.fromkeys(runs, float("inf"))
-    repeats = args.repeats * (5 if name == TINY else 1)  # mpad-tiny runs take ~0.1 s: more of them
-    for _ in range(repeats):  # interleaved: every variant sees the same machine state
-        for key, fn in runs.items():
-            start = time.perf_counter()
-            fn()
-            best[key] = min(best[key], time.perf_counter() - start)
+    cpu: dict[str, list[float]] = {arm: [] for arm in runs}
+    wall = alternate(args.rounds, {arm: with_cpu(fn, cpu[arm]) for arm, fn in runs.items()})
+    cpu = {arm: series[-args.rounds :] for arm, series in cpu.items()}  # the warm-up run left out
     n = len(samples)
-    for key in runs:
-        ratio = "" if key == "plain" else f"{best['plain'] / best[key]:>9.2f}x"
-        print(f"{name:<18} {n:>6} {key:<13} {n / best[key]:>8.2f} {ratio:>10}  best of {repeats}", flush=True)
+    print(f"  {'arm':<12} {'wall s/image':>12} {'CPU s/image':>12}  wall / detector's, CPU / detector's")
+    for arm in runs:
+        vs = "" if arm == "detector" else f"  {ratio(wall[arm], wall['detector'])}, {ratio(cpu[arm], cpu['detector'])}"
+        print(f"  {arm:<12} {median(wall[arm]) / n:12.3f} {median(cpu[arm]) / n:12.3f}{vs}", flush=True)
+    height, width = load_image(samples[0].image).shape[:2]
+    summary(
+        "evaluate",
+        *(f"evaluate w{w}/detector per-image cost {ratio(wall[f'evaluate w{w}'], wall['detector'])}" for w in workers),
+        *(f"CPU time w{w} {ratio(cpu[f'evaluate w{w}'], cpu['detector'])}" for w in workers),
+        f"sequential/detector {ratio(wall['sequential'], wall['detector'])}",
+        f"CPU time sequential {ratio(cpu['sequential'], cpu['detector'])}",
+        f"decode/detector {ratio(wall['decode'], wall['detector'])}",
+        f"{BIG}, {n} {category} images {height}x{width}, batch {args.batch}, maps {args.resolution}, "
+        f"{torch.get_num_threads()} threads, {load()}",
+    )
 
 
 # ---------------------------------------------------------------- 2. memory
@@ -233,27 +275,11 @@ def memory(root: Path, category: str, args: argparse.Namespace) -> list[str]:
 
 # ---------------------------------------------------------------- 3. end to end
 def e2e() -> None:
-    sys.path.insert(0, str(ROOT))
-    from tests.test_pipeline import apply_overrides, preset_overrides
+    sys.path.insert(0, str(ROOT / "tests"))
+    from e2e import copy_project, preset_overrides
 
     with tempfile.TemporaryDirectory(prefix="mpad-e2e-") as tmp:
-        dest = Path(tmp) / "project"
-        listed = subprocess.run(
-            ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.splitlines()
-        for rel in listed:
-            if (ROOT / rel).is_file():
-                (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(ROOT / rel, dest / rel)
-        params = yaml.safe_load((dest / "params.yaml").read_text())
-        (dest / "params.yaml").write_text(yaml.safe_dump(apply_overrides(params, preset_overrides("offline"))))
-        git = ["git", "-c", "user.name=bench", "-c", "user.email=bench@localhost"]
-        for cmd in (["git", "init", "-q"], ["git", "add", "-A"], [*git, "commit", "-q", "-m", "project"]):
-            subprocess.run(cmd, cwd=dest, check=True)
+        dest = copy_project(Path(tmp) / "project", preset_overrides("offline"))
         env = {
             **os.environ,
             "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
@@ -295,52 +321,43 @@ def e2e() -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer images and repeats; memory on mpad-tiny")
-    parser.add_argument("--e2e", action="store_true", help="also time `dvc repro` of the offline preset")
-    parser.add_argument("--category", default="disc", help="generated category (stripes, weave, disc)")
-    parser.add_argument("--images", type=int, default=96, help="test images for mpad-tiny")
-    parser.add_argument("--big-images", type=int, default=16, help="test images for ViT-B-16-plus-240")
-    parser.add_argument("--workers", default="0,2", help="DataLoader workers to time, comma-separated")
-    parser.add_argument("--repeats", type=int, default=2, help="x5 for mpad-tiny")
+    parser.add_argument("--category", default="carpet", help="stand-in category (bench/standin.py) of the time split")
+    parser.add_argument("--images", type=int, default=16, help="test images of the time split")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds of the time split")
+    parser.add_argument("--workers", default="0,2", help="DataLoader workers of the evaluate arms, comma-separated")
     parser.add_argument("--batch", type=int, default=16, help="evaluate.batch_size")
     parser.add_argument("--resolution", type=int, default=256, help="evaluate.resolution")
     parser.add_argument("--sigma", type=float, default=4.0, help="scoring.smoothing_sigma")
+    parser.add_argument("--memory", action="store_true", help="also measure evaluate's peak memory")
+    parser.add_argument("--quick", action="store_true", help="the memory run on mpad-tiny")
     parser.add_argument("--mem-workers", type=int, default=0, help="DataLoader workers in the memory run")
     parser.add_argument("--mem-timeout", type=float, default=480.0, help="seconds before the memory run falls back")
+    parser.add_argument("--e2e", action="store_true", help="also time `dvc repro` of the offline preset")
     parser.add_argument("--memory-child", nargs=3, metavar=("MODEL", "ROOT", "CATEGORY"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_child:
         memory_child(*args.memory_child, args)
         return
-    if args.quick:
-        args.images, args.big_images, args.repeats, args.workers = 48, 4, 1, "0"
     workers = [int(w) for w in args.workers.split(",")]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cpus, {load()}")
     print(
-        f"batch {args.batch}, resolution {args.resolution}, smoothing sigma {args.sigma}, laa {LAA} "
-        f"layers {LAYERS}, random weights, category {args.category!r}",
-        flush=True,
+        f"batch {args.batch}, resolution {args.resolution}, sigma {args.sigma}, laa {LAA} layers {LAYERS}", flush=True
     )
     with tempfile.TemporaryDirectory(prefix="mpad-bench-") as tmp:
-        root = Path(tmp) / "synthetic"
-        generate(root, seed=0, n_train=1, n_test=200)
-        samples = list_split(root, args.category, "test")
+        if args.memory:  # first, before this process loads a model: a child's ru_maxrss starts at its parent's RSS
+            root = Path(tmp) / "synthetic"
+            generate(root, seed=0, n_train=1, n_test=200)
+            resized_category(root / "disc", Path(tmp) / "resized" / "disc", 240)
+            mem_lines = memory(Path(tmp) / "resized", "disc", args)
 
-        mem_root = Path(tmp) / "resized"
-        resized_category(root / args.category, mem_root / args.category, 240)
-        print("(running the memory measurement first, before this process loads a model)", flush=True)
-        mem_lines = memory(mem_root, args.category, args)
-
-        print("\n== 1. evaluate loop vs plain encode_image (ratio = evaluate img/s / plain img/s; goal >= 0.75x)")
-        print("(decode only: the DataLoader alone, w0; detector only: Detector on the pre-decoded images)")
-        print(f"{'model':<18} {'images':>6} {'run':<13} {'img/s':>8} {'ratio':>10}", flush=True)
-        throughput(TINY, spread(samples, args.images), args.category, args, workers)
-        throughput(BIG, spread(samples, args.big_images), args.category, args, workers)
+        print(f"\n== 1. evaluate's per-image cost vs the detector alone ({args.rounds} rounds, alternating)")
+        time_split(standin_samples(Path(tmp) / "standin", args.category, args.images), args.category, args, workers)
         print(load())
 
-        print("\n== 2. peak memory, evaluate loop + category_metrics, fresh subprocess (ru_maxrss - baseline)")
-        print("\n".join(mem_lines))
-        print(load(), flush=True)
+        if args.memory:
+            print("\n== 2. peak memory, evaluate loop + category_metrics, fresh subprocess (ru_maxrss - baseline)")
+            print("\n".join(mem_lines))
+            print(load(), flush=True)
 
     if args.e2e:
         print("\n== 3. end to end: offline preset, dvc repro")

@@ -2,19 +2,21 @@
 
 Maps and masks are compared at `resolution` x `resolution` (masks area-resized then thresholded at 0.5,
 so thin defects survive the downscale as well as they can). Everything is kept in memory as float32 /
-bool: a 500-image category at 256 px is about 130 MB of maps.
+bool: a 500-image category at 256 px is about 130 MB of maps. Decoding, resizing and masks take a few percent of
+the model's time on the CPU (bench/evaluate.py), as long as they do not compete with its threads (`batches`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
 
 from mpad.data.mvtec import DatasetError, Sample, load_image, load_mask
 from mpad.detector import Detector
@@ -36,8 +38,11 @@ class TestImages(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, int, int]:
         sample = self.samples[index]
         image = load_image(sample.image)
-        mask = load_mask(sample, image.shape[:2])
-        return stack_images([image], self.model_size)[0], resize_mask(mask, self.resolution), sample.label, index
+        if sample.label:
+            mask = resize_mask(load_mask(sample, image.shape[:2]), self.resolution)
+        else:  # what resize_mask makes of a good sample's all-False mask, without the full-size one
+            mask = torch.zeros(self.resolution, self.resolution, dtype=torch.bool)
+        return stack_images([image], self.model_size)[0], mask, sample.label, index
 
 
 def resize_mask(mask: np.ndarray, resolution: int) -> torch.Tensor:
@@ -56,6 +61,25 @@ class CategoryResult:
     scores: torch.Tensor
 
 
+def batches(dataset: TestImages, batch_size: int, workers: int) -> Iterator[Any]:
+    """The dataset's items in order, collated in batches of `batch_size` (images (B, 3, *model_size), masks
+    (B, R, R), labels (B,), indices (B,)).
+
+    workers > 0: decoded ahead of the model by that many DataLoader processes, for a model on a GPU, which
+    leaves the CPU cores to them. workers 0: decoded in this process between the model's batches by as many
+    threads as torch uses, each with one torch thread (PIL and torch release the GIL): all cores decode, then
+    all cores run the model, so that decoding neither leaves a core idle nor takes one from the model's threads.
+    """
+    if workers > 0:
+        yield from DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers)
+        return
+    # torch.set_num_threads is per thread (OpenMP): the pool's threads get one each, the caller keeps its own.
+    with ThreadPoolExecutor(torch.get_num_threads(), initializer=torch.set_num_threads, initargs=(1,)) as pool:
+        for start in range(0, len(dataset), batch_size):
+            items = pool.map(dataset.__getitem__, range(start, min(start + batch_size, len(dataset))))
+            yield default_collate(list(items))
+
+
 def run_detector(
     detector: Detector,
     samples: Sequence[Sample],
@@ -64,17 +88,16 @@ def run_detector(
     workers: int = 0,
     on_batch: Callable[[int], Any] | None = None,
 ) -> CategoryResult:
-    """Score every sample, batched, decoding in `workers` DataLoader processes; `on_batch(n)` after each batch
+    """Score every sample, batched, decoding as `batches` says for `workers`; `on_batch(n)` after each batch
     of n images (for a progress bar)."""
     dataset = TestImages(samples, detector.bundle.image_size, resolution)
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers)
     n = len(dataset)
     maps = torch.empty(n, resolution, resolution, dtype=torch.float32)
     masks = torch.empty(n, resolution, resolution, dtype=torch.bool)
     labels = torch.empty(n, dtype=torch.long)
     scores = torch.empty(n, dtype=torch.float32)
     try:
-        for images, batch_masks, batch_labels, index in loader:
+        for images, batch_masks, batch_labels, index in batches(dataset, batch_size, workers):
             found = detector(images, (resolution, resolution))
             maps[index] = found.maps.float()
             scores[index] = found.scores.float()

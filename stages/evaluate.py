@@ -9,6 +9,10 @@ Writes (all atomically; paths: mpad.layout):
   plots/overlays/<category>/*.png  [image | ground truth | anomaly map] for a few test images
   data/thresholds/<category>.json  F1-max thresholds, the map colour range and the SHA-256 of the prompts file
                                    they were measured with, read by `mpad predict` and `mpad export`
+
+`evaluate.workers` DataLoader processes decode the test images alongside a model on a GPU. On the CPU they would
+take cores from the model's threads, so there the stage decodes each batch in threads between the model's batches
+instead (mpad.evaluation.batches), whatever `workers` says: the same maps, bit for bit.
 """
 
 from __future__ import annotations
@@ -46,10 +50,11 @@ def main(
         prompts = PromptsFile.load(layout.prompts_file(category), expect_model=backbone_identity(bundle))
         samples = list_split(dataset.path, category, "test")
         detector = Detector.from_prompts(bundle, prompts, scoring)
+        # DataLoader processes decode alongside a model on a GPU; on the CPU they would take cores from the model's
+        # threads, so there the images are decoded in threads between batches (mpad.evaluation.batches).
+        workers = settings.workers if bundle.device.type != "cpu" else 0
         with StageProgress(total=len(samples), desc=f"evaluate {category}", unit="img") as bar:
-            result = run_detector(
-                detector, samples, settings.resolution, settings.batch_size, settings.workers, bar.update
-            )
+            result = run_detector(detector, samples, settings.resolution, settings.batch_size, workers, bar.update)
         thresholds = thresholds_record(result, scoring, category, str(prompts.sha256))
         picks = pick_overlays([s.defect for s in samples], settings.overlays)
         shown_range = colour_range(thresholds)

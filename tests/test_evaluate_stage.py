@@ -90,3 +90,15 @@ def test_split_without_defects_gives_nulls_and_a_warning(project):
     assert metrics["n_defect"] == 0 and metrics["pixel_auroc"] is None and metrics["image_auroc"] is None
     assert metrics["null_reason"].endswith("image metrics: the test split holds no defect image")
     assert (project / "plots" / "roc_image" / "disc.csv").read_text() == "fpr,tpr\n"
+
+
+def test_on_the_cpu_the_stage_decodes_in_threads_whatever_workers_says(project, monkeypatch):
+    """evaluate.workers 2 with the model on the CPU: no DataLoader process, whose decoding would take cores from
+    the model's threads; the images are decoded in threads between batches (workers 0 to run_detector)."""
+    import stages.evaluate
+
+    seen, real = [], stages.evaluate.run_detector
+    monkeypatch.setattr(stages.evaluate, "run_detector", lambda *args: seen.append(args[4]) or real(*args))
+    (project / "params.yaml").write_text(yaml.safe_dump({**PARAMS, "evaluate": {**PARAMS["evaluate"], "workers": 2}}))
+    assert CliRunner().invoke(app, ["evaluate", "--category", "disc"]).exit_code == 0
+    assert seen == [0]

@@ -51,6 +51,23 @@ def test_run_detector_keeps_order_and_masks(tiny_clip, dataset):
     torch.testing.assert_close(again.maps, result.maps, rtol=0, atol=bound)
 
 
+def test_decoding_threads_and_worker_processes_give_the_same_result(tiny_clip, dataset):
+    """workers 0 decodes each batch in this process's threads (one per torch thread, each single-threaded),
+    workers > 0 in DataLoader processes: the same batches, hence the same maps, scores, masks and labels, bit for
+    bit, and the calling thread keeps its torch threads."""
+    samples = list_split(dataset, "disc", "test")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # two decoding threads, whatever pytest's setting; the model on two threads in both
+    try:
+        pooled = run_detector(detector(tiny_clip), samples, 32, batch_size=4, workers=0)
+        assert torch.get_num_threads() == 2
+        loaded = run_detector(detector(tiny_clip), samples, 32, batch_size=4, workers=1)
+    finally:
+        torch.set_num_threads(threads)
+    for name in ("maps", "scores", "masks", "labels"):
+        assert torch.equal(getattr(pooled, name), getattr(loaded, name)), name
+
+
 def test_corrupt_test_image_is_named_in_one_line(tiny_clip, dataset, tmp_path):
     import shutil
 
@@ -58,9 +75,10 @@ def test_corrupt_test_image_is_named_in_one_line(tiny_clip, dataset, tmp_path):
     shutil.copytree(dataset, root)
     bad = list_split(root, "disc", "test")[1].image
     bad.write_bytes(bad.read_bytes()[:200])
-    with pytest.raises(DatasetError) as err:
-        run_detector(detector(tiny_clip), list_split(root, "disc", "test"), 32, batch_size=2, workers=2)
-    assert str(err.value).startswith(str(bad)) and "truncated" in str(err.value) and "\n" not in str(err.value)
+    for workers in (2, 0):  # from a DataLoader process, and from a decoding thread
+        with pytest.raises(DatasetError) as err:
+            run_detector(detector(tiny_clip), list_split(root, "disc", "test"), 32, batch_size=2, workers=workers)
+        assert str(err.value).startswith(str(bad)) and "truncated" in str(err.value) and "\n" not in str(err.value)
 
 
 def test_resize_mask_keeps_majority_pixels():
