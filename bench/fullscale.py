@@ -23,7 +23,7 @@ category's two units of work (sample to train, then evaluate) go to N workers by
 (`makespan`: the category with the most units left, then params order), as `make run JOBS=N` runs them.
 Synthesize does the same work per category at any fraction; evaluate's loop scales with the category's test
 images, its tail is counted as fixed (its metrics grow with the images but take
-seconds: see bench/metrics.py); train's loop scales with params.yaml's meta_epochs x steps, so that
+seconds: docs/decisions.md, pixel metrics); train's loop scales with params.yaml's meta_epochs x steps, so that
 `--set mpts.steps=20` measures the cost per step in a shorter run. Dataset generation is timed apart,
 outside the stage timings.
 """

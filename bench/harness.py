@@ -39,6 +39,17 @@ def alternate(
     return figures
 
 
+def repeat(calls: int, fn: Callable[..., object], *args: object) -> Callable[[], None]:
+    """An arm that calls fn(*args) `calls` times and returns None, so that `alternate` times all of them as one
+    figure (for calls too short to time one by one)."""
+
+    def arm() -> None:
+        for _ in range(calls):
+            fn(*args)
+
+    return arm
+
+
 @dataclass(frozen=True)
 class Ratio:
     """The per-round ratios a / b of two arms: their median, lowest and highest."""
