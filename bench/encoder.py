@@ -1,10 +1,11 @@
 """Time of the dual-path LAA encoder (eq. 11-12) against a plain open_clip `encode_image`, same model and batch.
 
 For each model (random weights: speed does not depend on them), both arms run in alternating rounds in one
-process (bench/harness.py); each round times `--calls` calls of a (batch, 3, H, W) input. Prints images/second
-of both and the per-round ratio dual / plain time (target <= 1.3x), then the SUMMARY line.
+process (bench/harness.py); each arm calls its encoder on a (batch, 3, H, W) input for about `--seconds` a
+round. Prints images/second of both and the per-round ratio dual / plain time (target <= 1.3x), then the
+SUMMARY line.
 
-    .venv/bin/python bench/encoder.py [--models mpad-tiny,ViT-B-16-plus-240] [--batch 8] [--rounds 5] [--calls 2]
+    .venv/bin/python bench/encoder.py [--models mpad-tiny,ViT-B-16-plus-240] [--batch 8] [--rounds 5] [--seconds 1]
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ def main() -> None:
     parser.add_argument("--models", default=MODELS, help="comma-separated open_clip names or mpad-tiny")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--calls", type=int, default=2, help="calls per arm and round")
+    parser.add_argument("--seconds", type=float, default=1.0, help="time of an arm in a round (calls repeated)")
     args = parser.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}, laa {SETTINGS}")
     print(f"{'model':<20} {'plain img/s':>12} {'dual img/s':>12} {'dual/plain time':>28}")
@@ -42,11 +43,11 @@ def main() -> None:
         times = alternate(
             args.rounds,
             {
-                "plain": repeat(args.calls, bundle.model.encode_image, images),
-                "dual": repeat(args.calls, encoder, images),
+                "plain": repeat(args.seconds, bundle.model.encode_image, images),
+                "dual": repeat(args.seconds, encoder, images),
             },
         )
-        per_image = {arm: median(t) / (args.calls * args.batch) for arm, t in times.items()}
+        per_image = {arm: median(t) / args.batch for arm, t in times.items()}
         dual_plain = ratio(times["dual"], times["plain"])
         print(f"{name:<20} {1 / per_image['plain']:>12.1f} {1 / per_image['dual']:>12.1f} {dual_plain!s:>28}")
         figures.append(f"{name} dual/plain time {dual_plain}")

@@ -5,10 +5,11 @@ detector (random (2, D) text embeddings, LAA as bench/encoder.py, default scorin
 `--memory` a 1-shot visual memory) with `mpad.deploy.graph.export_onnx`, then prints images/second of both
 backends on the same batch (the full path: encoder, maps, fusion, smoothing, scores), their ratio
 (torch / onnxruntime time, i.e. onnxruntime / torch throughput; goal >= 1.0x) and the model file's size.
-Both use the same number of threads and run in alternating rounds in one process (bench/harness.py), each round
-`--calls` calls of one batch; the ratio is taken per round (median, min-max), then the SUMMARY line.
+Both use the same number of threads and run in alternating rounds in one process (bench/harness.py), each arm
+calling its backend on one batch for about `--seconds` a round; the ratio is taken per round (median, min-max),
+then the SUMMARY line.
 
-    .venv/bin/python bench/export.py [--models mpad-tiny,ViT-B-16-plus-240] [--batch 8] [--rounds 5] [--calls 2]
+    .venv/bin/python bench/export.py [--models mpad-tiny,ViT-B-16-plus-240] [--batch 8] [--rounds 5] [--seconds 1]
         [--memory] [--threads N]
 """
 
@@ -41,7 +42,7 @@ def main() -> None:
     parser.add_argument("--models", default=MODELS, help="comma-separated open_clip names or mpad-tiny")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--calls", type=int, default=2, help="calls per arm and round")
+    parser.add_argument("--seconds", type=float, default=1.0, help="time of an arm in a round (calls repeated)")
     parser.add_argument("--memory", action="store_true", help="with a 1-shot visual memory (layers 2 and 4)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="CPU threads of both")
     args = parser.parse_args()
@@ -72,11 +73,11 @@ def main() -> None:
             times = alternate(
                 args.rounds,
                 {
-                    "torch": repeat(args.calls, run_torch, images),
-                    "onnx": repeat(args.calls, scorer, images),
+                    "torch": repeat(args.seconds, run_torch, images),
+                    "onnx": repeat(args.seconds, scorer, images),
                 },
             )
-        per_image = {arm: median(t) / (args.calls * args.batch) for arm, t in times.items()}
+        per_image = {arm: median(t) / args.batch for arm, t in times.items()}
         torch_onnx = ratio(times["torch"], times["onnx"])
         print(
             f"{name:<20} {1 / per_image['torch']:>12.1f} {1 / per_image['onnx']:>12.1f} {torch_onnx!s:>28} "

@@ -39,13 +39,18 @@ def alternate(
     return figures
 
 
-def repeat(calls: int, fn: Callable[..., object], *args: object) -> Callable[[], None]:
-    """An arm that calls fn(*args) `calls` times and returns None, so that `alternate` times all of them as one
-    figure (for calls too short to time one by one)."""
+def repeat(seconds: float, fn: Callable[..., object], *args: object) -> Callable[[], float]:
+    """An arm that calls fn(*args) as many times as fill about `seconds` (from the time of one call, made here)
+    and returns the mean seconds a call: calls of a few ms are too short to time one by one."""
+    start = time.perf_counter()
+    fn(*args)
+    calls = max(1, round(seconds / (time.perf_counter() - start)))
 
-    def arm() -> None:
+    def arm() -> float:
+        start = time.perf_counter()
         for _ in range(calls):
             fn(*args)
+        return (time.perf_counter() - start) / calls
 
     return arm
 
