@@ -222,27 +222,26 @@ def machine_limit(
     samples = list_split(root, category, "test")[: args.limit_images]
     found = measure(bundle, laa, prompts, mpts, scoring, evaluate, samples, args.rounds)
     peak = median(found.peak_gflops)
-    step_s = stages["train"]["per_item"]
-    stage_image_s = stages["evaluate"]["per_item"]
-    evaluate_s, detector_s = median(found.evaluate), median(found.detector)
+    step_s, evaluate_s, detector_s = median(found.step), median(found.evaluate), median(found.detector)
+    train_fraction = found.fraction(found.step_gflop, found.step)
+    evaluate_fraction = found.fraction(found.image_gflop, found.evaluate)
     ratio = found.evaluate_over_detector()
     lines = [
         f"{model.precision} matrix-product peak (torch.mm {found.peak_n}^2): {peak:.1f} GFLOP/s "
         f"({min(found.peak_gflops):.1f}-{max(found.peak_gflops):.1f} over {args.rounds} rounds), {threads} threads",
-        f"train step: {found.step_gflop:.1f} GFLOP (FlopCounterMode), {step_s:.3f} s in the train stage: "
-        f"{found.step_gflop / step_s:.1f} GFLOP/s = {found.fraction(found.step_gflop, step_s):.2f} of the peak",
+        f"train step: {found.step_gflop:.1f} GFLOP (FlopCounterMode), {step_s:.3f} s (the train stage above: "
+        f"{fmt(stages['train']['per_item'], '.3f')} s): {found.step_gflop / step_s:.1f} GFLOP/s, "
+        f"{train_fraction} of the peak",
         f"evaluate image: {found.image_gflop:.1f} GFLOP; evaluate's loop on {category}'s test images "
-        f"({found.images} after the first batch) {evaluate_s:.3f} s an image = "
-        f"{found.fraction(found.image_gflop, evaluate_s):.2f} of the peak "
-        f"(in the evaluate stage {fmt(stage_image_s, '.3f')} s); the detector alone {detector_s:.3f} s = "
-        f"{found.fraction(found.image_gflop, detector_s):.2f} of the peak",
+        f"({found.images} after the first batch) {evaluate_s:.3f} s an image (the evaluate stage above: "
+        f"{fmt(stages['evaluate']['per_item'], '.3f')} s): {evaluate_fraction} of the peak; the detector alone "
+        f"{detector_s:.3f} s: {found.fraction(found.image_gflop, found.detector)}",
         f"evaluate / detector alone, s an image: {ratio} (target <= 1.1x)",
     ]
     print("\nthe machine's limit (bench/limits.py):\n" + "\n".join(f"- {line}" for line in lines))
     return (
-        f"train step {found.fraction(found.step_gflop, step_s):.2f} and evaluate image "
-        f"{found.fraction(found.image_gflop, evaluate_s):.2f} of the {model.precision} matrix-product peak "
-        f"({peak:.0f} GFLOP/s, {threads} threads), evaluate/detector alone per image {ratio}"
+        f"of the {model.precision} matrix-product peak ({peak:.0f} GFLOP/s, {threads} threads) train step "
+        f"{train_fraction}, evaluate image {evaluate_fraction}, evaluate/detector alone per image {ratio}"
     )
 
 

@@ -8,6 +8,8 @@
   (batch, h, w, D) features and (batch, H, W) masks (eq. 3-10); its FLOPs are those of 2s steps less those of s
   steps, over s, so that the set-up both count cancels. Evaluate's image is the `Detector` (LAA encoder, eq.
   11-12, maps at evaluate.resolution, smoothing, image score) on a batch of evaluate.batch_size, over the batch;
+- the time of train's step (after the first of 4) and of evaluate's image, alternating with the peak in rounds,
+  each round's GFLOP/s as a fraction of that round's peak;
 - evaluate's whole per-image cost (`mpad.evaluation.run_detector`: decoding in evaluate.workers DataLoader
   processes, resizing, masks, the detector, the copies; what the stage's loop runs) against the detector alone
   on the same images already decoded, in the same batches, alternating in rounds with the peak
@@ -20,13 +22,14 @@ Random weights and random text embeddings: the FLOPs and the time do not depend 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from harness import Ratio, alternate, median, ratio
+from harness import Ratio, alternate, ratio
 from torch.utils.flop_counter import FlopCounterMode
 
 from mpad.clip import ClipBundle
@@ -49,8 +52,11 @@ def counted(fn) -> float:
     return float(mode.get_total_flops())
 
 
-def step_flops(bundle: ClipBundle, laa: LaaConfig, prompts: PromptsConfig, mpts: MptsConfig, category: str) -> float:
-    """FLOPs of one MPTS step (forward and backward of eq. 3-9, calibration, Adam) at mpts.batch_size."""
+def trainer(
+    bundle: ClipBundle, laa: LaaConfig, prompts: PromptsConfig, mpts: MptsConfig
+) -> Callable[[int, Callable[[dict], Any] | None], Any]:
+    """train(steps, on_step): MPTS (eq. 3-10) for `steps` steps of one meta-epoch on random (batch, h, w, D)
+    features and (batch, H, W) masks, fresh prompts each call: what one step of the train stage runs."""
     features = synth_features(bundle, laa, [np.zeros((*bundle.image_size, 3), np.uint8)])  # for its shape
     n = mpts.batch_size
     features = F.normalize(torch.randn(n, *features.shape[1:], device=bundle.device), dim=-1)
@@ -58,13 +64,12 @@ def step_flops(bundle: ClipBundle, laa: LaaConfig, prompts: PromptsConfig, mpts:
     meta = F.normalize(torch.randn(2, features.shape[-1], device=bundle.device), dim=-1)
     scale = float(bundle.model.logit_scale.exp())
 
-    def train(steps: int) -> None:
-        learner = PromptLearner(bundle.model, bundle.tokenizer, category, *prompts.sizes)
+    def train(steps: int, on_step: Callable[[dict], Any] | None = None) -> Any:
+        learner = PromptLearner(bundle.model, bundle.tokenizer, "bench", *prompts.sizes)
         config = mpts.model_copy(update={"meta_epochs": 1, "steps": steps, "stop": "fixed"})
-        train_prompts(learner, TextEncoder(bundle.model), features, masks, meta, scale, config)
+        return train_prompts(learner, TextEncoder(bundle.model), features, masks, meta, scale, config, on_step)
 
-    steps = 2
-    return (counted(lambda: train(2 * steps)) - counted(lambda: train(steps))) / steps
+    return train
 
 
 def random_detector(bundle: ClipBundle, laa: LaaConfig, scoring: ScoringConfig) -> Detector:
@@ -76,10 +81,12 @@ def random_detector(bundle: ClipBundle, laa: LaaConfig, scoring: ScoringConfig) 
 
 @dataclass(frozen=True)
 class Limits:
-    """peak_gflops: per round; step_gflop, image_gflop: counted; evaluate / detector: s an image per round."""
+    """peak_gflops: per round; step_gflop, image_gflop: counted; step: s a step per round; evaluate / detector:
+    s an image per round."""
 
     peak_gflops: list[float]
     step_gflop: float
+    step: list[float]
     image_gflop: float
     evaluate: list[float]
     detector: list[float]
@@ -89,9 +96,9 @@ class Limits:
     def evaluate_over_detector(self) -> Ratio:
         return ratio(self.evaluate, self.detector)
 
-    def fraction(self, gflop: float, seconds: float) -> float:
-        """Achieved GFLOP/s of `gflop` done in `seconds`, as a fraction of the median peak."""
-        return gflop / seconds / median(self.peak_gflops)
+    def fraction(self, gflop: float, seconds: Sequence[float]) -> Ratio:
+        """Achieved GFLOP/s of `gflop` done in `seconds` (one per round), as fractions of each round's peak."""
+        return ratio([gflop / s for s in seconds], self.peak_gflops)
 
 
 def measure(
@@ -104,10 +111,11 @@ def measure(
     samples: Sequence[Sample],
     rounds: int = 3,
 ) -> Limits:
-    """The peak, the counted FLOPs, and `rounds` alternating rounds of peak / evaluate's loop / the detector
-    alone on `samples` (the torch threads as they are set: the measured stages')."""
-    category = "bench"
-    step = step_flops(bundle, laa, prompts, mpts, category) / 1e9
+    """The counted FLOPs, and `rounds` alternating rounds of the peak, train's step, evaluate's loop and the
+    detector alone on `samples` (the torch threads as they are set: the measured stages')."""
+    train = trainer(bundle, laa, prompts, mpts)
+    few = 2  # FLOPs of 2 * few steps less those of few steps: the set-up both count cancels
+    step_gflop = (counted(lambda: train(2 * few)) - counted(lambda: train(few))) / few / 1e9
     detector = random_detector(bundle, laa, scoring)
     size = (evaluate.resolution, evaluate.resolution)
     batch = torch.rand(evaluate.batch_size, 3, *bundle.image_size)
@@ -155,5 +163,13 @@ def measure(
             detector(chunk, size)
         return (time.perf_counter() - start) / counted_images
 
-    figures = alternate(rounds, {"peak": peak, "evaluate": whole, "detector": alone})
-    return Limits(figures["peak"], step, image, figures["evaluate"], figures["detector"], counted_images)
+    def step() -> float:
+        """s a step of MPTS after its first step, as bench/fullscale.py splits the train stage."""
+        marks: list[float] = []
+        train(4, lambda row: marks.append(time.perf_counter()))
+        return (marks[-1] - marks[0]) / (len(marks) - 1)
+
+    figures = alternate(rounds, {"peak": peak, "step": step, "evaluate": whole, "detector": alone})
+    return Limits(
+        figures["peak"], step_gflop, figures["step"], image, figures["evaluate"], figures["detector"], counted_images
+    )
