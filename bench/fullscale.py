@@ -28,15 +28,16 @@ seconds: docs/decisions.md, pixel metrics); train's loop scales with params.yaml
 outside the stage timings.
 
 Then the machine's limit (bench/limits.py, issue 33), in this process with the threads each stage had: the
-matrix-product peak; the FLOPs of train's step and of evaluate's image, and the GFLOP/s each achieved (train: the
-step time measured above; evaluate: its loop on the first category's test images, at most `--limit-images`) as a
-fraction of the peak; and evaluate's whole per-image cost against the detector alone on the same images, both
-alternating with the peak in `--rounds` rounds. The last line is `SUMMARY fullscale: ...` (bench/harness.py).
+matrix-product peak; the FLOPs of train's step and of evaluate's image, and the GFLOP/s each achieved as a
+fraction of the peak; and evaluate's whole per-image cost against the detector alone on the same images
+(`--limit-images` of the first category's test images, repeated where it has fewer), all alternating in
+`--rounds` rounds. The last line is `SUMMARY fullscale: ...` (bench/harness.py).
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import shutil
@@ -219,7 +220,7 @@ def machine_limit(
         SECTIONS[name].from_params(params[name]) for name in ("model", "laa", "prompts", "mpts", "scoring", "evaluate")
     )
     bundle = load_clip(model.name, "none", model.device, model.precision)
-    samples = list_split(root, category, "test")[: args.limit_images]
+    samples = list(itertools.islice(itertools.cycle(list_split(root, category, "test")), args.limit_images))
     found = measure(bundle, laa, prompts, mpts, scoring, evaluate, samples, args.rounds)
     peak = median(found.peak_gflops)
     step_s, evaluate_s, detector_s = median(found.step), median(found.evaluate), median(found.detector)
@@ -260,7 +261,7 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true", help="keep the temporary project folder")
     parser.add_argument("--rounds", type=int, default=3, help="rounds of the machine-limit measurements")
     parser.add_argument(
-        "--limit-images", type=int, default=48, help="test images of evaluate / detector alone (3 batches)"
+        "--limit-images", type=int, default=48, help="test images of evaluate / detector alone (3 batches of 16)"
     )
     args = parser.parse_args()
     categories = [c for c in args.categories.split(",") if c]
@@ -285,11 +286,11 @@ def main() -> None:
             *args.set,
         ]
         params = stagerun.make_project(folder, overrides)
-        tested, batch = sum(counts[categories[0]][1:]), params["evaluate"]["batch_size"]
-        if tested <= batch:
+        batch = params["evaluate"]["batch_size"]
+        if args.limit_images <= batch:
             sys.exit(
-                f"--fraction {args.fraction}: {categories[0]} has {tested} test images, one evaluate batch ({batch}) "
-                "or fewer, and the machine limit times the images after the first batch: raise --fraction"
+                f"--limit-images {args.limit_images}: one evaluate batch ({batch}) or fewer, and the machine limit "
+                "times the images after the first batch: give more"
             )
         if args.weights == "checkpoint":
             checkpoint = folder / "random-weights.pt"
