@@ -5,7 +5,9 @@ STAMP := $(VENV)/.installed
 # DVC runs each stage's `mpad ...` command in a shell: put the project's venv first on its PATH.
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: setup run offline ablations sweep plots compare docs test test-fast bench bench-peers gpu-wheels gpu-dry
+BENCHES := encoder evaluate export fullscale serve peers cluster
+
+.PHONY: setup run offline ablations sweep plots compare docs test test-fast bench $(addprefix bench-,$(BENCHES)) gpu-wheels gpu-dry
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || python3 -m venv $(VENV)
@@ -69,12 +71,34 @@ test-fast: $(STAMP)
 	$(BIN)/ruff format --check .
 	$(PYTEST) -m "not slow"
 
-bench: $(STAMP)
-	$(BIN)/python bench/encoder.py
+# The lasting benchmarks (docs/benchmarks.md): `make bench` lists them with what each measures (its docstring's
+# first line); `make bench-<name> ARGS="..."` runs bench/<name>.py with those arguments (`--help` lists them).
+bench:
+	@for b in $(BENCHES); do \
+	  printf 'make bench-%-10s %s\n' "$$b" "$$(sed -n '1s/^"""//p' bench/$$b.py 2>/dev/null || echo '(missing)')"; \
+	done
+	@echo 'make gpu-dry          the GPU check (bench/gpu_check.sh) dry-run on the CPU'
 
-# mpad against anomalib's WinCLIP on the same images (bench/peers.py; anomalib goes into .peers/venv, not .venv).
+bench-encoder: $(STAMP)
+	$(BIN)/python bench/encoder.py $(ARGS)
+
+bench-evaluate: $(STAMP)
+	$(BIN)/python bench/evaluate.py $(ARGS)
+
+bench-export: $(STAMP)
+	$(BIN)/python bench/export.py $(ARGS)
+
+bench-fullscale: $(STAMP)
+	$(BIN)/python bench/fullscale.py $(ARGS)
+
+bench-serve: $(STAMP)
+	$(BIN)/python bench/serve.py $(ARGS)
+
 bench-peers: $(STAMP)
-	$(BIN)/python bench/peers.py $(PEERS_ARGS)
+	$(BIN)/python bench/peers.py $(ARGS)
+
+bench-cluster: $(STAMP)
+	$(BIN)/python bench/cluster.py $(ARGS)
 
 # The GPU check (bench/gpu_check.sh): the wheels the GPU machine lacks, for Python 3.12, into .whl/ (git-ignored).
 gpu-wheels: $(STAMP)

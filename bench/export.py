@@ -4,10 +4,13 @@ For mpad-tiny and ViT-B-16-plus-240 with random weights (speed does not depend o
 detector (random (2, D) text embeddings, LAA as bench/encoder.py, default scoring, maps at 256 px, with
 `--memory` a 1-shot visual memory) with `mpad.deploy.graph.export_onnx`, then prints images/second of both
 backends on the same batch (the full path: encoder, maps, fusion, smoothing, scores), their ratio
-(onnxruntime / torch throughput; goal >= 1.0x) and the model file's size. Both use the same number of
-threads, timed in one process, interleaved, best of several repeats, so the ratio is robust to load.
+(torch / onnxruntime time, i.e. onnxruntime / torch throughput; goal >= 1.0x) and the model file's size.
+Both use the same number of threads and run in alternating rounds in one process (bench/harness.py), each arm
+calling its backend on one batch for about `--seconds` a round; the ratio is taken per round (median, min-max),
+then the SUMMARY line.
 
-    .venv/bin/python bench/export.py [--batch 8] [--repeats 5] [--memory] [--threads N]
+    .venv/bin/python bench/export.py [--models mpad-tiny,ViT-B-16-plus-240] [--batch 8] [--rounds 5] [--seconds 1]
+        [--memory] [--threads N]
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from encoder import best_time  # bench/encoder.py: python puts bench/ first on the path
+from harness import alternate, median, ratio, repeat, summary  # bench/harness.py: python puts bench/ first on the path
 
 from mpad.clip import load_clip
 from mpad.config import LaaConfig, ScoringConfig
@@ -29,15 +32,17 @@ from mpad.memory import build_memory
 from mpad.prediction import torch_scorer
 from mpad.prompt_file import PromptsFile
 
-MODELS = ("mpad-tiny", "ViT-B-16-plus-240")
+MODELS = "mpad-tiny,ViT-B-16-plus-240"
 SETTINGS = LaaConfig(attention="vv", k=2, layers=6, cls="neighbor-cls")
 RESOLUTION = 256
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default=MODELS, help="comma-separated open_clip names or mpad-tiny")
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--seconds", type=float, default=1.0, help="time of an arm in a round (calls repeated)")
     parser.add_argument("--memory", action="store_true", help="with a 1-shot visual memory (layers 2 and 4)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="CPU threads of both")
     args = parser.parse_args()
@@ -47,8 +52,9 @@ def main() -> None:
         f"torch {torch.__version__}, {threads} threads for both, batch {args.batch}, maps {RESOLUTION} px, "
         f"memory {args.memory}"
     )
-    print(f"{'model':<20} {'torch img/s':>12} {'onnx img/s':>12} {'onnx/torch':>11} {'file MiB':>9}")
-    for name in MODELS:
+    print(f"{'model':<20} {'torch img/s':>12} {'onnx img/s':>12} {'torch/onnx time':>28} {'file MiB':>9}")
+    figures = []
+    for name in args.models.split(","):
         bundle = load_clip(name, "none", "cpu")
         depth = len(bundle.model.visual.transformer.resblocks)
         laa = SETTINGS.model_copy(update={"layers": min(SETTINGS.layers, depth)})
@@ -63,12 +69,22 @@ def main() -> None:
             size_mb = model.stat().st_size / 2**20
             scorer = OnnxScorer(model, threads=threads)
             run_torch = torch_scorer(detector, RESOLUTION)  # what predict's torch backend runs
-            run_torch(images), scorer(images)  # warm-up
-            slow = fast = float("inf")
-            for _ in range(2):  # interleave so both see the same machine state
-                slow = min(slow, best_time(run_torch, images, args.repeats))
-                fast = min(fast, best_time(scorer, images, args.repeats))
-        print(f"{name:<20} {args.batch / slow:>12.1f} {args.batch / fast:>12.1f} {slow / fast:>10.2f}x {size_mb:>9.1f}")
+
+            times = alternate(
+                args.rounds,
+                {
+                    "torch": repeat(args.seconds, run_torch, images),
+                    "onnx": repeat(args.seconds, scorer, images),
+                },
+            )
+        per_image = {arm: median(t) / args.batch for arm, t in times.items()}
+        torch_onnx = ratio(times["torch"], times["onnx"])
+        print(
+            f"{name:<20} {1 / per_image['torch']:>12.1f} {1 / per_image['onnx']:>12.1f} {torch_onnx!s:>28} "
+            f"{size_mb:>9.1f}"
+        )
+        figures.append(f"{name} torch/onnxruntime time {torch_onnx}")
+    summary("export", *figures, f"batch {args.batch}, {threads} threads, memory {args.memory}")
 
 
 if __name__ == "__main__":

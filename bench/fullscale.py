@@ -23,14 +23,21 @@ category's two units of work (sample to train, then evaluate) go to N workers by
 (`makespan`: the category with the most units left, then params order), as `make run JOBS=N` runs them.
 Synthesize does the same work per category at any fraction; evaluate's loop scales with the category's test
 images, its tail is counted as fixed (its metrics grow with the images but take
-seconds: see bench/metrics.py); train's loop scales with params.yaml's meta_epochs x steps, so that
+seconds: docs/decisions.md, pixel metrics); train's loop scales with params.yaml's meta_epochs x steps, so that
 `--set mpts.steps=20` measures the cost per step in a shorter run. Dataset generation is timed apart,
 outside the stage timings.
+
+Then the machine's limit (bench/limits.py, issue 33), in this process with the threads each stage had: the
+matrix-product peak; the FLOPs of train's step and of evaluate's image, and the GFLOP/s each achieved as a
+fraction of the peak; and evaluate's whole per-image cost against the detector alone on the same images
+(`--limit-images` of the first category's test images, repeated where it has fewer), all alternating in
+`--rounds` rounds. The last line is `SUMMARY fullscale: ...` (bench/harness.py).
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import shutil
@@ -44,9 +51,10 @@ from typing import Any
 
 import stagerun
 import standin
+from harness import median, summary
 
-from mpad.config import TABLE_ORDER
-from mpad.data import MVTEC_CATEGORIES, MVTEC_TEXTURES
+from mpad.config import SECTIONS, TABLE_ORDER
+from mpad.data import MVTEC_CATEGORIES, MVTEC_TEXTURES, list_split
 from mpad.runs.units import makespan, work_units
 
 STAGES = ("fetch", "sample", "synthesize", "train", "evaluate", "summarize")
@@ -197,6 +205,47 @@ def save_random_checkpoint(name: str, path: Path) -> None:
     subprocess.run([sys.executable, "-c", code, name, str(path)], env=env, check=True, capture_output=True)
 
 
+def machine_limit(
+    params: dict[str, Any], root: Path, category: str, stages: dict[str, dict[str, Any]], args: argparse.Namespace
+) -> str:
+    """Print the machine's limit (bench/limits.py) after the pipeline; return the SUMMARY figures."""
+    import torch  # here, not at the top: the stages run without this process holding torch
+    from limits import measure
+
+    from mpad.clip import load_clip
+
+    threads = max(1, len(os.sched_getaffinity(0)) // args.jobs)  # what stagerun gives each stage (worker_env)
+    torch.set_num_threads(threads)
+    model, laa, prompts, mpts, scoring, evaluate = (
+        SECTIONS[name].from_params(params[name]) for name in ("model", "laa", "prompts", "mpts", "scoring", "evaluate")
+    )
+    bundle = load_clip(model.name, "none", model.device, model.precision)
+    samples = list(itertools.islice(itertools.cycle(list_split(root, category, "test")), args.limit_images))
+    found = measure(bundle, laa, prompts, mpts, scoring, evaluate, samples, args.rounds)
+    peak = median(found.peak_gflops)
+    step_s, evaluate_s, detector_s = median(found.step), median(found.evaluate), median(found.detector)
+    train_fraction = found.fraction(found.step_gflop, found.step)
+    evaluate_fraction = found.fraction(found.image_gflop, found.evaluate)
+    ratio = found.evaluate_over_detector()
+    lines = [
+        f"{model.precision} matrix-product peak (torch.mm {found.peak_n}^2): {peak:.1f} GFLOP/s "
+        f"({min(found.peak_gflops):.1f}-{max(found.peak_gflops):.1f} over {args.rounds} rounds), {threads} threads",
+        f"train step: {found.step_gflop:.1f} GFLOP (FlopCounterMode), {step_s:.3f} s (the train stage above: "
+        f"{fmt(stages['train']['per_item'], '.3f')} s): {found.step_gflop / step_s:.1f} GFLOP/s, "
+        f"{train_fraction} of the peak",
+        f"evaluate image: {found.image_gflop:.1f} GFLOP; evaluate's loop on {category}'s test images "
+        f"({found.images} after the first batch) {evaluate_s:.3f} s an image (the evaluate stage above: "
+        f"{fmt(stages['evaluate']['per_item'], '.3f')} s): {evaluate_fraction} of the peak; the detector alone "
+        f"{detector_s:.3f} s: {found.fraction(found.image_gflop, found.detector)}",
+        f"evaluate / detector alone, s an image: {ratio} (target <= 1.1x)",
+    ]
+    print("\nthe machine's limit (bench/limits.py):\n" + "\n".join(f"- {line}" for line in lines))
+    return (
+        f"of the {model.precision} matrix-product peak ({peak:.0f} GFLOP/s, {threads} threads) train step "
+        f"{train_fraction}, evaluate image {evaluate_fraction}, evaluate/detector alone per image {ratio}"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--fraction", type=float, default=0.1, help="share of MVTec AD's image counts")
@@ -210,6 +259,10 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra params override")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     parser.add_argument("--keep", action="store_true", help="keep the temporary project folder")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of the machine-limit measurements")
+    parser.add_argument(
+        "--limit-images", type=int, default=48, help="test images of evaluate / detector alone (3 batches of 16)"
+    )
     args = parser.parse_args()
     categories = [c for c in args.categories.split(",") if c]
     unknown = set(categories) - set(MVTEC_CATEGORIES)
@@ -233,6 +286,12 @@ def main() -> None:
             *args.set,
         ]
         params = stagerun.make_project(folder, overrides)
+        batch = params["evaluate"]["batch_size"]
+        if args.limit_images <= batch:
+            sys.exit(
+                f"--limit-images {args.limit_images}: one evaluate batch ({batch}) or fewer, and the machine limit "
+                "times the images after the first batch: give more"
+            )
         if args.weights == "checkpoint":
             checkpoint = folder / "random-weights.pt"
             save_random_checkpoint(params["model"]["name"], checkpoint)
@@ -270,6 +329,7 @@ def main() -> None:
             f"\nprojected full MVTec AD 1-shot run (15 categories, 1725 test images, {args.jobs} job(s)): "
             f"{projection['total']:.0f} s = {projection['total'] / 60:.1f} min; of the process time: {shares}"
         )
+        limit = machine_limit(params, folder / "data" / "standin", categories[0], stages, args)
         if args.out:
             args.out.parent.mkdir(parents=True, exist_ok=True)
             result = {
@@ -284,6 +344,12 @@ def main() -> None:
                 "dominant": dominant,
             }
             args.out.write_text(json.dumps(result, indent=2) + "\n")
+        summary(
+            "fullscale",
+            f"projected full MVTec AD 1-shot run {projection['total'] / 60:.1f} min ({args.jobs} job(s), "
+            f"{params['model']['name']}, {args.device} {args.precision})",
+            limit,
+        )
     finally:
         if args.keep:
             print(f"kept {folder}")

@@ -39,6 +39,22 @@ def alternate(
     return figures
 
 
+def repeat(seconds: float, fn: Callable[..., object], *args: object) -> Callable[[], float]:
+    """An arm that calls fn(*args) as many times as fill about `seconds` (from the time of one call, made here)
+    and returns the mean seconds a call: calls of a few ms are too short to time one by one."""
+    start = time.perf_counter()
+    fn(*args)
+    calls = max(1, round(seconds / (time.perf_counter() - start)))
+
+    def arm() -> float:
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn(*args)
+        return (time.perf_counter() - start) / calls
+
+    return arm
+
+
 @dataclass(frozen=True)
 class Ratio:
     """The per-round ratios a / b of two arms: their median, lowest and highest."""

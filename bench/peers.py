@@ -1,6 +1,6 @@
 """mpad against its closest peer, anomalib's WinCLIP: set-up time, evaluation speed and peak memory, same images.
 
-Run: make bench-peers [PEERS_ARGS='...'], or .venv/bin/python bench/peers.py [--data synthetic | MVTEC_ROOT]
+Run: make bench-peers [ARGS='...'], or .venv/bin/python bench/peers.py [--data synthetic | MVTEC_ROOT]
      [--categories disc] [--k 1] [--test 4] [--steps 4] [--meta-epochs 1] [--samples 8] [--rounds 2]
      [--threads N] [--batch 4] [--full]
 

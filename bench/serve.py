@@ -15,8 +15,7 @@ First prints onnxruntime's own ms per image at batch 1, 2, 4 ... --max-batch, wi
 one, in this process before any server starts: the ratio of batch 1 to --max-batch bounds what batching can
 gain. Then per configuration: throughput of good requests, p50 / p95 / p99 latency, errors (a good request
 without 200, a bad one without its status, a failed connection: must be 0), the server's RSS after a warm-up
-and after each round, then the ratios. `--impl litserve` serves the same model with LitServe
-(bench/serve_litserve.py; needs `pip install litserve`) beside `mpad serve`, both fed multipart forms.
+and after each round, then the ratios. `--form` sends the images as multipart forms instead of raw bodies.
 
 `--hostile` measures instead one `mpad serve` at its default limits under issue 32's hostile mix against the
 same server's clean run, the two alternating (bench/harness.py): the good clients (wrk, --clients) alone, then
@@ -26,7 +25,7 @@ and a client that aborts uploads (1,000 of 50,000 announced bytes, then close). 
 its log holds no traceback.
 
     .venv/bin/python bench/serve.py [--backbone mpad-tiny] [--clients 8] [--requests 2000] [--rounds 2]
-        [--single 200] [--impl own|litserve] [--map] [--python PATH] [--time-limit-s 600] [--hostile]
+        [--single 200] [--form] [--map] [--python PATH] [--time-limit-s 600] [--hostile]
 """
 
 from __future__ import annotations
@@ -151,10 +150,9 @@ def free_port() -> int:
 
 @dataclass
 class Server:
-    """A server process on 127.0.0.1: `mpad serve` (impl "own") or bench/serve_litserve.py."""
+    """A `mpad serve` process on 127.0.0.1."""
 
     name: str
-    impl: str
     python: str
     model: Path
     max_batch: int
@@ -168,17 +166,13 @@ class Server:
 
     def start(self) -> None:
         self.port = free_port()
-        if self.impl == "own":
-            command = [self.python, "-c", "import stages.cli; stages.cli.app()", "serve", "--model", str(self.model),
-                       "--port", str(self.port), "--max-batch", str(self.max_batch), "--max-wait-ms",
-                       str(self.max_wait_ms), "--max-bytes", str(MAX_BYTES), *self.options,
-                       *(["--threads", str(self.threads)] if self.threads else [])]  # fmt: skip
-        else:
-            command = [self.python, str(ROOT / "bench/serve_litserve.py"), str(self.model), str(self.port),
-                       "--max-batch", str(self.max_batch), "--max-wait-ms", str(self.max_wait_ms)]  # fmt: skip
+        command = [self.python, "-c", "import stages.cli; stages.cli.app()", "serve", "--model", str(self.model),
+                   "--port", str(self.port), "--max-batch", str(self.max_batch), "--max-wait-ms",
+                   str(self.max_wait_ms), "--max-bytes", str(MAX_BYTES), *self.options,
+                   *(["--threads", str(self.threads)] if self.threads else [])]  # fmt: skip
         out = self.log.open("wb") if self.log else subprocess.DEVNULL
         self.proc = subprocess.Popen(command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
-        self.wait_ready("/readyz" if self.impl == "own" else "/health")
+        self.wait_ready("/readyz")
 
     def wait_ready(self, path: str, timeout_s: float = 600) -> None:
         """Returns once the server answers 200 at `path`; SystemExit when it exits or timeout_s pass first."""
@@ -245,7 +239,7 @@ def load(server: Server, good: list[bytes], bad: list, clients: int, requests: i
          form: bool, with_map: bool, time_limit_s: float) -> Result:  # fmt: skip
     """CLIENTS connections sending REQUESTS requests in all (rounded up to a multiple of CLIENTS), driven by wrk
     (bench/serve_load.lua); bounded by time_limit_s."""
-    path = ("/v1/predict" if server.impl == "own" else "/predict") + ("" if with_map else "?map=false")
+    path = "/v1/predict" + ("" if with_map else "?map=false")
     per_client = -(-requests // clients)
     with tempfile.TemporaryDirectory(prefix="mpad-load-") as folder:
         records = Path(folder) / "requests.bin"
@@ -307,7 +301,7 @@ def main() -> None:
     parser.add_argument("--single", type=int, default=200, help="requests of the 1-client run (0: none)")
     parser.add_argument("--bad-every", type=int, default=20)
     parser.add_argument("--size", type=int, default=0, help="side of the good requests' PNGs (0: as generated)")
-    parser.add_argument("--impl", choices=("own", "litserve"), default="own")
+    parser.add_argument("--form", action="store_true", help="multipart forms instead of raw bodies")
     parser.add_argument("--max-batch", type=int, default=8, help="the batching servers' --max-batch")
     parser.add_argument("--max-wait-ms", default="2", help="the batching servers' --max-wait-ms (a,b,...: several)")
     parser.add_argument("--threads", type=int, default=0, help="the servers' onnxruntime threads (0: default)")
@@ -324,16 +318,11 @@ def main() -> None:
     if args.hostile:
         return hostile_mix(model, good, args)
     waits = [float(w) for w in args.max_wait_ms.split(",")]
-    if args.impl == "own":  # the baseline first, then one batching server per --max-wait-ms
-        servers = [Server("max-batch 1", "own", args.python, model, 1, 0.0, args.threads)]
-        servers += [Server(f"batch {args.max_batch}, {w:g} ms", "own", args.python, model, args.max_batch, w,
-                           args.threads) for w in waits]  # fmt: skip
-    else:
-        servers = [
-            Server("mpad serve", "own", args.python, model, args.max_batch, waits[0], args.threads),
-            Server("LitServe", "litserve", args.python, model, args.max_batch, waits[0]),
-        ]
-    form = args.impl == "litserve"
+    # the baseline first, then one batching server per --max-wait-ms
+    servers = [Server("max-batch 1", args.python, model, 1, 0.0, args.threads)]
+    servers += [Server(f"batch {args.max_batch}, {w:g} ms", args.python, model, args.max_batch, w,
+                       args.threads) for w in waits]  # fmt: skip
+    form = args.form
     model_only_ceiling(model, args.max_batch, args.threads)
     size = f"{args.size} px" if args.size else "generated-size"
     print(f"{args.backbone} (random weights), {size} PNGs, map {args.map}, {args.clients} clients, "
@@ -369,7 +358,7 @@ def hostile_mix(model: Path, good: list[bytes], args: argparse.Namespace) -> Non
     """One `mpad serve` at its default limits; per round, the good clients alone ("clean") and beside the hostile
     clients ("hostile"), alternated; prints both arms' figures and the SUMMARY line with the targets met or not."""
     log = args.workdir / "hostile-server.log"
-    server = Server("mpad serve", "own", args.python, model, args.max_batch, float(args.max_wait_ms.split(",")[0]),
+    server = Server("mpad serve", args.python, model, args.max_batch, float(args.max_wait_ms.split(",")[0]),
                     args.threads, options=(), log=log)  # fmt: skip
     large = png(Image.linear_gradient("L").resize((LARGE_SIDE, LARGE_SIDE)).convert("RGB"))
     print(f"{args.backbone} (random weights), {args.clients} good clients x {args.requests} requests an arm; hostile: "

@@ -1,10 +1,10 @@
 """Learned prompts beat the hand-written ones on defects they were not trained on (random weights).
 
-One small case of `bench/learning.py`: the tiny random-weight model, one shot of the generated `weave`
-texture, OAGM's Gaussian-noise blobs, MPTS 3 x 10 steps; tested on scratches, holes and stains, which
-training never saw. The bench measured gains of +0.25 to +0.35 pixel AUROC over the hand-written
+One small case of the former `bench/learning.py` (docs/decisions.md): the tiny random-weight model, one shot
+of the generated `weave` texture, OAGM's Gaussian-noise blobs, MPTS 3 x 10 steps; tested on scratches, holes
+and stains, which training never saw. The bench measured gains of +0.25 to +0.35 pixel AUROC over the hand-written
 ensembles on this category (3 seeds); on the held-out `grain` defects the gain varies from +0.04 to
-+0.3 with the draw, too unsteady to pin (README, "Do learned prompts generalise?").
++0.3 with the draw, too unsteady to pin (docs/decisions.md, "Learned prompts: no default change").
 
 The bounds are not rounding bounds: 30 Adam steps compound rounding differences like a change of seed, so
 another CPU's kernels give another trajectory. They hold across seeds (the bench's 3 seeds gained >= 0.25 where

@@ -143,7 +143,7 @@ def test_offline_with_two_jobs_gives_the_sequential_results_as_a_named_experimen
         (project / "presets/offline.txt").write_text("".join(f"{k}={v}\n" for k, v in preset.items()))
         projects[jobs] = project
     # Same thread count in both runs (each worker's share): the comparison is then exact by construction.
-    # What the count itself changes is measured by bench/jobs.py (README, "Running categories in parallel").
+    # What the count itself changes was measured by the former bench/jobs.py (docs/decisions.md).
     threads = max(1, len(os.sched_getaffinity(0)) // 2)
     _make_offline(projects[1], 1, threads)
     # the same generated dataset, modification times included, so that fetch's fingerprints are equal too

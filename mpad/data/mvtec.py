@@ -243,7 +243,7 @@ def fingerprint(root: Path, samples: list[Sample]) -> str:
     """sha256 hex of the sorted (path relative to root, size in bytes, modification time in ns) listing of the
     samples' images and masks. Only `stat`, no file contents, since fetch computes it on every `dvc repro`:
     0.17 s on an MVTec AD-sized tree, where hashing the bytes took 2.7-6.3 s per 2.9 GB even from the page
-    cache (bench/fingerprint.py). A replaced file shows by its size or mtime; a `touch` alone also changes it
+    cache (docs/decisions.md). A replaced file shows by its size or mtime; a `touch` alone also changes it
     (a needless re-run, never a stale result)."""
     files = [p for s in samples for p in (s.image, s.mask) if p is not None]
     listing = sorted((p.relative_to(root).as_posix(), st.st_size, st.st_mtime_ns) for p in files for st in [p.stat()])

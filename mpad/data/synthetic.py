@@ -14,8 +14,8 @@ Held out (`render` only, never written by `generate`, so the dataset above is un
 wood-like ring texture at 192x192 (three times mpad-tiny's input, as MVTec's 1024 px are four times
 ViT-B-16+'s), with other defect kinds (`HELD_OUT_DEFECTS`): thin dark scratches, small colour spots, and
 Gaussian noise added at full resolution (so the resize to the model's input averages it). The same
-kinds can be asked of the other textures with `render(..., defect=kind)`. `bench/learning.py` uses
-them to measure whether learned prompts generalise beyond the defects of the generated dataset.
+kinds can be asked of the other textures with `render(..., defect=kind)`. The former `bench/learning.py` used
+them to measure whether learned prompts generalise beyond the generated defects (docs/decisions.md).
 """
 
 from __future__ import annotations
