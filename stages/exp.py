@@ -4,12 +4,22 @@ compare targets call these."""
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 
 import typer
 
 HELP = "Runs, sweeps and ablations, here or on a Ray cluster."
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=HELP)
+
+
+@app.callback()
+def _venv_first_on_path() -> None:
+    """`dvc` and the stages' `mpad` from this interpreter's environment, also when the venv is not activated
+    (`.venv/bin/mpad exp ...`), as the Makefile's PATH does."""
+    os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+
 
 JOBS = typer.Option("1", "--jobs", "-j", help="Categories' units or experiments at once (JOBS).")
 CLUSTER = typer.Option(None, "--cluster", help="Ray address (auto, HOST:PORT, ray://HOST:10001) (CLUSTER).")

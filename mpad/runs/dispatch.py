@@ -167,10 +167,21 @@ def offline(repo: Path, backend: Backend, overrides: Sequence[str], progress: Pr
     else:
         _apply(overrides, repo)
         code = _run_units(backend, repo, progress, log)
-        code = code or local.call([DVC, "exp", "save", "-f", "-n", "offline"])
+        code = code or _save_offline()
     if code == 0:
         print((repo / "metrics.md").read_text(), end="")
     return code
+
+
+def _save_offline() -> int:
+    """`dvc exp save` of the workspace as `offline`, with the stages' untracked outputs (in a fresh clone, the
+    `cache: false` metrics and plots that git does not track yet) included, as `dvc exp run` includes them."""
+    lock = yaml.safe_load(Path("dvc.lock").read_text()) or {}
+    outs = {o["path"].rstrip("/") for stage in (lock.get("stages") or {}).values() for o in stage.get("outs") or []}
+    listed = ["git", "ls-files", "--others", "--exclude-standard", "-z"]
+    untracked = subprocess.run(listed, stdout=subprocess.PIPE, text=True, check=True).stdout.split("\0")
+    ours = [f for f in untracked if f and any(f == o or f.startswith(f"{o}/") for o in outs)]
+    return local.call([DVC, "exp", "save", "-f", "-n", "offline", *(a for f in ours for a in ("-I", f))])
 
 
 def _experiments(
