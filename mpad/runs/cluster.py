@@ -1,0 +1,320 @@
+"""The Ray backend: a run's per-category units and whole experiments on the nodes of a Ray cluster, their results
+brought back as plain DVC state (a run: dvc.lock and outputs as `dvc repro` leaves them; experiments: exp refs).
+
+ADDRESS is anything `ray.init(address=...)` takes (`auto`, `HOST:PORT`, `ray://HOST:10001`). Nodes share no
+filesystem: mpad/runs/remote.py carries the code (git `origin`) and the data and results (the default DVC remote).
+
+Scheduling: each unit asks Ray for `threads` CPUs (and one GPU where the cluster has GPUs); the first unit of every
+category is submitted at once and a category's next one when its result is in the workspace, so that, as
+mpad/parallel.py's rule does locally, the trainings come first and the short evaluations fill the nodes at the end.
+A unit lost with its node runs again on another (Ray's task retries); a unit whose result is already in the DVC
+remote (a coordinator started again) is restored, not run. A failed unit stops its category only.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+from mpad import io
+from mpad.runs import remote
+
+TRAVELS = ("params.yaml", "dvc.lock")  # workspace files each unit carries, so they may differ from the commit
+RETRIES = 3  # a unit lost with its node (or its worker process) runs again this many times
+
+
+class ClusterError(Exception):
+    """One line: what is wrong and what to do (printed as `error: ...`, exit 2)."""
+
+
+def git(repo: Path, *args: str) -> str:
+    done = subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise ClusterError(f"`git {' '.join(args)}` failed in {repo}: {(done.stderr.strip() or 'no output')[-300:]}")
+    return done.stdout.strip()
+
+
+def origin_url(repo: Path) -> str:
+    """git remote `origin`'s URL, a local path made absolute (the nodes' clones live elsewhere)."""
+    done = subprocess.run(["git", "remote", "get-url", "origin"], cwd=repo, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise ClusterError("no git remote `origin`: add one that every node reaches (`git remote add origin URL`)")
+    url = done.stdout.strip()
+    return str((repo / url).resolve()) if "://" not in url and (repo / url).exists() else url
+
+
+def dvc_remote(repo: Path) -> tuple[str, dict]:
+    """The default DVC remote's name and config (its URL resolved as DVC resolves it)."""
+    from dvc.repo import Repo
+
+    with Repo(os.fspath(repo)) as dvc:
+        name = dvc.config["core"].get("remote")
+        if not name:
+            raise ClusterError(
+                "no default DVC remote: add one that every node reaches (`dvc remote add -d NAME s3://... or ssh://...`)"
+            )
+        return name, dict(dvc.config["remote"][name])
+
+
+def check_clean(repo: Path) -> None:
+    """The work tree holds nothing the commit lacks but params.yaml and dvc.lock (which travel with each unit)."""
+    changed = [line[3:] for line in git(repo, "status", "--porcelain").splitlines() if line[3:] not in TRAVELS]
+    if changed:
+        shown = ", ".join(changed[:3]) + (f" and {len(changed) - 3} more" if len(changed) > 3 else "")
+        raise ClusterError(f"uncommitted changes in {repo} ({shown}): commit them, the nodes check out the commit")
+
+
+def connect(address: str):
+    """ray, connected to the cluster at ADDRESS; ClusterError when it does not answer."""
+    host, _, port = address.rpartition("//")[2].rpartition(":")
+    if host and port.isdigit():  # fail in seconds where ray.init would retry for a minute
+        try:
+            socket.create_connection((host, int(port)), timeout=5).close()
+        except OSError as err:
+            raise ClusterError(
+                f"cannot reach the Ray cluster at {address} ({err.strerror or err}): start it (`ray start --head`)"
+                " or give its address"
+            ) from None
+    import ray
+
+    ray.cloudpickle.register_pickle_by_value(remote)  # a node needs Ray, git and DVC, not this mpad
+    try:
+        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
+    except Exception as err:  # ConnectionError, ValueError, RuntimeError by the form of the address
+        raise ClusterError(f"cannot reach the Ray cluster at {address}: {str(err).splitlines()[0]}") from None
+    return ray
+
+
+def preflight(address: str, repo: Path) -> None:
+    """Before anything runs or is removed: the ADDRESS is reachable (ray.init), the work tree is clean, git remote
+    `origin` and a default DVC remote exist and the workers can reach them; else ClusterError."""
+    repo = Path(repo).resolve()
+    check_clean(repo)
+    url = origin_url(repo)
+    name, config = dvc_remote(repo)
+    ray = connect(address)
+    try:
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        nodes = [n for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU", 0) > 0]
+        if not nodes:
+            raise ClusterError(f"the Ray cluster at {address} has no node with CPUs: start workers (`ray start`)")
+        probe = ray.remote(remote.probe)
+        refs = {
+            n["NodeManagerAddress"]: probe.options(
+                num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)
+            ).remote(url, name, config)
+            for n in nodes
+        }
+        for node, ref in refs.items():
+            problems = ray.get(ref)
+            if problems:
+                raise ClusterError(f"node {node} cannot reach the {problems[0]}: every node needs both remotes")
+    finally:
+        ray.shutdown()
+
+
+class Workspace:
+    """The coordinator's side: its commit on origin, its DVC remote, and results restored into its workspace."""
+
+    def __init__(self, repo: Path):
+        from dvc.repo import Repo
+
+        self.repo = Path(repo).resolve()
+        check_clean(self.repo)
+        self.git_url = origin_url(self.repo)
+        self.remote_name, config = dvc_remote(self.repo)
+        self.sha = git(self.repo, "rev-parse", "HEAD")
+        git(self.repo, "push", "-q", "origin", f"+HEAD:{remote.RUNS_REF}{self.sha}")
+        self.remote = remote.open_remote(self.repo)
+        with Repo(os.fspath(self.repo)) as dvc:
+            self.upstream = {
+                s.name: sorted({d.name for d in dvc.index.graph.successors(s)}) for s in dvc.index.graph.nodes
+            }
+        self.job = {"sha": self.sha, "git_url": self.git_url, "dvc_remote": self.remote_name, "dvc_url": config["url"]}
+
+    def text(self, name: str) -> str | None:
+        path = self.repo / name
+        return path.read_text() if path.exists() else None
+
+    def lock_entries(self) -> dict:
+        from dvc.utils.serialize import parse_yaml
+
+        text = self.text("dvc.lock")
+        return (parse_yaml(text, "dvc.lock") or {}).get("stages", {}) if text else {}
+
+    def unit_job(self, name: str, stages: Sequence[str], threads: int) -> dict:
+        """A unit's job: what a node needs to run `stages`, and the key of their result."""
+        entries = self.lock_entries()
+        inputs = sorted({u for s in stages for u in self.upstream[s] if u not in stages})
+        missing = [i for i in inputs if i not in entries]
+        if missing:
+            raise ClusterError(f"{', '.join(missing)} has no dvc.lock entry in {self.repo}: run it before {stages[0]}")
+        params = self.text("params.yaml")
+        key = remote.unit_key(self.sha, params, {i: entries[i] for i in inputs}, stages)
+        lock = self.text("dvc.lock")
+        return {**self.job, "name": f"{name}-{key[:8]}", "stages": list(stages), "inputs": inputs, "key": key,
+                "params": params, "lock": lock, "threads": threads}  # fmt: skip
+
+    def restore(self, name: str, stages: Sequence[str], data: bytes) -> None:
+        """A unit's result into the workspace: its dvc.lock entries, its cached outputs from the DVC remote (DVC's
+        own pull and checkout) and its uncached ones; on any failure the dvc.lock of before, and ClusterError."""
+        from dvc.repo import Repo
+        from dvc.utils.serialize import dumps_yaml, parse_yaml_for_update
+
+        entries, files = remote.unpack(data)
+        before = self.text("dvc.lock")
+        doc = parse_yaml_for_update(before or "schema: '2.0'\nstages: {}\n", "dvc.lock")
+        doc.setdefault("stages", {}).update(entries)
+        io.write_text(self.repo / "dvc.lock", dumps_yaml(doc))
+        try:
+            with Repo(os.fspath(self.repo)) as dvc:
+                dvc.pull(targets=list(stages), force=True)
+                for stage in (s for name in stages for s in dvc.stage.collect(name)):
+                    for out in stage.outs:
+                        out.ignore()  # as `dvc repro` adds its outputs to .gitignore
+                        if not out.use_cache and out.exists:  # stale uncached outputs go, as repro removes them
+                            shutil.rmtree(out.fs_path) if os.path.isdir(out.fs_path) else os.unlink(out.fs_path)
+            for rel, content in files.items():
+                path = (self.repo / rel).resolve()
+                if not path.is_relative_to(self.repo):
+                    raise ValueError(f"{rel} is outside the workspace")
+                io.write_bytes(path, content)
+        except Exception as err:
+            if before is None:
+                (self.repo / "dvc.lock").unlink(missing_ok=True)
+            else:
+                io.write_text(self.repo / "dvc.lock", before)
+            raise ClusterError(f"unit {name}: its result did not arrive ({str(err).splitlines()[0]})") from None
+
+
+def unit_name(category: str, index: int, count: int) -> str:
+    return category if count == 1 else f"{category}-{index + 1}"
+
+
+def run_units(
+    address: str,
+    units: Mapping[str, Sequence[Sequence[str]]],
+    threads: int,
+    repo: Path,
+    log: Callable[[str], None] = print,
+) -> dict[str, int]:
+    """A run's per-category units ({category: [[stage names of unit 1], [unit 2]]}, exactly the `units` of
+    mpad/parallel.py's run_units: units of one category run in order, each `dvc repro --single-item <stages>`)
+    on the cluster, after the coordinator ran `fetch` locally. Returns {category: exit status} like the local
+    run_units. Afterwards the coordinator's workspace holds every finished unit's outputs and dvc.lock
+    entries exactly as a local `dvc repro` would have left them (so `dvc status` is clean but for fetch).
+
+    Logs a line per unit: where it ran, its time, and its dispatch overhead (submission to its first stage
+    starting, plus its end to its result restored here)."""
+    from dvc.repo import Repo
+
+    work = Workspace(repo)
+    with Repo(os.fspath(work.repo)) as dvc:  # fetch's outputs, which every node uses instead of running fetch
+        dvc.push(targets=["fetch"])
+    ray = connect(address)
+    try:
+        gpus = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
+        task = ray.remote(remote.task).options(num_cpus=threads, num_gpus=gpus, max_retries=RETRIES)
+        done, status, pending = dict.fromkeys(units, 0), {}, {}
+
+        def advance(category: str) -> None:
+            """Restore the category's next units that have a result; submit the first that has none."""
+            while done[category] < len(units[category]):
+                stages = units[category][done[category]]
+                name = unit_name(category, done[category], len(units[category]))
+                job = work.unit_job(name, stages, threads)
+                data = remote.get_result(work.remote, job["key"])
+                if data is None:
+                    pending[task.remote("run_unit", job)] = (category, name, job, time.time())
+                    log(f"{name}: {' '.join(stages)} submitted")
+                    return
+                work.restore(name, stages, data)
+                log(f"{name}: restored its result of an earlier run")
+                done[category] += 1
+            status[category] = 0
+
+        for category in units:
+            advance(category)
+        while pending:
+            [ref], _ = ray.wait(list(pending), num_returns=1)
+            category, name, job, submitted = pending.pop(ref)
+            try:
+                result = ray.get(ref)
+            except Exception as err:  # the unit was lost more than RETRIES times
+                result = {"node": "unknown", "error": str(err).strip().splitlines()[-1], "tail": ""}
+            if "error" in result:
+                status[category] = 1
+                tail = "".join(f"\n    {line}" for line in result["tail"].splitlines())
+                log(f"error: unit {name} ({' '.join(job['stages'])}) failed on node {result['node']}: "
+                    f"{result['error']}{tail}")  # fmt: skip
+                continue
+            data = remote.get_result(work.remote, job["key"])
+            if data is None:
+                raise ClusterError(f"unit {name} ended on node {result['node']} but its result is not in the remote")
+            work.restore(name, job["stages"], data)
+            started, repro_start, repro_end, _ = result["times"]
+            overhead = (repro_start - submitted) + (time.time() - repro_end)
+            log(f"{name}: done on node {result['node']} in {time.time() - submitted:.1f} s "
+                f"(dispatch overhead {overhead:.1f} s), log {result['log']}")  # fmt: skip
+            done[category] += 1
+            advance(category)
+        return status
+    finally:
+        ray.shutdown()
+
+
+def run_experiments(
+    address: str,
+    experiments: Mapping[str, Sequence[str]],
+    threads: int,
+    repo: Path,
+    log: Callable[[str], None] = print,
+) -> dict[str, int]:
+    """{experiment name: its `-S key=value` overrides}, each a whole `dvc exp run -n NAME -S ...` on a node.
+    Returns {name: exit status}. Afterwards the coordinator has one exp ref per finished name, as
+    `dvc exp show`, `make compare` and `dvc exp apply` expect (`dvc exp pull` of each from origin)."""
+    work = Workspace(repo)
+    ray = connect(address)
+    try:
+        gpus = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
+        task = ray.remote(remote.task).options(num_cpus=threads, num_gpus=gpus, max_retries=RETRIES)
+        job = {**work.job, "params": work.text("params.yaml"), "lock": work.text("dvc.lock"), "threads": threads}
+        pending, status = {}, {}
+        for name, overrides in experiments.items():
+            pending[task.remote("run_experiment", {**job, "name": name, "overrides": list(overrides)})] = (
+                name,
+                time.time(),
+            )
+            log(f"{name}: dvc exp run {' '.join(f'-S {kv}' for kv in overrides)} submitted")
+        while pending:
+            [ref], _ = ray.wait(list(pending), num_returns=1)
+            name, submitted = pending.pop(ref)
+            try:
+                result = ray.get(ref)
+            except Exception as err:
+                result = {"node": "unknown", "error": str(err).strip().splitlines()[-1], "tail": ""}
+            if "error" in result:
+                status[name] = 1
+                tail = "".join(f"\n    {line}" for line in result["tail"].splitlines())
+                log(f"error: experiment {name} failed on node {result['node']}: {result['error']}{tail}")
+                continue
+            pulled = subprocess.run(
+                ["dvc", "exp", "pull", "--force", work.git_url, name], cwd=work.repo, capture_output=True, text=True
+            )
+            if pulled.returncode != 0:
+                status[name] = pulled.returncode
+                log(f"error: experiment {name} ran on node {result['node']} but `dvc exp pull` failed: "
+                    f"{(pulled.stderr.strip() or pulled.stdout.strip()).splitlines()[-1]}")  # fmt: skip
+                continue
+            status[name] = 0
+            log(f"{name}: done on node {result['node']} in {time.time() - submitted:.1f} s, log {result['log']}")
+        return status
+    finally:
+        ray.shutdown()
