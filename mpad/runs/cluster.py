@@ -34,10 +34,11 @@ class ClusterError(Exception):
 
 
 def git(repo: Path, *args: str) -> str:
+    """A git command's output (not stripped); ClusterError naming it when it fails."""
     done = subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True)
     if done.returncode != 0:
         raise ClusterError(f"`git {' '.join(args)}` failed in {repo}: {(done.stderr.strip() or 'no output')[-300:]}")
-    return done.stdout.strip()
+    return done.stdout
 
 
 def origin_url(repo: Path) -> str:
@@ -130,7 +131,7 @@ class Workspace:
         check_clean(self.repo)
         self.git_url = origin_url(self.repo)
         self.remote_name, config = dvc_remote(self.repo)
-        self.sha = git(self.repo, "rev-parse", "HEAD")
+        self.sha = git(self.repo, "rev-parse", "HEAD").strip()
         git(self.repo, "push", "-q", "origin", f"+HEAD:{remote.RUNS_REF}{self.sha}")
         self.remote = remote.open_remote(self.repo)
         with Repo(os.fspath(self.repo)) as dvc:
