@@ -88,6 +88,7 @@ def cluster_run(project: Path, address: str, lines: list[str]) -> dict[str, int]
     """What `make run CLUSTER=ADDRESS` does around the backend: fetch, the units on the cluster, summarize."""
     run(["dvc", "repro", "fetch"], project)
     status = cluster_mod.run_units(address, units_of(project), 1, project, log=lines.append)
+    assert status == {"stripes": 0, "disc": 0}, "\n".join(lines)
     run(["dvc", "repro", "--single-item", "summarize"], project)
     return status
 
@@ -130,9 +131,13 @@ def test_node_lost_mid_run_gives_the_same_metrics(cluster, local_metrics, tmp_pa
     runner = threading.Thread(target=lambda: result.update(status=cluster_run(project, c.address, lines)))
     runner.start()
     deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and not any(set(w.glob("logs/*.log")) - b for w, b in zip(workdirs, before)):
+
+    def started() -> list[int]:  # the nodes on which a unit of this run has started
+        return [i for i, (w, b) in enumerate(zip(workdirs, before, strict=True)) if set(w.glob("logs/*.log")) - b]
+
+    while time.monotonic() < deadline and not started():
         time.sleep(0.2)
-    lost = next(i for i, (w, b) in enumerate(zip(workdirs, before)) if set(w.glob("logs/*.log")) - b)
+    lost = started()[0]
     c.remove_node(nodes[lost])  # mid-unit: its first unit has started
     runner.join(600)
     nodes[lost] = add_node(c, workdirs[lost])  # for the tests after this one

@@ -64,10 +64,22 @@ def dvc_remote(repo: Path) -> tuple[str, dict]:
 
 
 def check_clean(repo: Path) -> None:
-    """The work tree holds nothing the commit lacks but params.yaml and dvc.lock (which travel with each unit)."""
-    changed = [line[3:] for line in git(repo, "status", "--porcelain").splitlines() if line[3:] not in TRAVELS]
+    """The work tree holds nothing the commit lacks but params.yaml and dvc.lock (which travel with each unit), DVC's
+    outputs and the .gitignore files DVC writes for them."""
+    from dvc.repo import Repo
+
+    with Repo(os.fspath(repo)) as dvc:
+        outs = [Path(out.fs_path).relative_to(repo) for out in dvc.index.outs]
+    lines = git(repo, "status", "--porcelain", "--untracked-files=all").splitlines()
+    changed = [
+        path
+        for status, path in ((line[:2], Path(line[3:])) for line in lines)
+        if str(path) not in TRAVELS
+        and path.name != ".gitignore"
+        and not (status == "??" and any(path == out or out in path.parents for out in outs))
+    ]
     if changed:
-        shown = ", ".join(changed[:3]) + (f" and {len(changed) - 3} more" if len(changed) > 3 else "")
+        shown = ", ".join(map(str, changed[:3])) + (f" and {len(changed) - 3} more" if len(changed) > 3 else "")
         raise ClusterError(f"uncommitted changes in {repo} ({shown}): commit them, the nodes check out the commit")
 
 
@@ -176,8 +188,8 @@ class Workspace:
         io.write_text(self.repo / "dvc.lock", dumps_yaml(doc))
         try:
             with Repo(os.fspath(self.repo)) as dvc:
-                dvc.pull(targets=list(stages), force=True)
-                for stage in (s for name in stages for s in dvc.stage.collect(name)):
+                dvc.pull(targets=remote.targets(self.repo, stages), force=True)
+                for stage in (s for target in remote.targets(self.repo, stages) for s in dvc.stage.collect(target)):
                     for out in stage.outs:
                         out.ignore()  # as `dvc repro` adds its outputs to .gitignore
                         if not out.use_cache and out.exists:  # stale uncached outputs go, as repro removes them
@@ -218,7 +230,7 @@ def run_units(
 
     work = Workspace(repo)
     with Repo(os.fspath(work.repo)) as dvc:  # fetch's outputs, which every node uses instead of running fetch
-        dvc.push(targets=["fetch"])
+        dvc.push(targets=remote.targets(work.repo, ["fetch"]))
     ray = connect(address)
     try:
         gpus = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0

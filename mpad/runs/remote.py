@@ -42,8 +42,9 @@ LOCK_MEMBER = "dvc.lock.json"  # the bundle's member holding the unit's dvc.lock
 TAIL = 20  # lines of a failed unit's log in its error
 # The dataset, made available as `mpad fetch` does, but its manifest and fingerprints are not written.
 PREPARE = (
-    "from stages.common import load_config; from mpad import layout; from mpad.data.prepare import prepare_dataset;"
-    "prepare_dataset(load_config('params.yaml', 'dataset')[0], layout.DOWNLOADS, print)"
+    "from pathlib import Path; from stages.common import load_config; from mpad import layout;"
+    "from mpad.data.prepare import prepare_dataset;"
+    "prepare_dataset(load_config(Path('params.yaml'), 'dataset')[0], layout.DOWNLOADS, print)"
 )
 
 
@@ -89,6 +90,11 @@ def open_remote(repo: Path):
 
     with Repo(os.fspath(repo)) as dvc:
         return dvc.cloud.get_remote()
+
+
+def targets(repo: Path, stages: Sequence[str]) -> list[str]:
+    """Stage names as DVC targets that hold whatever the working directory is (DVC reads a bare name against it)."""
+    return [f"{repo / 'dvc.yaml'}:{name}" for name in stages]
 
 
 def put_result(remote, key: str, data: bytes) -> None:
@@ -199,7 +205,7 @@ def stage_outputs(clone: Path, stages: Sequence[str]) -> tuple[dict[str, object]
     files: dict[str, bytes] = {}
     with Repo(os.fspath(clone)) as dvc:
         for name in stages:
-            for stage in dvc.stage.collect(name):
+            for stage in dvc.stage.collect(targets(clone, [name])[0]):
                 for out in stage.outs:
                     if out.use_cache:
                         continue
@@ -226,12 +232,12 @@ def run_unit(job: Mapping) -> dict:
         log.write_text("")
         logged([sys.executable, "-c", PREPARE], clone, env, log)
         with Repo(os.fspath(clone)) as dvc:  # fetch's outputs and the category's earlier ones
-            dvc.pull(targets=list(job["inputs"]), force=True)
+            dvc.pull(targets=targets(clone, job["inputs"]), force=True)
         repro_start = time.time()
         logged(["dvc", "repro", "--single-item", *job["stages"]], clone, env, log)
         repro_end = time.time()
         with Repo(os.fspath(clone)) as dvc:
-            dvc.push(targets=list(job["stages"]))
+            dvc.push(targets=targets(clone, job["stages"]))
         put_result(open_remote(clone), job["key"], pack(*stage_outputs(clone, job["stages"])))
     return {"log": str(log), "times": [started, repro_start, repro_end, time.time()]}
 
