@@ -143,3 +143,8 @@ gpu-dry: $(STAMP)
 	$(BIN)/python bench/gpu_like_env.py $(GPU_DRY) bench/gpu_packages.txt
 	PIP="$(BIN)/python -m pip" bench/gpu_wheels.sh $(GPU_DRY)/whl $$($(BIN)/python -c 'import sys; print("%d.%d" % sys.version_info[:2])')
 	cd $(GPU_DRY)/src && DEVICE=cpu PYTHON=$(GPU_DRY)/env/bin/python WHEELS=$(GPU_DRY)/whl OUT=$(GPU_DRY)/out bench/gpu_check.sh
+
+# The Ray backend on a simulated 2-node cluster against `make offline JOBS=2` (bench/cluster.py; minutes).
+.PHONY: bench-cluster
+bench-cluster: $(STAMP)
+	$(BIN)/python bench/cluster.py

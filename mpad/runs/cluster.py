@@ -272,10 +272,12 @@ def run_units(
             if data is None:
                 raise ClusterError(f"unit {name} ended on node {result['node']} but its result is not in the remote")
             work.restore(name, job["stages"], data)
-            started, repro_start, repro_end, _ = result["times"]
-            overhead = (repro_start - submitted) + (time.time() - repro_end)
-            log(f"{name}: done on node {result['node']} in {time.time() - submitted:.1f} s "
-                f"(dispatch overhead {overhead:.1f} s), log {result['log']}")  # fmt: skip
+            _, repro_start, repro_end, _ = result["times"]
+            sent, back = repro_start - submitted, time.time() - repro_end
+            log(
+                f"{name}: done on node {result['node']}: stages {repro_end - repro_start:.1f} s, dispatch overhead "
+                f"{sent + back:.1f} s (to its first stage {sent:.1f} s, result back {back:.1f} s), log {result['log']}"
+            )
             done[category] += 1
             advance(category)
         return status
