@@ -138,10 +138,13 @@ def test_node_lost_mid_run_gives_the_same_metrics(cluster, local_metrics, tmp_pa
     while time.monotonic() < deadline and not started():
         time.sleep(0.2)
     lost = started()[0]
+    cut = {log.name for log in set(workdirs[lost].glob("logs/*.log")) - before[lost]}
     c.remove_node(nodes[lost])  # mid-unit: its first unit has started
     runner.join(600)
     nodes[lost] = add_node(c, workdirs[lost])  # for the tests after this one
     assert result.get("status") == {"stripes": 0, "disc": 0}, "\n".join(lines)
+    survivor = {log.name for log in workdirs[1 - lost].glob("logs/*.log")}
+    assert cut <= survivor, f"{cut} did not run again on the other node:\n" + "\n".join(lines)
     assert (project / "metrics.md").read_text() == local_metrics
     assert set(dvc_status(project)) == {"fetch"}
 
