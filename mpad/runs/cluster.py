@@ -295,6 +295,8 @@ def run_experiments(
     """{experiment name: its `-S key=value` overrides}, each a whole `dvc exp run -n NAME -S ...` on a node.
     Returns {name: exit status}. Afterwards the coordinator has one exp ref per finished name, as
     `dvc exp show`, `make compare` and `dvc exp apply` expect (`dvc exp pull` of each from origin)."""
+    from dvc.repo import Repo
+
     work = Workspace(repo)
     ray = connect(address)
     try:
@@ -320,13 +322,12 @@ def run_experiments(
                 tail = "".join(f"\n    {line}" for line in result["tail"].splitlines())
                 log(f"error: experiment {name} failed on node {result['node']}: {result['error']}{tail}")
                 continue
-            pulled = subprocess.run(
-                ["dvc", "exp", "pull", "--force", work.git_url, name], cwd=work.repo, capture_output=True, text=True
-            )
-            if pulled.returncode != 0:
-                status[name] = pulled.returncode
-                log(f"error: experiment {name} ran on node {result['node']} but `dvc exp pull` failed: "
-                    f"{(pulled.stderr.strip() or pulled.stdout.strip()).splitlines()[-1]}")  # fmt: skip
+            try:  # the exp ref from origin and its cached outputs from the DVC remote
+                with Repo(os.fspath(work.repo)) as dvc:
+                    dvc.experiments.pull(work.git_url, [name], force=True)
+            except Exception as err:
+                status[name] = 1
+                log(f"error: experiment {name} ran on node {result['node']} but `dvc exp pull` failed: {err}")
                 continue
             status[name] = 0
             log(f"{name}: done on node {result['node']} in {time.time() - submitted:.1f} s, log {result['log']}")
