@@ -1,7 +1,8 @@
 """The Ray backend (mpad/runs/cluster.py) on a simulated cluster: a head without CPUs (the coordinator's) and two
 worker nodes of 1 CPU, each with its own MPAD_WORKDIR, sharing with the coordinator only a bare git repository
-(`origin`) and a local-directory DVC remote. Every Ray process listens on 127.0.0.1. One module, so that
-`make test` (`--dist loadscope`) gives it one xdist worker: Ray's tests get flaky when run side by side.
+(`origin`) and a local-directory DVC remote. Every Ray process listens on 127.0.0.1. The end-to-end tests are
+marked slow; they are in one module, which `make test` (`--dist loadscope`) gives to one xdist worker, so that
+they never run side by side (Ray's tests get flaky when they do).
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ from e2e import commit, copy_project, preset_overrides, run
 from test_pipeline import LIGHTER
 
 from mpad.parallel import category_chains, work_units
+from mpad.runs import remote
 
-pytestmark = pytest.mark.slow
 # Before Ray is imported, which reads it: Ray's own address lookup then answers 127.0.0.1, not the network's.
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 ray = pytest.importorskip("ray")
@@ -93,6 +94,7 @@ def cluster_run(project: Path, address: str, lines: list[str]) -> dict[str, int]
     return status
 
 
+@pytest.mark.slow
 def test_run_on_two_nodes_equals_local_run(cluster, local_metrics, tmp_path):
     c, _, workdirs = cluster
     project = with_remotes(copy_project(tmp_path / "project", OVERRIDES))
@@ -122,6 +124,7 @@ def stages_ran_again(project: Path) -> set[str]:
     return {line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage")} - {"fetch"}
 
 
+@pytest.mark.slow
 def test_node_lost_mid_run_gives_the_same_metrics(cluster, local_metrics, tmp_path):
     c, nodes, workdirs = cluster
     project = with_remotes(copy_project(tmp_path / "project", OVERRIDES))
@@ -149,12 +152,17 @@ def test_node_lost_mid_run_gives_the_same_metrics(cluster, local_metrics, tmp_pa
     assert set(dvc_status(project)) == {"fetch"}
 
 
+@pytest.mark.slow
 def test_sweep_arrives_as_exp_refs(cluster, tmp_path):
     c, _, _ = cluster
-    project = with_remotes(copy_project(tmp_path / "project", [*OVERRIDES, "dataset.categories=[stripes]"]))
+    sweep = [*OVERRIDES, "dataset.categories=[stripes]", "mpts.steps=2"]
+    project = with_remotes(copy_project(tmp_path / "project", sweep))
     grid = {f"k{k}-s{s}": [f"shots.k={k}", f"shots.seed={s}"] for k in (1, 2) for s in (0, 1)}
     lines: list[str] = []
     assert cluster_mod.run_experiments(c.address, grid, 1, project, log=lines.append) == dict.fromkeys(grid, 0)
+    again: list[str] = []  # the coordinator started again: every experiment has its result
+    assert cluster_mod.run_experiments(c.address, grid, 1, project, log=again.append) == dict.fromkeys(grid, 0)
+    assert len(again) == 4 and all("restored" in line for line in again), again
     shown = json.loads(run(["dvc", "exp", "show", "--json"], project))
     exps = {
         exp["name"]: exp["revs"][0]["data"]
@@ -170,6 +178,7 @@ def test_sweep_arrives_as_exp_refs(cluster, tmp_path):
         assert 0 <= data["metrics"]["metrics.json"]["data"]["mean"]["pixel_auroc"] <= 100
 
 
+@pytest.mark.slow
 def test_preflight_says_what_is_wrong_in_one_line(cluster, tmp_path):
     c, _, _ = cluster
     bare = copy_project(tmp_path / "bare", OVERRIDES)  # no remotes
@@ -196,3 +205,27 @@ def test_preflight_says_what_is_wrong_in_one_line(cluster, tmp_path):
     (bare / "README.md").write_text("edited")
     error(c.address, r"uncommitted changes in .* \(README\.md\): commit them")
     assert all("\n" not in e for e in errors), errors
+
+
+def test_result_bundle_round_trip_and_keys():
+    entries = {"evaluate@disc": {"cmd": "mpad evaluate --category 'disc'", "outs": [{"path": "x", "md5": "1"}]}}
+    files = {"metrics/disc.json": b'{"a": 1}', "plots/overlays/disc/0.png": bytes(range(256))}
+    assert remote.unpack(remote.pack(entries, files)) == (entries, files)
+    assert remote.pack(entries, files) == remote.pack(
+        entries, dict(reversed(files.items()))
+    )  # one result, one byte string
+    key = remote.unit_key("abc", "k: 1\n", {"fetch": {"md5": "1"}}, ["train@disc"])
+    changed = [
+        remote.unit_key("abd", "k: 1\n", {"fetch": {"md5": "1"}}, ["train@disc"]),
+        remote.unit_key("abc", "k: 2\n", {"fetch": {"md5": "1"}}, ["train@disc"]),
+        remote.unit_key("abc", "k: 1\n", {"fetch": {"md5": "2"}}, ["train@disc"]),
+        remote.unit_key("abc", "k: 1\n", {"fetch": {"md5": "1"}}, ["train@weave"]),
+    ]
+    assert len({key, *changed}) == 5 and key == remote.unit_key(
+        "abc", "k: 1\n", {"fetch": {"md5": "1"}}, ["train@disc"]
+    )
+
+
+def test_two_units_writing_one_stage_are_refused(tmp_path):
+    with pytest.raises(cluster_mod.ClusterError, match="a stage is in two units"):
+        cluster_mod.run_units("127.0.0.1:1", {"a": [["train@a"], ["train@a"]]}, 1, tmp_path)

@@ -228,13 +228,15 @@ def run_units(
     starting, plus its end to its result restored here)."""
     from dvc.repo import Repo
 
+    stages = [stage for chain in units.values() for unit in chain for stage in unit]
+    if len(set(stages)) < len(stages):  # two units would write one result
+        raise ClusterError(f"a stage is in two units: {sorted(s for s in set(stages) if stages.count(s) > 1)}")
     work = Workspace(repo)
     with Repo(os.fspath(work.repo)) as dvc:  # fetch's outputs, which every node uses instead of running fetch
         dvc.push(targets=remote.targets(work.repo, ["fetch"]))
     ray = connect(address)
     try:
-        gpus = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
-        task = ray.remote(remote.task).options(num_cpus=threads, num_gpus=gpus, max_retries=RETRIES)
+        task = unit_task(ray, threads)
         done, status, pending = dict.fromkeys(units, 0), {}, {}
 
         def advance(category: str) -> None:
@@ -258,31 +260,45 @@ def run_units(
         while pending:
             [ref], _ = ray.wait(list(pending), num_returns=1)
             category, name, job, submitted = pending.pop(ref)
+            result = outcome(ray, ref)
             try:
-                result = ray.get(ref)
-            except Exception as err:  # the unit was lost more than RETRIES times
-                result = {"node": "unknown", "error": str(err).strip().splitlines()[-1], "tail": ""}
-            if "error" in result:
+                if "error" in result:
+                    tail = "".join(f"\n    {line}" for line in result["tail"].splitlines())
+                    raise ClusterError(f"unit {name} ({' '.join(job['stages'])}) failed on node {result['node']}: "
+                                       f"{result['error']}{tail}")  # fmt: skip
+                data = remote.get_result(work.remote, job["key"])
+                if data is None:
+                    raise ClusterError(
+                        f"unit {name} ended on node {result['node']} but its result is not in the remote"
+                    )
+                work.restore(name, job["stages"], data)
+                _, repro_start, repro_end, _ = result["times"]
+                sent, back = repro_start - submitted, time.time() - repro_end
+                times = f"stages {repro_end - repro_start:.1f} s, dispatch overhead {sent + back:.1f} s"
+                split = f"to its first stage {sent:.1f} s, result back {back:.1f} s"
+                log(f"{name}: done on node {result['node']}: {times} ({split}), log {result['log']}")
+                done[category] += 1
+                advance(category)
+            except ClusterError as err:  # this category stops; the others go on
                 status[category] = 1
-                tail = "".join(f"\n    {line}" for line in result["tail"].splitlines())
-                log(f"error: unit {name} ({' '.join(job['stages'])}) failed on node {result['node']}: "
-                    f"{result['error']}{tail}")  # fmt: skip
-                continue
-            data = remote.get_result(work.remote, job["key"])
-            if data is None:
-                raise ClusterError(f"unit {name} ended on node {result['node']} but its result is not in the remote")
-            work.restore(name, job["stages"], data)
-            _, repro_start, repro_end, _ = result["times"]
-            sent, back = repro_start - submitted, time.time() - repro_end
-            log(
-                f"{name}: done on node {result['node']}: stages {repro_end - repro_start:.1f} s, dispatch overhead "
-                f"{sent + back:.1f} s (to its first stage {sent:.1f} s, result back {back:.1f} s), log {result['log']}"
-            )
-            done[category] += 1
-            advance(category)
+                log(f"error: {err}")
         return status
     finally:
         ray.shutdown()
+
+
+def unit_task(ray, threads: int):
+    """remote.task as a Ray task of `threads` CPUs (and one GPU where the cluster has GPUs), retried when lost."""
+    gpus = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
+    return ray.remote(remote.task).options(num_cpus=threads, num_gpus=gpus, max_retries=RETRIES)
+
+
+def outcome(ray, ref) -> dict:
+    """A finished task's result; a task lost more than RETRIES times as an error."""
+    try:
+        return ray.get(ref)
+    except Exception as err:
+        return {"node": "unknown", "error": (str(err).strip().splitlines() or [repr(err)])[-1], "tail": ""}
 
 
 def run_experiments(
@@ -300,37 +316,43 @@ def run_experiments(
     work = Workspace(repo)
     ray = connect(address)
     try:
-        gpus = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
-        task = ray.remote(remote.task).options(num_cpus=threads, num_gpus=gpus, max_retries=RETRIES)
-        job = {**work.job, "params": work.text("params.yaml"), "lock": work.text("dvc.lock"), "threads": threads}
+        task = unit_task(ray, threads)
+        params = work.text("params.yaml")
+        job = {**work.job, "params": params, "lock": work.text("dvc.lock"), "threads": threads}
         pending, status = {}, {}
+
+        def pull(name: str, node: str) -> None:
+            """The experiment's exp ref from origin and its cached outputs from the DVC remote."""
+            try:
+                with Repo(os.fspath(work.repo)) as dvc:
+                    dvc.experiments.pull(work.git_url, [name], force=True)
+            except Exception as err:
+                raise ClusterError(f"experiment {name} ran on node {node} but `dvc exp pull` failed: {err}") from None
+
         for name, overrides in experiments.items():
-            pending[task.remote("run_experiment", {**job, "name": name, "overrides": list(overrides)})] = (
-                name,
-                time.time(),
-            )
+            key = remote.unit_key(work.sha, params, {"overrides": list(overrides)}, [name])
+            if remote.get_result(work.remote, key) is not None:  # a coordinator started again
+                pull(name, "of an earlier run")
+                status[name] = 0
+                log(f"{name}: restored from an earlier run")
+                continue
+            spec = {**job, "name": name, "overrides": list(overrides), "key": key}
+            pending[task.remote("run_experiment", spec)] = (name, time.time())
             log(f"{name}: dvc exp run {' '.join(f'-S {kv}' for kv in overrides)} submitted")
         while pending:
             [ref], _ = ray.wait(list(pending), num_returns=1)
             name, submitted = pending.pop(ref)
+            result = outcome(ray, ref)
             try:
-                result = ray.get(ref)
-            except Exception as err:
-                result = {"node": "unknown", "error": str(err).strip().splitlines()[-1], "tail": ""}
-            if "error" in result:
+                if "error" in result:
+                    tail = "".join(f"\n    {line}" for line in result["tail"].splitlines())
+                    raise ClusterError(f"experiment {name} failed on node {result['node']}: {result['error']}{tail}")
+                pull(name, result["node"])
+                status[name] = 0
+                log(f"{name}: done on node {result['node']} in {time.time() - submitted:.1f} s, log {result['log']}")
+            except ClusterError as err:  # this experiment fails; the others go on
                 status[name] = 1
-                tail = "".join(f"\n    {line}" for line in result["tail"].splitlines())
-                log(f"error: experiment {name} failed on node {result['node']}: {result['error']}{tail}")
-                continue
-            try:  # the exp ref from origin and its cached outputs from the DVC remote
-                with Repo(os.fspath(work.repo)) as dvc:
-                    dvc.experiments.pull(work.git_url, [name], force=True)
-            except Exception as err:
-                status[name] = 1
-                log(f"error: experiment {name} ran on node {result['node']} but `dvc exp pull` failed: {err}")
-                continue
-            status[name] = 0
-            log(f"{name}: done on node {result['node']} in {time.time() - submitted:.1f} s, log {result['log']}")
+                log(f"error: {err}")
         return status
     finally:
         ray.shutdown()

@@ -244,7 +244,8 @@ def run_unit(job: Mapping) -> dict:
 
 def run_experiment(job: Mapping) -> dict:
     """On a node: one whole `dvc exp run -n NAME -S ...` in a clone of the coordinator's commit, then `dvc exp push`
-    of it to origin (its git ref) and the DVC remote (its cached outputs)."""
+    of it to origin (its git ref) and the DVC remote (its cached outputs), then a marker under its key in the
+    results folder, by which a coordinator started again knows it is done."""
     started = time.time()
     root = work_dir()
     with clone_slot(root) as clone:
@@ -257,6 +258,7 @@ def run_experiment(job: Mapping) -> dict:
         logged(["dvc", "exp", "run", "-n", job["name"], *sets], clone, env, log)
         ended = time.time()
         logged(["dvc", "exp", "push", "--force", job["git_url"], job["name"]], clone, env, log)
+        put_result(open_remote(clone), job["key"], job["name"].encode())  # its marker, once the ref is on origin
     return {"log": str(log), "times": [started, started, ended, time.time()]}
 
 
