@@ -9,13 +9,15 @@ mpad/runs/cluster.py's run_units with 1 thread a unit, then `dvc repro --single-
 cluster of a CPU-less head and two 1-CPU worker nodes (ray.cluster_utils.Cluster, all on 127.0.0.1, each
 worker with its own MPAD_WORKDIR; origin a bare git repository and the DVC remote a local folder). The
 cluster has no more cores than the local run, so all of the difference is overhead. Prints the wall-time ratio
-cluster / local, each unit's dispatch overhead (submission to its first stage starting, plus the end of its
-stages to its result restored in the coordinator's workspace: run_units logs both), whether metrics.md came out
-equal, and a projection of the full 1-shot paper grid (15 categories x 3 seeds x 8 arms: 24 experiments, each
-one `dvc exp run` on a node) on N GPU nodes: each experiment costs its 15 categories' units plus one dispatch
-overhead, dealt to N nodes by mpad.parallel.makespan. The per-unit costs are the units measured here (offline
-preset, mean of the measured categories) unless --costs names a bench/fullscale.py --out file (e.g. one
-measured with --device cuda), whose per-category projection (fullscale.per_category) then gives them.
+cluster / local, each unit's dispatch overhead (from its start on a node to its first stage starting, plus from
+the end of its stages to its result restored in the coordinator's workspace: run_units logs both; the wait for a
+free CPU, from submission to the start on a node, which the local run's queue has as well, is printed apart),
+whether metrics.md came out equal, and a projection of the full 1-shot paper grid (15 categories x 3 seeds x
+8 arms: 24 experiments, each one `dvc exp run` on a node) on N GPU nodes: each experiment costs its 15
+categories' units plus one dispatch overhead, dealt to N nodes by mpad.parallel.makespan. The per-unit costs
+are the units measured here (offline preset, mean of the measured categories) unless --costs names a
+bench/fullscale.py --out file (e.g. one measured with --device cuda), whose per-category projection
+(fullscale.per_category) then gives them.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ from mpad.runs import cluster as backend  # noqa: E402
 
 ARMS, SEEDS, CATEGORIES = 8, 3, 15  # the paper's 1-shot grid: ablation arms x seeds, each over MVTec AD's categories
 NODES = (1, 2, 4, 8, 24)
-UNIT = re.compile(r"^(\S+): done on node .*: stages ([\d.]+) s, dispatch overhead ([\d.]+) s")
+UNIT = re.compile(r"^(\S+): done on node .*: stages ([\d.]+) s, dispatch overhead ([\d.]+) s \(waited ([\d.]+) s")
 
 
 def start_cluster(folder: Path):
@@ -80,7 +82,7 @@ def main() -> None:
     folder = Path(tempfile.mkdtemp(prefix="mpad-bench-cluster-"))
     overrides = preset_overrides("offline")
     cluster, ray_temp = start_cluster(folder)
-    units: list[tuple[str, float, float]] = []  # (unit, stages s, overhead s) of every cluster round
+    units: list[tuple[str, float, float, float]] = []  # (unit, stages s, overhead s, wait s) of every cluster round
     metrics: dict[str, list[str]] = {"local": [], "cluster": []}
     count = iter(range(1000))
 
@@ -104,7 +106,7 @@ def main() -> None:
             raise SystemExit("\n".join(lines))
         run(["dvc", "repro", "--single-item", "summarize"], project)
         elapsed = time.perf_counter() - start
-        units.extend((m[1], float(m[2]), float(m[3])) for m in map(UNIT.match, lines) if m)
+        units.extend((m[1], float(m[2]), float(m[3]), float(m[4])) for m in map(UNIT.match, lines) if m)
         metrics["cluster"].append((project / "metrics.md").read_text())
         return elapsed
 
@@ -115,11 +117,11 @@ def main() -> None:
         shutil.rmtree(ray_temp, ignore_errors=True)
         if not args.keep:
             shutil.rmtree(folder, ignore_errors=True)
-    overheads = [o for _, _, o in units]
+    overheads = [o for _, _, o, _ in units]
     print(f"wall s: local {', '.join(f'{t:.0f}' for t in times['local'])}; "
           f"cluster {', '.join(f'{t:.0f}' for t in times['cluster'])}")  # fmt: skip
-    for name, stages, overhead in units:
-        print(f"  {name}: stages {stages:.1f} s, dispatch overhead {overhead:.1f} s")
+    for name, stages, overhead, wait in units:
+        print(f"  {name}: stages {stages:.1f} s, dispatch overhead {overhead:.1f} s, waited for a CPU {wait:.1f} s")
     same = metrics["local"] == metrics["cluster"]
     print(f"metrics.md equal in every round: {same}")
 
@@ -134,7 +136,7 @@ def main() -> None:
         source = f"{args.costs}'s per-category costs ({result['config']['device']})"
     else:  # the offline preset's units, the mean of its categories, for each of MVTec AD's categories
         by_unit: dict[str, list[float]] = {}
-        for name, stages, _ in units:
+        for name, stages, _, _ in units:
             by_unit.setdefault(name.rpartition("-")[2], []).append(stages)
         experiment = CATEGORIES * sum(statistics.mean(v) for v in by_unit.values())
         source = "this run's offline-preset units (mean per category)"

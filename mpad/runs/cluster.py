@@ -224,8 +224,9 @@ def run_units(
     run_units. Afterwards the coordinator's workspace holds every finished unit's outputs and dvc.lock
     entries exactly as a local `dvc repro` would have left them (so `dvc status` is clean but for fetch).
 
-    Logs a line per unit: where it ran, its time, and its dispatch overhead (submission to its first stage
-    starting, plus its end to its result restored here)."""
+    Logs a line per unit: where it ran, its stages' time, and its dispatch overhead: from its start on the node to
+    its first stage starting, plus from its last stage's end to its result restored here (the wait for a free CPU,
+    from submission to its start on the node, is logged apart)."""
     from dvc.repo import Repo
 
     stages = [stage for chain in units.values() for unit in chain for stage in unit]
@@ -272,10 +273,10 @@ def run_units(
                         f"unit {name} ended on node {result['node']} but its result is not in the remote"
                     )
                 work.restore(name, job["stages"], data)
-                _, repro_start, repro_end, _ = result["times"]
-                sent, back = repro_start - submitted, time.time() - repro_end
+                started, repro_start, repro_end, _ = result["times"]
+                sent, back = repro_start - started, time.time() - repro_end
                 times = f"stages {repro_end - repro_start:.1f} s, dispatch overhead {sent + back:.1f} s"
-                split = f"to its first stage {sent:.1f} s, result back {back:.1f} s"
+                split = f"waited {started - submitted:.1f} s, to its first stage {sent:.1f} s, result back {back:.1f} s"
                 log(f"{name}: done on node {result['node']}: {times} ({split}), log {result['log']}")
                 done[category] += 1
                 advance(category)

@@ -230,7 +230,11 @@ def run_unit(job: Mapping) -> dict:
         log = root / "logs" / f"{job['name']}.log"
         log.parent.mkdir(parents=True, exist_ok=True)
         log.write_text("")
-        logged([sys.executable, "-c", PREPARE], clone, env, log)
+        prepared = clone / ".dvc" / "tmp" / "mpad-prepared"  # the dataset of these params is there already
+        if not prepared.is_file() or prepared.read_text() != job["params"]:
+            logged([sys.executable, "-c", PREPARE], clone, env, log)
+            prepared.parent.mkdir(parents=True, exist_ok=True)
+            prepared.write_text(job["params"])
         with Repo(os.fspath(clone)) as dvc:  # fetch's outputs and the category's earlier ones
             dvc.pull(targets=targets(clone, job["inputs"]), force=True)
         repro_start = time.time()
