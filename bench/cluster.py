@@ -73,6 +73,24 @@ def with_remotes(project: Path) -> Path:
     return project
 
 
+def experiment_cost(units: list[tuple[str, float, float, float]], costs: Path | None) -> tuple[float, str]:
+    """Seconds of one experiment of the 1-shot grid (15 categories' units, on one node) and where they come from:
+    `costs` (a bench/fullscale.py --out file: fullscale.per_category's projection of each MVTec AD category), or
+    else the measured units (mean of the measured categories, per unit) times 15."""
+    if costs:
+        import fullscale
+        import stagerun
+
+        result = json.loads(costs.read_text())
+        steps = stagerun.PAPER["mpts"]["meta_epochs"] * stagerun.PAPER["mpts"]["steps"]
+        per_category = fullscale.per_category(result["runs"], steps)
+        return sum(sum(c.values()) for c in per_category.values()), f"{costs} ({result['config']['device']})"
+    by_unit: dict[str, list[float]] = {}
+    for name, stages, _, _ in units:
+        by_unit.setdefault(name.rpartition("-")[2], []).append(stages)
+    return CATEGORIES * sum(statistics.mean(v) for v in by_unit.values()), "this run's offline-preset units"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=1, help="alternating rounds (each: both arms once)")
@@ -125,21 +143,7 @@ def main() -> None:
     same = metrics["local"] == metrics["cluster"]
     print(f"metrics.md equal in every round: {same}")
 
-    if args.costs:
-        import fullscale
-        import stagerun
-
-        result = json.loads(args.costs.read_text())
-        steps = stagerun.PAPER["mpts"]["meta_epochs"] * stagerun.PAPER["mpts"]["steps"]
-        per_category = fullscale.per_category(result["runs"], steps)
-        experiment = sum(sum(costs.values()) for costs in per_category.values())
-        source = f"{args.costs}'s per-category costs ({result['config']['device']})"
-    else:  # the offline preset's units, the mean of its categories, for each of MVTec AD's categories
-        by_unit: dict[str, list[float]] = {}
-        for name, stages, _, _ in units:
-            by_unit.setdefault(name.rpartition("-")[2], []).append(stages)
-        experiment = CATEGORIES * sum(statistics.mean(v) for v in by_unit.values())
-        source = "this run's offline-preset units (mean per category)"
+    experiment, source = experiment_cost(units, args.costs)
     overhead = statistics.median(overheads)
     grid = {f"e{i}": [experiment + overhead] for i in range(ARMS * SEEDS)}
     projected = {n: makespan(grid, n) for n in NODES}
