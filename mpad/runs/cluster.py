@@ -27,6 +27,7 @@ from mpad.runs import remote
 
 TRAVELS = ("params.yaml", "dvc.lock")  # workspace files each unit carries, so they may differ from the commit
 RETRIES = 3  # a unit lost with its node (or its worker process) runs again this many times
+PROBE_S = 120  # how long preflight waits for a node to say whether it reaches both remotes
 
 
 class ClusterError(Exception):
@@ -126,7 +127,11 @@ def preflight(address: str, repo: Path) -> None:
             for n in nodes
         }
         for node, ref in refs.items():
-            problems = ray.get(ref)
+            try:
+                problems = ray.get(ref, timeout=PROBE_S)
+            except Exception as err:  # a node without DVC, or one that does not answer
+                last = (str(err).strip().splitlines() or [type(err).__name__])[-1]
+                raise ClusterError(f"node {node} could not check the remotes ({last}): `make setup` it") from None
             if problems:
                 raise ClusterError(f"node {node} cannot reach the {problems[0]}: every node needs both remotes")
     finally:
