@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -150,6 +151,30 @@ def test_node_lost_mid_run_gives_the_same_metrics(cluster, local_metrics, tmp_pa
     assert cut <= survivor, f"{cut} did not run again on the other node:\n" + "\n".join(lines)
     assert (project / "metrics.md").read_text() == local_metrics
     assert set(dvc_status(project)) == {"fetch"}
+
+
+@pytest.mark.slow
+def test_failed_unit_names_unit_node_and_log_and_others_go_on(cluster, tmp_path):
+    c, _, _ = cluster
+    project = with_remotes(copy_project(tmp_path / "project", OVERRIDES))
+    sample = project / "stages" / "sample.py"  # this commit's sample stage fails for disc only
+    text = sample.read_text().replace(
+        "    root = dataset.path\n",
+        "    if category == 'disc':\n        fail('disc breaks here')\n    root = dataset.path\n",
+    )
+    assert text != sample.read_text()
+    sample.write_text(text)
+    commit(project, "sample fails for disc")
+    run(["dvc", "repro", "fetch"], project)
+    lines: list[str] = []
+    units = {"stripes": [["sample@stripes"]], "disc": [["sample@disc"]]}
+    assert cluster_mod.run_units(c.address, units, 1, project, log=lines.append) == {"stripes": 0, "disc": 1}
+    [error] = [line for line in lines if line.startswith("error:")]
+    assert re.match(r"error: unit disc \(sample@disc\) failed on node 127\.0\.0\.1 .*log .*\.log", error), error
+    assert "error: disc breaks here" in error  # the last lines of its log
+    assert json.loads((project / "data/shots/stripes.json").read_text())["category"] == "stripes"
+    assert not (project / "data/shots/disc.json").exists()
+    assert "sample@stripes" not in dvc_status(project)
 
 
 @pytest.mark.slow
