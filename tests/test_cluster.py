@@ -168,7 +168,9 @@ def test_failed_unit_names_unit_node_and_log_and_others_go_on(cluster, tmp_path)
     run(["dvc", "repro", "fetch"], project)
     lines: list[str] = []
     units = {"stripes": [["sample@stripes"]], "disc": [["sample@disc"]]}
-    assert cluster_mod.run_units(c.address, units, 1, project, log=lines.append) == {"stripes": 0, "disc": 1}
+    # 2 threads a unit: more than a node's CPU, which would wait forever; each unit gets the 1 there is.
+    assert cluster_mod.run_units(c.address, units, 2, project, log=lines.append) == {"stripes": 0, "disc": 1}
+    assert "2 CPU threads a unit, but the largest node has 1 CPUs: 1 a unit" in lines
     [error] = [line for line in lines if line.startswith("error:")]
     assert re.match(r"error: unit disc \(sample@disc\) failed on node 127\.0\.0\.1 .*log .*\.log", error), error
     assert "error: disc breaks here" in error  # the last lines of its log

@@ -242,7 +242,7 @@ def run_units(
         dvc.push(targets=remote.targets(work.repo, ["fetch"]))
     ray = connect(address)
     try:
-        task = unit_task(ray, threads)
+        task, threads = unit_task(ray, threads, log)
         done, status, pending = dict.fromkeys(units, 0), {}, {}
 
         def advance(category: str) -> None:
@@ -293,10 +293,17 @@ def run_units(
         ray.shutdown()
 
 
-def unit_task(ray, threads: int):
-    """remote.task as a Ray task of `threads` CPUs (and one GPU where the cluster has GPUs), retried when lost."""
+def unit_task(ray, threads: int, log: Callable[[str], None]):
+    """(remote.task as a Ray task of `threads` CPUs, and one GPU where the cluster has GPUs, retried when lost; the
+    threads). A unit asking for more CPUs than the largest node has would wait forever: it gets that node's."""
+    most = max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"]), default=0)
+    if most < 1:
+        raise ClusterError("the Ray cluster has no node with CPUs: start workers (`ray start --address=...`)")
+    if threads > most:
+        log(f"{threads} CPU threads a unit, but the largest node has {int(most)} CPUs: {int(most)} a unit")
+        threads = int(most)
     gpus = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
-    return ray.remote(remote.task).options(num_cpus=threads, num_gpus=gpus, max_retries=RETRIES)
+    return ray.remote(remote.task).options(num_cpus=threads, num_gpus=gpus, max_retries=RETRIES), threads
 
 
 def outcome(ray, ref) -> dict:
@@ -322,7 +329,7 @@ def run_experiments(
     work = Workspace(repo)
     ray = connect(address)
     try:
-        task = unit_task(ray, threads)
+        task, threads = unit_task(ray, threads, log)
         params = work.text("params.yaml")
         job = {**work.job, "params": params, "lock": work.text("dvc.lock"), "threads": threads}
         pending, status = {}, {}
