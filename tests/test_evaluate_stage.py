@@ -99,6 +99,6 @@ def test_on_the_cpu_the_stage_decodes_in_threads_whatever_workers_says(project, 
 
     seen, real = [], stages.evaluate.run_detector
     monkeypatch.setattr(stages.evaluate, "run_detector", lambda *args: seen.append(args[4]) or real(*args))
-    (project / "params.yaml").write_text(yaml.safe_dump({**PARAMS, "evaluate": {**PARAMS["evaluate"], "workers": 2}}))
+    write_params(project, {**PARAMS, "evaluate": {**PARAMS["evaluate"], "workers": 2}})
     assert CliRunner().invoke(app, ["evaluate", "--category", "disc"]).exit_code == 0
     assert seen == [0]

@@ -1,0 +1,258 @@
+"""The Ray backend (mpad/runs/cluster.py) on a simulated cluster: a head without CPUs (the coordinator's) and two
+worker nodes of 1 CPU, each with its own MPAD_WORKDIR, sharing with the coordinator only a bare git repository
+(`origin`) and a local-directory DVC remote. Every Ray process listens on 127.0.0.1. The end-to-end tests are
+marked slow; they are in one module, which `make test` (`--dist loadscope`) gives to one xdist worker, so that
+they never run side by side (Ray's tests get flaky when they do).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from e2e import commit, copy_project, preset_overrides, run
+from test_pipeline import LIGHTER
+
+from mpad.runs import remote
+from mpad.runs.units import category_chains, work_units
+
+# Before Ray is imported, which reads it: Ray's own address lookup then answers 127.0.0.1, not the network's.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+ray = pytest.importorskip("ray")
+cluster_mod = pytest.importorskip("mpad.runs.cluster")
+
+OVERRIDES = [*preset_overrides("offline"), *LIGHTER, "dataset.categories=[stripes,disc]"]
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """(Cluster, [its two worker nodes], [their MPAD_WORKDIRs])."""
+    from ray.cluster_utils import Cluster
+
+    local = {"node_ip_address": "127.0.0.1"}
+    # Its own short temp dir (Unix socket paths are short): Ray's `auto` address file of other sessions stays as it is.
+    temp = tempfile.mkdtemp(prefix="ray-")
+    head = {**local, "num_cpus": 0, "include_dashboard": False, "temp_dir": temp}
+    cluster = Cluster(initialize_head=True, head_node_args=head)
+    workdirs = [tmp_path_factory.mktemp(f"node{i}") for i in range(2)]
+    assert cluster.address.startswith("127.0.0.1:"), cluster.address  # before ray.init would wait on it
+    nodes = [add_node(cluster, w) for w in workdirs]
+    ray.init(address=cluster.address)
+    addresses = {n["NodeManagerAddress"] for n in ray.nodes()}
+    ray.shutdown()
+    assert addresses == {"127.0.0.1"}
+    yield cluster, nodes, workdirs
+    cluster.shutdown()
+    shutil.rmtree(temp, ignore_errors=True)
+
+
+def add_node(cluster, workdir: Path):
+    return cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1", env_vars={"MPAD_WORKDIR": str(workdir)})
+
+
+def with_remotes(project: Path) -> Path:
+    """The project with a bare `origin` and a local-directory default DVC remote beside it, committed."""
+    origin, store = project.parent / "origin.git", project.parent / "dvc-store"
+    subprocess.run(["git", "init", "-q", "--bare", str(origin)], check=True)
+    store.mkdir()
+    subprocess.run(["git", "remote", "add", "origin", str(origin)], cwd=project, check=True)
+    run(["dvc", "remote", "add", "-d", "store", str(store)], project)
+    commit(project, "remotes")
+    return project
+
+
+def units_of(project: Path) -> dict[str, list[list[str]]]:
+    names = run(["dvc", "stage", "list", "--name-only"], project).split("\n")
+    return {category: work_units(chain) for category, chain in category_chains(names).items()}
+
+
+def dvc_status(project: Path) -> dict:
+    return json.loads(run(["dvc", "status", "--json"], project))
+
+
+@pytest.fixture(scope="module")
+def local_metrics(tmp_path_factory) -> str:
+    """metrics.md of a local `dvc repro` of the same project (1 torch thread, as each unit has on the cluster)."""
+    project = copy_project(tmp_path_factory.mktemp("local") / "project", OVERRIDES)
+    run(["dvc", "repro"], project)
+    return (project / "metrics.md").read_text()
+
+
+def cluster_run(project: Path, address: str, lines: list[str]) -> dict[str, int]:
+    """What `make run CLUSTER=ADDRESS` does around the backend: fetch, the units on the cluster, summarize."""
+    run(["dvc", "repro", "fetch"], project)
+    status = cluster_mod.run_units(address, units_of(project), 1, project, log=lines.append)
+    assert status == {"stripes": 0, "disc": 0}, "\n".join(lines)
+    run(["dvc", "repro", "--single-item", "summarize"], project)
+    return status
+
+
+@pytest.mark.slow
+def test_run_on_two_nodes_equals_local_run(cluster, local_metrics, tmp_path):
+    c, _, workdirs = cluster
+    project = with_remotes(copy_project(tmp_path / "project", OVERRIDES))
+    cluster_mod.preflight(c.address, project)
+    lines: list[str] = []
+    assert cluster_run(project, c.address, lines) == {"stripes": 0, "disc": 0}, "\n".join(lines)
+
+    assert (project / "metrics.md").read_text() == local_metrics
+    assert set(dvc_status(project)) == {"fetch"}  # always changed; every other stage is up to date
+    assert not stages_ran_again(project)
+    for workdir in workdirs:  # both nodes ran units, each in its own clone
+        assert list((workdir / "logs").glob("*.log")), f"{workdir}: no unit ran there:\n" + "\n".join(lines)
+    assert len(list(workdirs[0].glob("logs/*.log")) + list(workdirs[1].glob("logs/*.log"))) == 4
+    # The coordinator started again: every unit has its result, none runs again.
+    again: list[str] = []
+    assert cluster_mod.run_units(c.address, units_of(project), 1, project, log=again.append) == {
+        "stripes": 0,
+        "disc": 0,
+    }
+    assert again and all("restored" in line for line in again), again
+    assert len(list(workdirs[0].glob("logs/*.log")) + list(workdirs[1].glob("logs/*.log"))) == 4
+
+
+def stages_ran_again(project: Path) -> set[str]:
+    """Stages a plain `dvc repro` would run again (dry run), but fetch."""
+    output = run(["dvc", "repro", "--dry"], project)
+    return {line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage")} - {"fetch"}
+
+
+@pytest.mark.slow
+def test_node_lost_mid_run_gives_the_same_metrics(cluster, local_metrics, tmp_path):
+    c, nodes, workdirs = cluster
+    project = with_remotes(copy_project(tmp_path / "project", OVERRIDES))
+    before = [set(w.glob("logs/*.log")) for w in workdirs]
+    lines: list[str] = []
+    result: dict = {}
+    runner = threading.Thread(target=lambda: result.update(status=cluster_run(project, c.address, lines)))
+    runner.start()
+    deadline = time.monotonic() + 300
+
+    def started() -> list[int]:  # the nodes on which a unit of this run has started
+        return [i for i, (w, b) in enumerate(zip(workdirs, before, strict=True)) if set(w.glob("logs/*.log")) - b]
+
+    while time.monotonic() < deadline and not started():
+        time.sleep(0.2)
+    lost = started()[0]
+    cut = {log.name for log in set(workdirs[lost].glob("logs/*.log")) - before[lost]}
+    c.remove_node(nodes[lost])  # mid-unit: its first unit has started
+    runner.join(600)
+    nodes[lost] = add_node(c, workdirs[lost])  # for the tests after this one
+    assert result.get("status") == {"stripes": 0, "disc": 0}, "\n".join(lines)
+    survivor = {log.name for log in workdirs[1 - lost].glob("logs/*.log")}
+    assert cut <= survivor, f"{cut} did not run again on the other node:\n" + "\n".join(lines)
+    assert (project / "metrics.md").read_text() == local_metrics
+    assert set(dvc_status(project)) == {"fetch"}
+
+
+@pytest.mark.slow
+def test_failed_unit_names_unit_node_and_log_and_others_go_on(cluster, tmp_path):
+    c, _, _ = cluster
+    project = with_remotes(copy_project(tmp_path / "project", OVERRIDES))
+    sample = project / "stages" / "sample.py"  # this commit's sample stage fails for disc only
+    text = sample.read_text().replace(
+        "    root = dataset.path\n",
+        "    if category == 'disc':\n        fail('disc breaks here')\n    root = dataset.path\n",
+    )
+    assert text != sample.read_text()
+    sample.write_text(text)
+    commit(project, "sample fails for disc")
+    run(["dvc", "repro", "fetch"], project)
+    lines: list[str] = []
+    units = {"stripes": [["sample@stripes"]], "disc": [["sample@disc"]]}
+    # 2 threads a unit: more than a node's CPU, which would wait forever; each unit gets the 1 there is.
+    assert cluster_mod.run_units(c.address, units, 2, project, log=lines.append) == {"stripes": 0, "disc": 1}
+    assert "2 CPU threads a unit, but the largest node has 1 CPUs: 1 a unit" in lines
+    [error] = [line for line in lines if line.startswith("error:")]
+    assert re.match(r"error: unit disc \(sample@disc\) failed on node 127\.0\.0\.1 .*log .*\.log", error), error
+    assert "error: disc breaks here" in error  # the last lines of its log
+    assert json.loads((project / "data/shots/stripes.json").read_text())["category"] == "stripes"
+    assert not (project / "data/shots/disc.json").exists()
+    assert "sample@stripes" not in dvc_status(project)
+
+
+@pytest.mark.slow
+def test_sweep_arrives_as_exp_refs(cluster, tmp_path):
+    c, _, _ = cluster
+    sweep = [*OVERRIDES, "dataset.categories=[stripes]", "mpts.steps=2"]
+    project = with_remotes(copy_project(tmp_path / "project", sweep))
+    grid = {f"k{k}-s{s}": [f"shots.k={k}", f"shots.seed={s}"] for k in (1, 2) for s in (0, 1)}
+    lines: list[str] = []
+    assert cluster_mod.run_experiments(c.address, grid, 1, project, log=lines.append) == dict.fromkeys(grid, 0)
+    again: list[str] = []  # the coordinator started again: every experiment has its result
+    assert cluster_mod.run_experiments(c.address, grid, 1, project, log=again.append) == dict.fromkeys(grid, 0)
+    assert len(again) == 4 and all("restored" in line for line in again), again
+    shown = json.loads(run(["dvc", "exp", "show", "--json"], project))
+    exps = {
+        exp["name"]: exp["revs"][0]["data"]
+        for baseline in shown
+        for exp in (baseline.get("experiments") or [])
+        if exp.get("name") in grid
+    }
+    assert set(exps) == set(grid), "\n".join(lines)
+    for name, data in exps.items():
+        k, s = (int(part[1:]) for part in name.split("-"))
+        params = data["params"]["params.yaml"]["data"]["shots"]
+        assert (params["k"], params["seed"]) == (k, s)
+        assert 0 <= data["metrics"]["metrics.json"]["data"]["mean"]["pixel_auroc"] <= 100
+
+
+@pytest.mark.slow
+def test_preflight_says_what_is_wrong_in_one_line(cluster, tmp_path):
+    c, _, _ = cluster
+    bare = copy_project(tmp_path / "bare", OVERRIDES)  # no remotes
+    errors = []
+
+    def error(address: str, expected: str) -> None:
+        with pytest.raises(cluster_mod.ClusterError, match=expected) as err:
+            cluster_mod.preflight(address, bare)
+        errors.append(str(err.value))
+
+    error(c.address, "no git remote `origin`")
+    subprocess.run(["git", "remote", "add", "origin", str(tmp_path / "nowhere.git")], cwd=bare, check=True)
+    error(c.address, "no default DVC remote")
+    run(["dvc", "remote", "add", "-d", "store", str(tmp_path / "no-store")], bare)
+    commit(bare, "remotes")
+    error("127.0.0.1:1", r"cannot reach the Ray cluster at 127\.0\.0\.1:1")
+    error(c.address, r"node 127\.0\.0\.1 cannot reach the git remote .*nowhere\.git")
+    subprocess.run(["git", "init", "-q", "--bare", str(tmp_path / "nowhere.git")], check=True)
+    error(c.address, r"node 127\.0\.0\.1 cannot reach the DVC remote .*no-store")
+    (tmp_path / "no-store").mkdir()
+    cluster_mod.preflight(c.address, bare)  # all well
+    (bare / "params.yaml").write_text((bare / "params.yaml").read_text() + "# travels with each unit\n")
+    cluster_mod.preflight(c.address, bare)
+    (bare / "README.md").write_text("edited")
+    error(c.address, r"uncommitted changes in .* \(README\.md\): commit them")
+    assert all("\n" not in e for e in errors), errors
+
+
+def test_result_bundle_round_trip_and_keys():
+    entries = {"evaluate@disc": {"cmd": "mpad evaluate --category 'disc'", "outs": [{"path": "x", "md5": "1"}]}}
+    files = {"metrics/disc.json": b'{"a": 1}', "plots/overlays/disc/0.png": bytes(range(256))}
+    assert remote.unpack(remote.pack(entries, files)) == (entries, files)
+    assert remote.pack(entries, files) == remote.pack(
+        entries, dict(reversed(files.items()))
+    )  # one result, one byte string
+    key = remote.unit_key("abc", "k: 1\n", {"fetch": {"md5": "1"}}, ["train@disc"])
+    changed = [
+        remote.unit_key("abd", "k: 1\n", {"fetch": {"md5": "1"}}, ["train@disc"]),
+        remote.unit_key("abc", "k: 2\n", {"fetch": {"md5": "1"}}, ["train@disc"]),
+        remote.unit_key("abc", "k: 1\n", {"fetch": {"md5": "2"}}, ["train@disc"]),
+        remote.unit_key("abc", "k: 1\n", {"fetch": {"md5": "1"}}, ["train@weave"]),
+    ]
+    assert len({key, *changed}) == 5 and key == remote.unit_key(
+        "abc", "k: 1\n", {"fetch": {"md5": "1"}}, ["train@disc"]
+    )
+
+
+def test_two_units_writing_one_stage_are_refused(tmp_path):
+    with pytest.raises(cluster_mod.ClusterError, match="a stage is in two units"):
+        cluster_mod.run_units("127.0.0.1:1", {"a": [["train@a"], ["train@a"]]}, 1, tmp_path)
