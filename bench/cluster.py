@@ -28,7 +28,6 @@ import os
 import re
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -38,7 +37,7 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # before Ray is
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
-from e2e import commit, copy_project, preset_overrides, run  # noqa: E402
+from e2e import copy_project, preset_overrides, run, with_remotes  # noqa: E402
 from harness import alternate, ratio, summary  # noqa: E402
 
 from mpad.runs import cluster as backend  # noqa: E402
@@ -61,16 +60,6 @@ def start_cluster(folder: Path):
     for i in range(2):
         cluster.add_node(num_cpus=1, **local, env_vars={"MPAD_WORKDIR": str(folder / f"node{i}")})
     return cluster, head["temp_dir"]
-
-
-def with_remotes(project: Path) -> Path:
-    origin, store = project.parent / "origin.git", project.parent / "dvc-store"
-    subprocess.run(["git", "init", "-q", "--bare", str(origin)], check=True)
-    store.mkdir()
-    subprocess.run(["git", "remote", "add", "origin", str(origin)], cwd=project, check=True)
-    run(["dvc", "remote", "add", "-d", "store", str(store)], project)
-    commit(project, "remotes")
-    return project
 
 
 def experiment_cost(units: list[tuple[str, float, float, float]], costs: Path | None) -> tuple[float, str]:

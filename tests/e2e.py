@@ -96,3 +96,14 @@ def commit(repo: Path, message: str) -> None:
         cwd=repo,
         check=True,
     )
+
+
+def with_remotes(project: Path) -> Path:
+    """The project with a bare `origin` and a local-directory default DVC remote beside it, committed."""
+    origin, store = project.parent / "origin.git", project.parent / "dvc-store"
+    subprocess.run(["git", "init", "-q", "--bare", str(origin)], check=True)
+    store.mkdir()
+    subprocess.run(["git", "remote", "add", "origin", str(origin)], cwd=project, check=True)
+    run(["dvc", "remote", "add", "-d", "store", str(store)], project)
+    commit(project, "remotes")
+    return project

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
-from e2e import commit, copy_project, preset_overrides, run
+from e2e import commit, copy_project, preset_overrides, run, with_remotes
 from test_pipeline import LIGHTER
 
 from mpad.runs import remote
@@ -56,17 +56,6 @@ def cluster(tmp_path_factory):
 
 def add_node(cluster, workdir: Path):
     return cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1", env_vars={"MPAD_WORKDIR": str(workdir)})
-
-
-def with_remotes(project: Path) -> Path:
-    """The project with a bare `origin` and a local-directory default DVC remote beside it, committed."""
-    origin, store = project.parent / "origin.git", project.parent / "dvc-store"
-    subprocess.run(["git", "init", "-q", "--bare", str(origin)], check=True)
-    store.mkdir()
-    subprocess.run(["git", "remote", "add", "origin", str(origin)], cwd=project, check=True)
-    run(["dvc", "remote", "add", "-d", "store", str(store)], project)
-    commit(project, "remotes")
-    return project
 
 
 def units_of(project: Path) -> dict[str, list[list[str]]]:

@@ -216,6 +216,19 @@ def stage_outputs(clone: Path, stages: Sequence[str]) -> tuple[dict[str, object]
     return {name: entries[name] for name in stages}, files
 
 
+@contextmanager
+def unit_clone(job: Mapping) -> Iterator[tuple[Path, dict[str, str], Path]]:
+    """A free clone of this node's MPAD_WORKDIR checked out at the job's commit, the job's environment and its
+    emptied log file (under MPAD_WORKDIR/logs/<name>.log)."""
+    root = work_dir()
+    with clone_slot(root) as clone:
+        checkout(clone, job)
+        log = root / "logs" / f"{job['name']}.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        log.write_text("")
+        yield clone, unit_env(clone, job["threads"]), log
+
+
 def run_unit(job: Mapping) -> dict:
     """On a node: one unit of a run (`dvc repro --single-item <stages>`) in a clone of the coordinator's commit;
     its result pushed to the DVC remote. Returns {"node", "log", "times"} (epoch seconds: started, repro_start,
@@ -223,13 +236,7 @@ def run_unit(job: Mapping) -> dict:
     from dvc.repo import Repo
 
     started = time.time()
-    root = work_dir()
-    with clone_slot(root) as clone:
-        checkout(clone, job)
-        env = unit_env(clone, job["threads"])
-        log = root / "logs" / f"{job['name']}.log"
-        log.parent.mkdir(parents=True, exist_ok=True)
-        log.write_text("")
+    with unit_clone(job) as (clone, env, log):
         prepared = clone / ".dvc" / "tmp" / "mpad-prepared"  # the dataset of these params is there already
         if not prepared.is_file() or prepared.read_text() != job["params"]:
             logged([sys.executable, "-c", PREPARE], clone, env, log)
@@ -251,13 +258,7 @@ def run_experiment(job: Mapping) -> dict:
     of it to origin (its git ref) and the DVC remote (its cached outputs), then a marker under its key in the
     results folder, by which a coordinator started again knows it is done."""
     started = time.time()
-    root = work_dir()
-    with clone_slot(root) as clone:
-        checkout(clone, job)
-        env = unit_env(clone, job["threads"])
-        log = root / "logs" / f"{job['name']}.log"
-        log.parent.mkdir(parents=True, exist_ok=True)
-        log.write_text("")
+    with unit_clone(job) as (clone, env, log):
         sets = [arg for kv in job["overrides"] for arg in ("-S", kv)]
         logged(["dvc", "exp", "run", "-n", job["name"], *sets], clone, env, log)
         ended = time.time()
