@@ -79,26 +79,8 @@ bench:
 	done
 	@echo 'make gpu-dry          the GPU check (bench/gpu_check.sh) dry-run on the CPU'
 
-bench-encoder: $(STAMP)
-	$(BIN)/python bench/encoder.py $(ARGS)
-
-bench-evaluate: $(STAMP)
-	$(BIN)/python bench/evaluate.py $(ARGS)
-
-bench-export: $(STAMP)
-	$(BIN)/python bench/export.py $(ARGS)
-
-bench-fullscale: $(STAMP)
-	$(BIN)/python bench/fullscale.py $(ARGS)
-
-bench-serve: $(STAMP)
-	$(BIN)/python bench/serve.py $(ARGS)
-
-bench-peers: $(STAMP)
-	$(BIN)/python bench/peers.py $(ARGS)
-
-bench-cluster: $(STAMP)
-	$(BIN)/python bench/cluster.py $(ARGS)
+$(addprefix bench-,$(BENCHES)): bench-%: $(STAMP)
+	$(BIN)/python bench/$*.py $(ARGS)
 
 # The GPU check (bench/gpu_check.sh): the wheels the GPU machine lacks, for Python 3.12, into .whl/ (git-ignored).
 gpu-wheels: $(STAMP)
