@@ -159,9 +159,7 @@ def run_units(
             result = outcome(ray, ref)
             try:
                 if "error" in result:
-                    tail = "".join(f"\n    {line}" for line in result["tail"].splitlines())
-                    raise ClusterError(f"unit {name} ({' '.join(job['stages'])}) failed on node {result['node']}: "
-                                       f"{result['error']}{tail}")  # fmt: skip
+                    raise failure(f"unit {name} ({' '.join(job['stages'])})", result)
                 data = remote.get_result(work.remote, job["key"])
                 if data is None:
                     raise ClusterError(
@@ -194,6 +192,12 @@ def unit_task(ray, threads: int, log: Callable[[str], None]):
         threads = int(most)
     gpus = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
     return ray.remote(remote.task).options(num_cpus=threads, num_gpus=gpus, max_retries=RETRIES), threads
+
+
+def failure(what: str, result: Mapping) -> ClusterError:
+    """A failed task's error: what failed, on which node, the error and its log's last lines, indented."""
+    tail = "".join(f"\n    {line}" for line in result["tail"].splitlines())
+    return ClusterError(f"{what} failed on node {result['node']}: {result['error']}{tail}")
 
 
 def outcome(ray, ref) -> dict:
@@ -248,8 +252,7 @@ def run_experiments(
             result = outcome(ray, ref)
             try:
                 if "error" in result:
-                    tail = "".join(f"\n    {line}" for line in result["tail"].splitlines())
-                    raise ClusterError(f"experiment {name} failed on node {result['node']}: {result['error']}{tail}")
+                    raise failure(f"experiment {name}", result)
                 pull(name, result["node"])
                 status[name] = 0
                 log(f"{name}: done on node {result['node']} in {time.time() - submitted:.1f} s, log {result['log']}")
