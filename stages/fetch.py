@@ -6,19 +6,27 @@ can see an edit); its outputs keep their bytes while the dataset does, so DVC th
 
 dataset.name: mvtec (use dataset.root if it holds the categories, else download and extract),
 synthetic (generate, seeded), folder (the user's tree, read only).
+
+On a Ray node running a whole experiment, MPAD_PINNED_DATASET names the coordinator's manifest of the same
+dataset, which fetch then writes instead of its own when this copy has the same files and sizes
+(mpad.data.manifest.pin): fingerprints hold mtimes, and the coordinator's are the ones its workspace will see.
 """
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 
 import typer
 
 from mpad import layout
-from mpad.data.manifest import save_manifest, save_split_record
+from mpad.data.manifest import pin, save_manifest, save_split_record
 from mpad.data.mvtec import SPLITS, DatasetError
 from mpad.data.prepare import prepare_dataset
 from stages.common import PARAMS_OPTION, fail, load_config
+
+PINNED = "MPAD_PINNED_DATASET"
 
 
 def main(params: Path = PARAMS_OPTION) -> None:
@@ -26,6 +34,9 @@ def main(params: Path = PARAMS_OPTION) -> None:
     (dataset,) = load_config(params, "dataset")
     try:
         manifest = prepare_dataset(dataset, layout.DOWNLOADS, typer.echo)
+        if pinned := os.environ.get(PINNED):
+            manifest = pin(manifest, json.loads(Path(pinned).read_text()), dataset.path)
+            typer.echo(f"the coordinator's manifest ({pinned}): this copy has its files and sizes")
     except DatasetError as err:
         fail(str(err))
     for category, info in manifest["categories"].items():

@@ -1,8 +1,14 @@
-"""The Ray backend (mpad/runs/cluster.py) on a simulated cluster: a head without CPUs (the coordinator's) and two
-worker nodes of 1 CPU, each with its own MPAD_WORKDIR, sharing with the coordinator only a bare git repository
-(`origin`) and a local-directory DVC remote. Every Ray process listens on 127.0.0.1. The end-to-end tests are
-marked slow; they are in one module, which `make test` (`--dist loadscope`) gives to one xdist worker, so that
-they never run side by side (Ray's tests get flaky when they do).
+"""The Ray backend (mpad/runs/cluster.py) on two kinds of simulated cluster, each a head without CPUs (the
+coordinator's) and two worker nodes of 1 CPU, each node with its own MPAD_WORKDIR, sharing with the coordinator
+only a bare git repository (`origin`) and a local-directory DVC remote:
+
+- `ray start` processes (tests/ray_nodes.py) in a network namespace whose only interface is loopback, driven
+  as a user drives them: `make offline CLUSTER=ADDRESS` and `make sweep ... CLUSTER=ADDRESS`;
+- `ray.cluster_utils.Cluster` on 127.0.0.1, driven through mpad.runs.cluster's functions: a node removed
+  mid-run, a failing unit, the preflight's messages.
+
+The end-to-end tests are marked slow; they are in one module, which `make test` (`--dist loadscope`) gives to
+one xdist worker, so that they never run side by side (Ray's tests get flaky when they do).
 """
 
 from __future__ import annotations
@@ -12,13 +18,15 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 
 import pytest
-from e2e import commit, copy_project, preset_overrides, run, with_remotes
+from e2e import commit, copy_project, preset_overrides, run, stages_ran, with_remotes
+from ray_nodes import LoopbackNodes, unavailable
 from test_pipeline import LIGHTER
 
 from mpad.runs import remote
@@ -30,6 +38,9 @@ ray = pytest.importorskip("ray")
 cluster_mod = pytest.importorskip("mpad.runs.cluster")
 
 OVERRIDES = [*preset_overrides("offline"), *LIGHTER, "dataset.categories=[stripes,disc]"]
+SWEEP = [*OVERRIDES, "dataset.categories=[stripes]", "mpts.steps=2"]  # the sweep's preset: 4 whole experiments
+VENV = Path(sys.executable).parent.parent  # the test's own environment; never reinstalled (-o its stamp)
+MAKE = ["make", "--no-print-directory", "-o", str(VENV / ".installed"), f"VENV={VENV}"]
 
 
 @pytest.fixture(scope="module")
@@ -84,28 +95,75 @@ def cluster_run(project: Path, address: str, lines: list[str]) -> dict[str, int]
     return status
 
 
-@pytest.mark.slow
-def test_run_on_two_nodes_equals_local_run(cluster, local_metrics, tmp_path):
-    c, _, workdirs = cluster
-    project = with_remotes(copy_project(tmp_path / "project", OVERRIDES))
-    cluster_mod.preflight(c.address, project)
-    lines: list[str] = []
-    assert cluster_run(project, c.address, lines) == {"stripes": 0, "disc": 0}, "\n".join(lines)
+@pytest.fixture(scope="module")
+def nodes(tmp_path_factory):
+    """LoopbackNodes: `ray start` nodes, each worker with its own MPAD_WORKDIR."""
+    if why := unavailable():
+        pytest.skip(f"no network namespace for the `ray start` nodes: {why}")
+    started = LoopbackNodes([tmp_path_factory.mktemp(f"rays{i}") for i in range(2)])
+    yield started
+    started.close()
 
+
+def make(nodes: LoopbackNodes, project: Path, *args: str) -> str:
+    """`make ARGS` in `project` inside the nodes' namespace; its output, asserting exit status 0."""
+    done = nodes.run([*MAKE, *args], cwd=project)
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, f"make {' '.join(args)} failed:\n{output[-4000:]}"
+    return output
+
+
+def use_preset(project: Path, overrides: list[str]) -> None:
+    """The project's presets/offline.txt as `overrides` (the tests' lighter offline preset), committed."""
+    (project / "presets" / "offline.txt").write_text("\n".join(overrides) + "\n")
+    commit(project, "a lighter offline preset")
+
+
+def logs(workdirs) -> list[set[Path]]:
+    return [set(Path(w).glob("logs/*.log")) for w in workdirs]
+
+
+@pytest.mark.slow
+def test_make_offline_and_sweep_on_ray_start_nodes_equal_local_runs(nodes, local_metrics, tmp_path):
+    project = copy_project(tmp_path / "project", OVERRIDES)
+    use_preset(project, OVERRIDES)
+    with_remotes(project)
+    cluster = f"CLUSTER={nodes.address}"
+
+    output = make(nodes, project, "offline", cluster)
     assert (project / "metrics.md").read_text() == local_metrics
     assert set(dvc_status(project)) == {"fetch"}  # always changed; every other stage is up to date
     assert not stages_ran_again(project)
-    for workdir in workdirs:  # both nodes ran units, each in its own clone
-        assert list((workdir / "logs").glob("*.log")), f"{workdir}: no unit ran there:\n" + "\n".join(lines)
-    assert len(list(workdirs[0].glob("logs/*.log")) + list(workdirs[1].glob("logs/*.log"))) == 4
+    ran = logs(nodes.workdirs)
+    assert all(ran) and len(ran[0] | ran[1]) == 4, f"each node runs units in its MPAD_WORKDIR:\n{output}"
+    assert not (project / cluster_mod.JOURNAL).exists()
     # The coordinator started again: every unit has its result, none runs again.
-    again: list[str] = []
-    assert cluster_mod.run_units(c.address, units_of(project), 1, project, log=again.append) == {
-        "stripes": 0,
-        "disc": 0,
-    }
-    assert again and all("restored" in line for line in again), again
-    assert len(list(workdirs[0].glob("logs/*.log")) + list(workdirs[1].glob("logs/*.log"))) == 4
+    again = make(nodes, project, "offline", cluster)
+    assert again.count("restored its result of an earlier run") == 4 and logs(nodes.workdirs) == ran, again
+    assert (project / "metrics.md").read_text() == local_metrics
+
+    use_preset(project, SWEEP)
+    sweep = ["sweep", "PRESET=offline", "SHOTS=1,2", "SEEDS=0,1"]
+    output = make(nodes, project, *sweep, cluster)
+    names = re.findall(r"^(k\d-s\d-\w+): done on node", output, re.M)
+    assert len(set(names)) == 4, output
+    local = copy_project(tmp_path / "local", [])
+    use_preset(local, SWEEP)
+    try:
+        run([*MAKE, *sweep, "JOBS=2"], local)
+    finally:
+        subprocess.run([str(VENV / "bin" / "dvc"), "queue", "stop"], cwd=local, capture_output=True, timeout=120)
+    assert (project / "sweep.md").read_text() == (local / "sweep.md").read_text()
+    assert len(logs(nodes.workdirs)[0] | logs(nodes.workdirs)[1]) == 8  # the 4 experiments ran on the nodes
+
+    # The coordinator lost its exp refs before it pulled them: their results are on the remotes, nothing runs.
+    run(["dvc", "exp", "remove", *names], project)
+    again = make(nodes, project, *sweep, cluster)
+    assert again.count("restored from an earlier run") == 4, again
+    assert (project / "sweep.md").read_text() == (local / "sweep.md").read_text()
+    # An experiment applied to the workspace is up to date: its node wrote the coordinator's dataset listing.
+    run(["dvc", "exp", "apply", names[0]], project)
+    assert stages_ran(run(["dvc", "repro"], project)) == {"fetch"}
 
 
 def stages_ran_again(project: Path) -> set[str]:
@@ -169,32 +227,6 @@ def test_failed_unit_names_unit_node_and_log_and_others_go_on(cluster, tmp_path)
 
 
 @pytest.mark.slow
-def test_sweep_arrives_as_exp_refs(cluster, tmp_path):
-    c, _, _ = cluster
-    sweep = [*OVERRIDES, "dataset.categories=[stripes]", "mpts.steps=2"]
-    project = with_remotes(copy_project(tmp_path / "project", sweep))
-    grid = {f"k{k}-s{s}": [f"shots.k={k}", f"shots.seed={s}"] for k in (1, 2) for s in (0, 1)}
-    lines: list[str] = []
-    assert cluster_mod.run_experiments(c.address, grid, 1, project, log=lines.append) == dict.fromkeys(grid, 0)
-    again: list[str] = []  # the coordinator started again: every experiment has its result
-    assert cluster_mod.run_experiments(c.address, grid, 1, project, log=again.append) == dict.fromkeys(grid, 0)
-    assert len(again) == 4 and all("restored" in line for line in again), again
-    shown = json.loads(run(["dvc", "exp", "show", "--json"], project))
-    exps = {
-        exp["name"]: exp["revs"][0]["data"]
-        for baseline in shown
-        for exp in (baseline.get("experiments") or [])
-        if exp.get("name") in grid
-    }
-    assert set(exps) == set(grid), "\n".join(lines)
-    for name, data in exps.items():
-        k, s = (int(part[1:]) for part in name.split("-"))
-        params = data["params"]["params.yaml"]["data"]["shots"]
-        assert (params["k"], params["seed"]) == (k, s)
-        assert 0 <= data["metrics"]["metrics.json"]["data"]["mean"]["pixel_auroc"] <= 100
-
-
-@pytest.mark.slow
 def test_preflight_says_what_is_wrong_in_one_line(cluster, tmp_path):
     c, _, _ = cluster
     bare = copy_project(tmp_path / "bare", OVERRIDES)  # no remotes
@@ -240,6 +272,20 @@ def test_result_bundle_round_trip_and_keys():
     assert len({key, *changed}) == 5 and key == remote.unit_key(
         "abc", "k: 1\n", {"fetch": {"md5": "1"}}, ["train@disc"]
     )
+
+
+def test_a_restore_cut_off_is_put_back(tmp_path):
+    journal, lock = tmp_path / cluster_mod.JOURNAL, tmp_path / "dvc.lock"
+    journal.parent.mkdir(parents=True)
+    said: list[str] = []
+    for before, after in [("schema: '2.0'\nstages: {}\n", True), (None, False)]:
+        lock.write_text("schema: '2.0'\nstages: {train@disc: {}}\n")  # names outputs that did not arrive
+        journal.write_text(json.dumps({"unit": "disc-2", "lock": before}))
+        cluster_mod.recover(tmp_path, said.append)
+        assert (lock.read_text() if lock.exists() else None) == before and lock.exists() == after
+        assert not journal.exists()
+    cluster_mod.recover(tmp_path, said.append)  # nothing cut off: nothing said
+    assert said == ["disc-2: its restore was cut off (the coordinator stopped): dvc.lock is as before it"] * 2
 
 
 def test_two_units_writing_one_stage_are_refused(tmp_path):

@@ -22,6 +22,7 @@ from mpad.data import (
     load_mask,
     summarize_category,
 )
+from mpad.data.manifest import pin, shapes
 
 SAMPLE_ROOT = Path(__file__).resolve().parents[1].parent / "shared/data/mvtec-sample"
 
@@ -125,6 +126,32 @@ def test_folder_dataset_any_name_and_order(tmp_path: Path) -> None:
     os.utime(mask, ns=(mask.stat().st_atime_ns, mask.stat().st_mtime_ns + 1))
     again = summarize_category(root, "cat")["fingerprint"]
     assert again["test"] != after["test"] and again["train"] == after["train"]
+
+
+def test_pin_takes_the_coordinators_manifest_of_a_copy_with_the_same_files_and_sizes(tmp_path: Path) -> None:
+    """A Ray node's copy of the dataset has other mtimes: fetch writes the coordinator's manifest instead of its
+    own when the copy has the same files and sizes, and refuses one that differs in either."""
+    coordinator, node = _tree(tmp_path / "coordinator"), _tree(tmp_path / "node")
+
+    def manifest(root: Path) -> dict:
+        return {"root": "data/x", "categories": {"cat": summarize_category(root, "cat")}}
+
+    for f in node.rglob("*.png"):
+        os.utime(f, ns=(f.stat().st_atime_ns, f.stat().st_mtime_ns + 10**9))
+    ours, theirs = manifest(node), manifest(coordinator)
+    assert ours["categories"]["cat"]["fingerprint"] != theirs["categories"]["cat"]["fingerprint"]
+    pinned = {"manifest": theirs, "shapes": shapes(coordinator, ["cat"])}
+    assert pin(ours, pinned, node) == theirs
+    (node / "cat/test/good/Thumbs.db").write_bytes(b"x")  # not an image: not the dataset's
+    assert pin(ours, pinned, node) == theirs
+    _png(node / "cat/test/good/000.png", np.zeros((16, 21, 3), np.uint8))  # another size
+    with pytest.raises(DatasetError, match=r"cat/test differs from the coordinator's copy"):
+        pin(ours, pinned, node)
+    (node / "cat/test/good/000.png").unlink()
+    with pytest.raises(DatasetError, match=r"cat/test differs"):
+        pin(ours, pinned, node)
+    with pytest.raises(DatasetError, match="not the dataset of the coordinator's manifest"):
+        pin({**ours, "root": "elsewhere"}, pinned, node)
 
 
 def test_missing_category_and_train(tmp_path: Path) -> None:

@@ -11,10 +11,11 @@ and, per category and split, `split_record`: what the stages reading that split 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from mpad.data.mvtec import DatasetError
+from mpad.data.mvtec import SPLITS, DatasetError, fingerprint, list_split
 from mpad.io import write_json
 
 
@@ -56,6 +57,32 @@ def check_split_record(path: str | Path, root: str, category: str) -> None:
     record = _read_json(path, "split record")
     if not isinstance(record, dict) or (record.get("root"), record.get("category")) != (root, category):
         raise DatasetError(f"{path} does not describe category {category!r} under root {root!r}")
+
+
+def shapes(root: Path, categories: Iterable[str]) -> dict[str, dict[str, str]]:
+    """{category: {split: hex}}: each split's `fingerprint` without mtimes, its files and their sizes only."""
+    return {
+        c: {split: fingerprint(root, list_split(root, c, split), mtimes=False) for split in SPLITS} for c in categories
+    }
+
+
+def pin(manifest: dict[str, Any], pinned: dict[str, Any], root: Path) -> dict[str, Any]:
+    """The manifest another machine wrote of the same dataset, `pinned["manifest"]`, in place of this machine's
+    `manifest`, when this copy at `root` has its categories with the same files and sizes (`pinned["shapes"]`,
+    its `shapes`). Fingerprints hold mtimes, which differ between copies: a Ray node running a whole experiment
+    writes the coordinator's fetch outputs instead of its own, so that the experiment's stages are up to date
+    on the coordinator (mpad/runs/cluster.py). DatasetError naming the first split that differs."""
+    theirs = pinned["manifest"]
+    if sorted(theirs["categories"]) != sorted(manifest["categories"]) or theirs["root"] != manifest["root"]:
+        raise DatasetError(f"{root}: not the dataset of the coordinator's manifest (other root or categories)")
+    for category, splits in shapes(root, manifest["categories"]).items():
+        for split, digest in splits.items():
+            if pinned["shapes"].get(category, {}).get(split) != digest:
+                raise DatasetError(
+                    f"{root}: {category}/{split} differs from the coordinator's copy (other files or sizes): "
+                    "every node needs the coordinator's dataset"
+                )
+    return theirs
 
 
 def group_of(manifest: dict[str, Any], category: str) -> str:

@@ -239,17 +239,18 @@ def list_categories(root: Path) -> list[str]:
     return [p.name for p in _subfolders(root) if (p / "train").is_dir()]
 
 
-def fingerprint(root: Path, samples: list[Sample]) -> str:
+def fingerprint(root: Path, samples: list[Sample], mtimes: bool = True) -> str:
     """sha256 hex of the sorted (path relative to root, size in bytes, modification time in ns) listing of the
     samples' images and masks. Only `stat`, no file contents, since fetch computes it on every `dvc repro`:
     0.17 s on an MVTec AD-sized tree, where hashing the bytes took 2.7-6.3 s per 2.9 GB even from the page
     cache (docs/decisions.md). A replaced file shows by its size or mtime; a `touch` alone also changes it
-    (a needless re-run, never a stale result)."""
+    (a needless re-run, never a stale result). `mtimes=False`: paths and sizes only, which a copy of the
+    dataset on another machine shares (mpad.data.manifest.pin)."""
     files = [p for s in samples for p in (s.image, s.mask) if p is not None]
     listing = sorted((p.relative_to(root).as_posix(), st.st_size, st.st_mtime_ns) for p in files for st in [p.stat()])
     digest = hashlib.sha256()
     for rel, nbytes, mtime in listing:
-        digest.update(f"{rel}\t{nbytes}\t{mtime}\n".encode())
+        digest.update((f"{rel}\t{nbytes}\t{mtime}\n" if mtimes else f"{rel}\t{nbytes}\n").encode())
     return digest.hexdigest()
 
 

@@ -13,11 +13,16 @@ remote (a coordinator started again) is restored, not run. A failed unit stops i
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import shutil
+import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+
+import yaml
 
 from mpad import io
 from mpad.runs import remote
@@ -25,16 +30,18 @@ from mpad.runs.preflight import ClusterError, check_clean, connect, dvc_remote, 
 
 __all__ = ["ClusterError", "preflight", "run_experiments", "run_units"]  # the dispatcher's contract
 
+JOURNAL = ".dvc/tmp/mpad-restore.json"  # the unit being restored and dvc.lock of before (`recover`)
 RETRIES = 3  # a unit lost with its node (or its worker process) runs again this many times
 
 
 class Workspace:
     """The coordinator's side: its commit on origin, its DVC remote, and results restored into its workspace."""
 
-    def __init__(self, repo: Path):
+    def __init__(self, repo: Path, log: Callable[[str], None] = print):
         from dvc.repo import Repo
 
         self.repo = Path(repo).resolve()
+        recover(self.repo, log)
         check_clean(self.repo)
         self.git_url = origin_url(self.repo)
         self.remote_name, config = dvc_remote(self.repo)
@@ -80,6 +87,7 @@ class Workspace:
         before = self.text("dvc.lock")
         doc = parse_yaml_for_update(before or "schema: '2.0'\nstages: {}\n", "dvc.lock")
         doc.setdefault("stages", {}).update(entries)
+        io.write_json(self.repo / JOURNAL, {"unit": name, "lock": before})  # before dvc.lock names absent outputs
         io.write_text(self.repo / "dvc.lock", dumps_yaml(doc))
         try:
             with Repo(os.fspath(self.repo)) as dvc:
@@ -95,11 +103,29 @@ class Workspace:
                     raise ValueError(f"{rel} is outside the workspace")
                 io.write_bytes(path, content)
         except Exception as err:
-            if before is None:
-                (self.repo / "dvc.lock").unlink(missing_ok=True)
-            else:
-                io.write_text(self.repo / "dvc.lock", before)
+            put_back(self.repo, before)
             raise ClusterError(f"unit {name}: its result did not arrive ({str(err).splitlines()[0]})") from None
+        (self.repo / JOURNAL).unlink()
+
+
+def put_back(repo: Path, lock: str | None) -> None:
+    """dvc.lock as it was before a restore (None: no file), and the restore's journal gone."""
+    if lock is None:
+        (repo / "dvc.lock").unlink(missing_ok=True)
+    else:
+        io.write_text(repo / "dvc.lock", lock)
+    (repo / JOURNAL).unlink(missing_ok=True)
+
+
+def recover(repo: Path, log: Callable[[str], None]) -> None:
+    """A restore cut off (the coordinator killed while it pulled a unit's outputs) leaves its journal, whose
+    dvc.lock of before is put back: dvc.lock never names outputs that did not arrive. The unit's result is
+    still in the DVC remote, so the next run restores it again."""
+    journal = repo / JOURNAL
+    if journal.is_file():
+        cut = json.loads(journal.read_text())
+        put_back(repo, cut["lock"])
+        log(f"{cut['unit']}: its restore was cut off (the coordinator stopped): dvc.lock is as before it")
 
 
 def unit_name(category: str, index: int, count: int) -> str:
@@ -127,7 +153,7 @@ def run_units(
     stages = [stage for chain in units.values() for unit in chain for stage in unit]
     if len(set(stages)) < len(stages):  # two units would write one result
         raise ClusterError(f"a stage is in two units: {sorted(s for s in set(stages) if stages.count(s) > 1)}")
-    work = Workspace(repo)
+    work = Workspace(repo, log)
     with Repo(os.fspath(work.repo)) as dvc:  # fetch's outputs, which every node uses instead of running fetch
         dvc.push(targets=remote.targets(work.repo, ["fetch"]))
     ray = connect(address)
@@ -220,30 +246,34 @@ def run_experiments(
     `dvc exp show`, `make compare` and `dvc exp apply` expect (`dvc exp pull` of each from origin)."""
     from dvc.repo import Repo
 
-    work = Workspace(repo)
+    work = Workspace(repo, log)
     ray = connect(address)
     try:
         task, threads = unit_task(ray, threads, log)
         params = work.text("params.yaml")
         job = {**work.job, "params": params, "lock": work.text("dvc.lock"), "threads": threads}
+        datasets = pinned_datasets(work.repo, params, experiments, log)
         pending, status = {}, {}
 
         def pull(name: str, node: str) -> None:
-            """The experiment's exp ref from origin and its cached outputs from the DVC remote."""
+            """The experiment's exp ref from origin and its cached outputs from the DVC remote: the ref of this
+            commit by its full name, never a run of the same name on another commit (other code)."""
+            from dvc.repo.experiments.refs import ExpRefInfo
+
             try:
                 with Repo(os.fspath(work.repo)) as dvc:
-                    dvc.experiments.pull(work.git_url, [name], force=True)
+                    dvc.experiments.pull(work.git_url, [str(ExpRefInfo(work.sha, name))], force=True)
             except Exception as err:
                 raise ClusterError(f"experiment {name} ran on node {node} but `dvc exp pull` failed: {err}") from None
 
         for name, overrides in experiments.items():
-            key = remote.unit_key(work.sha, params, {"overrides": list(overrides)}, [name])
+            key = remote.unit_key(work.sha, params, {"overrides": list(overrides), "data": datasets[name]}, [name])
             if remote.get_result(work.remote, key) is not None:  # a coordinator started again
                 pull(name, "of an earlier run")
                 status[name] = 0
                 log(f"{name}: restored from an earlier run")
                 continue
-            spec = {**job, "name": name, "overrides": list(overrides), "key": key}
+            spec = {**job, "name": name, "overrides": list(overrides), "key": key, "pinned": datasets[name]}
             pending[task.remote("run_experiment", spec)] = (name, time.time())
             log(f"{name}: dvc exp run {' '.join(f'-S {kv}' for kv in overrides)} submitted")
         while pending:
@@ -262,3 +292,40 @@ def run_experiments(
         return status
     finally:
         ray.shutdown()
+
+
+def pinned_datasets(
+    repo: Path, params: str, experiments: Mapping[str, Sequence[str]], log: Callable[[str], None]
+) -> dict[str, str]:
+    """{experiment: JSON of {"manifest", "shapes"}}: its dataset (params.yaml with its overrides, written as
+    `dvc exp run -S` writes them) made available here as fetch does, and described. A node's fetch writes this
+    manifest instead of its own (mpad.data.manifest.pin): fingerprints hold mtimes, and with the node's the
+    exp ref would hold fingerprints the coordinator's dataset never matches, so that `dvc exp apply` then
+    `dvc repro` would run the pipeline again."""
+    from dvc.utils.hydra import apply_overrides
+
+    from mpad import layout
+    from mpad.config import ConfigError, load_sections
+    from mpad.data.manifest import shapes
+    from mpad.data.mvtec import DatasetError
+    from mpad.data.prepare import prepare_dataset
+
+    described: dict[str, str] = {}
+    pinned = {}
+    with tempfile.TemporaryDirectory() as tmp, contextlib.chdir(repo):  # dataset.root is relative to the repo
+        for name, overrides in experiments.items():
+            path = Path(tmp, "params.yaml")
+            path.write_text(params)
+            if overrides:
+                apply_overrides(str(path), list(overrides))
+            try:
+                (dataset,) = load_sections(yaml.safe_load(path.read_text()), "dataset")
+                key = dataset.model_dump_json()
+                if key not in described:
+                    manifest = prepare_dataset(dataset, layout.DOWNLOADS, log)
+                    found = shapes(dataset.path, manifest["categories"])
+                    described[key] = json.dumps({"manifest": manifest, "shapes": found}, sort_keys=True)
+            except (ConfigError, DatasetError) as err:
+                raise ClusterError(f"experiment {name}: {str(err).splitlines()[0]}") from None
+            pinned[name] = described[key]
+    return pinned

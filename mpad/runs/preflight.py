@@ -13,6 +13,7 @@ from pathlib import Path
 from mpad.runs import remote
 
 TRAVELS = ("params.yaml", "dvc.lock")  # workspace files each unit carries, so they may differ from the commit
+REPORTS = ("sweep.md", "sweep.json")  # the dispatcher's own tables (mpad/runs/sweep.py): no unit reads them
 PROBE_S = 120  # how long preflight waits for a node to say whether it reaches both remotes
 
 
@@ -52,7 +53,7 @@ def dvc_remote(repo: Path) -> tuple[str, dict]:
 
 def check_clean(repo: Path) -> None:
     """The work tree holds nothing the commit lacks but params.yaml and dvc.lock (which travel with each unit), DVC's
-    outputs and the .gitignore files DVC writes for them."""
+    outputs and the .gitignore files DVC writes for them, and the sweep's tables (a sweep run again writes them)."""
     from dvc.repo import Repo
 
     with Repo(os.fspath(repo)) as dvc:
@@ -61,7 +62,7 @@ def check_clean(repo: Path) -> None:
     changed = [
         path
         for status, path in ((line[:2], Path(line[3:])) for line in lines)
-        if str(path) not in TRAVELS
+        if str(path) not in (*TRAVELS, *REPORTS)
         and path.name != ".gitignore"
         and not (status == "??" and any(path == out or out in path.parents for out in outs))
     ]

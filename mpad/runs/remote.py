@@ -254,12 +254,17 @@ def run_unit(job: Mapping) -> dict:
 
 
 def run_experiment(job: Mapping) -> dict:
-    """On a node: one whole `dvc exp run -n NAME -S ...` in a clone of the coordinator's commit, then `dvc exp push`
+    """On a node: one whole `dvc exp run -n NAME -S ...` in a clone of the coordinator's commit (its fetch writing
+    the coordinator's manifest of the dataset, stages/fetch.py's MPAD_PINNED_DATASET), then `dvc exp push`
     of it to origin (its git ref) and the DVC remote (its cached outputs), then a marker under its key in the
     results folder, by which a coordinator started again knows it is done."""
     started = time.time()
     with unit_clone(job) as (clone, env, log):
+        pinned = clone / ".dvc" / "tmp" / "mpad-pinned-dataset.json"  # its fetch writes the coordinator's manifest
+        pinned.parent.mkdir(parents=True, exist_ok=True)
+        pinned.write_text(job["pinned"])
         sets = [arg for kv in job["overrides"] for arg in ("-S", kv)]
+        env = {**env, "MPAD_PINNED_DATASET": str(pinned)}
         logged(["dvc", "exp", "run", "-n", job["name"], *sets], clone, env, log)
         ended = time.time()
         logged(["dvc", "exp", "push", "--force", job["git_url"], job["name"]], clone, env, log)

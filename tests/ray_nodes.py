@@ -1,0 +1,142 @@
+"""A Ray cluster started as users start one, with `ray start` (a head and worker nodes, each its own process tree
+with its own environment), on loopback only.
+
+Ray rewrites 127.0.0.1 and `localhost` in `ray start --address` to the machine's network address, and refuses a
+worker node when told not to (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0). Any other address of 127.0.0.0/8 it takes as
+it is, so each node gets one of its own: the head 127.0.0.2, the workers 127.0.0.3, 127.0.0.4, ... Ray's servers
+listen on every interface of such a node, so the nodes and every command that talks to them run in a network
+namespace of their own (`unshare --net`, which needs root or CAP_SYS_ADMIN) whose only interface is `lo`: nothing
+outside it can reach them, and they reach nothing outside it.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+HEAD = "127.0.0.2"
+PORT = 6379  # Ray's default: the namespace is new, so nothing else holds it
+BIN = Path(sys.executable).parent
+READY = """
+import sys, time, ray
+ray.init(address=sys.argv[1], log_to_driver=False)
+want = set(sys.argv[2:])
+deadline = time.monotonic() + 120
+while {n["NodeManagerAddress"] for n in ray.nodes() if n["Alive"]} != want and time.monotonic() < deadline:
+    time.sleep(0.5)
+print(sorted(n["NodeManagerAddress"] for n in ray.nodes() if n["Alive"]))
+"""
+
+
+def unavailable() -> str | None:
+    """Why a network namespace cannot be made here (None: it can)."""
+    try:
+        done = subprocess.run(["unshare", "--net", "--", "true"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as err:
+        return f"`unshare --net` failed: {err}"
+    return None if done.returncode == 0 else f"`unshare --net` failed: {done.stderr.strip()}"
+
+
+class LoopbackNodes:
+    """A head without CPUs (the coordinator's, 127.0.0.2:6379) and one worker node per `workdirs` entry, started
+    with `ray start --block` in a network namespace of their own, each worker with its MPAD_WORKDIR."""
+
+    def __init__(self, workdirs: Sequence[Path], cpus: int = 1):
+        self.address = f"{HEAD}:{PORT}"
+        self.temp = Path(tempfile.mkdtemp(prefix="ray-"))  # short: Ray's Unix socket paths must be
+        self.holder = subprocess.Popen(
+            ["unshare", "--net", "--", "sh", "-c", "ip link set lo up && echo up && exec sleep infinity"],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        self.workdirs, self.cpus = list(workdirs), cpus
+        self.head: subprocess.Popen | None = None
+        self.workers: list[subprocess.Popen] = []
+        try:
+            if self.holder.stdout.readline().strip() != "up":
+                raise RuntimeError("the network namespace did not come up")
+            self.head = self.start(["--head", f"--port={PORT}", "--num-cpus=0", "--include-dashboard=false"], HEAD, {})
+            self.workers = [self.start_worker(i) for i in range(len(self.workdirs))]
+            self.wait_for([HEAD, *(self.ip(i) for i in range(len(self.workdirs)))])
+        except BaseException:
+            self.close()
+            raise
+
+    @staticmethod
+    def ip(worker: int) -> str:
+        return f"127.0.0.{3 + worker}"
+
+    def command(self, cmd: Sequence[str]) -> list[str]:
+        """`cmd` as run inside the namespace."""
+        return ["nsenter", f"--net=/proc/{self.holder.pid}/ns/net", "--", *cmd]
+
+    def start(self, args: Sequence[str], ip: str, env: dict[str, str]) -> subprocess.Popen:
+        log = open(self.temp / f"ray-start-{ip}.log", "a")
+        node = subprocess.Popen(
+            self.command(
+                [
+                    str(BIN / "ray"),
+                    "start",
+                    "--block",
+                    "--disable-usage-stats",
+                    f"--node-ip-address={ip}",
+                    f"--temp-dir={self.temp / ip}",
+                    *args,
+                ]
+            ),  # fmt: skip
+            env={**self.env(), **env},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group: stopped as a whole, like a machine
+        )
+        return node
+
+    def start_worker(self, i: int) -> subprocess.Popen:
+        """Worker node i, with its MPAD_WORKDIR (`restart_worker` after `kill_worker`)."""
+        env = {"MPAD_WORKDIR": str(self.workdirs[i])}
+        return self.start([f"--address={self.address}", f"--num-cpus={self.cpus}"], self.ip(i), env)
+
+    def restart_worker(self, i: int) -> None:
+        self.workers[i] = self.start_worker(i)
+        self.wait_for([HEAD, *(self.ip(j) for j in range(len(self.workdirs)))])
+
+    def wait_for(self, ips: Sequence[str]) -> None:
+        """Until exactly the nodes at `ips` are alive; AssertionError naming the ones there otherwise."""
+        done = self.run([str(BIN / "python"), "-c", READY, self.address, *ips], timeout=180)
+        logs = "".join(f"\n{log.name}: {log.read_text()[-1500:]}" for log in sorted(self.temp.glob("ray-start-*.log")))
+        assert done.stdout.strip().splitlines()[-1:] == [str(sorted(ips))], done.stdout + done.stderr + logs
+
+    def run(self, cmd: Sequence[str], cwd: Path | None = None, timeout: float = 900) -> subprocess.CompletedProcess:
+        """A command inside the namespace (its output captured, its exit status not checked)."""
+        return subprocess.run(
+            self.command(cmd), cwd=cwd, env=self.env(), capture_output=True, text=True, timeout=timeout
+        )
+
+    @staticmethod
+    def env() -> dict[str, str]:
+        """This environment without what the in-process `Cluster` of other tests sets: RAY_ENABLE_..._CLUSTER=0
+        makes `ray start` refuse worker nodes."""
+        return {k: v for k, v in os.environ.items() if k not in ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "RAY_ADDRESS")}
+
+    def kill_worker(self, i: int) -> None:
+        """Worker node i gone at once, as when its machine dies (SIGKILL to its whole process group)."""
+        node = self.workers[i]
+        os.killpg(node.pid, signal.SIGKILL)
+        node.wait()
+
+    def close(self) -> None:
+        for node in [*self.workers, *([self.head] if self.head else [])]:
+            if node.poll() is None:
+                os.killpg(node.pid, signal.SIGTERM)  # `ray start --block` then stops its node's processes
+                try:
+                    node.wait(30)
+                except subprocess.TimeoutExpired:
+                    os.killpg(node.pid, signal.SIGKILL)
+                    node.wait()
+        self.holder.kill()
+        self.holder.wait()
