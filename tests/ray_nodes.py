@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -130,13 +131,16 @@ class LoopbackNodes:
         node.wait()
 
     def close(self) -> None:
-        for node in [*self.workers, *([self.head] if self.head else [])]:
-            if node.poll() is None:
-                os.killpg(node.pid, signal.SIGTERM)  # `ray start --block` then stops its node's processes
-                try:
-                    node.wait(30)
-                except subprocess.TimeoutExpired:
-                    os.killpg(node.pid, signal.SIGKILL)
-                    node.wait()
+        """Every node stopped: SIGTERM (`ray start --block` then stops its node's processes), SIGKILL after 3 s."""
+        running = [n for n in [*self.workers, self.head] if n is not None and n.poll() is None]
+        for node in running:
+            os.killpg(node.pid, signal.SIGTERM)
+        deadline = time.monotonic() + 3
+        for node in running:
+            try:
+                node.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                os.killpg(node.pid, signal.SIGKILL)
+                node.wait()
         self.holder.kill()
         self.holder.wait()

@@ -124,7 +124,7 @@ def logs(workdirs) -> list[set[Path]]:
 
 
 @pytest.mark.slow
-def test_make_offline_and_sweep_on_ray_start_nodes_equal_local_runs(nodes, local_metrics, tmp_path):
+def test_make_offline_on_ray_start_nodes_equals_local_run(nodes, local_metrics, tmp_path):
     project = copy_project(tmp_path / "project", OVERRIDES)
     use_preset(project, OVERRIDES)
     with_remotes(project)
@@ -136,15 +136,26 @@ def test_make_offline_and_sweep_on_ray_start_nodes_equal_local_runs(nodes, local
     assert not stages_ran_again(project)
     ran = logs(nodes.workdirs)
     assert all(ran) and len(ran[0] | ran[1]) == 4, f"each node runs units in its MPAD_WORKDIR:\n{output}"
+    for workdir, here in zip(nodes.workdirs, ran, strict=True):  # and holds the outputs of those units
+        for log in here:
+            category, unit = re.match(r"([a-z]+)-(\d)-", log.name).groups()
+            made = f"data/shots/{category}.json" if unit == "1" else f"metrics/{category}.json"
+            assert list(workdir.glob(f"clone-*/{made}")), f"{workdir} ran {log.name} but holds no {made}"
     assert not (project / cluster_mod.JOURNAL).exists()
     # The coordinator started again: every unit has its result, none runs again.
     again = make(nodes, project, "offline", cluster)
     assert again.count("restored its result of an earlier run") == 4 and logs(nodes.workdirs) == ran, again
     assert (project / "metrics.md").read_text() == local_metrics
 
+
+@pytest.mark.slow
+def test_make_sweep_on_ray_start_nodes_equals_local_sweep(nodes, tmp_path):
+    project = copy_project(tmp_path / "project", [])
     use_preset(project, SWEEP)
+    with_remotes(project)
+    before = logs(nodes.workdirs)
     sweep = ["sweep", "PRESET=offline", "SHOTS=1,2", "SEEDS=0,1"]
-    output = make(nodes, project, *sweep, cluster)
+    output = make(nodes, project, *sweep, f"CLUSTER={nodes.address}")
     names = re.findall(r"^(k\d-s\d-\w+): done on node", output, re.M)
     assert len(set(names)) == 4, output
     local = copy_project(tmp_path / "local", [])
@@ -154,11 +165,12 @@ def test_make_offline_and_sweep_on_ray_start_nodes_equal_local_runs(nodes, local
     finally:
         subprocess.run([str(VENV / "bin" / "dvc"), "queue", "stop"], cwd=local, capture_output=True, timeout=120)
     assert (project / "sweep.md").read_text() == (local / "sweep.md").read_text()
-    assert len(logs(nodes.workdirs)[0] | logs(nodes.workdirs)[1]) == 8  # the 4 experiments ran on the nodes
+    after = logs(nodes.workdirs)
+    assert len((after[0] | after[1]) - (before[0] | before[1])) == 4  # each experiment ran on a node
 
     # The coordinator lost its exp refs before it pulled them: their results are on the remotes, nothing runs.
     run(["dvc", "exp", "remove", *names], project)
-    again = make(nodes, project, *sweep, cluster)
+    again = make(nodes, project, *sweep, f"CLUSTER={nodes.address}")
     assert again.count("restored from an earlier run") == 4, again
     assert (project / "sweep.md").read_text() == (local / "sweep.md").read_text()
     # An experiment applied to the workspace is up to date: its node wrote the coordinator's dataset listing.

@@ -24,7 +24,8 @@ def code_blocks(text: str) -> list[tuple[int, str]]:
 
 
 def commands(block: str) -> list[tuple[int, list[str]]]:
-    """(line offset, words) of each simple command of a shell block: comments dropped, split at ; && || |."""
+    """(line offset, words) of each simple command of a shell block: comments dropped, split at ; && || |, the
+    environment assignments before a command left out."""
     found = []
     for offset, line in enumerate(block.splitlines()):
         try:
@@ -40,7 +41,7 @@ def commands(block: str) -> list[tuple[int, list[str]]]:
                 if command:
                     found.append((offset, command))
                 command = []
-            else:
+            elif command or not re.match(r"[A-Za-z_][A-Za-z0-9_]*=", word):  # `VAR=value cmd`: the command is cmd
                 command.append(word)
     return found
 
@@ -131,11 +132,14 @@ def test_a_made_up_mpad_flag_and_command_are_caught():
         "mpad predict --prompts p.pt --out out/ --frobnicate 3 images/*.png\n"
         "mpad serve --model m.onnx --max-batch=4 --port=9\n"
         "mpad frobnicate --category x\n"
+        "MPAD_WORKDIR=/scratch/mpad ray start --address=HEAD:6379\n"  # a variable's value is no command
+        "OMP_NUM_THREADS=2 mpad train --frobnicate\n"
         "```\n"
     )
     assert check_text(text) == [
         "line 2: `mpad predict --frobnicate`: no such option",
         "line 4: `mpad frobnicate`: no such command",
+        "line 6: `mpad train --frobnicate`: no such option",
     ]
 
 

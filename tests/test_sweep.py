@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from e2e import commit, copy_project, preset_overrides, run
+from e2e import commit, copy_project, preset_overrides, run, stages_ran
 from PIL import Image
 from test_queue import TINY
 
@@ -298,6 +298,9 @@ def test_make_sweep_2x2_agrees_with_each_experiments_metrics_and_reruns_nothing(
                 assert cell["std"] == pytest.approx(statistics.stdev(values), abs=6e-5)
                 assert [cell["min"], cell["max"]] == pytest.approx([min(values), max(values)], abs=6e-5)
                 assert cell["n"] == 2
+    # An experiment applied to the workspace is up to date: its commit holds every uncached output (train's curves)
+    run(["dvc", "exp", "apply", revs[0]], project)
+    assert stages_ran(run(["dvc", "repro"], project)) == {"fetch"}
 
 
 def test_ablation_chart_draws_an_arm_over_seeds_as_one_bar_with_its_spread(tmp_path):

@@ -262,7 +262,7 @@ def run_experiments(
 
             try:
                 with Repo(os.fspath(work.repo)) as dvc:
-                    dvc.experiments.pull(work.git_url, [str(ExpRefInfo(work.sha, name))], force=True)
+                    dvc.experiments.pull(work.git_url, [str(ExpRefInfo(work.sha, name))], force=True, pull_cache=True)
             except Exception as err:
                 raise ClusterError(f"experiment {name} ran on node {node} but `dvc exp pull` failed: {err}") from None
 

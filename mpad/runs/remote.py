@@ -8,7 +8,8 @@ DVC remote carries data and results. Nodes share no filesystem.
 - Data: the coordinator pushes its fetch outputs (`dvc push fetch`); a node pulls them and the outputs of the
   category's earlier units, and never runs fetch (fingerprints hold mtimes: its own listing would change them).
   The dataset itself is prepared on the node as `mpad fetch` would (generated, downloaded, or the user's folder at
-  dataset.root), without writing fetch's outputs.
+  dataset.root), without writing fetch's outputs. A whole experiment runs fetch, which writes the coordinator's
+  manifest (the job's `pinned`) once the node's copy has the same files and sizes (stages/fetch.py).
 - Results: a unit's cached outputs go to the DVC remote (`dvc push <stages>`); its dvc.lock entries and its
   `cache: false` outputs (metrics, plots: the run cache does not carry them, DVC #10472) go as one tar file to
   `<remote>/mpad-results/<key>.tar`, written under a temporary name and renamed, so that a reader never sees half
