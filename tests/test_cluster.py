@@ -7,8 +7,10 @@ only a bare git repository (`origin`) and a local-directory DVC remote:
 - `ray.cluster_utils.Cluster` on 127.0.0.1, driven through mpad.runs.cluster's functions: a node removed
   mid-run, a failing unit, the preflight's messages.
 
-The end-to-end tests are marked slow; they are in one module, which `make test` (`--dist loadscope`) gives to
-one xdist worker, so that they never run side by side (Ray's tests get flaky when they do).
+The local `make sweep` the Ray sweep compares with is checked here too (against each experiment's own files), so
+that `make test` runs it once. The end-to-end tests are marked slow; they are in one module, which `make test`
+(`--dist loadscope`) gives to one xdist worker, so that they never run side by side (Ray's tests get flaky when they
+do).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import json
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -25,9 +28,11 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 from e2e import commit, copy_project, preset_overrides, run, stages_ran, with_remotes
 from ray_nodes import LoopbackNodes, unavailable
 from test_pipeline import LIGHTER
+from test_queue import TINY
 
 from mpad.runs import remote
 from mpad.runs.units import category_chains, work_units
@@ -38,7 +43,7 @@ ray = pytest.importorskip("ray")
 cluster_mod = pytest.importorskip("mpad.runs.cluster")
 
 OVERRIDES = [*preset_overrides("offline"), *LIGHTER, "dataset.categories=[stripes,disc]"]
-SWEEP = [*OVERRIDES, "dataset.categories=[stripes]", "mpts.steps=2"]  # the sweep's preset: 4 whole experiments
+SWEEP = [*preset_overrides("offline"), *TINY]  # the sweeps' preset, of 4 whole experiments each
 VENV = Path(sys.executable).parent.parent  # the test's own environment; never reinstalled (-o its stamp)
 MAKE = ["make", "--no-print-directory", "-o", str(VENV / ".installed"), f"VENV={VENV}"]
 
@@ -148,31 +153,86 @@ def test_make_offline_on_ray_start_nodes_equals_local_run(nodes, local_metrics, 
     assert (project / "metrics.md").read_text() == local_metrics
 
 
+SWEEP_ARGS = ["sweep", "PRESET=offline", "SHOTS=1,2", "SEEDS=0,1"]
+
+
+@pytest.fixture(scope="module")
+def local_sweep(tmp_path_factory) -> tuple[Path, str, str, str]:
+    """(project, output of its first `make sweep ... JOBS=2`, of a second one after a commit, sweep.md as they left
+    it) on the SWEEP preset: 4 experiments of the DVC queue, 2 workers. The Ray sweep's reference, checked on its own
+    below (which then applies an experiment to the project)."""
+    project = copy_project(tmp_path_factory.mktemp("sweep") / "project", [])
+    use_preset(project, SWEEP)
+    try:
+        first = run([*MAKE, *SWEEP_ARGS, "JOBS=2"], project)
+        commit(project, "the sweep's table")  # experiments of the commit before still count: same code
+        second = run([*MAKE, *SWEEP_ARGS, "JOBS=2"], project)
+    finally:  # the workers stop once idle; this makes sure
+        subprocess.run([str(VENV / "bin" / "dvc"), "queue", "stop"], cwd=project, capture_output=True, timeout=120)
+    return project, first, second, (project / "sweep.md").read_text()
+
+
 @pytest.mark.slow
-def test_make_sweep_on_ray_start_nodes_equals_local_sweep(nodes, tmp_path):
+def test_make_sweep_2x2_agrees_with_each_experiments_metrics_and_reruns_nothing(local_sweep):
+    project, first, second, table = local_sweep
+    # one named experiment per point, each queued once
+    assert first.count("Queued experiment") == 4 and "4 of 4 experiments to run: k1-s0-" in first
+    assert "'shots.k=2', 'shots.seed=1'" in first  # DVC's "Queueing with overrides"
+    assert "nothing to run" in second and "Queued experiment" not in second
+
+    sweep = json.loads((project / "sweep.json").read_text())
+    assert max(map(len, table.splitlines())) <= 120 and "**2-shot** (seeds 0, 1: n = 2)" in table
+    assert table.startswith("> **RANDOM WEIGHTS")
+    assert second.endswith(table)  # the report is printed
+    diffed = run(["dvc", "metrics", "diff", "HEAD~1", "--targets", "sweep.json", "--json"], project)
+    diff = json.JSONDecoder().raw_decode(diffed)[0]  # then a line on stderr: HEAD~1 has no sweep.json
+    assert diff["sweep.json"]["k.2.disc.aupro.mean"]["new"] == sweep["k"]["2"]["disc"]["aupro"]["mean"]
+    # each experiment's own files, read from its git commit, not through mpad
+    shown = json.loads(run(["dvc", "exp", "show", "--json", "-n", "2"], project))  # they belong to HEAD~1
+    revs = [exp["revs"][0]["rev"] for row in shown for exp in row.get("experiments") or []]
+    assert len(revs) == 4
+    files: dict[int, list[dict]] = {1: [], 2: []}
+    for rev in revs:
+        params = yaml.safe_load(run(["git", "show", f"{rev}:params.yaml"], project))
+        assert params["mpts"]["steps"] == 3 and params["shots"]["seed"] in (0, 1)
+        disc = json.loads(run(["git", "show", f"{rev}:metrics/disc.json"], project))
+        summary = json.loads(run(["git", "show", f"{rev}:metrics.json"], project))
+        files[params["shots"]["k"]].append({"disc": disc, "mean": summary["mean"]})
+    for k, runs in files.items():
+        assert len(runs) == 2
+        for row in ("disc", "mean"):
+            for metric in ("pixel_auroc", "aupro", "image_auroc"):
+                values = [r[row][metric] for r in runs]
+                cell = sweep["k"][str(k)][row][metric]
+                # sweep.json rounds to 4 decimals: within 5e-5 of the exact statistic
+                assert cell["mean"] == pytest.approx(statistics.fmean(values), abs=6e-5)
+                assert cell["std"] == pytest.approx(statistics.stdev(values), abs=6e-5)
+                assert [cell["min"], cell["max"]] == pytest.approx([min(values), max(values)], abs=6e-5)
+                assert cell["n"] == 2
+    # An experiment applied to the workspace is up to date: its commit holds every uncached output (train's curves)
+    run(["dvc", "exp", "apply", revs[0]], project)
+    assert stages_ran(run(["dvc", "repro"], project)) == {"fetch"}
+
+
+@pytest.mark.slow
+def test_make_sweep_on_ray_start_nodes_equals_local_sweep(nodes, local_sweep, tmp_path):
     project = copy_project(tmp_path / "project", [])
     use_preset(project, SWEEP)
     with_remotes(project)
     before = logs(nodes.workdirs)
-    sweep = ["sweep", "PRESET=offline", "SHOTS=1,2", "SEEDS=0,1"]
-    output = make(nodes, project, *sweep, f"CLUSTER={nodes.address}")
+    output = make(nodes, project, *SWEEP_ARGS, f"CLUSTER={nodes.address}")
     names = re.findall(r"^(k\d-s\d-\w+): done on node", output, re.M)
     assert len(set(names)) == 4, output
-    local = copy_project(tmp_path / "local", [])
-    use_preset(local, SWEEP)
-    try:
-        run([*MAKE, *sweep, "JOBS=2"], local)
-    finally:
-        subprocess.run([str(VENV / "bin" / "dvc"), "queue", "stop"], cwd=local, capture_output=True, timeout=120)
-    assert (project / "sweep.md").read_text() == (local / "sweep.md").read_text()
+    reference = local_sweep[-1]
+    assert (project / "sweep.md").read_text() == reference
     after = logs(nodes.workdirs)
     assert len((after[0] | after[1]) - (before[0] | before[1])) == 4  # each experiment ran on a node
 
     # The coordinator lost its exp refs before it pulled them: their results are on the remotes, nothing runs.
     run(["dvc", "exp", "remove", *names], project)
-    again = make(nodes, project, *sweep, f"CLUSTER={nodes.address}")
+    again = make(nodes, project, *SWEEP_ARGS, f"CLUSTER={nodes.address}")
     assert again.count("restored from an earlier run") == 4, again
-    assert (project / "sweep.md").read_text() == (local / "sweep.md").read_text()
+    assert (project / "sweep.md").read_text() == reference
     # An experiment applied to the workspace is up to date: its node wrote the coordinator's dataset listing.
     run(["dvc", "exp", "apply", names[0]], project)
     assert stages_ran(run(["dvc", "repro"], project)) == {"fetch"}

@@ -1,19 +1,16 @@
 """Shots x seeds sweeps (mpad.runs.sweep) and ablations over seeds (mpad.runs.experiments' arms and noise mark), from
-constructed `dvc exp show --json` rows; the end-to-end `make sweep` on a reduced offline preset is marked slow."""
+constructed `dvc exp show --json` rows. The end-to-end `make sweep` is in tests/test_cluster.py, whose Ray sweep
+compares with it (one local sweep for both)."""
 
 from __future__ import annotations
 
 import json
 import statistics
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
-from e2e import commit, copy_project, preset_overrides, run, stages_ran
 from PIL import Image
-from test_queue import TINY
 
 from mpad.plots import ablation_rows, ablation_spec, render_png, sweep_rows, sweep_spec
 from mpad.runs.experiments import arms, compare_table, experiments, within_noise
@@ -245,62 +242,6 @@ def test_sweep_chart_has_a_panel_per_metric_and_bars_of_one_std(tmp_path):
     assert spec["facet"]["column"]["field"] == "metric" and len({r["metric"] for r in rows}) == 3
     image = Image.open(render_png(spec, tmp_path / "sweep.png"))
     assert image.format == "PNG" and 3 * 2 * 6 * 12 < image.width < 1600  # 3 panels x 2 k x 6 points of 12 px
-
-
-@pytest.mark.slow
-def test_make_sweep_2x2_agrees_with_each_experiments_metrics_and_reruns_nothing(tmp_path):
-    """`make sweep` on a reduced offline preset (one category, 3 steps): 4 queued experiments, 2 workers."""
-    project = copy_project(tmp_path / "project", [])
-    (project / "presets" / "tiny.txt").write_text("\n".join([*preset_overrides("offline"), *TINY]) + "\n")
-    commit(project, "a reduced preset")
-    venv = Path(sys.executable).parent.parent  # the test's own environment; never reinstalled (-o its stamp)
-    make = ["make", "--no-print-directory", "-o", str(venv / ".installed"), f"VENV={venv}", "PRESET=tiny"]
-    make += ["SHOTS=1,2", "SEEDS=0,1", "JOBS=2", "sweep"]
-    try:
-        first = run(make, project)
-        commit(project, "the sweep's table")  # experiments of the commit before still count: same code
-        second = run(make, project)
-    finally:
-        dvc = str(venv / "bin" / "dvc")  # the workers stop once idle; this makes sure
-        subprocess.run([dvc, "queue", "stop"], cwd=project, capture_output=True, timeout=120)
-    # one named experiment per point, each queued once
-    assert first.count("Queued experiment") == 4 and "4 of 4 experiments to run: k1-s0-" in first
-    assert "'shots.k=2', 'shots.seed=1'" in first  # DVC's "Queueing with overrides"
-    assert "nothing to run" in second and "Queued experiment" not in second
-
-    sweep = json.loads((project / "sweep.json").read_text())
-    table = (project / "sweep.md").read_text()
-    assert max(map(len, table.splitlines())) <= 120 and "**2-shot** (seeds 0, 1: n = 2)" in table
-    assert table.startswith("> **RANDOM WEIGHTS")
-    assert second.endswith(table)  # the report is printed
-    diffed = run(["dvc", "metrics", "diff", "HEAD~1", "--targets", "sweep.json", "--json"], project)
-    diff = json.JSONDecoder().raw_decode(diffed)[0]  # then a line on stderr: HEAD~1 has no sweep.json
-    assert diff["sweep.json"]["k.2.disc.aupro.mean"]["new"] == sweep["k"]["2"]["disc"]["aupro"]["mean"]
-    # each experiment's own files, read from its git commit, not through mpad
-    shown = json.loads(run(["dvc", "exp", "show", "--json", "-n", "2"], project))  # they belong to HEAD~1
-    revs = [exp["revs"][0]["rev"] for row in shown for exp in row.get("experiments") or []]
-    assert len(revs) == 4
-    files: dict[int, list[dict]] = {1: [], 2: []}
-    for rev in revs:
-        params = yaml.safe_load(run(["git", "show", f"{rev}:params.yaml"], project))
-        assert params["mpts"]["steps"] == 3 and params["shots"]["seed"] in (0, 1)
-        disc = json.loads(run(["git", "show", f"{rev}:metrics/disc.json"], project))
-        summary = json.loads(run(["git", "show", f"{rev}:metrics.json"], project))
-        files[params["shots"]["k"]].append({"disc": disc, "mean": summary["mean"]})
-    for k, runs in files.items():
-        assert len(runs) == 2
-        for row in ("disc", "mean"):
-            for metric in ("pixel_auroc", "aupro", "image_auroc"):
-                values = [r[row][metric] for r in runs]
-                cell = sweep["k"][str(k)][row][metric]
-                # sweep.json rounds to 4 decimals: within 5e-5 of the exact statistic
-                assert cell["mean"] == pytest.approx(statistics.fmean(values), abs=6e-5)
-                assert cell["std"] == pytest.approx(statistics.stdev(values), abs=6e-5)
-                assert [cell["min"], cell["max"]] == pytest.approx([min(values), max(values)], abs=6e-5)
-                assert cell["n"] == 2
-    # An experiment applied to the workspace is up to date: its commit holds every uncached output (train's curves)
-    run(["dvc", "exp", "apply", revs[0]], project)
-    assert stages_ran(run(["dvc", "repro"], project)) == {"fetch"}
 
 
 def test_ablation_chart_draws_an_arm_over_seeds_as_one_bar_with_its_spread(tmp_path):
