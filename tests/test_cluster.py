@@ -227,6 +227,11 @@ def test_make_sweep_on_ray_start_nodes_equals_local_sweep(nodes, local_sweep, tm
     assert (project / "sweep.md").read_text() == reference
     after = logs(nodes.workdirs)
     assert len((after[0] | after[1]) - (before[0] | before[1])) == 4  # each experiment ran on a node
+    # 4 exp refs on the coordinator, each with its metrics, as `dvc exp show` reads them
+    shown = json.loads(run(["dvc", "exp", "show", "--json"], project))
+    revs = [rev for row in shown for exp in row.get("experiments") or [] for rev in exp["revs"]]
+    metrics = {rev["name"]: rev["data"]["metrics"]["metrics.json"]["data"]["mean"] for rev in revs}
+    assert sorted(metrics) == sorted(names) and all(m["pixel_auroc"] > 0 for m in metrics.values()), metrics
 
     # The coordinator lost its exp refs before it pulled them: their results are on the remotes, nothing runs.
     run(["dvc", "exp", "remove", *names], project)
