@@ -52,14 +52,18 @@ def start_cluster(folder: Path):
     from ray.cluster_utils import Cluster
 
     local = {"node_ip_address": "127.0.0.1"}
-    head = {**local, "num_cpus": 0, "include_dashboard": False, "temp_dir": tempfile.mkdtemp(prefix="ray-")}
+    temp = tempfile.mkdtemp(prefix="ray-")  # short: Ray's Unix socket paths must be
+    # Ray's address file (what `auto` reads) in RAY_TMPDIR/ray, not in /tmp/ray, which may not exist
+    os.environ["RAY_TMPDIR"] = temp
+    os.mkdir(os.path.join(temp, "ray"))
+    head = {**local, "num_cpus": 0, "include_dashboard": False, "temp_dir": os.path.join(temp, "ray")}
     cluster = Cluster(initialize_head=True, head_node_args=head)
     if not cluster.address.startswith("127.0.0.1:"):
         cluster.shutdown()
         raise SystemExit(f"the Ray head listens on {cluster.address}, not 127.0.0.1")
     for i in range(2):
         cluster.add_node(num_cpus=1, **local, env_vars={"MPAD_WORKDIR": str(folder / f"node{i}")})
-    return cluster, head["temp_dir"]
+    return cluster, temp
 
 
 def experiment_cost(units: list[tuple[str, float, float, float]], costs: Path | None) -> tuple[float, str]:

@@ -54,19 +54,23 @@ def cluster(tmp_path_factory):
     from ray.cluster_utils import Cluster
 
     local = {"node_ip_address": "127.0.0.1"}
-    # Its own short temp dir (Unix socket paths are short): Ray's `auto` address file of other sessions stays as it is.
+    # Its own short temp dir (Unix socket paths are short), also for the address file that Ray's `auto` reads
+    # (RAY_TMPDIR), which Ray would otherwise write into /tmp/ray, and fail where that folder does not exist.
     temp = tempfile.mkdtemp(prefix="ray-")
-    head = {**local, "num_cpus": 0, "include_dashboard": False, "temp_dir": temp}
-    cluster = Cluster(initialize_head=True, head_node_args=head)
-    workdirs = [tmp_path_factory.mktemp(f"node{i}") for i in range(2)]
-    assert cluster.address.startswith("127.0.0.1:"), cluster.address  # before ray.init would wait on it
-    nodes = [add_node(cluster, w) for w in workdirs]
-    ray.init(address=cluster.address)
-    addresses = {n["NodeManagerAddress"] for n in ray.nodes()}
-    ray.shutdown()
-    assert addresses == {"127.0.0.1"}
-    yield cluster, nodes, workdirs
-    cluster.shutdown()
+    os.mkdir(os.path.join(temp, "ray"))  # RAY_TMPDIR's folder for Ray, as /tmp/ray is /tmp's
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("RAY_TMPDIR", temp)
+        head = {**local, "num_cpus": 0, "include_dashboard": False, "temp_dir": os.path.join(temp, "ray")}
+        cluster = Cluster(initialize_head=True, head_node_args=head)
+        workdirs = [tmp_path_factory.mktemp(f"node{i}") for i in range(2)]
+        assert cluster.address.startswith("127.0.0.1:"), cluster.address  # before ray.init would wait on it
+        nodes = [add_node(cluster, w) for w in workdirs]
+        ray.init(address=cluster.address)
+        addresses = {n["NodeManagerAddress"] for n in ray.nodes()}
+        ray.shutdown()
+        assert addresses == {"127.0.0.1"}
+        yield cluster, nodes, workdirs
+        cluster.shutdown()
     shutil.rmtree(temp, ignore_errors=True)
 
 
