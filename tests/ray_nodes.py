@@ -98,13 +98,9 @@ class LoopbackNodes:
         return node
 
     def start_worker(self, i: int) -> subprocess.Popen:
-        """Worker node i, with its MPAD_WORKDIR (`restart_worker` after `kill_worker`)."""
+        """Worker node i, with its MPAD_WORKDIR."""
         env = {"MPAD_WORKDIR": str(self.workdirs[i])}
         return self.start([f"--address={self.address}", f"--num-cpus={self.cpus}"], self.ip(i), env)
-
-    def restart_worker(self, i: int) -> None:
-        self.workers[i] = self.start_worker(i)
-        self.wait_for([HEAD, *(self.ip(j) for j in range(len(self.workdirs)))])
 
     def wait_for(self, ips: Sequence[str]) -> None:
         """Until exactly the nodes at `ips` are alive; AssertionError naming the ones there otherwise."""
@@ -123,12 +119,6 @@ class LoopbackNodes:
         """This environment without what the in-process `Cluster` of other tests sets: RAY_ENABLE_..._CLUSTER=0
         makes `ray start` refuse worker nodes."""
         return {k: v for k, v in os.environ.items() if k not in ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "RAY_ADDRESS")}
-
-    def kill_worker(self, i: int) -> None:
-        """Worker node i gone at once, as when its machine dies (SIGKILL to its whole process group)."""
-        node = self.workers[i]
-        os.killpg(node.pid, signal.SIGKILL)
-        node.wait()
 
     def close(self) -> None:
         """Every node stopped: SIGTERM (`ray start --block` then stops its node's processes), SIGKILL after 3 s."""
