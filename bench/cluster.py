@@ -23,6 +23,7 @@ bench/fullscale.py --out file (e.g. one measured with --device cuda), whose per-
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -39,6 +40,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from e2e import copy_project, preset_overrides, run, with_remotes  # noqa: E402
 from harness import alternate, ratio, summary  # noqa: E402
+from ray_nodes import simulated_cluster  # noqa: E402
 
 from mpad.runs import cluster as backend  # noqa: E402
 from mpad.runs.units import category_chains, makespan, work_units  # noqa: E402
@@ -46,24 +48,6 @@ from mpad.runs.units import category_chains, makespan, work_units  # noqa: E402
 ARMS, SEEDS, CATEGORIES = 8, 3, 15  # the paper's 1-shot grid: ablation arms x seeds, each over MVTec AD's categories
 NODES = (1, 2, 4, 8, 24)
 UNIT = re.compile(r"^(\S+): done on node .*: stages ([\d.]+) s, dispatch overhead ([\d.]+) s \(waited ([\d.]+) s")
-
-
-def start_cluster(folder: Path):
-    from ray.cluster_utils import Cluster
-
-    local = {"node_ip_address": "127.0.0.1"}
-    temp = tempfile.mkdtemp(prefix="ray-")  # short: Ray's Unix socket paths must be
-    # Ray's address file (what `auto` reads) in RAY_TMPDIR/ray, not in /tmp/ray, which may not exist
-    os.environ["RAY_TMPDIR"] = temp
-    os.mkdir(os.path.join(temp, "ray"))
-    head = {**local, "num_cpus": 0, "include_dashboard": False, "temp_dir": os.path.join(temp, "ray")}
-    cluster = Cluster(initialize_head=True, head_node_args=head)
-    if not cluster.address.startswith("127.0.0.1:"):
-        cluster.shutdown()
-        raise SystemExit(f"the Ray head listens on {cluster.address}, not 127.0.0.1")
-    for i in range(2):
-        cluster.add_node(num_cpus=1, **local, env_vars={"MPAD_WORKDIR": str(folder / f"node{i}")})
-    return cluster, temp
 
 
 def experiment_cost(units: list[tuple[str, float, float, float]], costs: Path | None) -> tuple[float, str]:
@@ -92,7 +76,11 @@ def main() -> None:
     args = parser.parse_args()
     folder = Path(tempfile.mkdtemp(prefix="mpad-bench-cluster-"))
     overrides = preset_overrides("offline")
-    cluster, ray_temp = start_cluster(folder)
+    stack = contextlib.ExitStack()
+    try:
+        cluster, _ = stack.enter_context(simulated_cluster([folder / "node0", folder / "node1"]))
+    except RuntimeError as err:  # its head is not on loopback
+        raise SystemExit(str(err)) from None
     units: list[tuple[str, float, float, float]] = []  # (unit, stages s, overhead s, wait s) of every cluster round
     metrics: dict[str, list[str]] = {"local": [], "cluster": []}
     count = iter(range(1000))
@@ -124,8 +112,7 @@ def main() -> None:
     try:
         times = alternate(args.rounds, {"local": local, "cluster": on_cluster}, warmup=False)
     finally:
-        cluster.shutdown()
-        shutil.rmtree(ray_temp, ignore_errors=True)
+        stack.close()
         if not args.keep:
             shutil.rmtree(folder, ignore_errors=True)
     overheads = [o for _, _, o, _ in units]

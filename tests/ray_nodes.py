@@ -1,5 +1,6 @@
-"""A Ray cluster started as users start one, with `ray start` (a head and worker nodes, each its own process tree
-with its own environment), on loopback only.
+"""Simulated Ray clusters on one machine: `simulated_cluster`, ray.cluster_utils.Cluster in this process on
+127.0.0.1; and `LoopbackNodes`, a cluster started as users start one, with `ray start` (a head and worker nodes,
+each its own process tree with its own environment), on loopback only.
 
 Ray rewrites 127.0.0.1 and `localhost` in `ray start --address` to the machine's network address, and refuses a
 worker node when told not to (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0). Any other address of 127.0.0.0/8 it takes as
@@ -12,12 +13,14 @@ outside it can reach them, and they reach nothing outside it.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 HEAD = "127.0.0.2"
@@ -32,6 +35,46 @@ while {n["NodeManagerAddress"] for n in ray.nodes() if n["Alive"]} != want and t
     time.sleep(0.5)
 print(sorted(n["NodeManagerAddress"] for n in ray.nodes() if n["Alive"]))
 """
+
+
+@contextmanager
+def simulated_cluster(workdirs: Sequence[Path]) -> Iterator[tuple]:
+    """(Cluster, [its worker nodes]): ray.cluster_utils.Cluster on 127.0.0.1, a head without CPUs and one node of
+    1 CPU per `workdirs` entry (its MPAD_WORKDIR), shut down and removed on exit. Ray's files go to a short temp
+    folder of their own (Unix socket paths must be short), Ray's address file (what `auto` reads) included: with
+    RAY_TMPDIR pointing there while the cluster runs, Ray does not write it into /tmp/ray, and fail where that
+    folder does not exist. RuntimeError if the head does not listen on 127.0.0.1."""
+    from ray.cluster_utils import Cluster
+
+    temp = Path(tempfile.mkdtemp(prefix="ray-"))
+    (temp / "ray").mkdir()  # RAY_TMPDIR's folder for Ray, as /tmp/ray is /tmp's
+    before = os.environ.get("RAY_TMPDIR")
+    os.environ["RAY_TMPDIR"] = str(temp)
+    try:
+        head = {
+            "node_ip_address": "127.0.0.1",
+            "num_cpus": 0,
+            "include_dashboard": False,
+            "temp_dir": str(temp / "ray"),
+        }
+        cluster = Cluster(initialize_head=True, head_node_args=head)
+        try:
+            if not cluster.address.startswith("127.0.0.1:"):  # before anything would wait on it
+                raise RuntimeError(f"the Ray head listens on {cluster.address}, not 127.0.0.1")
+            yield cluster, [add_simulated_node(cluster, w) for w in workdirs]
+        finally:
+            cluster.shutdown()
+    finally:
+        if before is None:
+            os.environ.pop("RAY_TMPDIR")
+        else:
+            os.environ["RAY_TMPDIR"] = before
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def add_simulated_node(cluster, workdir: Path):
+    """A node of 1 CPU on 127.0.0.1 with `workdir` as its MPAD_WORKDIR, added to `cluster`."""
+    return cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1", env_vars={"MPAD_WORKDIR": str(workdir)})
 
 
 def unavailable() -> str | None:

@@ -18,11 +18,9 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -30,7 +28,7 @@ from pathlib import Path
 import pytest
 import yaml
 from e2e import commit, copy_project, preset_overrides, run, stages_ran, with_remotes
-from ray_nodes import LoopbackNodes, unavailable
+from ray_nodes import LoopbackNodes, add_simulated_node, simulated_cluster, unavailable
 from test_pipeline import LIGHTER
 from test_queue import TINY
 
@@ -51,31 +49,13 @@ MAKE = ["make", "--no-print-directory", "-o", str(VENV / ".installed"), f"VENV={
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     """(Cluster, [its two worker nodes], [their MPAD_WORKDIRs])."""
-    from ray.cluster_utils import Cluster
-
-    local = {"node_ip_address": "127.0.0.1"}
-    # Its own short temp dir (Unix socket paths are short), also for the address file that Ray's `auto` reads
-    # (RAY_TMPDIR), which Ray would otherwise write into /tmp/ray, and fail where that folder does not exist.
-    temp = tempfile.mkdtemp(prefix="ray-")
-    os.mkdir(os.path.join(temp, "ray"))  # RAY_TMPDIR's folder for Ray, as /tmp/ray is /tmp's
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv("RAY_TMPDIR", temp)
-        head = {**local, "num_cpus": 0, "include_dashboard": False, "temp_dir": os.path.join(temp, "ray")}
-        cluster = Cluster(initialize_head=True, head_node_args=head)
-        workdirs = [tmp_path_factory.mktemp(f"node{i}") for i in range(2)]
-        assert cluster.address.startswith("127.0.0.1:"), cluster.address  # before ray.init would wait on it
-        nodes = [add_node(cluster, w) for w in workdirs]
+    workdirs = [tmp_path_factory.mktemp(f"node{i}") for i in range(2)]
+    with simulated_cluster(workdirs) as (cluster, nodes):
         ray.init(address=cluster.address)
         addresses = {n["NodeManagerAddress"] for n in ray.nodes()}
         ray.shutdown()
         assert addresses == {"127.0.0.1"}
         yield cluster, nodes, workdirs
-        cluster.shutdown()
-    shutil.rmtree(temp, ignore_errors=True)
-
-
-def add_node(cluster, workdir: Path):
-    return cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1", env_vars={"MPAD_WORKDIR": str(workdir)})
 
 
 def units_of(project: Path) -> dict[str, list[list[str]]]:
@@ -273,7 +253,7 @@ def test_node_lost_mid_run_gives_the_same_metrics(cluster, local_metrics, tmp_pa
     cut = {log.name for log in set(workdirs[lost].glob("logs/*.log")) - before[lost]}
     c.remove_node(nodes[lost])  # mid-unit: its first unit has started
     runner.join(600)
-    nodes[lost] = add_node(c, workdirs[lost])  # for the tests after this one
+    nodes[lost] = add_simulated_node(c, workdirs[lost])  # for the tests after this one
     assert result.get("status") == {"stripes": 0, "disc": 0}, "\n".join(lines)
     survivor = {log.name for log in workdirs[1 - lost].glob("logs/*.log")}
     assert cut <= survivor, f"{cut} did not run again on the other node:\n" + "\n".join(lines)
